@@ -1,0 +1,180 @@
+"""LitAPI: the user's hooks and their per-API settings."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from servekit.specs.base import LitSpec
+
+logger = logging.getLogger(__name__)
+
+
+class LitAPI:
+    """Subclass and override ``setup``, ``decode_request``, ``predict`` and ``encode_response``.
+
+    Settings may be passed here (``LitAPI(max_batch_size=8, stream=True, ...)``) or, as older
+    LitServe code does, to ``LitServer``. Subclasses that define ``__init__`` without calling
+    ``super().__init__()`` still work: every setting has a class-level default.
+    """
+
+    _max_batch_size: int = 1
+    _batch_timeout: float = 0.0
+    _api_path: str = "/predict"
+    _stream: bool = False
+    _spec: LitSpec | None = None
+    _device: str | None = None
+    _log_sink: Callable[[str, Any], None] | None = None
+    request_timeout: float | None = None
+
+    def __init__(
+        self,
+        max_batch_size: int = 1,
+        batch_timeout: float = 0.0,
+        api_path: str = "/predict",
+        stream: bool = False,
+        spec: LitSpec | None = None,
+        loop: Any = "auto",
+        enable_async: bool = False,
+    ) -> None:
+        self.max_batch_size = max_batch_size
+        self.batch_timeout = batch_timeout
+        self.api_path = api_path
+        self.stream = stream
+        if spec is not None:
+            self.spec = spec
+
+    # ---------------------------------------------------------------- settings
+    @property
+    def max_batch_size(self) -> int:
+        return self._max_batch_size
+
+    @max_batch_size.setter
+    def max_batch_size(self, value: int) -> None:
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"max_batch_size must be an integer of at least 1, got {value!r}")
+        self._max_batch_size = value
+
+    @property
+    def batch_timeout(self) -> float:
+        return self._batch_timeout
+
+    @batch_timeout.setter
+    def batch_timeout(self, value: float) -> None:
+        if value < 0:
+            raise ValueError(f"batch_timeout must be non-negative, got {value!r}")
+        self._batch_timeout = float(value)
+
+    @property
+    def api_path(self) -> str:
+        if self._spec is not None and getattr(self._spec, "api_path", None):
+            return str(self._spec.api_path)
+        return self._api_path
+
+    @api_path.setter
+    def api_path(self, value: str) -> None:
+        if not value.startswith("/"):
+            raise ValueError(f"api_path must start with '/', like '/predict', got {value!r}")
+        self._api_path = value
+
+    @property
+    def stream(self) -> bool:
+        return self._stream
+
+    @stream.setter
+    def stream(self, value: bool) -> None:
+        self._stream = bool(value)
+
+    @property
+    def spec(self) -> LitSpec | None:
+        return self._spec
+
+    @spec.setter
+    def spec(self, value: LitSpec | None) -> None:
+        self._spec = value
+        if value is not None:
+            self._stream = bool(getattr(value, "stream", self._stream))
+
+    @property
+    def device(self) -> str | None:
+        return self._device
+
+    @device.setter
+    def device(self, value: str | None) -> None:
+        self._device = value
+
+    # ------------------------------------------------------------------- hooks
+    def setup(self, device: str) -> None:
+        """Load the model. Runs once in every inference worker, with that worker's device."""
+
+    def decode_request(self, request: Any, **kwargs: Any) -> Any:
+        if self._spec is not None:
+            return self._spec.decode_request(request, **kwargs)
+        return request
+
+    def batch(self, inputs: list[Any]) -> Any:
+        first = inputs[0]
+        if hasattr(first, "__torch_function__"):
+            import torch
+
+            return torch.stack(inputs)
+        if type(first).__name__ == "ndarray":
+            import numpy
+
+            return numpy.stack(inputs)
+        return inputs
+
+    def predict(self, x: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError("predict is not implemented: override LitAPI.predict")
+
+    def unbatch(self, output: Any) -> Any:
+        if self.stream:
+            return self._unbatch_stream(output)
+        return list(output)
+
+    @staticmethod
+    def _unbatch_stream(output_stream: Iterable[Any]) -> Iterator[list[Any]]:
+        for output in output_stream:
+            yield list(output)
+
+    def encode_response(self, output: Any, **kwargs: Any) -> Any:
+        if self._spec is not None:
+            return self._spec.encode_response(output, **kwargs)
+        return output
+
+    def health(self) -> bool:
+        """Extra health check, called by ``/health`` in the HTTP front process."""
+        return True
+
+    # ----------------------------------------------------------------- logging
+    def log(self, key: str, value: Any) -> None:
+        """Send a (key, value) pair to the server's loggers."""
+        if self._log_sink is None:
+            logger.debug("LitAPI.log(%r, ...) called but no logger is attached", key)
+            return
+        self._log_sink(key, value)
+
+    # ------------------------------------------------------------- validation
+    def validate(self) -> None:
+        """Check the hooks against the settings before any worker starts."""
+        predict = type(self).predict
+        if (
+            self.stream
+            and self._spec is None
+            and not (inspect.isgeneratorfunction(predict) or inspect.isasyncgenfunction(predict))
+        ):
+            raise ValueError(
+                f"{type(self).__name__}: stream=True needs `predict` to be a generator (use `yield`)"
+            )
+        if self.stream and self._spec is None and not inspect.isgeneratorfunction(type(self).encode_response):
+            raise ValueError(
+                f"{type(self).__name__}: stream=True needs `encode_response` to be a generator that "
+                "iterates over predict's output and yields encoded items"
+            )
+        if self.request_timeout not in (None, False, -1) and self.batch_timeout > float(
+            self.request_timeout
+        ):
+            raise ValueError("batch_timeout must be less than the server's timeout")

@@ -1,0 +1,246 @@
+"""The ASGI app of one HTTP front: API routes, auth, errors, health and info."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from fastapi import Depends, FastAPI
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+
+from servekit.api import LitAPI
+from servekit.callbacks import CallbackRunner, EventTypes
+from servekit.errors import ServerError
+from servekit.http.auth import APIKeyCheck
+from servekit.http.dispatcher import Dispatcher
+from servekit.http.limits import MaxBodySizeMiddleware
+from servekit.specs.base import FrontHandle
+from servekit.transport import PAYLOAD_JSON, PAYLOAD_PICKLE, Endpoints
+
+logger = logging.getLogger(__name__)
+
+Middleware = type | tuple[type, dict[str, Any]]
+
+
+@dataclass
+class FrontConfig:
+    """Everything an HTTP front needs; picklable, so extra fronts can run in their own processes."""
+
+    apis: list[LitAPI]
+    workers_by_api: list[list[int]]
+    endpoints: Endpoints
+    timeout: float | None
+    healthcheck_path: str = "/health"
+    info_path: str = "/info"
+    info: dict[str, Any] = field(default_factory=dict)
+    max_payload_size: int | None = None
+    middlewares: list[Middleware] = field(default_factory=list)
+    callbacks: CallbackRunner = field(default_factory=CallbackRunner)
+    api_key: str | None = None
+    disable_openapi_url: bool = False
+
+
+class _APIFront(FrontHandle):
+    """Sends one API's requests to its workers, with the server's timeout and disconnect handling."""
+
+    def __init__(self, api_index: int, dispatcher: Dispatcher, timeout: float | None) -> None:
+        self.api_index = api_index
+        self.dispatcher = dispatcher
+        self.timeout = timeout
+
+    async def call(self, request_object: Any, http_request: Request | None = None) -> bytes:
+        payload = request_object if isinstance(request_object, bytes) else _pickle(request_object)
+        kind = PAYLOAD_JSON if isinstance(request_object, bytes) else PAYLOAD_PICKLE
+        rid = self.dispatcher.submit(self.api_index, kind, payload, stream=False)
+        if http_request is None:
+            return await self.dispatcher.result(rid, self.timeout)
+        return await _unless_disconnected(
+            self.dispatcher.result(rid, self.timeout), http_request, self.dispatcher, rid
+        )
+
+    async def stream(self, request_object: Any, http_request: Request | None = None) -> AsyncIterator[bytes]:
+        payload = request_object if isinstance(request_object, bytes) else _pickle(request_object)
+        kind = PAYLOAD_JSON if isinstance(request_object, bytes) else PAYLOAD_PICKLE
+        rid = self.dispatcher.submit(self.api_index, kind, payload, stream=True)
+        deadline = None if self.timeout is None else asyncio.get_running_loop().time() + self.timeout
+        async for chunk in self.dispatcher.stream(rid, deadline):
+            yield chunk
+
+
+def _pickle(value: Any) -> bytes:
+    import pickle
+
+    return pickle.dumps(value, protocol=5)
+
+
+async def _unless_disconnected(result: Any, http_request: Request, dispatcher: Dispatcher, rid: int) -> bytes:
+    """Await the result; if the client goes away first, cancel the request in the worker."""
+    result_task = asyncio.ensure_future(result)
+    disconnect_task = asyncio.ensure_future(_wait_disconnect(http_request))
+    try:
+        await asyncio.wait((result_task, disconnect_task), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        disconnect_task.cancel()
+    if not result_task.done():
+        result_task.cancel()
+        dispatcher.cancel(rid)
+        raise ServerError(499, "Client disconnected")
+    body: bytes = result_task.result()
+    return body
+
+
+async def _wait_disconnect(request: Request) -> None:
+    receive = request.receive
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _error_response(exc: ServerError) -> Response:
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+
+# Bodies of these types are never JSON. Other types are parsed as JSON (curl -d sends JSON as a form).
+_NON_JSON_PREFIXES = (
+    "multipart/",
+    "image/",
+    "audio/",
+    "video/",
+    "application/octet-stream",
+    "application/pdf",
+)
+
+
+def _check_content_type(request: Request) -> None:
+    content_type = request.headers.get("content-type")
+    if content_type is None:
+        return
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    if media_type.startswith(_NON_JSON_PREFIXES):
+        raise ServerError(
+            415, f"Unsupported content type {media_type!r}: send the request body as application/json"
+        )
+
+
+def build_app(config: FrontConfig, dispatcher: Dispatcher) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        dispatcher.start()
+        try:
+            yield
+        finally:
+            dispatcher.close()
+
+    app = FastAPI(
+        title="servekit",
+        lifespan=lifespan,
+        openapi_url=None if config.disable_openapi_url else "/openapi.json",
+    )
+
+    @app.exception_handler(ServerError)
+    async def on_server_error(request: Request, exc: ServerError) -> Response:
+        return _error_response(exc)
+
+    api_key_check = APIKeyCheck(config.api_key) if config.api_key else None
+    callbacks = config.callbacks
+
+    for api_index, api in enumerate(config.apis):
+        front = _APIFront(api_index, dispatcher, config.timeout)
+        dependencies = []
+        if api_key_check is not None:
+            dependencies.append(Depends(api_key_check))
+        authorize = getattr(api, "authorize", None)
+        if callable(authorize):
+            dependencies.append(Depends(authorize))
+        spec = api.spec
+        if spec is not None:
+            spec.bind_front(front)
+            for endpoint in spec.endpoints:
+                app.add_api_route(
+                    endpoint.path, endpoint.endpoint, methods=endpoint.methods, dependencies=dependencies
+                )
+            continue
+        app.add_api_route(
+            api.api_path,
+            _plain_endpoint(front, api.stream, callbacks),
+            methods=["POST"],
+            dependencies=dependencies,
+            name=f"{type(api).__name__}.predict",
+            summary=f"{type(api).__name__} {'(streaming)' if api.stream else ''}".strip(),
+        )
+
+    health_dependencies = [Depends(api_key_check)] if api_key_check is not None else []
+
+    @app.get(config.healthcheck_path, dependencies=health_dependencies, response_class=PlainTextResponse)
+    async def health() -> Response:
+        healthy = dispatcher.ready()
+        if healthy:
+            for api in config.apis:
+                verdict = api.health()
+                if inspect.isawaitable(verdict):
+                    verdict = await verdict
+                healthy = healthy and bool(verdict)
+        if healthy:
+            return PlainTextResponse("ok")
+        return PlainTextResponse("not ready", status_code=503)
+
+    @app.get(config.info_path, dependencies=health_dependencies)
+    async def info() -> Response:
+        body = dict(config.info)
+        body["workers"] = dispatcher.worker_states()
+        return JSONResponse(body)
+
+    if config.max_payload_size is not None:
+        app.add_middleware(MaxBodySizeMiddleware, max_size=config.max_payload_size)
+    for middleware in config.middlewares:
+        if isinstance(middleware, tuple):
+            middleware_class, kwargs = middleware
+            app.add_middleware(middleware_class, **kwargs)  # type: ignore[arg-type]
+        else:
+            app.add_middleware(middleware)  # type: ignore[arg-type]
+    return app
+
+
+def _plain_endpoint(front: _APIFront, stream: bool, callbacks: CallbackRunner) -> Callable[..., Any]:
+    async def predict(request: Request) -> Response:
+        if callbacks:
+            callbacks.trigger_event(EventTypes.ON_REQUEST, request=request)
+        _check_content_type(request)
+        body = await request.body()
+        if not stream:
+            result = await front.call(body, request)
+            if callbacks:
+                callbacks.trigger_event(EventTypes.ON_RESPONSE, request=request)
+            return Response(result, media_type="application/json")
+        chunks = front.stream(body, request)
+        # Fail before the first byte with a real status code when the worker rejects the request.
+        try:
+            first = await chunks.__anext__()
+        except StopAsyncIteration:
+            first = b""
+
+        async def body_iterator() -> AsyncIterator[bytes]:
+            try:
+                if first:
+                    yield first
+                async for chunk in chunks:
+                    yield chunk
+            except ServerError as exc:
+                logger.warning("stream failed after its first byte: %s", exc.detail)
+                yield orjson.dumps({"error": exc.detail}) + b"\n"
+            finally:
+                await chunks.aclose()  # type: ignore[attr-defined]
+                if callbacks:
+                    callbacks.trigger_event(EventTypes.ON_RESPONSE, request=request)
+
+        return StreamingResponse(body_iterator(), media_type="application/x-ndjson")
+
+    return predict

@@ -1,0 +1,95 @@
+"""Running the HTTP fronts: uvicorn in this process, or in several processes sharing one socket."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import signal
+import socket
+import threading
+from typing import Any
+
+import uvicorn
+
+from servekit.http.app import FrontConfig, build_app
+from servekit.http.dispatcher import Dispatcher
+
+logger = logging.getLogger(__name__)
+
+GRACEFUL_SHUTDOWN_S = 30
+
+
+def _uvicorn_server(
+    config: FrontConfig, front_index: int, log_level: str, extra: dict[str, Any]
+) -> uvicorn.Server:
+    dispatcher = Dispatcher(front_index, config.endpoints, config.workers_by_api)
+    app = build_app(config, dispatcher)
+    options: dict[str, Any] = {
+        "log_level": log_level,
+        "access_log": log_level in ("debug", "info"),
+        "loop": "uvloop",
+        "http": "httptools",
+        "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_S,
+        "backlog": 2048,
+    }
+    options.update(extra)
+    return uvicorn.Server(uvicorn.Config(app, **options))
+
+
+def _front_process_main(
+    config: FrontConfig, front_index: int, listener: socket.socket, log_level: str, extra: dict[str, Any]
+) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process turns Ctrl+C into SIGTERM for us
+    logging.basicConfig(level=log_level.upper())
+    server = _uvicorn_server(config, front_index, log_level, extra)
+    server.run(sockets=[listener])
+
+
+def serve_fronts(
+    config: FrontConfig,
+    listener: socket.socket,
+    num_fronts: int,
+    log_level: str,
+    extra: dict[str, Any],
+    servers: list[Any],
+    stop_requested: threading.Event,
+) -> None:
+    """Serve until SIGINT/SIGTERM (or a fatal worker error sets ``stop_requested``)."""
+    if num_fronts == 1:
+        server = _uvicorn_server(config, 0, log_level, extra)
+        servers.append(server)
+        if stop_requested.is_set():
+            return
+        server.run(sockets=[listener])
+        return
+    mp = multiprocessing.get_context("spawn")
+    processes = [
+        mp.Process(
+            target=_front_process_main,
+            args=(config, index, listener, log_level, extra),
+            name=f"servekit-front-{index}",
+        )
+        for index in range(num_fronts)
+    ]
+    for process in processes:
+        process.start()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop_requested.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stop_requested.wait(0.5):
+            if not all(p.is_alive() for p in processes):
+                logger.error("an HTTP front process exited; shutting down")
+                break
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+        for process in processes:
+            process.join(GRACEFUL_SHUTDOWN_S + 5)
+            if process.is_alive():
+                process.kill()

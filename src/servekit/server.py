@@ -1,0 +1,267 @@
+"""LitServer: wires APIs, specs, workers and the HTTP front; ``run()`` serves until stopped."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import warnings
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from servekit.api import LitAPI
+from servekit.callbacks import Callback, CallbackRunner, EventTypes
+from servekit.http.app import FrontConfig, Middleware
+from servekit.specs.base import LitSpec
+from servekit.transport import Endpoints
+from servekit.workers.devices import device_slots, resolve_accelerator
+from servekit.workers.supervisor import Supervisor, WorkerPlan
+
+logger = logging.getLogger(__name__)
+
+GRACEFUL_SHUTDOWN_S = 30.0
+
+
+class LitServer:
+    """Serve one or more ``LitAPI``s over HTTP, with inference worker processes per device."""
+
+    def __init__(
+        self,
+        lit_api: LitAPI | Sequence[LitAPI],
+        accelerator: Literal["auto", "cpu", "cuda", "gpu", "mps"] = "auto",
+        devices: int | Literal["auto"] | list[int] = "auto",
+        workers_per_device: int = 1,
+        timeout: float | bool = 30,
+        healthcheck_path: str = "/health",
+        info_path: str = "/info",
+        model_metadata: dict[str, Any] | None = None,
+        spec: LitSpec | None = None,
+        max_payload_size: int | str | None = None,
+        track_requests: bool = False,
+        callbacks: Callback | list[Callback] | None = None,
+        middlewares: list[Middleware] | None = None,
+        loggers: Any = None,
+        fast_queue: bool = False,
+        disable_openapi_url: bool = False,
+        restart_workers: bool = True,
+        # Older LitServe code passes these here rather than to LitAPI.
+        max_batch_size: int | None = None,
+        batch_timeout: float | None = None,
+        stream: bool | None = None,
+        api_path: str | None = None,
+        **unused: Any,
+    ) -> None:
+        apis = [lit_api] if isinstance(lit_api, LitAPI) else list(lit_api)
+        if not apis:
+            raise ValueError("LitServer needs at least one LitAPI")
+        for api in apis:
+            if not isinstance(api, LitAPI):
+                raise TypeError(f"expected LitAPI instances, got {type(api).__name__}")
+        if unused:
+            warnings.warn(f"LitServer ignores unknown arguments: {', '.join(sorted(unused))}", stacklevel=2)
+        legacy = {
+            "max_batch_size": max_batch_size,
+            "batch_timeout": batch_timeout,
+            "stream": stream,
+            "api_path": api_path,
+            "spec": spec,
+        }
+        for name, value in legacy.items():
+            if value is None:
+                continue
+            if len(apis) > 1:
+                raise ValueError(f"pass {name} to each LitAPI when serving several APIs")
+            setattr(apis[0], name, value)
+        if timeout is True:
+            raise ValueError("timeout must be a number of seconds, or False/-1 to disable it")
+        self.timeout: float | None = None if timeout is False or timeout == -1 else float(timeout)
+        for api in apis:
+            api.request_timeout = self.timeout
+            if api.spec is not None:
+                api.spec.pre_setup(api)
+            api.validate()
+        self._check_paths(apis, healthcheck_path, info_path)
+        self.lit_apis = apis
+        self.accelerator = resolve_accelerator(accelerator)
+        self.devices = devices
+        self.workers_per_device = workers_per_device
+        self.slots = device_slots(self.accelerator, devices, workers_per_device)
+        self.healthcheck_path = healthcheck_path
+        self.info_path = info_path
+        self.model_metadata = model_metadata
+        self.max_payload_size = _parse_size(max_payload_size)
+        self.callbacks = CallbackRunner(callbacks)
+        self.middlewares = list(middlewares or [])
+        self.disable_openapi_url = disable_openapi_url
+        self.restart_workers = restart_workers
+        self.track_requests = track_requests
+        self._stop_requested = threading.Event()
+        self._uvicorn_servers: list[Any] = []
+
+    @staticmethod
+    def _check_paths(apis: list[LitAPI], healthcheck_path: str, info_path: str) -> None:
+        for path in (healthcheck_path, info_path):
+            if not path.startswith("/"):
+                raise ValueError(f"paths must start with '/', got {path!r}")
+        taken = {healthcheck_path: "the health check", info_path: "the info route"}
+        for api in apis:
+            paths = [e.path for e in api.spec.endpoints] if api.spec is not None else [api.api_path]
+            for path in paths:
+                if path in taken:
+                    raise ValueError(
+                        f"api_path {path!r} of {type(api).__name__} is already used by {taken[path]}"
+                    )
+                taken[path] = type(api).__name__
+
+    # ------------------------------------------------------------------ run
+    def run(
+        self,
+        host: str = "0.0.0.0",
+        port: int | str = 8000,
+        num_api_servers: int | None = None,
+        log_level: str = "info",
+        generate_client_file: bool = True,
+        api_server_worker_type: str | None = None,
+        **uvicorn_kwargs: Any,
+    ) -> None:
+        log_level = os.environ.get("SERVEKIT_LOG_LEVEL", log_level).lower()
+        logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        port = int(port)
+        if not 0 < port < 65536:
+            raise ValueError(f"port must be in 1..65535, got {port}")
+        num_fronts = num_api_servers or 1
+        if generate_client_file:
+            from servekit.client_gen import write_client_file
+
+            write_client_file(self.lit_apis[0], port)
+
+        directory = tempfile.mkdtemp(prefix="servekit-")
+        endpoints = Endpoints(directory)
+        plans, workers_by_api = self._plan_workers()
+        front_config = self._front_config(endpoints, workers_by_api)
+        listener = _bind(host, port)
+        fatal: list[BaseException] = []
+
+        def on_fatal(error: BaseException) -> None:
+            fatal.append(error)
+            self._request_stop()
+
+        supervisor = Supervisor(
+            plans, endpoints, num_fronts, self.callbacks, log_level, on_fatal, self.restart_workers
+        )
+        self.callbacks.trigger_event(EventTypes.ON_SERVER_START, litserver=self)
+        try:
+            supervisor.start()
+            logger.info(
+                "servekit listening on http://%s:%d (%d inference worker%s on %s)",
+                host,
+                port,
+                len(plans),
+                "s" if len(plans) != 1 else "",
+                self.accelerator,
+            )
+            from servekit.http.front import serve_fronts
+
+            # uvicorn re-raises the signal after its graceful shutdown
+            with contextlib.suppress(KeyboardInterrupt):
+                serve_fronts(
+                    front_config,
+                    listener,
+                    num_fronts,
+                    log_level,
+                    uvicorn_kwargs,
+                    self._uvicorn_servers,
+                    self._stop_requested,
+                )
+        finally:
+            supervisor.stop()
+            listener.close()
+            shutil.rmtree(directory, ignore_errors=True)
+            self.callbacks.trigger_event(EventTypes.ON_SERVER_END, litserver=self)
+        if fatal:
+            raise fatal[0]
+
+    def _request_stop(self) -> None:
+        self._stop_requested.set()
+        for server in self._uvicorn_servers:
+            server.should_exit = True
+
+    def _plan_workers(self) -> tuple[list[WorkerPlan], list[list[int]]]:
+        plans: list[WorkerPlan] = []
+        workers_by_api: list[list[int]] = []
+        for api in self.lit_apis:
+            indices = []
+            for slot in self.slots:
+                indices.append(len(plans))
+                plans.append(WorkerPlan(len(plans), api, slot))
+            workers_by_api.append(indices)
+        return plans, workers_by_api
+
+    def _front_config(self, endpoints: Endpoints, workers_by_api: list[list[int]]) -> FrontConfig:
+        api_key = os.environ.get("LIT_SERVER_API_KEY") or None
+        return FrontConfig(
+            apis=self.lit_apis,
+            workers_by_api=workers_by_api,
+            endpoints=endpoints,
+            timeout=self.timeout,
+            healthcheck_path=self.healthcheck_path,
+            info_path=self.info_path,
+            info=self._info(),
+            max_payload_size=self.max_payload_size,
+            middlewares=self.middlewares,
+            callbacks=self.callbacks,
+            api_key=api_key,
+            disable_openapi_url=self.disable_openapi_url,
+        )
+
+    def _info(self) -> dict[str, Any]:
+        return {
+            "model": self.model_metadata,
+            "server": {
+                "accelerator": self.accelerator,
+                "devices": self.devices,
+                "workers_per_device": self.workers_per_device,
+                "timeout": self.timeout,
+                "max_payload_size": self.max_payload_size,
+                "apis": [
+                    {
+                        "name": type(api).__name__,
+                        "api_path": api.api_path,
+                        "spec": type(api.spec).__name__ if api.spec is not None else None,
+                        "max_batch_size": api.max_batch_size,
+                        "batch_timeout": api.batch_timeout,
+                        "stream": api.stream,
+                    }
+                    for api in self.lit_apis
+                ],
+            },
+        }
+
+
+def _parse_size(value: int | str | None) -> int | None:
+    if value is None or isinstance(value, int):
+        return value
+    units = {"KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "B": 1}
+    text = value.strip().upper()
+    for unit, factor in sorted(units.items(), key=lambda item: -len(item[0])):
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)].strip()) * factor)
+    return int(text)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+    except OSError as error:
+        listener.close()
+        raise OSError(f"cannot listen on {host}:{port}: {error.strerror}") from error
+    listener.listen(2048)
+    listener.set_inheritable(True)
+    return listener

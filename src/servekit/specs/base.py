@@ -1,0 +1,79 @@
+"""LitSpec: an API shape (routes in the front, request/response conversion in the workers)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from starlette.requests import Request
+
+    from servekit.api import LitAPI
+
+
+@dataclass
+class SpecEndpoint:
+    path: str
+    endpoint: Callable[..., Any]
+    methods: list[str]
+
+
+class FrontHandle:
+    """What a spec's endpoints use to reach the workers of their API (bound in each front)."""
+
+    async def call(self, request_object: Any, http_request: Request | None = None) -> bytes:
+        """Send one request object to a worker; return the JSON of its encoded response."""
+        raise NotImplementedError
+
+    def stream(self, request_object: Any, http_request: Request | None = None) -> AsyncIterator[bytes]:
+        """Send one request object to a worker; yield the JSON of each encoded item it streams."""
+        raise NotImplementedError
+
+
+class LitSpec:
+    """Subclass to give an API another shape, as ``OpenAISpec`` does.
+
+    Front side: ``add_endpoint`` registers routes whose handlers use ``self.front``.
+    Worker side: ``populate_context``, ``decode_request`` and ``encode_response`` run in the workers.
+    """
+
+    api_path: str | None = None
+    stream: bool = False
+
+    def __init__(self) -> None:
+        self._endpoints: list[SpecEndpoint] = []
+        self._front: FrontHandle | None = None
+
+    def add_endpoint(self, path: str, endpoint: Callable[..., Any], methods: list[str]) -> None:
+        self._endpoints.append(SpecEndpoint(path, endpoint, methods))
+
+    @property
+    def endpoints(self) -> list[SpecEndpoint]:
+        return list(self._endpoints)
+
+    @property
+    def front(self) -> FrontHandle:
+        if self._front is None:
+            raise RuntimeError("this spec is not bound to a running server")
+        return self._front
+
+    def bind_front(self, front: FrontHandle) -> None:
+        self._front = front
+
+    def pre_setup(self, lit_api: LitAPI) -> None:
+        """Check the user's API against the spec, before any worker starts."""
+
+    def populate_context(self, context: dict[str, Any], request: Any) -> None:
+        """Pre-fill the per-request context (runs in the worker, before ``decode_request``)."""
+
+    def decode_request(self, request: Any, context_kwargs: dict[str, Any] | None = None) -> Any:
+        return request
+
+    def encode_response(self, output: Any, context_kwargs: dict[str, Any] | None = None) -> Any:
+        return output
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_front"] = None  # the front's handle stays in the front process
+        return state

@@ -1,0 +1,98 @@
+"""A worker's view of its transport: pending jobs, cancellations, and replies to the fronts."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from servekit.transport import Kind, pack, unpack
+
+JobKey = tuple[int, int]  # (front index, request id)
+_MAX_REMEMBERED_CANCELLATIONS = 4096
+
+
+@dataclass
+class Job:
+    front: int
+    rid: int
+    payload_kind: int
+    payload: bytes
+
+    @property
+    def key(self) -> JobKey:
+        return (self.front, self.rid)
+
+
+class Inbox:
+    """Receives requests and cancellations; a cancelled queued job is dropped without running."""
+
+    def __init__(self, context: zmq.Context[Any], inbox_address: str, front_addresses: list[str]) -> None:
+        self._pull = context.socket(zmq.PULL)
+        self._pull.setsockopt(zmq.LINGER, 0)
+        self._pull.bind(inbox_address)
+        self._replies: list[zmq.Socket[Any]] = []
+        for address in front_addresses:
+            push = context.socket(zmq.PUSH)
+            push.setsockopt(zmq.LINGER, 1000)
+            push.setsockopt(zmq.SNDHWM, 0)
+            push.connect(address)
+            self._replies.append(push)
+        self._pending: OrderedDict[JobKey, Job] = OrderedDict()
+        # Cancellations of jobs already running (or already finished: those keys never match again,
+        # so the oldest are trimmed).
+        self._cancelled: OrderedDict[JobKey, None] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def wait(self, timeout_ms: int | None) -> bool:
+        """Block until a job is pending or the timeout passes (None: forever); True if one is."""
+        while not self._pending:
+            if not self._pull.poll(timeout_ms):
+                return False
+            self._drain()
+        return True
+
+    def pop(self) -> Job | None:
+        self._drain()
+        if not self._pending:
+            return None
+        return self._pending.popitem(last=False)[1]
+
+    def is_cancelled(self, key: JobKey) -> bool:
+        """Whether the front cancelled this running job (client gone or timed out)."""
+        self._drain()
+        return self._cancelled.pop(key, False) is None
+
+    def finished(self, key: JobKey) -> None:
+        self._cancelled.pop(key, None)
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                message = self._pull.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            kind, front, rid, payload_kind, payload = unpack(message)
+            key = (front, rid)
+            if kind == Kind.REQUEST:
+                self._pending[key] = Job(front, rid, payload_kind, payload)
+            elif kind == Kind.CANCEL and self._pending.pop(key, None) is None:
+                self._cancelled[key] = None
+                if len(self._cancelled) > _MAX_REMEMBERED_CANCELLATIONS:
+                    self._cancelled.popitem(last=False)
+
+    def reply(self, front: int, kind: Kind, rid: int, status: int, body: Any) -> None:
+        self._replies[front].send(pack(kind, rid, status, body))
+
+    def broadcast(self, kind: Kind, worker_index: int, generation: int) -> None:
+        for front, _ in enumerate(self._replies):
+            self.reply(front, kind, worker_index, generation, b"")
+
+    def close(self) -> None:
+        self._pull.close(0)
+        for push in self._replies:
+            push.close()

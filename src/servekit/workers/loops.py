@@ -1,0 +1,244 @@
+"""The inference-worker loops: single requests, dynamic batches, streams."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+
+from servekit.api import LitAPI
+from servekit.callbacks import CallbackRunner, EventTypes
+from servekit.errors import ServerError
+from servekit.transport import PAYLOAD_JSON, Kind
+from servekit.workers.hooks import (
+    Hook,
+    first_argument_model,
+    parse_json_body,
+    return_model,
+    stream_item_bytes,
+    to_json,
+    validate_output,
+    validation_error_detail,
+)
+from servekit.workers.inbox import Inbox, Job
+
+logger = logging.getLogger(__name__)
+
+
+def error_of(exc: BaseException) -> tuple[int, Any]:
+    """Status code and JSON-able detail for an exception raised by a user hook."""
+    if isinstance(exc, ServerError):
+        return exc.status_code, exc.detail
+    if isinstance(exc, HTTPException):
+        return exc.status_code, exc.detail
+    if isinstance(exc, ValidationError):
+        return 422, validation_error_detail(exc)
+    return 500, f"{type(exc).__name__}: {exc}"
+
+
+class RequestProcessor:
+    """Runs one API's hooks for jobs taken from the inbox and replies to the fronts."""
+
+    def __init__(self, api: LitAPI, inbox: Inbox, callbacks: CallbackRunner) -> None:
+        self.api = api
+        self.inbox = inbox
+        self.callbacks = callbacks
+        self.decode = Hook(api.decode_request)
+        self.predict = Hook(api.predict)
+        self.encode = Hook(api.encode_response)
+        self.batch_hook = Hook(api.batch)
+        self.unbatch_hook = Hook(api.unbatch)
+        self.request_model = first_argument_model(api.decode_request)
+        self.response_model = return_model(api.encode_response)
+
+    # ------------------------------------------------------------ loop kinds
+    def run_forever(self) -> None:
+        api = self.api
+        if api.max_batch_size > 1:
+            step = self.run_stream_batch if api.stream else self.run_batch
+        else:
+            step = self.run_stream if api.stream else self.run_single
+        while True:
+            self.inbox.wait(None)
+            step()
+
+    def run_single(self) -> None:
+        job = self.inbox.pop()
+        if job is None:
+            return
+        context: dict[str, Any] = {}
+        try:
+            x = self._decode(job, context)
+            self._event(EventTypes.BEFORE_PREDICT)
+            y = self.predict(x, context)
+            self._event(EventTypes.AFTER_PREDICT)
+            self._reply_output(job, y, context)
+        except BaseException as exc:
+            self._reply_error(job, exc)
+
+    def run_batch(self) -> None:
+        jobs = self._collect_batch()
+        decoded: list[tuple[Job, Any, dict[str, Any]]] = []
+        for job in jobs:
+            context: dict[str, Any] = {}
+            try:
+                decoded.append((job, self._decode(job, context), context))
+            except BaseException as exc:
+                self._reply_error(job, exc)
+        if not decoded:
+            return
+        contexts = [context for _, _, context in decoded]
+        try:
+            batch = self.batch_hook([x for _, x, _ in decoded], contexts)
+            self._event(EventTypes.BEFORE_PREDICT)
+            outputs = self.predict(batch, contexts)
+            self._event(EventTypes.AFTER_PREDICT)
+            per_request = list(self.unbatch_hook(outputs, contexts))
+            if len(per_request) != len(decoded):
+                raise ServerError(
+                    500, f"unbatch returned {len(per_request)} outputs for a batch of {len(decoded)} requests"
+                )
+        except BaseException as exc:
+            for job, _, _ in decoded:
+                self._reply_error(job, exc)
+            return
+        for (job, _, context), y in zip(decoded, per_request, strict=True):
+            try:
+                self._reply_output(job, y, context)
+            except BaseException as exc:
+                self._reply_error(job, exc)
+
+    def run_stream(self) -> None:
+        job = self.inbox.pop()
+        if job is None:
+            return
+        context: dict[str, Any] = {}
+        predictions: Iterator[Any] | None = None
+        encoded: Iterator[Any] | None = None
+        try:
+            x = self._decode(job, context)
+            self._event(EventTypes.BEFORE_PREDICT)
+            predictions = self.predict(x, context)
+            encoded = self.encode(predictions, context)
+            for item in encoded:
+                if self.inbox.is_cancelled(job.key):
+                    logger.debug("stream %s cancelled by the front", job.key)
+                    return
+                self.inbox.reply(job.front, Kind.CHUNK, job.rid, 200, self._stream_bytes(job, item))
+            self._event(EventTypes.AFTER_PREDICT)
+            self.inbox.reply(job.front, Kind.END, job.rid, 200, b"")
+        except BaseException as exc:
+            self._reply_error(job, exc)
+        finally:
+            for generator in (encoded, predictions):
+                close = getattr(generator, "close", None)
+                if close is not None:
+                    close()
+            self.inbox.finished(job.key)
+
+    def run_stream_batch(self) -> None:
+        jobs = self._collect_batch()
+        decoded: list[tuple[Job, Any, dict[str, Any]]] = []
+        for job in jobs:
+            context: dict[str, Any] = {}
+            try:
+                decoded.append((job, self._decode(job, context), context))
+            except BaseException as exc:
+                self._reply_error(job, exc)
+        if not decoded:
+            return
+        contexts = [context for _, _, context in decoded]
+        active = [True] * len(decoded)
+        predictions: Iterator[Any] | None = None
+        try:
+            batch = self.batch_hook([x for _, x, _ in decoded], contexts)
+            self._event(EventTypes.BEFORE_PREDICT)
+            predictions = self.predict(batch, contexts)
+            for step_outputs in self.unbatch_hook(predictions, contexts):
+                for i, ((job, _, context), y) in enumerate(zip(decoded, step_outputs, strict=False)):
+                    if not active[i]:
+                        continue
+                    if self.inbox.is_cancelled(job.key):
+                        active[i] = False
+                        continue
+                    for item in self.encode(iter([y]), context):
+                        self.inbox.reply(job.front, Kind.CHUNK, job.rid, 200, self._stream_bytes(job, item))
+                if not any(active):
+                    break
+            self._event(EventTypes.AFTER_PREDICT)
+            for i, (job, _, _) in enumerate(decoded):
+                if active[i]:
+                    self.inbox.reply(job.front, Kind.END, job.rid, 200, b"")
+        except BaseException as exc:
+            for i, (job, _, _) in enumerate(decoded):
+                if active[i]:
+                    self._reply_error(job, exc)
+        finally:
+            close = getattr(predictions, "close", None)
+            if close is not None:
+                close()
+            for job, _, _ in decoded:
+                self.inbox.finished(job.key)
+
+    # --------------------------------------------------------------- helpers
+    def _collect_batch(self) -> list[Job]:
+        """The window opens with the first job and closes at max_batch_size or batch_timeout."""
+        first = self.inbox.pop()
+        if first is None:
+            return []
+        jobs = [first]
+        deadline = time.monotonic() + self.api.batch_timeout
+        while len(jobs) < self.api.max_batch_size:
+            job = self.inbox.pop()
+            if job is not None:
+                jobs.append(job)
+                continue
+            remaining_ms = int((deadline - time.monotonic()) * 1000)
+            if remaining_ms <= 0 or not self.inbox.wait(remaining_ms):
+                break
+        return jobs
+
+    def _decode(self, job: Job, context: dict[str, Any]) -> Any:
+        if job.payload_kind == PAYLOAD_JSON:
+            request = parse_json_body(job.payload, self.request_model)
+        else:
+            request = pickle.loads(job.payload)
+        spec = self.api.spec
+        if spec is not None:
+            spec.populate_context(context, request)
+        self._event(EventTypes.BEFORE_DECODE_REQUEST)
+        x = self.decode(request, context)
+        self._event(EventTypes.AFTER_DECODE_REQUEST)
+        return x
+
+    def _reply_output(self, job: Job, y: Any, context: dict[str, Any]) -> None:
+        self._event(EventTypes.BEFORE_ENCODE_RESPONSE)
+        output = validate_output(self.encode(y, context), self.response_model)
+        self._event(EventTypes.AFTER_ENCODE_RESPONSE)
+        self.inbox.reply(job.front, Kind.RESPONSE, job.rid, 200, to_json(output))
+
+    def _stream_bytes(self, job: Job, item: Any) -> bytes:
+        if job.payload_kind == PAYLOAD_JSON:
+            return stream_item_bytes(item)
+        return to_json(item)  # specs frame the items themselves
+
+    def _reply_error(self, job: Job, exc: BaseException) -> None:
+        if isinstance(exc, KeyboardInterrupt | SystemExit):
+            raise exc
+        status, detail = error_of(exc)
+        if status >= 500:
+            logger.error("request %s failed", job.key, exc_info=exc)
+        try:
+            body = to_json(detail)
+        except TypeError:
+            body = to_json(str(detail))
+        self.inbox.reply(job.front, Kind.ERROR, job.rid, status, body)
+
+    def _event(self, event: EventTypes) -> None:
+        if self.callbacks:
+            self.callbacks.trigger_event(event, lit_api=self.api)

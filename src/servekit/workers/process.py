@@ -1,0 +1,86 @@
+"""The entry point of one inference-worker process."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import sys
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+import zmq
+
+from servekit.api import LitAPI
+from servekit.callbacks import CallbackRunner, EventTypes
+from servekit.transport import Endpoints, Kind
+
+logger = logging.getLogger(__name__)
+
+STATUS_READY = "ready"
+STATUS_SETUP_FAILED = "setup_failed"
+
+
+@dataclass
+class WorkerAssignment:
+    """Everything a worker process needs, sent to it when it is spawned."""
+
+    index: int
+    generation: int
+    api: LitAPI
+    device: str
+    endpoints: Endpoints
+    num_fronts: int
+    callbacks: CallbackRunner
+    status: Connection
+    log_level: str
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGTERM this process when its parent dies, so a killed server leaves no orphans."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+def worker_main(assignment: WorkerAssignment) -> None:
+    _die_with_parent()
+    # Ctrl+C reaches the whole process group; the main process drives a graceful shutdown.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(
+        level=assignment.log_level.upper(),
+        format="%(asctime)s %(levelname)s [worker %(process)d] %(message)s",
+    )
+    os.environ["SERVEKIT_WORKER_ID"] = str(assignment.index)
+    os.environ["LITSERVE_WORKER_ID"] = str(assignment.index)
+    api = assignment.api
+    callbacks = assignment.callbacks
+    context: zmq.Context[Any] = zmq.Context()
+    # Imported here: the loops import the user's hooks' dependencies lazily.
+    from servekit.workers.inbox import Inbox
+    from servekit.workers.loops import RequestProcessor
+
+    fronts = [assignment.endpoints.front_inbox(i) for i in range(assignment.num_fronts)]
+    inbox = Inbox(context, assignment.endpoints.worker_inbox(assignment.index), fronts)
+    try:
+        api.device = assignment.device
+        callbacks.trigger_event(EventTypes.BEFORE_SETUP, lit_api=api)
+        api.setup(assignment.device)
+        callbacks.trigger_event(EventTypes.AFTER_SETUP, lit_api=api)
+    except BaseException:
+        assignment.status.send((STATUS_SETUP_FAILED, traceback.format_exc()))
+        inbox.close()
+        context.term()
+        sys.exit(1)
+    inbox.broadcast(Kind.READY, assignment.index, assignment.generation)
+    assignment.status.send((STATUS_READY, ""))
+    processor = RequestProcessor(api, inbox, callbacks)
+    processor.run_forever()
