@@ -116,6 +116,9 @@ class LitAPI:
         return request
 
     def batch(self, inputs: list[Any]) -> Any:
+        spec_batch = getattr(self._spec, "batch", None)
+        if spec_batch is not None:
+            return spec_batch(inputs)
         first = inputs[0]
         if hasattr(first, "__torch_function__"):
             import torch
@@ -131,6 +134,9 @@ class LitAPI:
         raise NotImplementedError("predict is not implemented: override LitAPI.predict")
 
     def unbatch(self, output: Any) -> Any:
+        spec_unbatch = getattr(self._spec, "unbatch", None)
+        if spec_unbatch is not None:
+            return spec_unbatch(output)
         if self.stream:
             return self._unbatch_stream(output)
         return list(output)

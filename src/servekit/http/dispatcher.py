@@ -18,6 +18,7 @@ from servekit.transport import Endpoints, Kind, pack, unpack
 logger = logging.getLogger(__name__)
 
 _STARTING, _READY, _DEAD = 0, 1, 2
+_MAX_MESSAGES_PER_WAKEUP = 256
 
 
 @dataclass
@@ -153,13 +154,22 @@ class Dispatcher:
         """Yield the chunks of a stream; a failure before the first chunk raises ServerError."""
         pending = self._pending[rid]
         assert pending.chunks is not None and self._loop is not None
+        chunks = pending.chunks
         try:
             while True:
-                timeout = None if deadline is None else deadline - self._loop.time()
-                try:
-                    kind, status, body = await asyncio.wait_for(pending.chunks.get(), timeout)
-                except TimeoutError:
-                    raise ServerError(504, "Request timed out") from None
+                if chunks.empty():
+                    timeout = None if deadline is None else deadline - self._loop.time()
+                    try:
+                        kind, status, body = await asyncio.wait_for(chunks.get(), timeout)
+                    except TimeoutError:
+                        raise ServerError(504, "Request timed out") from None
+                else:
+                    # A backlog is drained without suspending; yield to the loop so that a client's
+                    # disconnect (and the cancellation it triggers) is noticed even then.
+                    await asyncio.sleep(0)
+                    kind, status, body = chunks.get_nowait()
+                    if deadline is not None and self._loop.time() > deadline:
+                        raise ServerError(504, "Request timed out")
                 if kind == Kind.CHUNK:
                     yield body
                 elif kind == Kind.END:
@@ -182,14 +192,21 @@ class Dispatcher:
 
     # -------------------------------------------------------------- replies
     def _on_readable(self) -> None:
-        assert self._inbox is not None
+        assert self._inbox is not None and self._loop is not None
         inbox = self._inbox
-        while int(inbox.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+        for _ in range(_MAX_MESSAGES_PER_WAKEUP):
             try:
                 message = inbox.recv(zmq.NOBLOCK)
             except zmq.Again:
                 break
             self._dispatch(*unpack(message))
+        else:
+            # A fast producer must not starve the event loop (clients, disconnects): yield, then go on.
+            self._loop.call_soon(self._on_readable)
+            return
+        # ZMQ's FD is edge-triggered: check once more so no message is left behind unnoticed.
+        if int(inbox.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            self._loop.call_soon(self._on_readable)
 
     def _dispatch(self, kind: int, rid: int, status: int, body: bytes) -> None:
         if kind == Kind.READY:

@@ -7,6 +7,7 @@ import multiprocessing
 import signal
 import socket
 import threading
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -17,6 +18,15 @@ from servekit.http.dispatcher import Dispatcher
 logger = logging.getLogger(__name__)
 
 GRACEFUL_SHUTDOWN_S = 30
+
+
+class _Server(uvicorn.Server):
+    """uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown, which would kill the process
+    before the workers are stopped; a signal here means "shut down cleanly", and that is all."""
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        self._captured_signals.clear()
 
 
 def _uvicorn_server(
@@ -33,7 +43,7 @@ def _uvicorn_server(
         "backlog": 2048,
     }
     options.update(extra)
-    return uvicorn.Server(uvicorn.Config(app, **options))
+    return _Server(uvicorn.Config(app, **options))
 
 
 def _front_process_main(

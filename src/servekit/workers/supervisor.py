@@ -202,7 +202,7 @@ class Supervisor:
         exitcode = state.process.exitcode
         state.ready = False
         for push in self._notify:
-            push.send(pack(Kind.WORKER_DIED, state.plan.index, state.generation, 0, b""))
+            push.send(pack(Kind.WORKER_DIED, state.plan.index, state.generation, b""))
         if not state.ever_ready:
             if self.fatal_error is None:
                 self._fail(

@@ -27,6 +27,9 @@ class SlowAPI(ls.LitAPI):
             raise HTTPException(status_code=418, detail="teapot")
         if request.get("fail"):
             raise ValueError("predict failed on purpose")
+        if request.get("started_marker"):
+            with open(request["started_marker"], "w") as f:
+                f.write("started")
         time.sleep(float(request.get("seconds", 0)))
         return {"calls": self.calls, "pid": os.getpid(), "tag": request.get("tag")}
 
