@@ -46,7 +46,9 @@ class RunningServer:
         return int(self.process.returncode)
 
 
-def wait_healthy(url: str, process: subprocess.Popen[str], timeout: float, headers: dict[str, str] | None = None) -> None:
+def wait_healthy(
+    url: str, process: subprocess.Popen[str], timeout: float, headers: dict[str, str] | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:

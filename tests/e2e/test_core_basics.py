@@ -35,7 +35,9 @@ def test_bad_input_gets_clear_4xx_and_others_are_unaffected(tmp_path: Path) -> N
         malformed = httpx.post(url, content=b'{"input": 4', headers={"content-type": "application/json"})
         assert malformed.status_code == 400
         assert "not valid JSON" in malformed.json()["detail"]
-        wrong_type = httpx.post(url, content=b"\x00\x01", headers={"content-type": "application/octet-stream"})
+        wrong_type = httpx.post(
+            url, content=b"\x00\x01", headers={"content-type": "application/octet-stream"}
+        )
         assert wrong_type.status_code == 415
         too_big = httpx.post(url, json={"input": 1.0, "pad": "x" * 5000})
         assert too_big.status_code == 413
@@ -63,8 +65,9 @@ def test_torch_model_on_cpu_workers_per_device(tmp_path: Path) -> None:
         assert len(info["workers"]) == 2
         seen = set()
         with httpx.Client(timeout=30) as client, concurrent.futures.ThreadPoolExecutor(8) as pool:
-            replies = list(pool.map(lambda i: client.post(f"{server.url}/predict", json={"input": i}).json(),
-                                    range(40)))
+            replies = list(
+                pool.map(lambda i: client.post(f"{server.url}/predict", json={"input": i}).json(), range(40))
+            )
         for i, reply in enumerate(replies):
             assert reply["output"] == pytest.approx(2.0 * i + 1.0)
             assert reply["device"] == "cpu"
@@ -75,10 +78,15 @@ def test_torch_model_on_cpu_workers_per_device(tmp_path: Path) -> None:
 def test_dynamic_batching_default_and_custom_batch(tmp_path: Path) -> None:
     with serve_script("batched.py", tmp_path, env={"BATCH": "4", "BATCH_TIMEOUT": "2"}) as server:
         with httpx.Client(timeout=30) as client, concurrent.futures.ThreadPoolExecutor(4) as pool:
-            replies = list(pool.map(lambda i: client.post(f"{server.url}/predict", json={"input": i}).json(),
-                                    range(4)))
-            uppers = list(pool.map(lambda t: client.post(f"{server.url}/upper", json={"text": t}).json(),
-                                   ["a", "b", "c", "d"]))
+            replies = list(
+                pool.map(lambda i: client.post(f"{server.url}/predict", json={"input": i}).json(), range(4))
+            )
+            uppers = list(
+                pool.map(
+                    lambda t: client.post(f"{server.url}/upper", json={"text": t}).json(),
+                    ["a", "b", "c", "d"],
+                )
+            )
         assert [r["square"] for r in replies] == [0.0, 1.0, 4.0, 9.0]
         # Four concurrent requests within a 2 s window fill one batch of max_batch_size=4.
         assert all(r["batch_size"] == 4 for r in replies)
@@ -98,15 +106,16 @@ def test_streaming_items_arrive_as_produced(tmp_path: Path) -> None:
     writer: list[Any] = []
 
     def release_first_item() -> None:
-        handle = open(gate, "wb", buffering=0)  # blocks until predict opens the FIFO
+        handle = open(gate, "wb", buffering=0)  # noqa: SIM115 - blocks until predict opens the FIFO
         handle.write(b"x")
         writer.append(handle)
 
     with serve_script("streaming.py", tmp_path) as server:
         opener = threading.Thread(target=release_first_item)
         opener.start()
-        with requests.post(f"{server.url}/predict", json={"n": 3, "gate": str(gate)}, stream=True,
-                           timeout=30) as response:
+        with requests.post(
+            f"{server.url}/predict", json={"n": 3, "gate": str(gate)}, stream=True, timeout=30
+        ) as response:
             opener.join(30)
             release = writer[0]
             assert response.headers["content-type"].startswith("application/x-ndjson")
@@ -122,8 +131,9 @@ def test_streaming_items_arrive_as_produced(tmp_path: Path) -> None:
 def test_streaming_disconnect_closes_the_generator(tmp_path: Path) -> None:
     marker = tmp_path / "closed"
     with serve_script("streaming.py", tmp_path) as server:
-        with requests.post(f"{server.url}/predict", json={"n": 10**9, "closed_marker": str(marker)},
-                           stream=True, timeout=30) as response:
+        with requests.post(
+            f"{server.url}/predict", json={"n": 10**9, "closed_marker": str(marker)}, stream=True, timeout=30
+        ) as response:
             lines = response.iter_lines()
             assert next(lines) == b'{"output":0}'
         # The worker notices the cancellation and closes predict's generator, which writes the marker.
@@ -135,4 +145,6 @@ def test_streaming_disconnect_closes_the_generator(tmp_path: Path) -> None:
         assert marker.read_text() == "closed"
         # The worker is free again for the next request.
         assert httpx.post(f"{server.url}/predict", json={"n": 2}, timeout=10).text.splitlines() == [
-            '{"output":0}', '{"output":1}']
+            '{"output":0}',
+            '{"output":1}',
+        ]

@@ -65,7 +65,11 @@ def test_setup_failure_stops_the_server_with_the_error(tmp_path: Path) -> None:
     env["PORT"] = str(__import__("tests.e2e.serving", fromlist=["free_port"]).free_port())
     result = subprocess.run(
         [sys.executable, str(APPS / "features.py"), "setup_fails"],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=90,
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=90,
     )
     assert result.returncode != 0
     assert "the model file is missing (on purpose)" in result.stderr
@@ -82,7 +86,9 @@ def test_sigterm_finishes_in_flight_requests_and_leaves_nothing_behind(tmp_path:
         assert any(socket_dir.iterdir())  # the transport's socket directory exists while serving
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             future = pool.submit(
-                httpx.post, f"{server.url}/predict", json={"seconds": 1.5, "started_marker": str(started)},
+                httpx.post,
+                f"{server.url}/predict",
+                json={"seconds": 1.5, "started_marker": str(started)},
                 timeout=30,
             )
             waiter = threading.Event()
@@ -102,8 +108,9 @@ def test_sigterm_finishes_in_flight_requests_and_leaves_nothing_behind(tmp_path:
 
 def test_api_key_auth(tmp_path: Path) -> None:
     key = "s3cret-key"
-    with serve_script("hello.py", tmp_path, env={"LIT_SERVER_API_KEY": key},
-                      health_headers={"X-API-Key": key}) as server:
+    with serve_script(
+        "hello.py", tmp_path, env={"LIT_SERVER_API_KEY": key}, health_headers={"X-API-Key": key}
+    ) as server:
         url = f"{server.url}/predict"
         assert httpx.post(url, json={"input": 2.0}).status_code == 401
         assert httpx.post(url, json={"input": 2.0}, headers={"X-API-Key": "wrong"}).status_code == 401

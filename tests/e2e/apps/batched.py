@@ -48,5 +48,6 @@ if __name__ == "__main__":
         BatchedAPI(max_batch_size=size, batch_timeout=timeout, api_path="/predict"),
         CustomBatchAPI(max_batch_size=size, batch_timeout=timeout, api_path="/upper"),
     ]
-    ls.LitServer(apis, accelerator="cpu").run(port=int(os.environ["PORT"]), host="127.0.0.1",
-                                               generate_client_file=False)
+    ls.LitServer(apis, accelerator="cpu").run(
+        port=int(os.environ["PORT"]), host="127.0.0.1", generate_client_file=False
+    )

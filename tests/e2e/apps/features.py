@@ -3,11 +3,11 @@ import os
 import sys
 import time
 
+from fastapi import HTTPException
 from pydantic import BaseModel
 from starlette.middleware.base import BaseHTTPMiddleware
 
 import servekit as ls
-from fastapi import HTTPException
 
 
 class SlowAPI(ls.LitAPI):
@@ -141,8 +141,12 @@ if __name__ == "__main__":
     port = int(os.environ["PORT"])
     timeout = float(os.environ.get("TIMEOUT", "30"))
     if which == "slow":
-        server = ls.LitServer(SlowAPI(), accelerator="cpu", timeout=timeout,
-                              workers_per_device=int(os.environ.get("WORKERS", "1")))
+        server = ls.LitServer(
+            SlowAPI(),
+            accelerator="cpu",
+            timeout=timeout,
+            workers_per_device=int(os.environ.get("WORKERS", "1")),
+        )
     elif which == "typed":
         server = ls.LitServer(TypedAPI(), accelerator="cpu")
     elif which == "context":
@@ -152,8 +156,12 @@ if __name__ == "__main__":
     elif which == "setup_fails":
         server = ls.LitServer(FailingSetupAPI(), accelerator="cpu")
     elif which == "callbacks":
-        server = ls.LitServer(SlowAPI(), accelerator="cpu", callbacks=[MarkerCallback(os.environ["MARKER"])],
-                              middlewares=[(HeaderMiddleware, {"value": "yes"})])
+        server = ls.LitServer(
+            SlowAPI(),
+            accelerator="cpu",
+            callbacks=[MarkerCallback(os.environ["MARKER"])],
+            middlewares=[(HeaderMiddleware, {"value": "yes"})],
+        )
     elif which == "multi":
         server = ls.LitServer([SlowAPI(api_path="/slow"), ContextAPI(api_path="/context")], accelerator="cpu")
     else:

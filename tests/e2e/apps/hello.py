@@ -38,5 +38,7 @@ class SquareAPI(ls.LitAPI):
 
 if __name__ == "__main__":
     api = SquareAPI()
-    server = ls.LitServer(api, accelerator="auto", max_payload_size=int(os.environ.get("MAX_PAYLOAD", "1000000")))
+    server = ls.LitServer(
+        api, accelerator="auto", max_payload_size=int(os.environ.get("MAX_PAYLOAD", "1000000"))
+    )
     server.run(port=int(os.environ["PORT"]), host="127.0.0.1", generate_client_file=False)

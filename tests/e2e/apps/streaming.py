@@ -14,7 +14,7 @@ class StreamAPI(ls.LitAPI):
     def predict(self, request):
         n = int(request.get("n", 5))
         gate = request.get("gate")  # a FIFO: one byte from the test releases each item
-        fifo = open(gate, "rb", buffering=0) if gate else None
+        fifo = open(gate, "rb", buffering=0) if gate else None  # noqa: SIM115 - closed in finally
         try:
             for i in range(n):
                 if fifo is not None:
@@ -34,6 +34,6 @@ class StreamAPI(ls.LitAPI):
 
 
 if __name__ == "__main__":
-    ls.LitServer(StreamAPI(stream=True), accelerator="cpu", timeout=float(os.environ.get("TIMEOUT", "30"))).run(
-        port=int(os.environ["PORT"]), host="127.0.0.1", generate_client_file=False
-    )
+    ls.LitServer(
+        StreamAPI(stream=True), accelerator="cpu", timeout=float(os.environ.get("TIMEOUT", "30"))
+    ).run(port=int(os.environ["PORT"]), host="127.0.0.1", generate_client_file=False)

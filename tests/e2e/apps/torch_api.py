@@ -32,11 +32,15 @@ class SimpleTorchAPI(ls.LitAPI):
         return self.model(x)
 
     def encode_response(self, output):
-        return {"output": float(output.item()), "device": str(self.device),
-                "worker": os.environ.get("SERVEKIT_WORKER_ID")}
+        return {
+            "output": float(output.item()),
+            "device": str(self.device),
+            "worker": os.environ.get("SERVEKIT_WORKER_ID"),
+        }
 
 
 if __name__ == "__main__":
-    server = ls.LitServer(SimpleTorchAPI(), accelerator="cpu", devices=1,
-                          workers_per_device=int(os.environ.get("WORKERS", "1")))
+    server = ls.LitServer(
+        SimpleTorchAPI(), accelerator="cpu", devices=1, workers_per_device=int(os.environ.get("WORKERS", "1"))
+    )
     server.run(port=int(os.environ["PORT"]), host="127.0.0.1", generate_client_file=False)
