@@ -175,12 +175,16 @@ class LitAPI:
             raise ValueError(
                 f"{type(self).__name__}: stream=True needs `predict` to be a generator (use `yield`)"
             )
-        if self.stream and self._spec is None and not inspect.isgeneratorfunction(type(self).encode_response):
+        encode = type(self).encode_response
+        if (
+            self.stream
+            and self._spec is None
+            and not (inspect.isgeneratorfunction(encode) or inspect.isasyncgenfunction(encode))
+            and not inspect.isasyncgenfunction(predict)
+        ):
             raise ValueError(
                 f"{type(self).__name__}: stream=True needs `encode_response` to be a generator that "
                 "iterates over predict's output and yields encoded items"
             )
-        if self.request_timeout not in (None, False, -1) and self.batch_timeout > float(
-            self.request_timeout
-        ):
+        if self.request_timeout not in (None, False, -1) and self.batch_timeout > float(self.request_timeout):
             raise ValueError("batch_timeout must be less than the server's timeout")

@@ -45,6 +45,11 @@ class Inbox:
         # so the oldest are trimmed).
         self._cancelled: OrderedDict[JobKey, None] = OrderedDict()
 
+    @property
+    def pull_socket(self) -> zmq.Socket[Any]:
+        """The inbox socket, for loops that read it from an event loop instead of ``wait``/``pop``."""
+        return self._pull
+
     def __len__(self) -> int:
         return len(self._pending)
 

@@ -218,8 +218,12 @@ class RequestProcessor:
 
     def _reply_output(self, job: Job, y: Any, context: dict[str, Any]) -> None:
         self._event(EventTypes.BEFORE_ENCODE_RESPONSE)
-        output = validate_output(self.encode(y, context), self.response_model)
+        output = self.encode(y, context)
         self._event(EventTypes.AFTER_ENCODE_RESPONSE)
+        self._reply_encoded(job, output)
+
+    def _reply_encoded(self, job: Job, output: Any) -> None:
+        output = validate_output(output, self.response_model)
         self.inbox.reply(job.front, Kind.RESPONSE, job.rid, 200, to_json(output))
 
     def _stream_bytes(self, job: Job, item: Any) -> bytes:

@@ -82,5 +82,11 @@ def worker_main(assignment: WorkerAssignment) -> None:
         sys.exit(1)
     inbox.broadcast(Kind.READY, assignment.index, assignment.generation)
     assignment.status.send((STATUS_READY, ""))
-    processor = RequestProcessor(api, inbox, callbacks)
-    processor.run_forever()
+    from servekit.workers.async_loop import AsyncRequestProcessor, wants_async_loop
+
+    if wants_async_loop(api):
+        import uvloop
+
+        uvloop.run(AsyncRequestProcessor(api, inbox, callbacks).serve())
+    else:
+        RequestProcessor(api, inbox, callbacks).run_forever()

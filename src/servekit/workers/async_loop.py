@@ -1,0 +1,113 @@
+"""The continuous worker loop: every request is an asyncio task, so one worker serves many at once.
+
+Chosen when ``predict`` is a coroutine or an async generator (LitServe's ``enable_async`` style, and
+the LLM server, whose ``predict`` streams tokens from the continuous-batching engine). A cancellation
+from the front cancels the request's task, which closes its generators: for the LLM engine that
+aborts the sequence and frees its KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import zmq
+
+from servekit.api import LitAPI
+from servekit.callbacks import CallbackRunner, EventTypes
+from servekit.transport import Kind, unpack
+from servekit.workers.inbox import Inbox, Job, JobKey
+from servekit.workers.loops import RequestProcessor
+
+logger = logging.getLogger(__name__)
+
+
+def wants_async_loop(api: LitAPI) -> bool:
+    predict = type(api).predict
+    return inspect.iscoroutinefunction(predict) or inspect.isasyncgenfunction(predict)
+
+
+async def _maybe_await(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
+
+
+class AsyncRequestProcessor(RequestProcessor):
+    """Runs each job as a task on one event loop; replies go out as soon as they are produced."""
+
+    def __init__(self, api: LitAPI, inbox: Inbox, callbacks: CallbackRunner) -> None:
+        super().__init__(api, inbox, callbacks)
+        if api.max_batch_size > 1:
+            raise ValueError("an async predict runs requests concurrently: use max_batch_size=1 with it")
+        self._tasks: dict[JobKey, asyncio.Task[None]] = {}
+        self._encode_is_async_gen = inspect.isasyncgenfunction(type(api).encode_response)
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        socket = self.inbox.pull_socket
+        stopped = loop.create_future()
+        loop.add_reader(socket.fileno(), self._on_readable)
+        loop.call_soon(self._on_readable)  # messages that arrived before add_reader
+        await stopped  # runs until the process is terminated
+
+    def _on_readable(self) -> None:
+        socket = self.inbox.pull_socket
+        while True:
+            try:
+                message = socket.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            kind, front, rid, payload_kind, payload = unpack(message)
+            key = (front, rid)
+            if kind == Kind.REQUEST:
+                job = Job(front, rid, payload_kind, payload)
+                task = asyncio.get_running_loop().create_task(self._run_job(job))
+                self._tasks[key] = task
+                task.add_done_callback(functools.partial(self._forget, key))
+            elif kind == Kind.CANCEL:
+                running = self._tasks.get(key)
+                if running is not None:
+                    running.cancel()
+
+    def _forget(self, key: JobKey, task: asyncio.Task[None]) -> None:
+        self._tasks.pop(key, None)
+
+    async def _run_job(self, job: Job) -> None:
+        context: dict[str, Any] = {}
+        try:
+            x = await _maybe_await(self._decode(job, context))
+            self._event(EventTypes.BEFORE_PREDICT)
+            if self.api.stream:
+                await self._stream(job, x, context)
+            else:
+                y = await _maybe_await(self.predict(x, context))
+                self._event(EventTypes.AFTER_PREDICT)
+                output = await _maybe_await(self.encode(y, context))
+                self._reply_encoded(job, output)
+        except asyncio.CancelledError:
+            logger.debug("request %s cancelled by the front", job.key)
+        except BaseException as exc:
+            self._reply_error(job, exc)
+
+    async def _stream(self, job: Job, x: Any, context: dict[str, Any]) -> None:
+        predictions = self.predict(x, context)
+        items: Any = self.encode(predictions, context) if self._encode_is_async_gen else predictions
+        try:
+            if hasattr(items, "__aiter__"):
+                async for item in items:
+                    self.inbox.reply(job.front, Kind.CHUNK, job.rid, 200, self._stream_bytes(job, item))
+            else:
+                for item in items:
+                    self.inbox.reply(job.front, Kind.CHUNK, job.rid, 200, self._stream_bytes(job, item))
+                    await asyncio.sleep(0)  # let other requests and cancellations in between items
+            self._event(EventTypes.AFTER_PREDICT)
+            self.inbox.reply(job.front, Kind.END, job.rid, 200, b"")
+        finally:
+            for generator in (items, predictions):
+                if isinstance(generator, AsyncIterator) and hasattr(generator, "aclose"):
+                    await generator.aclose()
+                elif hasattr(generator, "close"):
+                    generator.close()
