@@ -14,6 +14,7 @@ import orjson
 from fastapi import Depends, FastAPI
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
 
 from servekit.api import LitAPI
 from servekit.callbacks import CallbackRunner, EventTypes
@@ -21,7 +22,7 @@ from servekit.errors import ServerError
 from servekit.http.auth import APIKeyCheck
 from servekit.http.dispatcher import Dispatcher
 from servekit.http.limits import MaxBodySizeMiddleware
-from servekit.specs.base import FrontHandle
+from servekit.specs.base import FrontHandle, LitSpec
 from servekit.transport import PAYLOAD_JSON, PAYLOAD_PICKLE, Endpoints
 
 logger = logging.getLogger(__name__)
@@ -82,18 +83,18 @@ def _pickle(value: Any) -> bytes:
 
 async def _unless_disconnected(result: Any, http_request: Request, dispatcher: Dispatcher, rid: int) -> bytes:
     """Await the result; if the client goes away first, cancel the request in the worker."""
-    result_task = asyncio.ensure_future(result)
-    disconnect_task = asyncio.ensure_future(_wait_disconnect(http_request))
+    watcher = asyncio.ensure_future(_wait_disconnect(http_request))
+
+    def on_disconnect(task: asyncio.Future[None]) -> None:
+        if not task.cancelled():
+            dispatcher.abandon(rid, 499, "Client disconnected")
+
+    watcher.add_done_callback(on_disconnect)
     try:
-        await asyncio.wait((result_task, disconnect_task), return_when=asyncio.FIRST_COMPLETED)
+        body: bytes = await result
+        return body
     finally:
-        disconnect_task.cancel()
-    if not result_task.done():
-        result_task.cancel()
-        dispatcher.cancel(rid)
-        raise ServerError(499, "Client disconnected")
-    body: bytes = result_task.result()
-    return body
+        watcher.cancel()
 
 
 async def _wait_disconnect(request: Request) -> None:
@@ -147,6 +148,11 @@ def build_app(config: FrontConfig, dispatcher: Dispatcher) -> FastAPI:
 
     @app.exception_handler(ServerError)
     async def on_server_error(request: Request, exc: ServerError) -> Response:
+        # A spec may shape the errors of its own routes (the OpenAI specs answer {"error": {...}}).
+        owner = getattr(request.scope.get("endpoint"), "__self__", None)
+        spec_error_response = getattr(owner, "error_response", None) if isinstance(owner, LitSpec) else None
+        if spec_error_response is not None:
+            return spec_error_response(exc)
         return _error_response(exc)
 
     api_key_check = APIKeyCheck(config.api_key) if config.api_key else None
@@ -163,16 +169,24 @@ def build_app(config: FrontConfig, dispatcher: Dispatcher) -> FastAPI:
         spec = api.spec
         if spec is not None:
             spec.bind_front(front)
-            for endpoint in spec.endpoints:
+            for spec_endpoint in spec.endpoints:
                 app.add_api_route(
-                    endpoint.path, endpoint.endpoint, methods=endpoint.methods, dependencies=dependencies
+                    spec_endpoint.path,
+                    spec_endpoint.endpoint,
+                    methods=spec_endpoint.methods,
+                    dependencies=dependencies,
                 )
             continue
+        endpoint = _plain_endpoint(front, api.stream, callbacks, api_key_check)
+        if not callable(authorize):
+            # The hot path: a plain Starlette route, matched first, skips FastAPI's dependency
+            # machinery; the FastAPI route below it only documents the endpoint in /openapi.json.
+            app.router.routes.append(Route(api.api_path, endpoint, methods=["POST"]))
         app.add_api_route(
             api.api_path,
-            _plain_endpoint(front, api.stream, callbacks),
+            endpoint,
             methods=["POST"],
-            dependencies=dependencies,
+            dependencies=[Depends(authorize)] if callable(authorize) else [],
             name=f"{type(api).__name__}.predict",
             summary=f"{type(api).__name__} {'(streaming)' if api.stream else ''}".strip(),
         )
@@ -209,8 +223,12 @@ def build_app(config: FrontConfig, dispatcher: Dispatcher) -> FastAPI:
     return app
 
 
-def _plain_endpoint(front: _APIFront, stream: bool, callbacks: CallbackRunner) -> Callable[..., Any]:
+def _plain_endpoint(
+    front: _APIFront, stream: bool, callbacks: CallbackRunner, api_key_check: APIKeyCheck | None
+) -> Callable[..., Any]:
     async def predict(request: Request) -> Response:
+        if api_key_check is not None:
+            api_key_check(request)
         if callbacks:
             callbacks.trigger_event(EventTypes.ON_REQUEST, request=request)
         _check_content_type(request)

@@ -137,15 +137,22 @@ class Dispatcher:
     async def result(self, rid: int, timeout: float | None) -> bytes:
         """Wait for a whole response; raise ServerError for a failed request or a timeout."""
         pending = self._pending[rid]
-        assert pending.future is not None
+        future = pending.future
+        assert future is not None and self._loop is not None
+        # A timer handle is much cheaper than asyncio.wait_for on this hot path.
+        timer = (
+            None
+            if timeout is None
+            else self._loop.call_later(timeout, self.abandon, rid, 504, "Request timed out")
+        )
         try:
-            kind, status, body = await asyncio.wait_for(pending.future, timeout)
-        except TimeoutError:
-            self.cancel(rid)
-            raise ServerError(504, "Request timed out") from None
+            kind, status, body = await future
         except asyncio.CancelledError:
             self.cancel(rid)
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
         if kind == Kind.ERROR:
             raise ServerError(status, _detail(body))
         return body
@@ -178,6 +185,14 @@ class Dispatcher:
                     raise ServerError(status, _detail(body))
         finally:
             self.cancel(rid)
+
+    def abandon(self, rid: int, status: int, detail: str) -> None:
+        """Give up on a request (timeout, client gone): cancel it in the worker, fail its waiter."""
+        pending = self._pending.get(rid)
+        if pending is None:
+            return
+        self.cancel(rid)
+        self._fail(pending, status, detail)
 
     def cancel(self, rid: int) -> None:
         """Forget a request; if it had not finished, tell its worker to drop or stop it."""
