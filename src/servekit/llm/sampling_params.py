@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
+
+# Called per sequence and step as processor(output_token_ids, logits_row) -> logits_row, before any
+# other processing of that row (e.g. a grammar mask for structured output). May keep state.
+LogitsProcessor = Callable[[list[int], Any], Any]
 
 
 class SamplingParamsError(ValueError):
@@ -39,6 +45,7 @@ class SamplingParams:
     use_beam_search: bool = False
     length_penalty: float = 1.0
     early_stopping: bool = False
+    logits_processors: list[LogitsProcessor] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
