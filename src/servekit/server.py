@@ -16,6 +16,7 @@ from typing import Any, Literal
 from servekit.api import LitAPI
 from servekit.callbacks import Callback, CallbackRunner, EventTypes
 from servekit.http.app import FrontConfig, Middleware
+from servekit.loggers import Logger
 from servekit.specs.base import LitSpec
 from servekit.transport import Endpoints
 from servekit.workers.devices import device_slots, resolve_accelerator
@@ -99,6 +100,7 @@ class LitServer:
         self.disable_openapi_url = disable_openapi_url
         self.restart_workers = restart_workers
         self.track_requests = track_requests
+        self.loggers = _as_loggers(loggers)
         self._stop_requested = threading.Event()
         self._uvicorn_servers: list[Any] = []
 
@@ -151,7 +153,14 @@ class LitServer:
             self._request_stop()
 
         supervisor = Supervisor(
-            plans, endpoints, num_fronts, self.callbacks, log_level, on_fatal, self.restart_workers
+            plans,
+            endpoints,
+            num_fronts,
+            self.callbacks,
+            log_level,
+            on_fatal,
+            self.restart_workers,
+            self.loggers,
         )
         self.callbacks.trigger_event(EventTypes.ON_SERVER_START, litserver=self)
         try:
@@ -240,6 +249,16 @@ class LitServer:
                 ],
             },
         }
+
+
+def _as_loggers(loggers: Any) -> list[Logger]:
+    if loggers is None:
+        return []
+    items = list(loggers) if isinstance(loggers, list | tuple) else [loggers]
+    for item in items:
+        if not isinstance(item, Logger):
+            raise TypeError(f"loggers must be servekit.Logger instances, got {type(item).__name__}")
+    return items
 
 
 def _parse_size(value: int | str | None) -> int | None:

@@ -21,6 +21,7 @@ from servekit.callbacks import CallbackRunner, EventTypes
 from servekit.errors import ServerError
 from servekit.http.auth import APIKeyCheck
 from servekit.http.dispatcher import Dispatcher
+from servekit.http.forms import read_form
 from servekit.http.limits import MaxBodySizeMiddleware
 from servekit.specs.base import FrontHandle, LitSpec
 from servekit.transport import PAYLOAD_JSON, PAYLOAD_PICKLE, Endpoints
@@ -109,15 +110,17 @@ def _error_response(exc: ServerError) -> Response:
     return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
 
-# Bodies of these types are never JSON. Other types are parsed as JSON (curl -d sends JSON as a form).
-_NON_JSON_PREFIXES = (
-    "multipart/",
-    "image/",
-    "audio/",
-    "video/",
-    "application/octet-stream",
-    "application/pdf",
-)
+# Bodies of these types are never JSON. Others are parsed as JSON; forms are parsed as forms.
+_NON_JSON_PREFIXES = ("image/", "audio/", "video/", "application/octet-stream", "application/pdf")
+_FORM = "application/x-www-form-urlencoded"
+
+
+def _is_form(request: Request, body: bytes) -> bool:
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type == "multipart/form-data":
+        return True
+    # curl -d sends JSON labelled as a form: a body that looks like JSON is treated as JSON.
+    return media_type == _FORM and body.lstrip()[:1] not in (b"{", b"[")
 
 
 def _check_content_type(request: Request) -> None:
@@ -233,12 +236,15 @@ def _plain_endpoint(
             callbacks.trigger_event(EventTypes.ON_REQUEST, request=request)
         _check_content_type(request)
         body = await request.body()
+        payload: Any = body
+        if _is_form(request, body):
+            payload = await read_form(request)
         if not stream:
-            result = await front.call(body, request)
+            result = await front.call(payload, request)
             if callbacks:
                 callbacks.trigger_event(EventTypes.ON_RESPONSE, request=request)
             return Response(result, media_type="application/json")
-        chunks = front.stream(body, request)
+        chunks = front.stream(payload, request)
         # Fail before the first byte with a real status code when the worker rejects the request.
         try:
             first = await chunks.__anext__()

@@ -227,7 +227,7 @@ class RequestProcessor:
         self.inbox.reply(job.front, Kind.RESPONSE, job.rid, 200, to_json(output))
 
     def _stream_bytes(self, job: Job, item: Any) -> bytes:
-        if job.payload_kind == PAYLOAD_JSON:
+        if self.api.spec is None:
             return stream_item_bytes(item)
         return to_json(item)  # specs frame the items themselves
 

@@ -16,6 +16,7 @@ import zmq
 
 from servekit.api import LitAPI
 from servekit.callbacks import CallbackRunner, EventTypes
+from servekit.loggers import Logger, LoggerSink
 from servekit.transport import Endpoints, Kind
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class WorkerAssignment:
     callbacks: CallbackRunner
     status: Connection
     log_level: str
+    loggers: list[Logger]
 
 
 def _die_with_parent() -> None:
@@ -70,6 +72,8 @@ def worker_main(assignment: WorkerAssignment) -> None:
 
     fronts = [assignment.endpoints.front_inbox(i) for i in range(assignment.num_fronts)]
     inbox = Inbox(context, assignment.endpoints.worker_inbox(assignment.index), fronts)
+    if assignment.loggers:
+        api._log_sink = LoggerSink(assignment.loggers)
     try:
         api.device = assignment.device
         callbacks.trigger_event(EventTypes.BEFORE_SETUP, lit_api=api)
