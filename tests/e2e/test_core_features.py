@@ -38,6 +38,27 @@ def test_timeout_gives_504_for_running_and_queued_requests(tmp_path: Path) -> No
         assert reply.json()["calls"] == 2
 
 
+def test_queued_request_of_a_disconnected_client_never_runs(tmp_path: Path) -> None:
+    started = tmp_path / "started"
+    with serve_script("features.py", tmp_path, args=["slow"]) as server:
+        url = f"{server.url}/predict"
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            running = pool.submit(
+                httpx.post, url, json={"seconds": 2, "started_marker": str(started)}, timeout=30
+            )
+            waiter = threading.Event()
+            for _ in range(400):  # bounded: until the first request occupies the worker
+                if started.exists():
+                    break
+                waiter.wait(0.025)
+            # The second client gives up while its request waits behind the first one.
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(url, json={"seconds": 0, "tag": "gone"}, timeout=0.5)
+            assert running.result().json()["calls"] == 1
+        # The abandoned request was removed from the queue: the next request is the worker's second run.
+        assert httpx.post(url, json={}, timeout=30).json()["calls"] == 2
+
+
 def test_http_exception_and_predict_error(tmp_path: Path) -> None:
     with serve_script("features.py", tmp_path, args=["slow"]) as server:
         teapot = httpx.post(f"{server.url}/predict", json={"http_error": True}, timeout=30)

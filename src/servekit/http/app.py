@@ -82,20 +82,31 @@ def _pickle(value: Any) -> bytes:
     return pickle.dumps(value, protocol=5)
 
 
+# Most requests finish within this time: only slower ones get a task that watches for a disconnect.
+_WATCH_DISCONNECT_AFTER_S = 0.005
+
+
 async def _unless_disconnected(result: Any, http_request: Request, dispatcher: Dispatcher, rid: int) -> bytes:
     """Await the result; if the client goes away first, cancel the request in the worker."""
-    watcher = asyncio.ensure_future(_wait_disconnect(http_request))
+    watcher: asyncio.Task[None] | None = None
 
-    def on_disconnect(task: asyncio.Future[None]) -> None:
+    def on_disconnect(task: asyncio.Task[None]) -> None:
         if not task.cancelled():
             dispatcher.abandon(rid, 499, "Client disconnected")
 
-    watcher.add_done_callback(on_disconnect)
+    def start_watching() -> None:
+        nonlocal watcher
+        watcher = asyncio.ensure_future(_wait_disconnect(http_request))
+        watcher.add_done_callback(on_disconnect)
+
+    timer = asyncio.get_running_loop().call_later(_WATCH_DISCONNECT_AFTER_S, start_watching)
     try:
         body: bytes = await result
         return body
     finally:
-        watcher.cancel()
+        timer.cancel()
+        if watcher is not None:
+            watcher.cancel()
 
 
 async def _wait_disconnect(request: Request) -> None:
