@@ -26,6 +26,7 @@ class Kind(enum.IntEnum):
     # front -> worker
     REQUEST = 1
     CANCEL = 2
+    CREDIT = 3  # the front consumed stream chunks: the worker may send that many more
     # worker -> front
     RESPONSE = 10  # a whole response
     CHUNK = 11  # one streamed item
@@ -34,6 +35,13 @@ class Kind(enum.IntEnum):
     READY = 14  # a worker finished setup
     # supervisor -> front
     WORKER_DIED = 20
+
+
+# Flow control of streams: a worker has at most this many chunks of one stream in flight to the
+# front; the front returns credit as its client consumes them, so a slow client holds the producer
+# back instead of filling the front's memory.
+STREAM_WINDOW = 64
+CREDIT_BATCH = STREAM_WINDOW // 2
 
 
 @dataclass(frozen=True)

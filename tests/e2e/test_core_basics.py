@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
+import socket
 import threading
 from pathlib import Path
 from typing import Any
@@ -148,3 +150,37 @@ def test_streaming_disconnect_closes_the_generator(tmp_path: Path) -> None:
             '{"output":0}',
             '{"output":1}',
         ]
+
+
+def test_a_slow_client_holds_the_producer_back(tmp_path: Path) -> None:
+    progress = tmp_path / "progress"
+    marker = tmp_path / "closed"
+    # 64 KiB items: the socket buffers between front and client hold only a few dozen of them.
+    request = {"n": 10_000, "pad": 65_536, "progress": str(progress), "closed_marker": str(marker)}
+    with serve_script("streaming.py", tmp_path) as server:
+        body = json.dumps(request).encode()
+        port = int(server.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as client:
+            client.sendall(
+                b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            assert client.recv(1024).startswith(b"HTTP/1.1 200")
+            # The client stops reading. Without flow control the worker would produce all 10,000
+            # items (640 MiB) into the front's memory; with it, production stalls.
+            waiter = threading.Event()
+            previous, current = -1, 0
+            for _ in range(40):  # bounded: until production has stalled
+                waiter.wait(0.25)
+                current = int(progress.read_text())
+                if current == previous:
+                    break
+                previous = current
+            assert current == previous
+            assert current < 1_000
+        for _ in range(600):
+            if marker.exists():
+                break
+            waiter.wait(0.05)
+        assert marker.read_text() == "closed"

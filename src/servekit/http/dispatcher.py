@@ -13,7 +13,7 @@ import orjson
 import zmq
 
 from servekit.errors import ServerError
-from servekit.transport import Endpoints, Kind, pack, unpack
+from servekit.transport import CREDIT_BATCH, Endpoints, Kind, pack, unpack
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +162,7 @@ class Dispatcher:
         pending = self._pending[rid]
         assert pending.chunks is not None and self._loop is not None
         chunks = pending.chunks
+        consumed = 0
         try:
             while True:
                 if chunks.empty():
@@ -178,6 +179,10 @@ class Dispatcher:
                     if deadline is not None and self._loop.time() > deadline:
                         raise ServerError(504, "Request timed out")
                 if kind == Kind.CHUNK:
+                    consumed += 1
+                    if consumed == CREDIT_BATCH:
+                        consumed = 0
+                        self._credit(pending.worker, rid, CREDIT_BATCH)
                     yield body
                 elif kind == Kind.END:
                     return
@@ -193,6 +198,10 @@ class Dispatcher:
             return
         self.cancel(rid)
         self._fail(pending, status, detail)
+
+    def _credit(self, worker: _Worker, rid: int, count: int) -> None:
+        if worker.state != _DEAD and rid in worker.in_flight:
+            worker.socket.send(pack(Kind.CREDIT, self.front_index, rid, count, b""))
 
     def cancel(self, rid: int) -> None:
         """Forget a request; if it had not finished, tell its worker to drop or stop it."""

@@ -19,7 +19,7 @@ import zmq
 
 from servekit.api import LitAPI
 from servekit.callbacks import CallbackRunner, EventTypes
-from servekit.transport import Kind, unpack
+from servekit.transport import STREAM_WINDOW, Kind, unpack
 from servekit.workers.inbox import Inbox, Job, JobKey
 from servekit.workers.loops import RequestProcessor
 
@@ -35,6 +35,24 @@ async def _maybe_await(value: Any) -> Any:
     return await value if inspect.isawaitable(value) else value
 
 
+class _Credit:
+    """How many more chunks a stream may send before the front has consumed some."""
+
+    def __init__(self, initial: int) -> None:
+        self.available = initial
+        self._refilled = asyncio.Event()
+
+    def add(self, count: int) -> None:
+        self.available += count
+        self._refilled.set()
+
+    async def take(self) -> None:
+        while self.available <= 0:
+            self._refilled.clear()
+            await self._refilled.wait()
+        self.available -= 1
+
+
 class AsyncRequestProcessor(RequestProcessor):
     """Runs each job as a task on one event loop; replies go out as soon as they are produced."""
 
@@ -43,6 +61,7 @@ class AsyncRequestProcessor(RequestProcessor):
         if api.max_batch_size > 1:
             raise ValueError("an async predict runs requests concurrently: use max_batch_size=1 with it")
         self._tasks: dict[JobKey, asyncio.Task[None]] = {}
+        self._credits: dict[JobKey, _Credit] = {}
         self._encode_is_async_gen = inspect.isasyncgenfunction(type(api).encode_response)
 
     async def serve(self) -> None:
@@ -67,6 +86,10 @@ class AsyncRequestProcessor(RequestProcessor):
                 task = asyncio.get_running_loop().create_task(self._run_job(job))
                 self._tasks[key] = task
                 task.add_done_callback(functools.partial(self._forget, key))
+            elif kind == Kind.CREDIT:
+                credit = self._credits.get(key)
+                if credit is not None:
+                    credit.add(payload_kind)
             elif kind == Kind.CANCEL:
                 running = self._tasks.get(key)
                 if running is not None:
@@ -95,17 +118,21 @@ class AsyncRequestProcessor(RequestProcessor):
     async def _stream(self, job: Job, x: Any, context: dict[str, Any]) -> None:
         predictions = self.predict(x, context)
         items: Any = self.encode(predictions, context) if self._encode_is_async_gen else predictions
+        credit = self._credits[job.key] = _Credit(STREAM_WINDOW)
         try:
             if hasattr(items, "__aiter__"):
                 async for item in items:
+                    await credit.take()
                     self.inbox.reply(job.front, Kind.CHUNK, job.rid, 200, self._stream_bytes(job, item))
             else:
                 for item in items:
+                    await credit.take()
                     self.inbox.reply(job.front, Kind.CHUNK, job.rid, 200, self._stream_bytes(job, item))
                     await asyncio.sleep(0)  # let other requests and cancellations in between items
             self._event(EventTypes.AFTER_PREDICT)
             self.inbox.reply(job.front, Kind.END, job.rid, 200, b"")
         finally:
+            self._credits.pop(job.key, None)
             for generator in (items, predictions):
                 if isinstance(generator, AsyncIterator) and hasattr(generator, "aclose"):
                     await generator.aclose()

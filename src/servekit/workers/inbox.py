@@ -8,10 +8,11 @@ from typing import Any
 
 import zmq
 
-from servekit.transport import Kind, pack, unpack
+from servekit.transport import STREAM_WINDOW, Kind, pack, unpack
 
 JobKey = tuple[int, int]  # (front index, request id)
 _MAX_REMEMBERED_CANCELLATIONS = 4096
+_CREDIT_POLL_MS = 1000
 
 
 @dataclass
@@ -44,6 +45,7 @@ class Inbox:
         # Cancellations of jobs already running (or already finished: those keys never match again,
         # so the oldest are trimmed).
         self._cancelled: OrderedDict[JobKey, None] = OrderedDict()
+        self._credits: dict[JobKey, int] = {}  # per open stream: chunks it may still send
 
     @property
     def pull_socket(self) -> zmq.Socket[Any]:
@@ -74,6 +76,22 @@ class Inbox:
 
     def finished(self, key: JobKey) -> None:
         self._cancelled.pop(key, None)
+        self._credits.pop(key, None)
+
+    def open_stream(self, key: JobKey) -> None:
+        self._credits[key] = STREAM_WINDOW
+
+    def send_chunk(self, job: Job, body: bytes) -> bool:
+        """Send one stream chunk, first waiting for credit; False if the front cancelled the stream."""
+        key = job.key
+        while self._credits.get(key, 0) <= 0:
+            if self.is_cancelled(key):
+                return False
+            self._pull.poll(_CREDIT_POLL_MS)
+            self._drain()
+        self._credits[key] -= 1
+        self.reply(job.front, Kind.CHUNK, job.rid, 200, body)
+        return True
 
     def _drain(self) -> None:
         while True:
@@ -85,6 +103,9 @@ class Inbox:
             key = (front, rid)
             if kind == Kind.REQUEST:
                 self._pending[key] = Job(front, rid, payload_kind, payload)
+            elif kind == Kind.CREDIT:
+                if key in self._credits:
+                    self._credits[key] += payload_kind
             elif kind == Kind.CANCEL and self._pending.pop(key, None) is None:
                 self._cancelled[key] = None
                 if len(self._cancelled) > _MAX_REMEMBERED_CANCELLATIONS:

@@ -120,16 +120,18 @@ class RequestProcessor:
         context: dict[str, Any] = {}
         predictions: Iterator[Any] | None = None
         encoded: Iterator[Any] | None = None
+        self.inbox.open_stream(job.key)
         try:
             x = self._decode(job, context)
             self._event(EventTypes.BEFORE_PREDICT)
             predictions = self.predict(x, context)
             encoded = self.encode(predictions, context)
             for item in encoded:
-                if self.inbox.is_cancelled(job.key):
+                if self.inbox.is_cancelled(job.key) or not self.inbox.send_chunk(
+                    job, self._stream_bytes(job, item)
+                ):
                     logger.debug("stream %s cancelled by the front", job.key)
                     return
-                self.inbox.reply(job.front, Kind.CHUNK, job.rid, 200, self._stream_bytes(job, item))
             self._event(EventTypes.AFTER_PREDICT)
             self.inbox.reply(job.front, Kind.END, job.rid, 200, b"")
         except BaseException as exc:

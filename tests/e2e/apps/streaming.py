@@ -16,10 +16,17 @@ class StreamAPI(ls.LitAPI):
         gate = request.get("gate")  # a FIFO: one byte from the test releases each item
         fifo = open(gate, "rb", buffering=0) if gate else None  # noqa: SIM115 - closed in finally
         try:
+            pad = "x" * int(request.get("pad", 0))
+            progress = request.get("progress")  # a file that counts the items produced so far
+            every = int(request.get("progress_every", 1))
             for i in range(n):
                 if fifo is not None:
                     fifo.read(1)
-                yield {"i": i}
+                if progress and i % every == 0:  # written whole, then renamed: never read half-written
+                    with open(f"{progress}.tmp", "w") as f:
+                        f.write(str(i))
+                    os.replace(f"{progress}.tmp", progress)
+                yield {"i": i, "pad": pad} if pad else {"i": i}
         finally:
             if fifo is not None:
                 fifo.close()
@@ -30,7 +37,7 @@ class StreamAPI(ls.LitAPI):
 
     def encode_response(self, output):
         for item in output:
-            yield {"output": item["i"]}
+            yield {"output": item["i"], "pad": item["pad"]} if "pad" in item else {"output": item["i"]}
 
 
 if __name__ == "__main__":
