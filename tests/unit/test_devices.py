@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from servekit.workers import devices
@@ -43,6 +45,7 @@ def test_gpu_slots_pin_each_worker_to_its_device() -> None:
 
 
 def test_visible_devices_are_remapped(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delitem(sys.modules, "torch", raising=False)  # counted without torch, as at server start
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
     assert devices.cuda_device_count() == 2
     slots = device_slots("cuda", [1], 1)

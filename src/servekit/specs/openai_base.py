@@ -1,0 +1,118 @@
+"""What the OpenAI-compatible specs share in the HTTP front: routes, body parsing, errors, disconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import warnings
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import orjson
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+from starlette.responses import Response
+
+from servekit.errors import ServerError
+from servekit.specs.base import LitSpec
+from servekit.specs.openai_errors import OpenAIError
+
+if TYPE_CHECKING:
+    from servekit.api import LitAPI
+
+logger = logging.getLogger(__name__)
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+T = TypeVar("T")
+
+_DEFAULT_LIT_API_PATH = "/predict"
+CLIENT_CLOSED_REQUEST = 499
+
+
+class OpenAIBaseSpec(LitSpec):
+    """Base of the OpenAI specs: registers their routes in ``pre_setup`` and shapes their errors.
+
+    Routes are registered once the API is known, so that a custom ``api_path`` given to the
+    ``LitAPI`` (or ``LitServer``) replaces the default path, as in LitServe.
+    """
+
+    default_api_path = "/v1"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.api_path = self.default_api_path
+        self._registered: list[tuple[str, str]] = []
+
+    # --------------------------------------------------------------- set-up
+    def pre_setup(self, lit_api: LitAPI) -> None:
+        custom_path = getattr(lit_api, "_api_path", _DEFAULT_LIT_API_PATH)
+        if custom_path not in (_DEFAULT_LIT_API_PATH, self.default_api_path):
+            warnings.warn(
+                f"{type(self).__name__} is served at the custom path {custom_path!r}; OpenAI clients "
+                f"call {self.default_api_path!r}, so they need a base URL that maps to it.",
+                stacklevel=3,
+            )
+            self.api_path = custom_path
+        registered = set(self._registered)
+        self._endpoints = [e for e in self._endpoints if (e.path, e.endpoint.__name__) not in registered]
+        self._registered = []
+        for path, endpoint, methods in self.routes():
+            self.add_endpoint(path, endpoint, methods)
+            self._registered.append((path, endpoint.__name__))
+
+    def routes(self) -> list[tuple[str, Callable[..., Any], list[str]]]:
+        """(path, handler, methods) of this spec's routes."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------- front helpers
+    def error_response(self, error: ServerError) -> Response:
+        """How the core answers a ``ServerError`` raised on this spec's routes (auth, for one)."""
+        return OpenAIError.from_server_error(error).response()
+
+    async def call_worker(self, request_object: Any, http_request: Request) -> bytes:
+        try:
+            return await self.front.call(request_object, http_request)
+        except ServerError as error:
+            raise OpenAIError.from_server_error(error) from None
+
+
+async def read_json_body(http_request: Request, model: type[ModelT]) -> ModelT:
+    """Parse and validate the request body; every failure is a 400 naming what is wrong."""
+    body = await http_request.body()
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as error:
+        raise OpenAIError(400, f"The request body is not valid JSON: {error}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise OpenAIError(400, "The request body must be a JSON object", code="invalid_json")
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        raise OpenAIError.from_validation_error(error) from None
+
+
+async def until_disconnected(awaitable: Awaitable[T], http_request: Request) -> T:
+    """Await ``awaitable``; if the client goes away first, cancel it and raise a 499."""
+    work = asyncio.ensure_future(awaitable)
+    watcher = asyncio.ensure_future(_wait_disconnect(http_request))
+    try:
+        await asyncio.wait((work, watcher), return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        work.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if not work.done():
+        work.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await work
+        raise OpenAIError(CLIENT_CLOSED_REQUEST, "Client disconnected")
+    return work.result()
+
+
+async def _wait_disconnect(http_request: Request) -> None:
+    while True:
+        message = await http_request.receive()
+        if message["type"] == "http.disconnect":
+            return
