@@ -168,6 +168,9 @@ def test_errors_use_the_openai_envelope(tmp_path: Path) -> None:
         not_json = httpx.post(url, content=b"{not json", timeout=10)
         assert not_json.status_code == 400
         assert "not valid JSON" in not_json.json()["error"]["message"]
+        too_big = httpx.post(url, json={"messages": [{"role": "user", "content": "x" * 100_000}]}, timeout=10)
+        assert too_big.status_code == 413
+        assert "larger than the limit" in too_big.json()["error"]["message"]
 
         client = client_for(server.url)
         with pytest.raises(openai.BadRequestError) as bad:

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-
-class BodyTooLarge(Exception):
-    pass
+from servekit.errors import ServerError
 
 
 class MaxBodySizeMiddleware:
-    """413 for a body past ``max_size`` bytes, by Content-Length or by counting a chunked body."""
+    """413 for a body past ``max_size`` bytes, by Content-Length or by counting a chunked body.
+
+    The error is raised from ``receive`` when the route reads the body, so it goes through the
+    app's exception handler and each route answers in its own error shape (OpenAI routes too).
+    """
 
     def __init__(self, app: ASGIApp, max_size: int) -> None:
         self.app = app
@@ -23,46 +22,24 @@ class MaxBodySizeMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        for name, value in scope["headers"]:
-            if name == b"content-length" and value.isdigit() and int(value) > self.max_size:
-                await self._reject(send)
-                return
+        declared_too_big = any(
+            name == b"content-length" and value.isdigit() and int(value) > self.max_size
+            for name, value in scope["headers"]
+        )
         received = 0
-        response_started = False
 
-        async def counting_receive() -> Message:
+        async def limited_receive() -> Message:
             nonlocal received
+            if declared_too_big:
+                raise self._too_large()
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_size:
-                    raise BodyTooLarge
+                    raise self._too_large()
             return message
 
-        async def tracking_send(message: Message) -> None:
-            nonlocal response_started
-            if message["type"] == "http.response.start":
-                response_started = True
-            await send(message)
+        await self.app(scope, limited_receive, send)
 
-        try:
-            await self.app(scope, counting_receive, tracking_send)
-        except BodyTooLarge:
-            if not response_started:
-                await self._reject(send)
-
-    async def _reject(self, send: Send) -> None:
-        body: Any = orjson.dumps(
-            {"detail": f"Request body is larger than the limit of {self.max_size} bytes"}
-        )
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+    def _too_large(self) -> ServerError:
+        return ServerError(413, f"Request body is larger than the limit of {self.max_size} bytes")

@@ -138,5 +138,5 @@ if __name__ == "__main__":
             PlainReturnAPI(), spec=ls.OpenAISpec(model_name="plain-model"), accelerator="cpu", timeout=timeout
         )
     else:
-        server = ls.LitServer(APIS[name](), accelerator="cpu", timeout=timeout)
+        server = ls.LitServer(APIS[name](), accelerator="cpu", timeout=timeout, max_payload_size="64KB")
     server.run(port=int(os.environ["PORT"]), host="127.0.0.1", generate_client_file=False)
