@@ -110,9 +110,10 @@ class LitAPI:
     def setup(self, device: str) -> None:
         """Load the model. Runs once in every inference worker, with that worker's device."""
 
-    def decode_request(self, request: Any, context: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+    def decode_request(self, request: Any, **kwargs: Any) -> Any:
+        # With a spec, the workers call the spec's hook directly, with the request's context.
         if self._spec is not None:
-            return self._spec.decode_request(request, context_kwargs=context)
+            return self._spec.decode_request(request, **kwargs)
         return request
 
     def batch(self, inputs: list[Any]) -> Any:
@@ -146,9 +147,9 @@ class LitAPI:
         for output in output_stream:
             yield list(output)
 
-    def encode_response(self, output: Any, context: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+    def encode_response(self, output: Any, **kwargs: Any) -> Any:
         if self._spec is not None:
-            return self._spec.encode_response(output, context_kwargs=context)
+            return self._spec.encode_response(output, **kwargs)
         return output
 
     def health(self) -> bool:

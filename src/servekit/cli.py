@@ -6,6 +6,8 @@ import argparse
 import logging
 import sys
 
+from servekit.specs.llm.command import add_serve_arguments, run_serve
+
 logger = logging.getLogger(__name__)
 
 
@@ -15,16 +17,44 @@ def build_parser() -> argparse.ArgumentParser:
     hello = commands.add_parser("hello", help='serve the hello-world example (POST /predict {"input": 4.0})')
     hello.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     hello.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
-    serve = commands.add_parser("serve", help="serve a model (until the LLM server lands: the hello-world example)")
-    serve.add_argument("model", nargs="?", default=None, help="model to serve (default: SmolLM2-135M-Instruct)")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    serve = commands.add_parser(
+        "serve",
+        help="serve an LLM with an OpenAI-compatible API (default: SmolLM2-135M-Instruct)",
+        description="Serve an LLM over HTTP: OpenAI chat/completions/models plus native endpoints. "
+        "Every flag can also be set with the env var named in its help.",
+    )
+    add_serve_arguments(serve)
+    client = commands.add_parser(
+        "client",
+        help="chat with a served LLM in the terminal (streams replies, keeps the conversation)",
+        description="Interactive terminal chat with an OpenAI-compatible server. "
+        "/reset clears the conversation; /exit or Ctrl-D quits.",
+    )
+    client.add_argument("url", help="the server's address, e.g. http://127.0.0.1:8000")
+    client.add_argument(
+        "--api-key", default=None, help="API key sent as a Bearer token (env: SERVEKIT_API_KEY)"
+    )
+    client.add_argument("--model", default=None, help="model id (default: the server's first model)")
+    client.add_argument("--system", default=None, help="system prompt that starts the conversation")
     return parser
+
+
+def run_client(args: argparse.Namespace) -> int:
+    import os
+
+    from servekit.chat_cli import run_chat
+
+    api_key = args.api_key or os.environ.get("SERVEKIT_API_KEY")
+    return run_chat(args.url, api_key=api_key, model=args.model, system=args.system)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("hello", "serve"):
+    if args.command == "serve":
+        return run_serve(args)
+    if args.command == "client":
+        return run_client(args)
+    if args.command == "hello":
         import servekit as ls
         from servekit.examples import SimpleLitAPI
 

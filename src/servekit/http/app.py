@@ -205,9 +205,10 @@ def build_app(config: FrontConfig, dispatcher: Dispatcher) -> FastAPI:
             summary=f"{type(api).__name__} {'(streaming)' if api.stream else ''}".strip(),
         )
 
-    health_dependencies = [Depends(api_key_check)] if api_key_check is not None else []
+    info_dependencies = [Depends(api_key_check)] if api_key_check is not None else []
 
-    @app.get(config.healthcheck_path, dependencies=health_dependencies, response_class=PlainTextResponse)
+    # /health stays open with an API key set: load balancers and orchestrators probe it without one.
+    @app.get(config.healthcheck_path, response_class=PlainTextResponse)
     async def health() -> Response:
         healthy = dispatcher.ready()
         if healthy:
@@ -220,7 +221,7 @@ def build_app(config: FrontConfig, dispatcher: Dispatcher) -> FastAPI:
             return PlainTextResponse("ok")
         return PlainTextResponse("not ready", status_code=503)
 
-    @app.get(config.info_path, dependencies=health_dependencies)
+    @app.get(config.info_path, dependencies=info_dependencies)
     async def info() -> Response:
         body = dict(config.info)
         body["workers"] = dispatcher.worker_states()

@@ -84,17 +84,27 @@ class Sampler:
     def _process_logits(
         self, logits: torch.Tensor, states: Sequence[SamplingState], params: list[SamplingParams]
     ) -> torch.Tensor:
-        """Apply min_tokens masks, logit bias and penalties; returns ``logits`` itself when none apply."""
+        """Apply logits processors, min_tokens masks, logit bias and penalties; returns ``logits``
+        itself when none apply."""
         masked = [self._tokens_masked_for_min_tokens(state) for state in states]
         mask_rows = _rows([bool(ids) for ids in masked])
         bias_rows = _rows([bool(p.logit_bias) for p in params])
         penalty_rows = _rows(
             [p.presence_penalty != 0 or p.frequency_penalty != 0 or p.repetition_penalty != 1 for p in params]
         )
-        if not (mask_rows or bias_rows or penalty_rows):
+        processor_rows = _rows([bool(p.logits_processors) for p in params])
+        if not (mask_rows or bias_rows or penalty_rows or processor_rows):
             return logits
 
         processed = logits.clone()
+        for row in processor_rows:
+            # User processors (e.g. a grammar mask) see the row first, as in vLLM.
+            view = processed[row]
+            row_logits = view
+            for processor in params[row].logits_processors:
+                row_logits = processor(states[row].output_token_ids, row_logits)
+            if row_logits is not view:
+                processed[row] = row_logits
         if mask_rows:
             _on_rows(processed, mask_rows, lambda x: mask_tokens(x, [masked[row] for row in mask_rows]))
         if bias_rows:

@@ -1,0 +1,170 @@
+"""Attention over the paged KV cache for a flattened (varlen) batch.
+
+The runner orders a step's tokens as: every single-token (decode) sequence first, one token each,
+then every multi-token (prefill chunk) sequence, its tokens contiguous. ``AttentionMetadata`` is
+built once per step and shared by all layers; ``paged_attention`` runs per layer:
+
+* the new keys/values are written into their cache slots;
+* decode sequences are attended in one batched ``scaled_dot_product_attention`` call over their
+  gathered blocks, padded to the longest context and masked (the query heads sharing a KV head are
+  folded into the query axis, so GQA needs no repeated keys);
+* each prefill chunk is attended on its own: straight over its fresh keys/values with a causal mask
+  when nothing is cached before it, else over its gathered blocks with an offset causal mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillChunk:
+    """Where one multi-token chunk sits in the step, and what it attends to."""
+
+    token_offset: int  # first row of this chunk in the flattened batch
+    num_tokens: int
+    block_ids: torch.Tensor | None  # blocks covering its whole context; None when nothing is cached before it
+    mask: torch.Tensor | None  # [num_tokens, len(block_ids) * block_size] additive (0 / -inf); None: causal
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [num_tokens] cache slot (block * block_size + offset) of every new token
+    num_decode: int  # the first num_decode rows are single-token sequences
+    decode_block_ids: torch.Tensor | None  # [num_decode * decode_num_blocks], padded block tables, flattened
+    decode_num_blocks: int
+    decode_key_len: int  # keys to attend per decode sequence: the gathered blocks, cut to the longest context
+    decode_mask: (
+        torch.Tensor | None
+    )  # [num_decode, 1, 1, decode_key_len] additive (0 / -inf); None: all visible
+    prefills: list[PrefillChunk]
+
+
+def build_attention_metadata(
+    *,
+    block_size: int,
+    decode_block_tables: Sequence[Sequence[int]],
+    decode_context_lens: Sequence[int],
+    prefill_block_tables: Sequence[Sequence[int]],
+    prefill_starts: Sequence[int],
+    prefill_lens: Sequence[int],
+    slot_mapping: torch.Tensor,
+    dtype: torch.dtype = torch.float32,
+    sliding_window: int | None = None,
+) -> AttentionMetadata:
+    """Tensors every layer reuses this step (decode sequences first, then prefill chunks).
+
+    Masks are built additive, in the model dtype, once per step: handing SDPA a boolean mask makes it
+    convert the mask again in every layer.
+    """
+    num_decode = len(decode_block_tables)
+    decode_block_ids: torch.Tensor | None = None
+    decode_mask: torch.Tensor | None = None
+    decode_num_blocks = 0
+    decode_key_len = 0
+    if num_decode:
+        decode_key_len = max(decode_context_lens)
+        decode_num_blocks = (decode_key_len + block_size - 1) // block_size
+        padded = [
+            list(table[:decode_num_blocks]) + [0] * (decode_num_blocks - min(len(table), decode_num_blocks))
+            for table in decode_block_tables
+        ]
+        decode_block_ids = torch.tensor(padded, dtype=torch.long).view(-1)
+        window_applies = sliding_window is not None and decode_key_len > sliding_window
+        if window_applies or min(decode_context_lens) != decode_key_len:
+            key_positions = torch.arange(decode_key_len).unsqueeze(0)
+            lengths = torch.tensor(decode_context_lens, dtype=torch.long).unsqueeze(1)
+            visible = key_positions < lengths
+            if sliding_window is not None:
+                visible &= key_positions > lengths - 1 - sliding_window
+            decode_mask = _additive(visible, dtype).view(num_decode, 1, 1, -1)
+
+    prefills: list[PrefillChunk] = []
+    offset = num_decode
+    for table, start, length in zip(prefill_block_tables, prefill_starts, prefill_lens, strict=True):
+        window_applies = sliding_window is not None and start + length > sliding_window
+        if start == 0 and not window_applies:
+            prefills.append(PrefillChunk(offset, length, None, None))
+        else:
+            num_blocks = (start + length + block_size - 1) // block_size
+            block_ids = torch.tensor(list(table[:num_blocks]), dtype=torch.long)
+            query_positions = torch.arange(start, start + length).unsqueeze(1)
+            key_positions = torch.arange(num_blocks * block_size).unsqueeze(0)
+            mask = key_positions <= query_positions
+            if sliding_window is not None:
+                mask &= key_positions > query_positions - sliding_window
+            prefills.append(PrefillChunk(offset, length, block_ids, _additive(mask, dtype)))
+        offset += length
+    return AttentionMetadata(
+        slot_mapping=slot_mapping,
+        num_decode=num_decode,
+        decode_block_ids=decode_block_ids,
+        decode_num_blocks=decode_num_blocks,
+        decode_key_len=decode_key_len,
+        decode_mask=decode_mask,
+        prefills=prefills,
+    )
+
+
+def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    mask = torch.zeros(visible.shape, dtype=dtype)
+    return mask.masked_fill_(~visible, float("-inf"))
+
+
+def paged_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    layer_cache: torch.Tensor,
+    metadata: AttentionMetadata,
+) -> torch.Tensor:
+    """Write the new keys/values into the cache and attend; returns ``[num_tokens, heads * head_dim]``.
+
+    ``query``: ``[num_tokens, num_heads, head_dim]``; ``key``, ``value``: ``[num_tokens, num_kv_heads,
+    head_dim]`` (rotary embedding already applied to queries and keys); ``layer_cache``: ``[num_blocks,
+    block_size, 2, num_kv_heads, head_dim]``.
+    """
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    num_kv_heads = key.shape[1]
+    group = num_heads // num_kv_heads
+    block_size = layer_cache.shape[1]
+    slots = layer_cache.view(-1, 2, num_kv_heads, head_dim)
+    slots[:, 0].index_copy_(0, metadata.slot_mapping, key)
+    slots[:, 1].index_copy_(0, metadata.slot_mapping, value)
+
+    outputs: list[torch.Tensor] = []
+    num_decode = metadata.num_decode
+    if num_decode:
+        assert metadata.decode_block_ids is not None
+        context = layer_cache.index_select(0, metadata.decode_block_ids).view(
+            num_decode, metadata.decode_num_blocks * block_size, 2, num_kv_heads, head_dim
+        )[:, : metadata.decode_key_len]
+        keys = context[:, :, 0].transpose(1, 2)
+        values = context[:, :, 1].transpose(1, 2)
+        queries = query[:num_decode].view(num_decode, num_kv_heads, group, head_dim)
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=metadata.decode_mask)
+        outputs.append(out.reshape(num_decode, num_heads * head_dim))
+
+    for chunk in metadata.prefills:
+        rows = slice(chunk.token_offset, chunk.token_offset + chunk.num_tokens)
+        queries = query[rows].transpose(0, 1).unsqueeze(0)
+        if chunk.block_ids is None:
+            keys = key[rows].transpose(0, 1).unsqueeze(0)
+            values = value[rows].transpose(0, 1).unsqueeze(0)
+            out = F.scaled_dot_product_attention(queries, keys, values, is_causal=True, enable_gqa=group > 1)
+        else:
+            context = layer_cache.index_select(0, chunk.block_ids).view(-1, 2, num_kv_heads, head_dim)
+            keys = context[:, 0].transpose(0, 1).unsqueeze(0)
+            values = context[:, 1].transpose(0, 1).unsqueeze(0)
+            out = F.scaled_dot_product_attention(
+                queries, keys, values, attn_mask=chunk.mask, enable_gqa=group > 1
+            )
+        outputs.append(out[0].transpose(0, 1).reshape(chunk.num_tokens, num_heads * head_dim))
+
+    if len(outputs) == 1:
+        return outputs[0]
+    return torch.cat(outputs, dim=0)

@@ -1,0 +1,498 @@
+"""LLMEngine: requests in, one continuous-batching step at a time, RequestOutputs out.
+
+Not thread-safe: one thread drives it (``AsyncEngine`` runs it in its own thread).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+from servekit.llm.block_manager import BlockManager
+from servekit.llm.config import EngineConfig, auto_num_kv_blocks, resolve_dtype
+from servekit.llm.detokenizer import IncrementalDetokenizer
+from servekit.llm.model_runner import ForwardBatch, ForwardOutput
+from servekit.llm.outputs import Logprob, RequestOutput
+from servekit.llm.sampler import SampledToken, Sampler, make_generator
+from servekit.llm.sampling_params import SamplingParams
+from servekit.llm.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from servekit.llm.sequence import Sequence as Seq
+from servekit.llm.sequence import SequenceGroup
+from servekit.llm.stop import check_stop, effective_max_tokens
+
+if TYPE_CHECKING:
+    from servekit.llm.loaders import ModelSource
+    from servekit.llm.model_config import ModelConfig
+    from servekit.llm.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+class Runner(Protocol):
+    """What the engine needs from a model runner (``ModelRunner`` implements it)."""
+
+    block_size: int
+    num_blocks: int
+
+    def execute(self, batch: ForwardBatch) -> ForwardOutput: ...
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # fraction of KV blocks held by live sequences
+    num_kv_blocks: int
+    num_free_kv_blocks: int
+    prefix_cache_queries: int  # prompt tokens looked up
+    prefix_cache_hits: int  # of which served from the cache
+    prefix_cache_hit_rate: float
+    num_preemptions: int
+    num_steps: int
+    num_prompt_tokens_computed: int  # prefill tokens the model actually ran (prefix hits excluded)
+    num_generated_tokens: int
+    forward_time_s: float  # time inside the model forward
+    step_time_s: float  # whole step() time, forward included
+
+    @property
+    def overhead_time_s(self) -> float:
+        return self.step_time_s - self.forward_time_s
+
+    @property
+    def overhead_per_step_s(self) -> float:
+        return self.overhead_time_s / self.num_steps if self.num_steps else 0.0
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        config: EngineConfig | None = None,
+        *,
+        source: ModelSource | None = None,
+        runner: Runner | None = None,
+    ) -> None:
+        """Load the model named by ``config`` (or use ``source``) and build the runner and sampler.
+
+        ``runner`` replaces the model runner (tests drive the engine with fakes through it).
+        """
+        self.config = config if config is not None else EngineConfig()
+        cfg = self.config
+        if cfg.num_threads is not None:
+            torch.set_num_threads(cfg.num_threads)
+        if cfg.seed is not None:
+            torch.manual_seed(cfg.seed)
+        if cfg.flush_denormal:
+            torch.set_flush_denormal(True)
+        if source is None:
+            from servekit.llm.loaders import load_model_source
+
+            source = load_model_source(cfg.model, tokenizer=cfg.tokenizer, revision=cfg.revision)
+        self.source = source
+        self.model_name = cfg.served_model_name or source.name
+        self.model_config: ModelConfig = source.config
+        self.tokenizer: Tokenizer = source.tokenizer
+        self.max_model_len = cfg.max_model_len or source.config.max_position_embeddings
+        self.dtype = resolve_dtype(cfg.dtype, source.config)
+        if runner is None:
+            runner = self._build_runner(source)
+        self.runner = runner
+        self.eos_token_ids: list[int] = list(self.tokenizer.eos_token_ids)
+        self.sampler = Sampler(self.eos_token_ids)
+        self.block_manager = BlockManager(runner.num_blocks, runner.block_size, cfg.enable_prefix_caching)
+        batched = cfg.max_num_batched_tokens
+        if batched is None:
+            batched = 2048 if cfg.enable_chunked_prefill else max(self.max_model_len, 2048)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=cfg.max_num_seqs,
+                max_num_batched_tokens=batched,
+                max_model_len=self.max_model_len,
+                enable_chunked_prefill=cfg.enable_chunked_prefill,
+                max_queued_requests=cfg.max_queued_requests,
+            ),
+            self.block_manager,
+        )
+        self._groups: dict[str, SequenceGroup] = {}
+        self._beam_requests: list[SequenceGroup] = []
+        self._steps = 0
+        self._forward_time = 0.0
+        self._step_time = 0.0
+        self._prompt_tokens_computed = 0
+        self._generated_tokens = 0
+
+    # -- requests ------------------------------------------------------------------------------------
+
+    def encode_prompt(self, prompt: str | None, prompt_token_ids: Sequence[int] | None) -> list[int]:
+        """Tokenize and validate a prompt (safe to call from another thread: reads only)."""
+        if prompt_token_ids is None:
+            if prompt is None:
+                raise ValueError("either prompt or prompt_token_ids is required")
+            token_ids = self.tokenizer.encode(prompt)
+        else:
+            token_ids = [int(t) for t in prompt_token_ids]
+            vocab = self.model_config.vocab_size
+            bad = [t for t in token_ids if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"prompt token id {bad[0]} is out of range for a vocabulary of {vocab}")
+        self.scheduler.check_prompt(len(token_ids))
+        return token_ids
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | Sequence[int] | None = None,
+        params: SamplingParams | None = None,
+        *,
+        prompt_token_ids: Sequence[int] | None = None,
+        arrival_time: float | None = None,
+    ) -> None:
+        """Queue a request; ``prompt`` is text or token ids. Raises ValueError (PromptTooLongError,
+        SamplingParamsError, ...) or QueueFullError at once, before anything is scheduled."""
+        text: str | None = prompt if isinstance(prompt, str) else None
+        if prompt is not None and text is None:
+            prompt_token_ids = prompt  # type: ignore[assignment]
+        if request_id in self._groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        params = params if params is not None else SamplingParams()
+        token_ids = self.encode_prompt(text, prompt_token_ids)
+        self.scheduler.check_capacity()
+        group = SequenceGroup(request_id, text, token_ids, params, arrival_time)
+        max_tokens = effective_max_tokens(params, len(token_ids), self.max_model_len)
+        if params.use_beam_search:
+            self._groups[request_id] = group
+            self._beam_requests.append(group)
+            return
+        seq_params = params
+        if params.best_of is not None and params.best_of > params.n and params.logprobs is None:
+            # Ranking by cumulative logprob needs each token's logprob.
+            seq_params = dataclasses.replace(params, logprobs=0)
+        for index in range(params.num_candidates):
+            seed = None if params.seed is None else params.seed + index
+            seq = Seq(group, index, seq_params, make_generator(seed), max_tokens)
+            seq.detokenizer = IncrementalDetokenizer(
+                self.tokenizer,
+                token_ids,
+                skip_special_tokens=params.skip_special_tokens,
+                spaces_between_special_tokens=params.spaces_between_special_tokens,
+            )
+            group.seqs.append(seq)
+        self.scheduler.add(group)
+        self._groups[request_id] = group
+
+    def abort_request(self, request_id: str | Iterable[str]) -> None:
+        """Stop requests wherever they are (waiting, mid-prefill, decoding) and free their blocks."""
+        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        for rid in ids:
+            group = self._groups.pop(rid, None)
+            if group is None:
+                continue
+            group.aborted = True
+            if group in self._beam_requests:
+                self._beam_requests.remove(group)
+            self.scheduler.abort(group)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._groups)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self._groups)
+
+    # -- stepping ------------------------------------------------------------------------------------
+
+    def step(self, final_only: bool = False) -> list[RequestOutput]:
+        """Run one batch (prefill chunks and decodes together) and report every request it advanced.
+
+        ``final_only``: report finished requests only (offline use; saves building partial outputs).
+        """
+        started = time.perf_counter()
+        if self._beam_requests and self._beam_search_fits(self._beam_requests[0]):
+            return self._run_beam_search(self._beam_requests.pop(0), started)
+        plan = self.scheduler.schedule()
+        if plan.is_empty:
+            self._step_time += time.perf_counter() - started
+            return []
+        batch = self._forward_batch(plan)
+        forward_started = time.perf_counter()
+        result = self.runner.execute(batch)
+        self._forward_time += time.perf_counter() - forward_started
+        touched = self._process(plan, batch, result)
+        outputs = self._collect_outputs(touched, final_only)
+        self._steps += 1
+        self._step_time += time.perf_counter() - started
+        return outputs
+
+    def _forward_batch(self, plan: SchedulerOutput) -> ForwardBatch:
+        token_ids: list[list[int]] = []
+        starts: list[int] = []
+        tables: list[list[int]] = []
+        want_all: list[bool] = []
+        for item in plan.scheduled:
+            seq = item.seq
+            token_ids.append(seq.token_ids[item.start : item.start + item.num_tokens])
+            starts.append(item.start)
+            tables.append(seq.block_table)
+            want_all.append(
+                seq.index == 0 and seq.group.wants_prompt_logprobs and item.start < seq.prompt_len
+            )
+        return ForwardBatch(token_ids, starts, tables, want_all if any(want_all) else None)
+
+    def _process(
+        self, plan: SchedulerOutput, batch: ForwardBatch, result: ForwardOutput
+    ) -> list[SequenceGroup]:
+        bm = self.block_manager
+        rows: list[int] = []
+        sampling: list[Seq] = []
+        touched: dict[str, SequenceGroup] = {}
+        for row, item in enumerate(plan.scheduled):
+            seq = item.seq
+            group = seq.group
+            if item.start < seq.prompt_len:
+                self._prompt_tokens_computed += item.num_tokens
+            seq.num_computed_tokens = item.start + item.num_tokens
+            bm.cache_full_blocks(seq)
+            if batch.all_logits is not None and batch.all_logits[row]:
+                logits = result.all_logits[row]
+                if logits is not None:
+                    group.add_prompt_logits(logits)
+            if seq.index == 0 and seq.num_computed_tokens >= seq.prompt_len and not group.prompt_computed:
+                group.prompt_computed = True
+                if group.wants_prompt_logprobs:
+                    self._compute_prompt_logprobs(group)
+            if item.completes:
+                rows.append(row)
+                sampling.append(seq)
+        if not sampling:
+            return []
+        logits = result.last_logits
+        if len(rows) != logits.shape[0]:
+            logits = logits[rows]
+        sampled = self.sampler.sample(logits, sampling)
+        now = time.time()
+        for seq, token in zip(sampling, sampled, strict=True):
+            self._append_token(seq, token)
+            metrics = seq.group.metrics
+            if metrics.first_token_time is None:
+                metrics.first_token_time = now
+            metrics.last_token_time = now
+            touched[seq.group.request_id] = seq.group
+        return list(touched.values())
+
+    def _append_token(self, seq: Seq, token: SampledToken) -> None:
+        entry = None
+        if seq.logprobs is not None and token.logprob is not None:
+            entry = self._logprob_entry(token.token_id, token.logprob, token.top_logprobs or [])
+        seq.append_token(token.token_id, token.logprob, entry)
+        self._generated_tokens += 1
+        assert seq.detokenizer is not None
+        new_text = seq.detokenizer.add_tokens([token.token_id])
+        text = seq.detokenizer.text
+        decision = check_stop(
+            seq.sampling_params, seq.output_token_ids, text, len(new_text), self.eos_token_ids, seq.max_tokens
+        )
+        if decision.finished:
+            if decision.text_end is None:
+                # Nothing is cut, so the output ends here: release a held-back partial character too.
+                seq.detokenizer.flush()
+                seq.text = seq.detokenizer.text
+            else:
+                seq.text = text[: decision.text_end]
+            seq.finish(decision.finish_reason or "stop", decision.stop_reason)
+            self.scheduler.finish(seq)
+
+    def _logprob_entry(
+        self, token_id: int, logprob: float, top: Sequence[tuple[int, float]]
+    ) -> dict[int, Logprob]:
+        entry: dict[int, Logprob] = {}
+        for rank, (tid, value) in enumerate(top, start=1):
+            entry[tid] = Logprob(value, rank, self.tokenizer.decode([tid], skip_special_tokens=False))
+        if token_id not in entry:
+            entry = {
+                token_id: Logprob(
+                    logprob, None, self.tokenizer.decode([token_id], skip_special_tokens=False)
+                ),
+                **entry,
+            }
+        return entry
+
+    def _compute_prompt_logprobs(self, group: SequenceGroup) -> None:
+        chunks = group.take_prompt_logits()
+        num_top = group.params.prompt_logprobs or 0
+        if not chunks:
+            group.prompt_logprobs = [None]
+            return
+        logits = torch.cat(chunks, dim=0)[: group.leader.prompt_len]
+        raw = self.sampler.prompt_logprobs(logits, group.prompt_token_ids, num_top)
+        converted: list[dict[int, Logprob] | None] = []
+        for _position, entry in enumerate(raw):
+            if entry is None:
+                converted.append(None)
+                continue
+            ranked = sorted(entry.items(), key=lambda kv: kv[1], reverse=True)
+            ranks = {tid: rank for rank, (tid, _) in enumerate(ranked[:num_top], start=1)}
+            converted.append(
+                {
+                    tid: Logprob(
+                        value, ranks.get(tid), self.tokenizer.decode([tid], skip_special_tokens=False)
+                    )
+                    for tid, value in entry.items()
+                }
+            )
+        group.prompt_logprobs = converted
+
+    def _collect_outputs(self, touched: list[SequenceGroup], final_only: bool) -> list[RequestOutput]:
+        outputs: list[RequestOutput] = []
+        now = time.time()
+        for group in touched:
+            finished = group.is_finished
+            if finished:
+                group.metrics.finished_time = now
+                self._groups.pop(group.request_id, None)
+            output = group.make_output(final_only=final_only)
+            if output is not None:
+                outputs.append(output)
+        return outputs
+
+    # -- beam search ---------------------------------------------------------------------------------
+
+    def _beam_search_fits(self, group: SequenceGroup) -> bool:
+        if not self.scheduler.has_unfinished():
+            return True
+        params = group.params
+        longest = len(group.prompt_token_ids) + effective_max_tokens(
+            params, len(group.prompt_token_ids), self.max_model_len
+        )
+        needed = params.num_candidates * self.block_manager.blocks_needed(longest)
+        return self.block_manager.num_free_blocks >= needed
+
+    def _run_beam_search(self, group: SequenceGroup, started: float) -> list[RequestOutput]:
+        """Run one beam-search request to the end (it holds the engine for its whole duration)."""
+        from servekit.llm.beam_search import beam_search
+
+        params = group.params
+        max_tokens = effective_max_tokens(params, len(group.prompt_token_ids), self.max_model_len)
+        group.metrics.first_scheduled_time = time.time()
+        hypotheses = beam_search(
+            self._beam_step, group.prompt_token_ids, params, self.eos_token_ids, max_tokens
+        )
+        for index, hyp in enumerate(hypotheses):
+            seq = Seq(group, index, params, None, max_tokens)
+            seq.output_token_ids = list(hyp.token_ids)
+            seq.token_ids.extend(hyp.token_ids)
+            seq.cumulative_logprob = hyp.cumulative_logprob
+            if seq.logprobs is not None:
+                seq.logprobs = [
+                    self._logprob_entry(tid, lp, [])
+                    for tid, lp in zip(hyp.token_ids, hyp.token_logprobs, strict=True)
+                ]
+            text = self.tokenizer.decode(
+                hyp.token_ids,
+                skip_special_tokens=params.skip_special_tokens,
+                spaces_between_special_tokens=params.spaces_between_special_tokens,
+            )
+            last_is_stop = hyp.finish_reason == "stop" and hyp.token_ids
+            if last_is_stop and not params.include_stop_str_in_output:
+                text = self.tokenizer.decode(
+                    hyp.token_ids[:-1],
+                    skip_special_tokens=params.skip_special_tokens,
+                    spaces_between_special_tokens=params.spaces_between_special_tokens,
+                )
+            seq.text = text
+            seq.finish(hyp.finish_reason, hyp.stop_reason)
+            group.seqs.append(seq)
+            self._generated_tokens += len(hyp.token_ids)
+        now = time.time()
+        group.metrics.first_token_time = group.metrics.last_token_time = group.metrics.finished_time = now
+        self._groups.pop(group.request_id, None)
+        self._steps += 1
+        self._step_time += time.perf_counter() - started
+        output = group.make_output()
+        return [output] if output is not None else []
+
+    def _beam_step(self, sequences: list[list[int]]) -> torch.Tensor:
+        """Next-token logits of each token sequence, computed through the paged KV cache with prefix
+        reuse (beams share their prompt and their common history)."""
+        bm = self.block_manager
+        holders = [_BlockHolder(tokens) for tokens in sequences]
+        try:
+            for holder in holders:
+                holder.num_computed_tokens = bm.allocate_cached_prefix(holder)
+                if not bm.allocate_slots(holder, len(holder.token_ids) - holder.num_computed_tokens):
+                    raise RuntimeError("the KV cache is too small for this beam search")
+            batch = ForwardBatch(
+                token_ids=[h.token_ids[h.num_computed_tokens :] for h in holders],
+                start_positions=[h.num_computed_tokens for h in holders],
+                block_tables=[h.block_table for h in holders],
+            )
+            started = time.perf_counter()
+            result = self.runner.execute(batch)
+            self._forward_time += time.perf_counter() - started
+            for holder in holders:
+                holder.num_computed_tokens = len(holder.token_ids)
+                bm.cache_full_blocks(holder)
+            return result.last_logits
+        finally:
+            for holder in holders:
+                bm.free(holder)
+
+    # -- introspection -------------------------------------------------------------------------------
+
+    def get_stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting + len(self._beam_requests),
+            kv_cache_usage=bm.usage,
+            num_kv_blocks=bm.num_blocks,
+            num_free_kv_blocks=bm.num_free_blocks,
+            prefix_cache_queries=bm.prefix_queries,
+            prefix_cache_hits=bm.prefix_hits,
+            prefix_cache_hit_rate=bm.prefix_hit_rate,
+            num_preemptions=self.scheduler.num_preemptions,
+            num_steps=self._steps,
+            num_prompt_tokens_computed=self._prompt_tokens_computed,
+            num_generated_tokens=self._generated_tokens,
+            forward_time_s=self._forward_time,
+            step_time_s=self._step_time,
+        )
+
+    def reset_prefix_cache(self) -> None:
+        self.block_manager.reset_prefix_cache()
+
+    # -- construction helpers ------------------------------------------------------------------------
+
+    def _build_runner(self, source: ModelSource) -> Runner:
+        from servekit.llm.model_runner import ModelRunner
+
+        cfg = self.config
+        num_blocks = cfg.num_kv_blocks
+        memory = cfg.kv_cache_memory_bytes()
+        if num_blocks is None and memory is None:
+            num_blocks = auto_num_kv_blocks(
+                source.config, self.dtype, cfg.block_size, self.max_model_len, cfg.max_num_seqs
+            )
+        return ModelRunner(
+            source.config,
+            source.iter_weights(),
+            dtype=self.dtype,
+            block_size=cfg.block_size,
+            num_blocks=num_blocks,
+            kv_cache_memory_bytes=None if num_blocks is not None else memory,
+            max_model_len=self.max_model_len,
+        )
+
+
+@dataclass
+class _BlockHolder:
+    """A transient block-table owner for one beam-search forward."""
+
+    token_ids: list[int]
+    num_computed_tokens: int = 0
+    block_table: list[int] = dataclasses.field(default_factory=list)
+    block_hashes: list[int] = dataclasses.field(default_factory=list)
+    num_registered_blocks: int = 0

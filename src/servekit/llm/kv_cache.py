@@ -1,0 +1,99 @@
+"""The paged key/value cache: fixed-size blocks of token slots, shared by every sequence.
+
+Layout, per layer: ``[num_blocks, block_size, 2, num_kv_heads, head_dim]`` where index 0 of the third
+axis is the key and 1 the value. Keeping a token's key and value next to each other lets one
+``index_copy_`` write both and one ``index_select`` of whole blocks gather both, which is what makes
+attention over a paged cache cheap on CPU (block-sized memcpy instead of per-token indexing).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_KV_CACHE_MEMORY_BYTES = 1 << 30
+
+
+def kv_cache_block_bytes(
+    *, num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+) -> int:
+    """Bytes one block occupies across all layers (keys and values)."""
+    element_size = torch.empty((), dtype=dtype).element_size()
+    return num_layers * block_size * 2 * num_kv_heads * head_dim * element_size
+
+
+def num_blocks_for_budget(
+    memory_bytes: int,
+    *,
+    num_layers: int,
+    block_size: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+) -> int:
+    """How many whole blocks fit in ``memory_bytes``."""
+    per_block = kv_cache_block_bytes(
+        num_layers=num_layers,
+        block_size=block_size,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        dtype=dtype,
+    )
+    return memory_bytes // per_block
+
+
+class PagedKVCache:
+    """One preallocated tensor holding every layer's key/value blocks."""
+
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+    ) -> None:
+        if num_blocks <= 0:
+            raise ValueError(f"the KV cache needs at least one block (got num_blocks={num_blocks})")
+        if block_size <= 0:
+            raise ValueError(f"block_size must be positive (got {block_size})")
+        self.num_layers = num_layers
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self._storage = torch.zeros(
+            (num_layers, num_blocks, block_size, 2, num_kv_heads, head_dim), dtype=dtype
+        )
+        logger.info(
+            "allocated KV cache: %d blocks x %d tokens, %.1f MiB",
+            num_blocks,
+            block_size,
+            self._storage.numel() * self._storage.element_size() / (1 << 20),
+        )
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_blocks * self.block_size
+
+    @property
+    def memory_bytes(self) -> int:
+        return self._storage.numel() * self._storage.element_size()
+
+    def layer(self, index: int) -> torch.Tensor:
+        """Layer ``index``'s blocks, ``[num_blocks, block_size, 2, num_kv_heads, head_dim]`` (a view)."""
+        return self._storage[index]
+
+    def keys(self, layer: int) -> torch.Tensor:
+        """``[num_blocks, block_size, num_kv_heads, head_dim]`` view of one layer's keys."""
+        return self._storage[layer, :, :, 0]
+
+    def values(self, layer: int) -> torch.Tensor:
+        """``[num_blocks, block_size, num_kv_heads, head_dim]`` view of one layer's values."""
+        return self._storage[layer, :, :, 1]

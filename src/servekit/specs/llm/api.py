@@ -1,0 +1,123 @@
+"""LLMServerAPI: the worker side of ``servekit serve``. It holds the ``AsyncEngine``; its async
+``predict`` runs every request as a task of the core's continuous worker loop."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from servekit.api import LitAPI
+from servekit.errors import ServerError
+from servekit.specs.llm.config import ServeConfig
+from servekit.specs.llm.ops import Op
+from servekit.specs.llm.spec import LLMServerSpec
+
+logger = logging.getLogger(__name__)
+
+
+class LLMServerAPI(LitAPI):
+    def __init__(self, config: ServeConfig | None = None, spec: LLMServerSpec | None = None) -> None:
+        self.config = config if config is not None else ServeConfig()
+        super().__init__(spec=spec if spec is not None else LLMServerSpec(self.config))
+        self.runtime: Any = None
+        self._handlers: dict[str, Any] = {}
+
+    def setup(self, device: str) -> None:
+        from servekit.specs.llm.chat import ChatHandler
+        from servekit.specs.llm.completions import CompletionHandler
+        from servekit.specs.llm.native import GenerateHandler
+        from servekit.specs.llm.runtime import Runtime
+
+        self.config.log_ignored()
+        self.runtime = Runtime(self.config)
+        self._handlers = {
+            "chat": ChatHandler(self.runtime).run,
+            "completion": CompletionHandler(self.runtime).run,
+            "generate": GenerateHandler(self.runtime).run,
+        }
+
+    async def predict(self, x: Op, **kwargs: Any) -> AsyncIterator[Any]:
+        op = x
+        rt = self.runtime
+        rt.count_request(op.kind)
+        started = time.perf_counter()
+        try:
+            handler = self._handlers.get(op.kind)
+            if handler is not None:
+                async for item in handler(op.body):
+                    yield item
+            else:
+                yield self._operation(op)
+        except ServerError as error:
+            rt.count_error(error.status_code)
+            raise
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            rt.count_error(500)
+            logger.exception("%s request failed", op.kind)
+            raise ServerError(500, {"message": f"{type(error).__name__}: {error}", "param": None}) from None
+        finally:
+            if not self.config.disable_log_requests and op.kind in self._handlers:
+                logger.info("%s request done in %.3fs", op.kind, time.perf_counter() - started)
+
+    def _operation(self, op: Op) -> Any:
+        from servekit.specs.llm import native
+
+        rt = self.runtime
+        if op.kind == "tokenize":
+            return native.tokenize(rt, op.body)
+        if op.kind == "detokenize":
+            return native.detokenize(rt, op.body)
+        if op.kind == "abort":
+            return {"aborted": rt.abort(str(op.body))}
+        if op.kind == "flush_cache":
+            return self._flush_cache()
+        if op.kind == "stats":
+            return self._stats()
+        if op.kind == "model_info":
+            return self._model_info()
+        raise ServerError(400, {"message": f"unknown operation {op.kind!r}", "param": None})
+
+    def _flush_cache(self) -> dict[str, Any]:
+        engine = self.runtime.engine.engine
+        # The engine belongs to its loop thread; flushing while requests run would race with it.
+        if engine.has_unfinished_requests():
+            raise ServerError(
+                400,
+                {"message": "cannot flush the cache while requests are running", "param": None},
+            )
+        engine.reset_prefix_cache()
+        stats = engine.get_stats()
+        return {"flushed": True, "num_free_kv_blocks": stats.num_free_kv_blocks}
+
+    def _stats(self) -> dict[str, Any]:
+        rt = self.runtime
+        stats = rt.engine.get_stats()
+        return {
+            "engine": dataclasses.asdict(stats),
+            "counters": dataclasses.asdict(rt.counters),
+            "kv_cache_tokens": rt.kv_tokens,
+            "uptime_s": time.time() - rt.started,
+        }
+
+    def _model_info(self) -> dict[str, Any]:
+        rt = self.runtime
+        llm_engine = rt.engine.engine
+        model_config = llm_engine.model_config
+        return {
+            "model_name": rt.model_name,
+            "model_path": getattr(llm_engine.source, "path", ""),
+            "max_model_len": rt.max_model_len,
+            "vocab_size": rt.vocab_size,
+            "architecture": getattr(model_config, "architectures", None),
+            "dtype": str(llm_engine.dtype).removeprefix("torch."),
+            "kv_cache_tokens": rt.kv_tokens,
+            "has_chat_template": rt.chat_template is not None,
+            "is_generation": True,
+            "created": int(rt.started),
+        }

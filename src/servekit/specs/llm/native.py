@@ -1,0 +1,198 @@
+"""The native routes in the worker: SGLang-style ``/generate``, ``/tokenize``, ``/detokenize``."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from servekit.llm.outputs import CompletionOutput, RequestOutput
+from servekit.specs.llm.params import invalid, native_sampling_params
+from servekit.specs.llm.protocol import DetokenizeRequest, GenerateRequest, TokenizeRequest
+from servekit.specs.llm.runtime import Runtime, engine_error
+
+
+def _finish_reason(completion: CompletionOutput) -> dict[str, Any] | None:
+    if completion.finish_reason is None:
+        return None
+    reason: dict[str, Any] = {"type": completion.finish_reason}
+    if completion.stop_reason is not None:
+        reason["matched"] = completion.stop_reason
+    elif completion.finish_reason == "length":
+        reason["length"] = len(completion.token_ids)
+    return reason
+
+
+class GenerateHandler:
+    def __init__(self, runtime: Runtime) -> None:
+        self.rt = runtime
+
+    def _prompts(self, request: GenerateRequest) -> list[tuple[str | None, list[int]]]:
+        tokenizer = self.rt.tokenizer
+        if request.input_ids is not None:
+            ids = request.input_ids
+            batch = [list(ids)] if ids and isinstance(ids[0], int) else [list(x) for x in ids]  # type: ignore[arg-type]
+            return [(None, p) for p in batch]
+        if request.text is None:
+            raise invalid("either text or input_ids is required", "text")
+        texts = [request.text] if isinstance(request.text, str) else list(request.text)
+        return [(t, tokenizer.encode(t)) for t in texts]
+
+    def _rids(self, request: GenerateRequest, count: int) -> list[str]:
+        rid = request.rid
+        if rid is None:
+            return [uuid.uuid4().hex for _ in range(count)]
+        rids = [rid] if isinstance(rid, str) else list(rid)
+        if len(rids) != count:
+            raise invalid(f"rid has {len(rids)} ids for {count} prompts", "rid")
+        return rids
+
+    async def run(self, request: GenerateRequest) -> AsyncIterator[Any]:
+        rt = self.rt
+        prompts = self._prompts(request)
+        if not prompts:
+            raise invalid("no prompt given", "text")
+        logprobs = request.top_logprobs_num if request.return_logprob else None
+        params = native_sampling_params(request.sampling_params, rt.vocab_size, logprobs)
+        rids = self._rids(request, len(prompts))
+        started: list[tuple[str, RequestOutput, AsyncIterator[RequestOutput]]] = []
+        try:
+            for rid, (text, token_ids) in zip(rids, prompts, strict=True):
+                try:
+                    first, stream = await rt.start(rid, params, token_ids, prompt=text, param="text")
+                except Exception as error:
+                    mapped = engine_error(error, "input_ids" if text is None else "text")
+                    if mapped is None:
+                        raise
+                    raise mapped from None
+                started.append((rid, first, stream))
+            batched = isinstance(request.text, list) or (
+                request.input_ids is not None
+                and bool(request.input_ids)
+                and isinstance(request.input_ids[0], list)
+            )
+            if request.stream:
+                async for item in self._stream(started, batched, request):
+                    yield item
+            else:
+                results = await asyncio.gather(*(self._finish(rid, f, s) for rid, f, s in started))
+                bodies = [self._body(rid, out, request) for rid, out in zip(rids, results, strict=True)]
+                yield bodies if batched else bodies[0]
+        finally:
+            for rid, _, stream in started:
+                rt.done(rid)
+                await stream.aclose()  # type: ignore[attr-defined]
+
+    async def _finish(
+        self, rid: str, first: RequestOutput, stream: AsyncIterator[RequestOutput]
+    ) -> RequestOutput:
+        last = first
+        try:
+            while not last.finished:
+                following = await anext(stream, None)
+                if following is None:
+                    break
+                last = following
+        except asyncio.CancelledError:
+            if not self.rt.was_aborted(rid):
+                self.rt.record_cancel()
+                raise
+        self.rt.record(last)
+        return last
+
+    async def _stream(
+        self,
+        started: list[tuple[str, RequestOutput, AsyncIterator[RequestOutput]]],
+        batched: bool,
+        request: GenerateRequest,
+    ) -> AsyncIterator[Any]:
+        queue: asyncio.Queue[tuple[int, RequestOutput | None]] = asyncio.Queue()
+
+        async def pump(position: int, first: RequestOutput, stream: AsyncIterator[RequestOutput]) -> None:
+            await queue.put((position, first))
+            if not first.finished:
+                async for output in stream:
+                    await queue.put((position, output))
+            await queue.put((position, None))
+
+        pumps = [asyncio.ensure_future(pump(i, f, s)) for i, (_, f, s) in enumerate(started)]
+        remaining = len(pumps)
+        lasts = [first for _, first, _ in started]
+        try:
+            while remaining:
+                position, output = await queue.get()
+                if output is None:
+                    remaining -= 1
+                    continue
+                lasts[position] = output
+                body = self._body(started[position][0], output, request)
+                if batched:
+                    body["index"] = position
+                yield body
+        except asyncio.CancelledError:
+            rid = next((r for r, _, _ in started if self.rt.was_aborted(r)), None)
+            if rid is None:
+                self.rt.record_cancel()
+                raise
+            for position, (rid, _, _) in enumerate(started):
+                if not lasts[position].finished:
+                    body = self._body(rid, lasts[position], request)
+                    body["meta_info"]["finish_reason"] = {"type": "abort"}
+                    yield body
+        finally:
+            for task in pumps:
+                task.cancel()
+            # Let the pumps leave their engine streams before those are closed.
+            await asyncio.gather(*pumps, return_exceptions=True)
+        for last in lasts:
+            self.rt.record(last)
+
+    def _body(self, rid: str, output: RequestOutput, request: GenerateRequest) -> dict[str, Any]:
+        completion = output.outputs[0]
+        meta: dict[str, Any] = {
+            "id": rid,
+            "finish_reason": _finish_reason(completion) if output.finished else None,
+            "prompt_tokens": len(output.prompt_token_ids),
+            "completion_tokens": len(completion.token_ids),
+            "cached_tokens": output.num_cached_tokens,
+        }
+        if request.return_logprob and completion.logprobs is not None:
+            meta["output_token_logprobs"] = [
+                [entry[tid].logprob if tid in entry else None, tid, self.rt.decode_token(tid)]
+                for tid, entry in zip(completion.token_ids, completion.logprobs, strict=False)
+            ]
+            if request.top_logprobs_num:
+                meta["output_top_logprobs"] = [
+                    [
+                        [lp.logprob, tid, lp.decoded_token]
+                        for tid, lp in sorted(entry.items(), key=lambda kv: kv[1].rank or 10**9)
+                        if lp.rank is not None
+                    ]
+                    for entry in completion.logprobs
+                ]
+        return {"text": completion.text, "output_ids": list(completion.token_ids), "meta_info": meta}
+
+
+def tokenize(rt: Runtime, request: TokenizeRequest) -> dict[str, Any]:
+    if request.messages is not None:
+        _, tokens = rt.render_chat(
+            request.messages,
+            tools=None,
+            add_generation_prompt=request.add_generation_prompt,
+            continue_final_message=False,
+            chat_template=None,
+            kwargs=None,
+        )
+    elif request.prompt is not None:
+        tokens = rt.tokenizer.encode(request.prompt, add_special_tokens=request.add_special_tokens)
+    else:
+        raise invalid("either prompt or messages is required", "prompt")
+    return {"tokens": tokens, "count": len(tokens), "max_model_len": rt.max_model_len}
+
+
+def detokenize(rt: Runtime, request: DetokenizeRequest) -> dict[str, Any]:
+    bad = [t for t in request.tokens if not 0 <= t < rt.vocab_size]
+    if bad:
+        raise invalid(f"token id {bad[0]} is out of range for a vocabulary of {rt.vocab_size}", "tokens")
+    return {"prompt": rt.tokenizer.decode(request.tokens, skip_special_tokens=False)}

@@ -1,0 +1,198 @@
+"""OpenAI response bodies and stream chunks, as plain dicts, from the engine's outputs."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from servekit.llm.outputs import CompletionOutput, Logprob, RequestOutput
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+    if cached_tokens:
+        body["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return body
+
+
+def output_usage(output: RequestOutput) -> dict[str, Any]:
+    generated = sum(len(c.token_ids) for c in output.outputs)
+    return usage(len(output.prompt_token_ids), generated, output.num_cached_tokens)
+
+
+# ------------------------------------------------------------------------------------ logprobs
+def _token_bytes(text: str) -> list[int]:
+    return list(text.encode("utf-8", errors="replace"))
+
+
+def _ranked(entry: dict[int, Logprob], limit: int) -> list[tuple[int, Logprob]]:
+    ranked = [(tid, lp) for tid, lp in entry.items() if lp.rank is not None]
+    ranked.sort(key=lambda item: item[1].rank or 0)
+    return ranked[:limit]
+
+
+def chat_logprobs(
+    token_ids: list[int], entries: list[dict[int, Logprob]], top: int, decode: Any
+) -> dict[str, Any]:
+    content = []
+    for token_id, entry in zip(token_ids, entries, strict=False):
+        chosen = entry.get(token_id)
+        text = chosen.decoded_token if chosen and chosen.decoded_token is not None else decode(token_id)
+        content.append(
+            {
+                "token": text,
+                "logprob": max(chosen.logprob, -9999.0) if chosen else -9999.0,
+                "bytes": _token_bytes(text),
+                "top_logprobs": [
+                    {
+                        "token": lp.decoded_token or "",
+                        "logprob": max(lp.logprob, -9999.0),
+                        "bytes": _token_bytes(lp.decoded_token or ""),
+                    }
+                    for _, lp in _ranked(entry, top)
+                ],
+            }
+        )
+    return {"content": content}
+
+
+def completion_logprobs(
+    token_ids: list[int],
+    entries: list[dict[int, Logprob] | None],
+    top: int,
+    decode: Any,
+    text_offset: int,
+) -> dict[str, Any]:
+    tokens: list[str] = []
+    token_logprobs: list[float | None] = []
+    top_logprobs: list[dict[str, float] | None] = []
+    offsets: list[int] = []
+    for token_id, entry in zip(token_ids, entries, strict=False):
+        chosen = entry.get(token_id) if entry else None
+        text = chosen.decoded_token if chosen and chosen.decoded_token is not None else decode(token_id)
+        tokens.append(text)
+        token_logprobs.append(None if chosen is None else max(chosen.logprob, -9999.0))
+        if entry is None:
+            top_logprobs.append(None)
+        else:
+            best = {(lp.decoded_token or ""): max(lp.logprob, -9999.0) for _, lp in _ranked(entry, top)}
+            if chosen is not None:
+                best.setdefault(text, max(chosen.logprob, -9999.0))
+            top_logprobs.append(best)
+        offsets.append(text_offset)
+        text_offset += len(text)
+    return {
+        "tokens": tokens,
+        "token_logprobs": token_logprobs,
+        "top_logprobs": top_logprobs,
+        "text_offset": offsets,
+    }
+
+
+# --------------------------------------------------------------------------------------- chat
+def chat_chunk(
+    response_id: str,
+    model: str,
+    created: int,
+    choices: list[dict[str, Any]],
+    with_usage_field: bool,
+) -> dict[str, Any]:
+    chunk: dict[str, Any] = {
+        "id": response_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": choices,
+    }
+    if with_usage_field:
+        chunk["usage"] = None
+    return chunk
+
+
+def chat_choice_delta(
+    index: int,
+    delta: dict[str, Any],
+    finish_reason: str | None = None,
+    logprobs: dict[str, Any] | None = None,
+    stop_reason: str | int | None = None,
+) -> dict[str, Any]:
+    choice: dict[str, Any] = {
+        "index": index,
+        "delta": delta,
+        "logprobs": logprobs,
+        "finish_reason": finish_reason,
+    }
+    if finish_reason is not None:
+        choice["stop_reason"] = stop_reason
+    return choice
+
+
+def chat_response(
+    response_id: str,
+    model: str,
+    created: int,
+    choices: list[dict[str, Any]],
+    usage_body: dict[str, Any],
+) -> dict[str, Any]:
+    return {
+        "id": response_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+        "usage": usage_body,
+    }
+
+
+# --------------------------------------------------------------------------------- completions
+def completion_choice(
+    index: int,
+    text: str,
+    finish_reason: str | None,
+    logprobs: dict[str, Any] | None = None,
+    stop_reason: str | int | None = None,
+) -> dict[str, Any]:
+    return {
+        "index": index,
+        "text": text,
+        "logprobs": logprobs,
+        "finish_reason": finish_reason,
+        "stop_reason": stop_reason,
+    }
+
+
+def completion_body(
+    response_id: str,
+    model: str,
+    created: int,
+    choices: list[dict[str, Any]],
+    usage_body: dict[str, Any] | None,
+    with_usage_field: bool = True,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": response_id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+    }
+    if usage_body is not None or with_usage_field:
+        body["usage"] = usage_body
+    return body
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def finish_of(completion: CompletionOutput) -> str | None:
+    return completion.finish_reason

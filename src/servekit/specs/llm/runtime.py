@@ -1,0 +1,294 @@
+"""The worker-side state the LLM server's handlers share: engine, tokenizer, chat template, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from servekit.errors import ServerError
+from servekit.llm.async_engine import AsyncEngine, EngineClosedError
+from servekit.llm.chat_template import ChatTemplate, ChatTemplateError, resolve_chat_template
+from servekit.llm.outputs import RequestOutput
+from servekit.llm.sampling_params import SamplingParams, SamplingParamsError
+from servekit.llm.scheduler import PromptTooLongError, QueueFullError
+from servekit.specs.llm.config import ServeConfig
+from servekit.specs.llm.params import invalid
+from servekit.specs.llm.protocol import ChatMessage
+
+logger = logging.getLogger(__name__)
+
+# Test hooks: the engine's step raises after this many steps (a dead engine must restart the worker),
+# or each step takes this much longer (keeps requests running long enough to observe queueing).
+FAIL_AFTER_STEPS_ENV = "SERVEKIT_TEST_ENGINE_FAIL_AFTER_STEPS"
+STEP_DELAY_ENV = "SERVEKIT_TEST_ENGINE_STEP_DELAY_S"
+EXIT_GRACE_S = 0.5
+
+
+@dataclass
+class Counters:
+    """Server-side counters for /metrics (the engine's own come from ``get_stats``)."""
+
+    requests: dict[str, int] = field(default_factory=dict)  # by route kind
+    errors: dict[str, int] = field(default_factory=dict)  # by status code
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    finished: dict[str, int] = field(default_factory=dict)  # by finish reason
+    ttft_sum: float = 0.0
+    ttft_count: int = 0
+    e2e_sum: float = 0.0
+
+
+class Runtime:
+    def __init__(self, config: ServeConfig) -> None:
+        from servekit.llm import EngineConfig
+
+        overrides = {k: v for k, v in config.engine_kwargs().items() if v is not None}
+        engine_config = EngineConfig.from_env(**overrides)
+        self.config = config
+        self.engine = AsyncEngine(engine_config)
+        llm_engine = self.engine.engine
+        self.tokenizer = llm_engine.tokenizer
+        self.model_name: str = llm_engine.model_name
+        self.max_model_len: int = llm_engine.max_model_len
+        self.vocab_size: int = llm_engine.model_config.vocab_size
+        template_source = (
+            resolve_chat_template(config.chat_template)
+            if config.chat_template
+            else llm_engine.source.chat_template
+        )
+        self.chat_template_source = template_source
+        self.chat_template = (
+            ChatTemplate(
+                template_source, bos_token=self.tokenizer.bos_token, eos_token=self.tokenizer.eos_token
+            )
+            if template_source
+            else None
+        )
+        self.counters = Counters()
+        self.running: dict[str, asyncio.Task[Any]] = {}  # engine request id -> the task streaming it
+        self.aborted: set[str] = set()
+        self.started = time.time()
+        runner = llm_engine.runner
+        self.kv_tokens = runner.num_blocks * runner.block_size
+        logger.info(
+            "model %s loaded: context %d tokens, KV cache %d blocks of %d tokens (%d tokens)",
+            self.model_name,
+            self.max_model_len,
+            runner.num_blocks,
+            runner.block_size,
+            self.kv_tokens,
+        )
+        self._install_test_hooks()
+        self._watch_engine()
+
+    # ----------------------------------------------------------------------- engine lifecycle
+    def _install_test_hooks(self) -> None:
+        fail_after = os.environ.get(FAIL_AFTER_STEPS_ENV)
+        delay = float(os.environ.get(STEP_DELAY_ENV) or 0)
+        if not fail_after and not delay:
+            return
+        limit = int(fail_after) if fail_after else None
+        llm_engine = self.engine.engine
+        step = llm_engine.step
+        count = [0]
+
+        def test_step(final_only: bool = False) -> list[RequestOutput]:
+            count[0] += 1
+            if limit is not None and count[0] > limit:
+                raise RuntimeError(f"{FAIL_AFTER_STEPS_ENV}: simulated engine failure")
+            if delay:
+                time.sleep(delay)
+            return step(final_only)
+
+        llm_engine.step = test_step  # type: ignore[method-assign]
+
+    def _watch_engine(self) -> None:
+        """A dead engine loop makes this worker exit, so the supervisor restarts it (and /health is
+        503 meanwhile) rather than serving errors forever."""
+        thread = getattr(self.engine, "_thread", None)
+        if not isinstance(thread, threading.Thread):
+            return
+
+        def watch() -> None:
+            thread.join()
+            logger.error("the engine loop died: exiting this worker so that it is restarted")
+            time.sleep(EXIT_GRACE_S)  # let the failed requests' replies leave
+            os._exit(1)
+
+        threading.Thread(target=watch, name="servekit-engine-watch", daemon=True).start()
+
+    # ------------------------------------------------------------------------------- prompts
+    def render_chat(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        tools: list[dict[str, Any]] | None,
+        add_generation_prompt: bool,
+        continue_final_message: bool,
+        chat_template: str | None,
+        kwargs: dict[str, Any] | None,
+        documents: list[dict[str, Any]] | None = None,
+    ) -> tuple[str, list[int]]:
+        template = self.chat_template
+        if chat_template is not None:
+            try:
+                template = ChatTemplate(
+                    resolve_chat_template(chat_template),
+                    bos_token=self.tokenizer.bos_token,
+                    eos_token=self.tokenizer.eos_token,
+                )
+            except ChatTemplateError as error:
+                raise invalid(str(error), "chat_template") from None
+        if template is None:
+            raise invalid(
+                "this model has no chat template: pass chat_template, or serve with --chat-template",
+                "messages",
+            )
+        plain = [message_dict(m, i) for i, m in enumerate(messages)]
+        extra = dict(kwargs or {})
+        if documents is not None:
+            extra["documents"] = documents
+        try:
+            text = template.render(
+                plain,
+                tools=tools,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+                **extra,
+            )
+        except ChatTemplateError as error:
+            raise invalid(f"cannot render the messages: {error}", "messages") from None
+        return text, self.tokenizer.encode(text, add_special_tokens=False)
+
+    def decode_token(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    # ----------------------------------------------------------------------------- generation
+    async def start(
+        self,
+        request_id: str,
+        params: SamplingParams,
+        prompt_token_ids: list[int],
+        *,
+        prompt: str | None = None,
+        param: str = "prompt",
+    ) -> tuple[RequestOutput, AsyncIterator[RequestOutput]]:
+        """Submit a request and wait for its first output; engine errors become ``ServerError``s
+        here, before the caller has streamed anything."""
+        stream: AsyncGenerator[RequestOutput, None] = self.engine.generate(  # type: ignore[assignment]
+            prompt, params, request_id, prompt_token_ids=prompt_token_ids
+        )
+        task = asyncio.current_task()
+        if task is not None:
+            self.running[request_id] = task
+        try:
+            first = await anext(stream)
+        except BaseException:
+            self.running.pop(request_id, None)
+            await stream.aclose()
+            raise
+        return first, stream
+
+    def done(self, request_id: str) -> None:
+        self.running.pop(request_id, None)
+        self.aborted.discard(request_id)
+
+    def abort(self, request_id: str) -> bool:
+        """Abort a running request by id: its stream ends with finish_reason "abort"."""
+        task = self.running.get(request_id)
+        if task is None:
+            return False
+        self.aborted.add(request_id)
+        task.cancel()
+        return True
+
+    def was_aborted(self, request_id: str) -> bool:
+        """Called on CancelledError: True (and the cancellation is absorbed) for an abort by id."""
+        if request_id not in self.aborted:
+            return False
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        return True
+
+    def record(self, output: RequestOutput) -> None:
+        counters = self.counters
+        counters.prompt_tokens += len(output.prompt_token_ids)
+        counters.generation_tokens += sum(len(c.token_ids) for c in output.outputs)
+        for completion in output.outputs:
+            reason = completion.finish_reason or "abort"
+            counters.finished[reason] = counters.finished.get(reason, 0) + 1
+        metrics = output.metrics
+        if metrics is not None and metrics.time_to_first_token is not None:
+            counters.ttft_sum += metrics.time_to_first_token
+            counters.ttft_count += 1
+            if metrics.finished_time is not None:
+                counters.e2e_sum += metrics.finished_time - metrics.arrival_time
+
+    def record_cancel(self) -> None:
+        """A request whose client went away (its engine sequence is aborted as the stream closes)."""
+        self.counters.finished["cancelled"] = self.counters.finished.get("cancelled", 0) + 1
+
+    def count_request(self, kind: str) -> None:
+        self.counters.requests[kind] = self.counters.requests.get(kind, 0) + 1
+
+    def count_error(self, status: int) -> None:
+        key = str(status)
+        self.counters.errors[key] = self.counters.errors.get(key, 0) + 1
+
+
+def message_dict(message: ChatMessage, index: int) -> dict[str, Any]:
+    """A message as chat templates expect it: string content, tool-call arguments as objects."""
+    data = message.model_dump(exclude_none=True)
+    content = data.get("content")
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if part.get("type") == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            else:
+                raise invalid(
+                    f"content parts of type {part.get('type')!r} are not supported by this model",
+                    f"messages[{index}].content",
+                )
+        data["content"] = "".join(texts)
+    calls = data.get("tool_calls")
+    if calls:
+        for call in calls:
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+                with contextlib.suppress(ValueError):
+                    function["arguments"] = json.loads(function["arguments"])
+    return data
+
+
+def engine_error(error: BaseException, param: str) -> ServerError | None:
+    """The client-facing error for an exception the engine raised, or None if it is a server bug."""
+    if isinstance(error, ServerError):
+        return error
+    if isinstance(error, PromptTooLongError):
+        return invalid(str(error), param, code="context_length_exceeded")
+    if isinstance(error, SamplingParamsError):
+        return invalid(str(error), error.param)
+    if isinstance(error, QueueFullError):
+        return ServerError(
+            503,
+            {
+                "message": f"The server is overloaded: {error}. Retry later.",
+                "param": None,
+                "code": "overloaded",
+            },
+        )
+    if isinstance(error, EngineClosedError):
+        return ServerError(503, {"message": f"The engine stopped: {error}", "param": None, "code": None})
+    if isinstance(error, ValueError):
+        return invalid(str(error), param)
+    return None

@@ -1,0 +1,357 @@
+"""LLMServerSpec: the HTTP routes of ``servekit serve`` (front side).
+
+Handlers validate the JSON body with pydantic (400 in OpenAI's envelope, naming ``param``), wrap it
+in an ``Op`` and send it to a worker through the core's transport. Checks that need the model
+(context length, chat template, token ids) run in the worker before its first item, so a stream
+that cannot start still gets a real status code: handlers await the first item before answering.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response, StreamingResponse
+
+from servekit.errors import ServerError
+from servekit.specs.base import LitSpec
+from servekit.specs.llm.config import ServeConfig
+from servekit.specs.llm.metrics import render_metrics
+from servekit.specs.llm.ops import Op, OpKind
+from servekit.specs.llm.protocol import (
+    AbortRequest,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    GenerateRequest,
+    InteractiveRequest,
+    TokenizeRequest,
+)
+from servekit.specs.llm.sessions import SessionStore
+from servekit.specs.openai_errors import OpenAIError
+
+logger = logging.getLogger(__name__)
+
+SSE_DONE = b"data: [DONE]\n\n"
+RETRY_AFTER_S = "1"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _sse(item: bytes) -> bytes:
+    return b"data: " + item + b"\n\n"
+
+
+def _ndjson(item: bytes) -> bytes:
+    return item + b"\n"
+
+
+class LLMServerSpec(LitSpec):
+    stream = True  # every request runs as a stream in the worker; non-streaming routes take one item
+
+    def __init__(self, config: ServeConfig | None = None) -> None:
+        super().__init__()
+        self.config = config if config is not None else ServeConfig()
+        self._model_info: dict[str, Any] | None = None
+        self._sessions = SessionStore()
+        routes: list[tuple[str, Any, list[str]]] = [
+            ("/v1/chat/completions", self.chat_completions, ["POST"]),
+            ("/v1/completions", self.completions, ["POST"]),
+            ("/v1/models", self.list_models, ["GET"]),
+            ("/v1/models/{model_id:path}", self.get_model, ["GET"]),
+            ("/v1/embeddings", self.embeddings, ["POST"]),
+            ("/generate", self.generate, ["POST"]),
+            ("/v1/chat/interactive", self.chat_interactive, ["POST"]),
+            ("/abort_request", self.abort_request, ["POST"]),
+            ("/flush_cache", self.flush_cache, ["POST", "GET"]),
+            ("/tokenize", self.tokenize, ["POST"]),
+            ("/detokenize", self.detokenize, ["POST"]),
+            ("/model_info", self.model_info, ["GET"]),
+            ("/get_model_info", self.model_info, ["GET"]),
+            ("/server_info", self.server_info, ["GET"]),
+            ("/get_server_info", self.server_info, ["GET"]),
+            ("/metrics", self.metrics, ["GET"]),
+        ]
+        for path, handler, methods in routes:
+            self.add_endpoint(path, handler, methods)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_sessions"] = SessionStore()
+        state["_model_info"] = None
+        return state
+
+    # ------------------------------------------------------------------------------- errors
+    def error_response(self, exc: ServerError) -> Response:
+        detail = exc.detail
+        headers = dict(exc.headers or {})
+        if exc.status_code in (429, 503):
+            headers.setdefault("Retry-After", RETRY_AFTER_S)
+        if isinstance(detail, dict) and "message" in detail:
+            error = OpenAIError(
+                exc.status_code,
+                str(detail["message"]),
+                param=detail.get("param"),
+                code=detail.get("code"),
+                headers=headers or None,
+            )
+        else:
+            error = OpenAIError.from_server_error(exc)
+            error.headers = headers or None
+        return error.response()
+
+    # ------------------------------------------------------------------------------ helpers
+    async def _parse(self, request: Request, model: type[BaseModel]) -> Any:
+        body = await request.body()
+        try:
+            return model.model_validate_json(body or b"{}")
+        except ValidationError as error:
+            if any(e["type"] == "json_invalid" for e in error.errors()):
+                raise ServerError(
+                    400,
+                    {"message": "The request body is not valid JSON", "param": None, "code": "invalid_json"},
+                ) from None
+            openai_error = OpenAIError.from_validation_error(error)
+            raise ServerError(
+                400, {"message": openai_error.message, "param": openai_error.param, "code": openai_error.code}
+            ) from None
+
+    async def _info(self) -> dict[str, Any]:
+        if self._model_info is None:
+            self._model_info = await self._call(Op("model_info"))
+        return self._model_info
+
+    async def _check_model(self, name: str | None) -> None:
+        if not name:
+            return
+        info = await self._info()
+        if name != info["model_name"]:
+            raise ServerError(
+                404,
+                {
+                    "message": f"The model `{name}` does not exist.",
+                    "param": "model",
+                    "code": "model_not_found",
+                },
+            )
+
+    async def _call(self, op: Op, http_request: Request | None = None) -> Any:
+        """One-item operation: the decoded item the worker yields."""
+        return orjson.loads(await self._first_item(op, http_request))
+
+    async def _first_item(self, op: Op, http_request: Request | None) -> bytes:
+        chunks = self.front.stream(op, http_request)
+        consume = asyncio.ensure_future(_first(chunks))
+        if http_request is None:
+            return await consume
+        watcher = asyncio.ensure_future(_wait_disconnect(http_request))
+        try:
+            done, _ = await asyncio.wait({consume, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if consume in done:
+                return consume.result()
+            consume.cancel()  # the client left: closing the stream cancels the work in the worker
+            with contextlib.suppress(asyncio.CancelledError, ServerError):
+                await consume
+            raise ServerError(499, {"message": "Client disconnected", "param": None})
+        finally:
+            watcher.cancel()
+
+    async def _streaming(
+        self, op: Op, http_request: Request, frame: Any, done_marker: bytes | None, media_type: str
+    ) -> Response:
+        chunks = self.front.stream(op, http_request)
+        try:
+            first = await anext(chunks)
+        except StopAsyncIteration:
+            first = None
+        except BaseException:
+            await chunks.aclose()  # type: ignore[attr-defined]
+            raise
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                if first is not None:
+                    yield frame(first)
+                async for chunk in chunks:
+                    yield frame(chunk)
+            except ServerError as exc:
+                logger.warning("stream failed after its first byte: %s", exc.detail)
+                yield frame(bytes(self.error_response(exc).body))
+            finally:
+                await chunks.aclose()  # type: ignore[attr-defined]
+            if done_marker is not None:
+                yield done_marker
+
+        return StreamingResponse(body(), media_type=media_type, headers=SSE_HEADERS)
+
+    async def _run(self, kind: OpKind, body: Any, stream: bool, http_request: Request) -> Response:
+        op = Op(kind, body)
+        if stream:
+            return await self._streaming(op, http_request, _sse, SSE_DONE, "text/event-stream")
+        return Response(await self._first_item(op, http_request), media_type="application/json")
+
+    # ------------------------------------------------------------------------------- OpenAI
+    async def chat_completions(self, request: Request) -> Response:
+        body: ChatCompletionRequest = await self._parse(request, ChatCompletionRequest)
+        await self._check_model(body.model)
+        return await self._run("chat", body, body.stream, request)
+
+    async def completions(self, request: Request) -> Response:
+        body: CompletionRequest = await self._parse(request, CompletionRequest)
+        await self._check_model(body.model)
+        return await self._run("completion", body, body.stream, request)
+
+    def _model_card(self, info: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "id": info["model_name"],
+            "object": "model",
+            "created": info.get("created", 0),
+            "owned_by": "servekit",
+            "root": info.get("model_path") or info["model_name"],
+            "parent": None,
+            "max_model_len": info["max_model_len"],
+        }
+
+    async def list_models(self, request: Request) -> Response:
+        info = await self._info()
+        return _json({"object": "list", "data": [self._model_card(info)]})
+
+    async def get_model(self, request: Request) -> Response:
+        model_id = request.path_params["model_id"]
+        await self._check_model(model_id)
+        return _json(self._model_card(await self._info()))
+
+    async def embeddings(self, request: Request) -> Response:
+        info = await self._info()
+        raise ServerError(
+            400,
+            {
+                "message": f"The model `{info['model_name']}` is a generation model, not an embedding model.",
+                "param": "model",
+                "code": "model_not_supported",
+            },
+        )
+
+    # ------------------------------------------------------------------------------- native
+    async def generate(self, request: Request) -> Response:
+        body: GenerateRequest = await self._parse(request, GenerateRequest)
+        return await self._run("generate", body, body.stream, request)
+
+    async def chat_interactive(self, request: Request) -> Response:
+        body: InteractiveRequest = await self._parse(request, InteractiveRequest)
+        store = self._sessions
+        if body.cancel:
+            request_id = store.running_request(body.session_id)
+            aborted = False
+            if request_id is not None:
+                aborted = bool((await self._call(Op("abort", request_id)))["aborted"])
+            return _json({"session_id": body.session_id, "cancelled": aborted, "finish_reason": "abort"})
+        if body.end or (not body.interactive_mode and not body.prompt and store.exists(body.session_id)):
+            store.end(body.session_id)
+            return _json({"session_id": body.session_id, "ended": True, "text": "", "finish_reason": None})
+        turn = store.begin(body)
+        chat = turn.chat_request(body)
+        try:
+            if body.stream:
+                return await self._interactive_stream(turn, chat, request)
+            item = await self._call(Op("chat", chat), request)
+        except BaseException:
+            store.abandon(turn)
+            raise
+        return _json(store.complete(turn, item))
+
+    async def _interactive_stream(self, turn: Any, chat: ChatCompletionRequest, request: Request) -> Response:
+        store = self._sessions
+        chunks = self.front.stream(Op("chat", chat), request)
+        try:
+            first = await anext(chunks)
+        except BaseException:
+            await chunks.aclose()  # type: ignore[attr-defined]
+            raise
+
+        async def body() -> AsyncIterator[bytes]:
+            completed = False
+            try:
+                for raw in [first]:
+                    for line in store.stream_items(turn, orjson.loads(raw)):
+                        yield _ndjson(orjson.dumps(line))
+                async for raw in chunks:
+                    for line in store.stream_items(turn, orjson.loads(raw)):
+                        yield _ndjson(orjson.dumps(line))
+                completed = True
+            except ServerError as exc:
+                yield _ndjson(bytes(self.error_response(exc).body))
+            finally:
+                await chunks.aclose()  # type: ignore[attr-defined]
+                if completed:
+                    store.finish_stream(turn)
+                else:
+                    store.abandon(turn)
+
+        return StreamingResponse(body(), media_type="application/x-ndjson")
+
+    async def abort_request(self, request: Request) -> Response:
+        body: AbortRequest = await self._parse(request, AbortRequest)
+        return _json(await self._call(Op("abort", body.rid)))
+
+    async def flush_cache(self, request: Request) -> Response:
+        return _json(await self._call(Op("flush_cache")))
+
+    async def tokenize(self, request: Request) -> Response:
+        body: TokenizeRequest = await self._parse(request, TokenizeRequest)
+        await self._check_model(body.model)
+        return _json(await self._call(Op("tokenize", body)))
+
+    async def detokenize(self, request: Request) -> Response:
+        body: DetokenizeRequest = await self._parse(request, DetokenizeRequest)
+        await self._check_model(body.model)
+        return _json(await self._call(Op("detokenize", body)))
+
+    async def model_info(self, request: Request) -> Response:
+        return _json(await self._info())
+
+    async def server_info(self, request: Request) -> Response:
+        from servekit import __version__
+
+        stats = await self._call(Op("stats"))
+        return _json(
+            {
+                "version": __version__,
+                "config": self.config.redacted(),
+                "model": await self._info(),
+                "engine": stats["engine"],
+                "sessions": self._sessions.count(),
+            }
+        )
+
+    async def metrics(self, request: Request) -> Response:
+        stats = await self._call(Op("stats"))
+        info = await self._info()
+        return PlainTextResponse(
+            render_metrics(stats, info["model_name"]), media_type="text/plain; version=0.0.4"
+        )
+
+
+async def _first(chunks: AsyncIterator[bytes]) -> bytes:
+    try:
+        return await anext(chunks)
+    except StopAsyncIteration:
+        raise ServerError(500, {"message": "the worker returned nothing", "param": None}) from None
+    finally:
+        await chunks.aclose()  # type: ignore[attr-defined]
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _json(value: Any) -> Response:
+    return Response(orjson.dumps(value), media_type="application/json")

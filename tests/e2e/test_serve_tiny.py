@@ -1,0 +1,436 @@
+"""`servekit serve` on a tiny random checkpoint: OpenAI and native endpoints over real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.e2e.serving import RunningServer, serve_script
+
+pytestmark = pytest.mark.timeout(180)
+
+SERVER_ENV = {"SERVEKIT_NUM_THREADS": "1", "SERVEKIT_MAX_MODEL_LEN": "512"}
+MESSAGES = [{"role": "user", "content": "Tell me a story about a fox."}]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.llm.tiny_models import build_tiny_checkpoint
+
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny-llama", "llama")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    with serve_script(
+        "llm_serve.py", tmp_path_factory.mktemp("server"), env=SERVER_ENV, args=[str(tiny_model)]
+    ) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server: RunningServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def sse_events(response: httpx.Response) -> list[str]:
+    return [line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def metrics(server: RunningServer) -> dict[str, float]:
+    values: dict[str, float] = {}
+    for line in httpx.get(f"{server.url}/metrics").text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
+
+
+def wait_for(predicate: object, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(0.05)  # polling server state through its public endpoint, bounded
+    raise AssertionError("condition not met in time")
+
+
+# ------------------------------------------------------------------------------------ models
+def test_models(server: RunningServer, client: openai.OpenAI) -> None:
+    models = client.models.list().data
+    assert [m.id for m in models] == ["tiny-llama"]
+    assert client.models.retrieve("tiny-llama").id == "tiny-llama"
+    missing = httpx.get(f"{server.url}/v1/models/other")
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "model_not_found"
+
+
+# -------------------------------------------------------------------------------------- chat
+def test_chat_stream_joins_to_non_stream_text(client: openai.OpenAI) -> None:
+    kwargs = {"model": "tiny-llama", "messages": MESSAGES, "max_tokens": 12, "temperature": 1.0, "seed": 7}
+    full = client.chat.completions.create(**kwargs)  # type: ignore[call-overload]
+    choice = full.choices[0]
+    assert choice.finish_reason == "length"
+    assert full.usage is not None and full.usage.completion_tokens == 12
+    chunks = list(
+        client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True})  # type: ignore[call-overload]
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 12
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == choice.message.content
+
+
+def test_chat_raw_sse_framing(server: RunningServer) -> None:
+    body = {"messages": MESSAGES, "max_tokens": 5, "stream": True, "n": 2, "seed": 1}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(response)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert {c["index"] for c in chunks[0]["choices"]} == {0, 1}
+    assert all(c["delta"]["role"] == "assistant" for c in chunks[0]["choices"])
+    finished = [
+        (ch["index"], ch["finish_reason"]) for c in chunks for ch in c["choices"] if ch["finish_reason"]
+    ]
+    assert sorted(finished) == [(0, "length"), (1, "length")]
+
+
+def test_chat_n_logprobs_and_stop(client: openai.OpenAI) -> None:
+    result = client.chat.completions.create(
+        model="tiny-llama", messages=MESSAGES, max_tokens=6, n=2, logprobs=True, top_logprobs=3, seed=3
+    )
+    assert [c.index for c in result.choices] == [0, 1]
+    for choice in result.choices:
+        assert choice.logprobs is not None and choice.logprobs.content is not None
+        assert len(choice.logprobs.content) == 6
+        assert all(len(t.top_logprobs) == 3 for t in choice.logprobs.content)
+    greedy = client.chat.completions.create(
+        model="tiny-llama", messages=MESSAGES, max_tokens=8, temperature=0
+    )
+    text = greedy.choices[0].message.content or ""
+    assert len(text) >= 2
+    stop = text[1:3] if text[1:3].strip() else text[1:2]
+    cut = client.chat.completions.create(
+        model="tiny-llama", messages=MESSAGES, max_tokens=8, temperature=0, stop=[stop]
+    )
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].message.content == text[: text.index(stop)]
+
+
+def test_async_client(server: RunningServer) -> None:
+    async def run() -> list[str]:
+        async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0) as client:
+            replies = await asyncio.gather(
+                *(
+                    client.chat.completions.create(
+                        model="tiny-llama", messages=MESSAGES, max_tokens=4, temperature=0
+                    )
+                    for _ in range(4)
+                )
+            )
+            return [r.choices[0].message.content or "" for r in replies]
+
+    texts = asyncio.run(run())
+    assert len(set(texts)) == 1  # greedy: concurrent (batched) requests agree
+
+
+# ------------------------------------------------------------------------------- completions
+def test_completions_prompt_forms(client: openai.OpenAI) -> None:
+    one = client.completions.create(model="tiny-llama", prompt="hello world", max_tokens=5, temperature=0)
+    assert len(one.choices) == 1 and one.choices[0].finish_reason == "length"
+    assert one.usage is not None and one.usage.completion_tokens == 5
+    tokenized = httpx.post(
+        f"{client.base_url}".removesuffix("/v1/") + "/tokenize", json={"prompt": "hello world"}
+    ).json()["tokens"]
+    by_ids = client.completions.create(model="tiny-llama", prompt=tokenized, max_tokens=5, temperature=0)
+    assert by_ids.choices[0].text == one.choices[0].text
+    many = client.completions.create(
+        model="tiny-llama", prompt=["hello world", "a b c"], max_tokens=3, temperature=0, n=2
+    )
+    assert [c.index for c in many.choices] == [0, 1, 2, 3]
+    assert many.choices[0].text == many.choices[1].text == one.choices[0].text[: len(many.choices[0].text)]
+    lists = client.completions.create(
+        model="tiny-llama", prompt=[tokenized, tokenized], max_tokens=2, temperature=0
+    )
+    assert len(lists.choices) == 2 and lists.choices[0].text == lists.choices[1].text
+
+
+def test_completions_echo_logprobs_stream(client: openai.OpenAI) -> None:
+    echoed = client.completions.create(
+        model="tiny-llama", prompt="hello world", max_tokens=3, temperature=0, echo=True, logprobs=2
+    )
+    choice = echoed.choices[0]
+    assert choice.text.startswith("hello world")
+    assert choice.logprobs is not None and choice.logprobs.tokens is not None
+    assert choice.logprobs.token_logprobs is not None and choice.logprobs.token_logprobs[0] is None
+    kwargs = {"model": "tiny-llama", "prompt": "once upon", "max_tokens": 10, "seed": 11}
+    full = client.completions.create(**kwargs)  # type: ignore[call-overload]
+    parts = list(client.completions.create(**kwargs, stream=True))  # type: ignore[call-overload]
+    assert "".join(p.choices[0].text for p in parts) == full.choices[0].text
+    assert parts[-1].choices[0].finish_reason == "length"
+
+
+def test_errors(server: RunningServer, client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.completions.create(model="tiny-llama", prompt="x", temperature=-1)
+    assert bad.value.body["param"] == "temperature"  # type: ignore[index]
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4", messages=MESSAGES)
+    with pytest.raises(openai.BadRequestError) as suffix:
+        client.completions.create(model="tiny-llama", prompt="x", suffix="y")
+    assert suffix.value.body["param"] == "suffix"  # type: ignore[index]
+    long_prompt = "word " * 2000
+    with httpx.stream(
+        "POST", f"{server.url}/v1/completions", json={"prompt": long_prompt, "stream": True}, timeout=60
+    ) as response:
+        assert response.status_code == 400
+        error = json.loads(response.read())["error"]
+    assert error["code"] == "context_length_exceeded" and error["param"] == "prompt"
+    bias = httpx.post(
+        f"{server.url}/v1/chat/completions", json={"messages": MESSAGES, "logit_bias": {"999999": 1}}
+    )
+    assert bias.status_code == 400 and bias.json()["error"]["param"] == "logit_bias"
+    not_json = httpx.post(f"{server.url}/v1/chat/completions", content=b"{nope")
+    assert not_json.status_code == 400
+    empty = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": []})
+    assert empty.status_code == 400 and empty.json()["error"]["param"] == "messages"
+
+
+def test_context_limit_finishes_with_length(client: openai.OpenAI) -> None:
+    result = client.completions.create(
+        model="tiny-llama",
+        prompt="word " * 100,
+        max_tokens=100000,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    assert result.choices[0].finish_reason == "length"
+    assert result.usage is not None and result.usage.total_tokens == 512
+
+
+def test_disconnect_aborts_and_frees_kv(server: RunningServer) -> None:
+    before = metrics(server)
+    cancelled_key = 'servekit:request_success_total{model_name="tiny-llama",finished_reason="cancelled"}'
+    body = {"messages": MESSAGES, "max_tokens": 450, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        for _ in range(6):
+            next(lines)
+    wait_for(lambda: metrics(server).get(cancelled_key, 0) == before.get(cancelled_key, 0) + 1)
+    after = metrics(server)
+    assert after['servekit:num_requests_running{model_name="tiny-llama"}'] == 0
+    total = after['servekit:num_kv_blocks{model_name="tiny-llama"}']
+    assert after['servekit:num_free_kv_blocks{model_name="tiny-llama"}'] == total
+
+
+# ------------------------------------------------------------------------------------ native
+def test_generate(server: RunningServer) -> None:
+    url = f"{server.url}/generate"
+    single = httpx.post(
+        url,
+        json={
+            "text": "hello",
+            "sampling_params": {"max_new_tokens": 4, "temperature": 0},
+            "return_logprob": True,
+        },
+    ).json()
+    assert single["meta_info"]["completion_tokens"] == 4
+    assert single["meta_info"]["finish_reason"]["type"] == "length"
+    assert len(single["meta_info"]["output_token_logprobs"]) == 4
+    batch = httpx.post(
+        url, json={"text": ["hello", "world"], "sampling_params": {"max_new_tokens": 4, "temperature": 0}}
+    ).json()
+    assert len(batch) == 2 and batch[0]["text"] == single["text"]
+    ids = httpx.post(f"{server.url}/tokenize", json={"prompt": "hello"}).json()["tokens"]
+    by_ids = httpx.post(
+        url, json={"input_ids": ids, "sampling_params": {"max_new_tokens": 4, "temperature": 0}}
+    )
+    assert by_ids.json()["text"] == single["text"]
+    with httpx.stream(
+        "POST",
+        url,
+        json={"text": "hello", "stream": True, "sampling_params": {"max_new_tokens": 4, "temperature": 0}},
+    ) as response:
+        events = sse_events(response)
+    assert events[-1] == "[DONE]"
+    assert json.loads(events[-2])["text"] == single["text"]
+    bad = httpx.post(url, json={"text": "x", "sampling_params": {"bogus": 1}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "sampling_params.bogus"
+
+
+def test_abort_request_by_rid(server: RunningServer) -> None:
+    body = {
+        "text": "hello",
+        "rid": "job-1",
+        "stream": True,
+        "sampling_params": {"max_new_tokens": 480, "ignore_eos": True},
+    }
+    with httpx.stream("POST", f"{server.url}/generate", json=body, timeout=60) as response:
+        lines = (line for line in response.iter_lines() if line.startswith("data: "))
+        next(lines)
+        aborted = httpx.post(f"{server.url}/abort_request", json={"rid": "job-1"}).json()
+        assert aborted == {"aborted": True}
+        events = [line[len("data: ") :] for line in lines]
+    assert events[-1] == "[DONE]"
+    last = json.loads(events[-2])
+    assert "meta_info" in last, last
+    assert last["meta_info"]["finish_reason"] == {"type": "abort"}
+    assert last["meta_info"]["completion_tokens"] < 480
+    assert httpx.post(f"{server.url}/abort_request", json={"rid": "job-1"}).json() == {"aborted": False}
+
+
+def test_tokenize_detokenize_flush(server: RunningServer) -> None:
+    tokens = httpx.post(f"{server.url}/tokenize", json={"prompt": "hello world"}).json()
+    assert tokens["count"] == len(tokens["tokens"]) > 0
+    text = httpx.post(f"{server.url}/detokenize", json={"tokens": tokens["tokens"]}).json()["prompt"]
+    assert text.endswith("hello world")
+    chat_tokens = httpx.post(f"{server.url}/tokenize", json={"messages": MESSAGES}).json()
+    assert chat_tokens["count"] > tokens["count"]
+    prompt = {"prompt": "the same long prompt " * 8, "max_tokens": 1}
+    httpx.post(f"{server.url}/v1/completions", json=prompt)
+    hits = 'servekit:prefix_cache_hits_total{model_name="tiny-llama"}'
+    first = metrics(server)[hits]
+    httpx.post(f"{server.url}/v1/completions", json=prompt)
+    assert metrics(server)[hits] > first  # the second request reused the cached prefix
+    assert httpx.post(f"{server.url}/flush_cache").json()["flushed"] is True
+    flushed = metrics(server)[hits]
+    httpx.post(f"{server.url}/v1/completions", json=prompt)
+    assert metrics(server)[hits] == flushed  # nothing left to reuse
+
+
+def test_interactive_session(server: RunningServer) -> None:
+    url = f"{server.url}/v1/chat/interactive"
+    first = httpx.post(
+        url,
+        json={
+            "prompt": "hi there",
+            "session_id": 5,
+            "interactive_mode": True,
+            "max_tokens": 4,
+            "temperature": 0,
+        },
+    ).json()
+    assert first["finish_reason"] == "length" and first["history_tokens"] == 0
+    hits = 'servekit:prefix_cache_hits_total{model_name="tiny-llama"}'
+    before = metrics(server)[hits]
+    with httpx.stream(
+        "POST",
+        url,
+        json={
+            "prompt": "and then?",
+            "session_id": 5,
+            "interactive_mode": True,
+            "stream": True,
+            "max_tokens": 4,
+        },
+    ) as response:
+        lines = [json.loads(line) for line in response.iter_lines() if line]
+    assert lines[-1]["history_tokens"] == first["input_tokens"] + first["tokens"]
+    assert lines[-1]["input_tokens"] > first["input_tokens"] + first["tokens"]
+    assert metrics(server)[hits] > before  # the earlier turn came from the prefix cache
+    ended = httpx.post(url, json={"session_id": 5, "end": True}).json()
+    assert ended["ended"] is True
+    again = httpx.post(
+        url, json={"prompt": "hi there", "session_id": 5, "interactive_mode": True, "max_tokens": 4}
+    )
+    assert again.json()["history_tokens"] == 0
+
+
+def test_info_metrics_docs(server: RunningServer) -> None:
+    info = httpx.get(f"{server.url}/server_info").json()
+    assert info["config"]["max_model_len"] == 512
+    assert info["config"]["sources"]["max_model_len"] == "env SERVEKIT_MAX_MODEL_LEN"
+    model = httpx.get(f"{server.url}/model_info").json()
+    assert model["model_name"] == "tiny-llama" and model["max_model_len"] == 512
+    text = httpx.get(f"{server.url}/metrics").text
+    assert "# TYPE servekit:num_requests_running gauge" in text
+    assert httpx.get(f"{server.url}/docs").status_code == 200
+    paths = httpx.get(f"{server.url}/openapi.json").json()["paths"]
+    assert {"/v1/chat/completions", "/v1/completions", "/generate", "/tokenize"} <= set(paths)
+    embeddings = httpx.post(f"{server.url}/v1/embeddings", json={"input": "x"})
+    assert embeddings.status_code == 400
+
+
+def test_litellm(server: RunningServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    import litellm
+
+    for prefix in ("openai", "hosted_vllm"):
+        reply = litellm.completion(
+            model=f"{prefix}/tiny-llama",
+            api_base=f"{server.url}/v1",
+            api_key="x",
+            messages=MESSAGES,
+            max_tokens=4,
+            temperature=0,
+        )
+        assert reply.choices[0].finish_reason == "length"  # type: ignore[union-attr]
+        streamed = litellm.completion(
+            model=f"{prefix}/tiny-llama",
+            api_base=f"{server.url}/v1",
+            api_key="x",
+            messages=MESSAGES,
+            max_tokens=4,
+            temperature=0,
+            stream=True,
+        )
+        text = "".join(chunk.choices[0].delta.content or "" for chunk in streamed)  # type: ignore[union-attr]
+        assert text == reply.choices[0].message.content  # type: ignore[union-attr]
+
+
+# ---------------------------------------------------------------- auth, queue limit, env names
+def test_auth_queue_limit_and_vllm_env_names(tiny_model: Path, tmp_path: Path) -> None:
+    key = "k-123"
+    env = {
+        "SERVEKIT_NUM_THREADS": "1",
+        "SERVEKIT_API_KEY": key,
+        "MAX_MODEL_LENGTH": "256",
+        "MAX_CONCURRENCY": "1",
+        "MAX_NUM_SEQS": "1",
+        "OPENAI_SERVED_MODEL_NAME_OVERRIDE": "my-model",
+        "SERVEKIT_TEST_ENGINE_STEP_DELAY_S": "0.02",  # requests stay running while the test looks
+    }
+    auth = {"Authorization": f"Bearer {key}"}
+    with serve_script("llm_serve.py", tmp_path, env=env, args=[str(tiny_model)]) as server:
+        assert httpx.get(f"{server.url}/health").status_code == 200  # no key needed
+        denied = httpx.get(f"{server.url}/v1/models")
+        assert denied.status_code == 401 and denied.json()["error"]["type"] == "authentication_error"
+        assert httpx.post(f"{server.url}/generate", json={"text": "x"}).status_code == 401
+        models = httpx.get(f"{server.url}/v1/models", headers={"X-API-Key": key}).json()
+        assert models["data"][0]["id"] == "my-model" and models["data"][0]["max_model_len"] == 256
+        info = httpx.get(f"{server.url}/server_info", headers=auth).json()
+        assert info["config"]["api_key"] == "***" and key not in json.dumps(info)
+        assert info["config"]["max_queued_requests"] == 1
+
+        long_body = {"prompt": "go", "max_tokens": 200, "stream": True, "extra": 1, "ignore_eos": True}
+        url = f"{server.url}/v1/completions"
+        with httpx.stream("POST", url, json=long_body, headers=auth, timeout=60) as running:
+            assert running.status_code == 200  # its first chunk came: it runs (max_num_seqs=1)
+            # A second request waits in the engine queue (its response starts when it runs).
+            second = threading.Thread(
+                target=httpx.post,
+                args=(url,),
+                kwargs={"json": {"prompt": "x"}, "headers": auth, "timeout": 60},
+            )
+            second.start()
+            waiting = 'servekit:num_requests_waiting{model_name="my-model"} 1.0'
+            wait_for(lambda: waiting in httpx.get(f"{server.url}/metrics", headers=auth).text)
+            refused = httpx.post(url, json={"prompt": "x"}, headers=auth)
+            assert refused.status_code == 503
+            assert refused.headers["Retry-After"] == "1"
+            assert refused.json()["error"]["code"] == "overloaded"
+        second.join(60)
+        assert not second.is_alive()
