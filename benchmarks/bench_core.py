@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -129,7 +130,7 @@ def main() -> None:
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is needed: apt-get install wrk")
     kinds = ["fastapi", "servekit"] + (["litserve"] if importlib.util.find_spec("litserve") else [])
-    script = HERE / "apps" / "post_input.lua"
+    script = Path(tempfile.mkdtemp(prefix="bench-core-")) / "post_input.lua"
     script.write_text(LUA)
     results: dict[tuple[str, str], tuple[float, float, float]] = {}
     for flavour in ("hello", "stream"):
