@@ -314,6 +314,8 @@ def test_client_disconnect_stops_predict(tmp_path: Path) -> None:
                 + f"Content-Length: {len(payload)}\r\n\r\n".encode()
                 + payload
             )
+            # Disconnect only once predict runs (a request dropped while still queued never starts).
+            assert wait_for_file(Path(f"{whole}.started")) == "started"
         assert wait_for_file(whole) == "closed"
 
         # The worker is free for the next request.

@@ -53,6 +53,9 @@ class EchoChatAPI(ls.LitAPI):
             yield "partial "
             raise RuntimeError("failed mid-stream")
         elif text.startswith("endless:"):
+            marker = text.split(":", 1)[1]
+            with open(f"{marker}.started", "w") as f:
+                f.write("started")
             try:
                 while True:
                     yield "x"
