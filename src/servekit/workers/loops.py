@@ -55,9 +55,13 @@ class RequestProcessor:
         if spec is not None:
             # Hooks the user did not override are the spec's, and they get the request's context.
             if type(api).decode_request is LitAPI.decode_request:
-                self.decode = Hook(lambda request, context: spec.decode_request(request, context_kwargs=context))
+                self.decode = Hook(
+                    lambda request, context: spec.decode_request(request, context_kwargs=context)
+                )
             if type(api).encode_response is LitAPI.encode_response:
-                self.encode = Hook(lambda output, context: spec.encode_response(output, context_kwargs=context))
+                self.encode = Hook(
+                    lambda output, context: spec.encode_response(output, context_kwargs=context)
+                )
         self.batch_hook = Hook(api.batch)
         self.unbatch_hook = Hook(api.unbatch)
         self.request_model = first_argument_model(api.decode_request)
