@@ -96,6 +96,21 @@ def test_dynamic_batching_default_and_custom_batch(tmp_path: Path) -> None:
         assert all(u["n"] == 4 for u in uppers)
 
 
+def test_batched_streaming_gives_each_request_its_own_stream(tmp_path: Path) -> None:
+    env = {"BATCH": "4", "BATCH_TIMEOUT": "2"}
+    with (
+        serve_script("batched.py", tmp_path, env=env) as server,
+        httpx.Client(timeout=30) as client,
+        concurrent.futures.ThreadPoolExecutor(2) as pool,
+    ):
+        replies = list(
+            pool.map(lambda t: client.post(f"{server.url}/stream", json={"text": t}).text, ["a", "b"])
+        )
+    # Both requests ran in one batch of 2; each stream carries only its own items.
+    assert replies[0].splitlines() == ['{"output":"a0/2"}', '{"output":"a1/2"}', '{"output":"a2/2"}']
+    assert replies[1].splitlines() == ['{"output":"b0/2"}', '{"output":"b1/2"}', '{"output":"b2/2"}']
+
+
 def test_batch_window_closes_at_timeout_for_a_lone_request(tmp_path: Path) -> None:
     with serve_script("batched.py", tmp_path, env={"BATCH": "8", "BATCH_TIMEOUT": "0.05"}) as server:
         reply = httpx.post(f"{server.url}/predict", json={"input": 3}, timeout=30).json()

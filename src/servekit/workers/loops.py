@@ -93,14 +93,7 @@ class RequestProcessor:
             self._reply_error(job, exc)
 
     def run_batch(self) -> None:
-        jobs = self._collect_batch()
-        decoded: list[tuple[Job, Any, dict[str, Any]]] = []
-        for job in jobs:
-            context: dict[str, Any] = {}
-            try:
-                decoded.append((job, self._decode(job, context), context))
-            except BaseException as exc:
-                self._reply_error(job, exc)
+        decoded = self._decode_batch()
         if not decoded:
             return
         contexts = [context for _, _, context in decoded]
@@ -155,14 +148,7 @@ class RequestProcessor:
             self.inbox.finished(job.key)
 
     def run_stream_batch(self) -> None:
-        jobs = self._collect_batch()
-        decoded: list[tuple[Job, Any, dict[str, Any]]] = []
-        for job in jobs:
-            context: dict[str, Any] = {}
-            try:
-                decoded.append((job, self._decode(job, context), context))
-            except BaseException as exc:
-                self._reply_error(job, exc)
+        decoded = self._decode_batch()
         if not decoded:
             return
         contexts = [context for _, _, context in decoded]
@@ -199,6 +185,17 @@ class RequestProcessor:
                 self.inbox.finished(job.key)
 
     # --------------------------------------------------------------- helpers
+    def _decode_batch(self) -> list[tuple[Job, Any, dict[str, Any]]]:
+        """Collect a batch and decode each request; one that fails to decode is answered alone."""
+        decoded: list[tuple[Job, Any, dict[str, Any]]] = []
+        for job in self._collect_batch():
+            context: dict[str, Any] = {}
+            try:
+                decoded.append((job, self._decode(job, context), context))
+            except BaseException as exc:
+                self._reply_error(job, exc)
+        return decoded
+
     def _collect_batch(self) -> list[Job]:
         """The window opens with the first job and closes at max_batch_size or batch_timeout."""
         first = self.inbox.pop()

@@ -41,12 +41,31 @@ class CustomBatchAPI(ls.LitAPI):
         return output
 
 
+class StreamBatchAPI(ls.LitAPI):
+    """Batched streaming: predict gets the batch and yields one list per step (an item per request)."""
+
+    def setup(self, device):
+        pass
+
+    def decode_request(self, request):
+        return request["text"]
+
+    def predict(self, texts):
+        for i in range(3):
+            yield [f"{t}{i}/{len(texts)}" for t in texts]
+
+    def encode_response(self, outputs):
+        for output in outputs:
+            yield {"output": output}
+
+
 if __name__ == "__main__":
     size = int(os.environ.get("BATCH", "4"))
     timeout = float(os.environ.get("BATCH_TIMEOUT", "0.5"))
     apis = [
         BatchedAPI(max_batch_size=size, batch_timeout=timeout, api_path="/predict"),
         CustomBatchAPI(max_batch_size=size, batch_timeout=timeout, api_path="/upper"),
+        StreamBatchAPI(max_batch_size=2, batch_timeout=timeout, api_path="/stream", stream=True),
     ]
     ls.LitServer(apis, accelerator="cpu").run(
         port=int(os.environ["PORT"]), host="127.0.0.1", generate_client_file=False
