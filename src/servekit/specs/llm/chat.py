@@ -188,18 +188,7 @@ class ChatHandler:
         echo: str,
     ) -> dict[str, Any]:
         rt = self.rt
-        last = first
-        try:
-            while not last.finished:
-                following = await anext(stream, None)
-                if following is None:
-                    break
-                last = following
-        except asyncio.CancelledError:
-            if not rt.was_aborted(request_id):
-                rt.record_cancel()
-                raise
-        rt.record(last)
+        last = await rt.final_output(request_id, first, stream)
         choices = [self._message_choice(c, request, use_tools, echo) for c in last.outputs]
         return fmt.chat_response(
             request_id, request.model or rt.model_name, fmt.now(), choices, fmt.output_usage(last)

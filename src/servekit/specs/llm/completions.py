@@ -13,7 +13,7 @@ from servekit.specs.llm import openai_format as fmt
 from servekit.specs.llm import tools as tooling
 from servekit.specs.llm.params import completion_sampling_params, invalid
 from servekit.specs.llm.protocol import CompletionRequest
-from servekit.specs.llm.runtime import Runtime, engine_error
+from servekit.specs.llm.runtime import Runtime, drain, engine_error
 
 
 def prompt_list(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
@@ -188,17 +188,8 @@ class CompletionHandler:
     ) -> dict[str, Any]:
         rt = self.rt
 
-        async def finish(first: RequestOutput, stream: AsyncIterator[RequestOutput]) -> RequestOutput:
-            last = first
-            while not last.finished:
-                following = await anext(stream, None)
-                if following is None:
-                    break
-                last = following
-            return last
-
         try:
-            lasts = list(await asyncio.gather(*(finish(f, s) for f, s in zip(firsts, streams, strict=True))))
+            lasts = list(await asyncio.gather(*(drain(f, s) for f, s in zip(firsts, streams, strict=True))))
         except asyncio.CancelledError:
             if not any(rt.was_aborted(i) for i in ids):
                 rt.record_cancel()

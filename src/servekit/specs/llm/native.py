@@ -76,30 +76,13 @@ class GenerateHandler:
                 async for item in self._stream(started, batched, request):
                     yield item
             else:
-                results = await asyncio.gather(*(self._finish(rid, f, s) for rid, f, s in started))
+                results = await asyncio.gather(*(self.rt.final_output(rid, f, s) for rid, f, s in started))
                 bodies = [self._body(rid, out, request) for rid, out in zip(rids, results, strict=True)]
                 yield bodies if batched else bodies[0]
         finally:
             for rid, _, stream in started:
                 rt.done(rid)
                 await stream.aclose()  # type: ignore[attr-defined]
-
-    async def _finish(
-        self, rid: str, first: RequestOutput, stream: AsyncIterator[RequestOutput]
-    ) -> RequestOutput:
-        last = first
-        try:
-            while not last.finished:
-                following = await anext(stream, None)
-                if following is None:
-                    break
-                last = following
-        except asyncio.CancelledError:
-            if not self.rt.was_aborted(rid):
-                self.rt.record_cancel()
-                raise
-        self.rt.record(last)
-        return last
 
     async def _stream(
         self,

@@ -233,6 +233,21 @@ class Runtime:
             if metrics.finished_time is not None:
                 counters.e2e_sum += metrics.finished_time - metrics.arrival_time
 
+    async def final_output(
+        self, request_id: str, first: RequestOutput, stream: AsyncIterator[RequestOutput]
+    ) -> RequestOutput:
+        """Drain a request's stream to its last output and count it. An abort by id ends it early;
+        a client that went away propagates the cancellation (and is counted as cancelled)."""
+        try:
+            last = await drain(first, stream)
+        except asyncio.CancelledError:
+            if not self.was_aborted(request_id):
+                self.record_cancel()
+                raise
+            last = first
+        self.record(last)
+        return last
+
     def record_cancel(self) -> None:
         """A request whose client went away (its engine sequence is aborted as the stream closes)."""
         self.counters.finished["cancelled"] = self.counters.finished.get("cancelled", 0) + 1
@@ -292,3 +307,14 @@ def engine_error(error: BaseException, param: str) -> ServerError | None:
     if isinstance(error, ValueError):
         return invalid(str(error), param)
     return None
+
+
+async def drain(first: RequestOutput, stream: AsyncIterator[RequestOutput]) -> RequestOutput:
+    """The last output of a request's stream, starting from its first."""
+    last = first
+    while not last.finished:
+        following = await anext(stream, None)
+        if following is None:
+            break
+        last = following
+    return last
