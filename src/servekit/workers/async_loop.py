@@ -94,6 +94,9 @@ class AsyncRequestProcessor(RequestProcessor):
                 running = self._tasks.get(key)
                 if running is not None:
                     running.cancel()
+        # ZMQ's FD signals edges: reading EVENTS re-arms it (and tells if a message slipped in).
+        if int(socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            asyncio.get_running_loop().call_soon(self._on_readable)
 
     def _forget(self, key: JobKey, task: asyncio.Task[None]) -> None:
         self._tasks.pop(key, None)
