@@ -24,8 +24,6 @@ from servekit.workers.supervisor import Supervisor, WorkerPlan
 
 logger = logging.getLogger(__name__)
 
-GRACEFUL_SHUTDOWN_S = 30.0
-
 
 class LitServer:
     """Serve one or more ``LitAPI``s over HTTP, with inference worker processes per device."""
