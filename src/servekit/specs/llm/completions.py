@@ -13,7 +13,7 @@ from servekit.specs.llm import openai_format as fmt
 from servekit.specs.llm import tools as tooling
 from servekit.specs.llm.params import completion_sampling_params, invalid
 from servekit.specs.llm.protocol import CompletionRequest
-from servekit.specs.llm.runtime import Runtime, drain, engine_error
+from servekit.specs.llm.runtime import Runtime, drain, engine_error, interleave
 
 
 def prompt_list(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
@@ -95,29 +95,12 @@ class CompletionHandler:
         model = request.model or rt.model_name
         created = fmt.now()
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        queue: asyncio.Queue[tuple[int, RequestOutput | None]] = asyncio.Queue()
         lasts: list[RequestOutput] = list(firsts)
         text_offsets = [0] * (len(ids) * request.n)
-
-        async def pump(position: int, first: RequestOutput, stream: AsyncIterator[RequestOutput]) -> None:
-            await queue.put((position, first))
-            if not first.finished:
-                async for output in stream:
-                    await queue.put((position, output))
-            await queue.put((position, None))
-
-        pumps = [
-            asyncio.ensure_future(pump(i, first, stream))
-            for i, (first, stream) in enumerate(zip(firsts, streams, strict=True))
-        ]
-        remaining = len(pumps)
+        merged = interleave(list(zip(firsts, streams, strict=True)))
         echoed = [False] * len(ids)
         try:
-            while remaining:
-                position, output = await queue.get()
-                if output is None:
-                    remaining -= 1
-                    continue
+            async for position, output in merged:
                 lasts[position] = output
                 choices = []
                 for completion in output.outputs:
@@ -136,10 +119,7 @@ class CompletionHandler:
                 rt.record_cancel()
                 raise
         finally:
-            for task in pumps:
-                task.cancel()
-            # Let the pumps leave their engine streams before those are closed.
-            await asyncio.gather(*pumps, return_exceptions=True)
+            await merged.aclose()
         for last in lasts:
             rt.record(last)
         if include_usage:

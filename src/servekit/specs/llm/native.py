@@ -10,7 +10,7 @@ from typing import Any
 from servekit.llm.outputs import CompletionOutput, RequestOutput
 from servekit.specs.llm.params import invalid, native_sampling_params
 from servekit.specs.llm.protocol import DetokenizeRequest, GenerateRequest, TokenizeRequest
-from servekit.specs.llm.runtime import Runtime, engine_error
+from servekit.specs.llm.runtime import Runtime, engine_error, interleave
 
 
 def _finish_reason(completion: CompletionOutput) -> dict[str, Any] | None:
@@ -90,24 +90,10 @@ class GenerateHandler:
         batched: bool,
         request: GenerateRequest,
     ) -> AsyncIterator[Any]:
-        queue: asyncio.Queue[tuple[int, RequestOutput | None]] = asyncio.Queue()
-
-        async def pump(position: int, first: RequestOutput, stream: AsyncIterator[RequestOutput]) -> None:
-            await queue.put((position, first))
-            if not first.finished:
-                async for output in stream:
-                    await queue.put((position, output))
-            await queue.put((position, None))
-
-        pumps = [asyncio.ensure_future(pump(i, f, s)) for i, (_, f, s) in enumerate(started)]
-        remaining = len(pumps)
+        merged = interleave([(first, stream) for _, first, stream in started])
         lasts = [first for _, first, _ in started]
         try:
-            while remaining:
-                position, output = await queue.get()
-                if output is None:
-                    remaining -= 1
-                    continue
+            async for position, output in merged:
                 lasts[position] = output
                 body = self._body(started[position][0], output, request)
                 if batched:
@@ -124,10 +110,7 @@ class GenerateHandler:
                     body["meta_info"]["finish_reason"] = {"type": "abort"}
                     yield body
         finally:
-            for task in pumps:
-                task.cancel()
-            # Let the pumps leave their engine streams before those are closed.
-            await asyncio.gather(*pumps, return_exceptions=True)
+            await merged.aclose()
         for last in lasts:
             self.rt.record(last)
 

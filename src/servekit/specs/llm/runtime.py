@@ -318,3 +318,32 @@ async def drain(first: RequestOutput, stream: AsyncIterator[RequestOutput]) -> R
             break
         last = following
     return last
+
+
+async def interleave(
+    pairs: Sequence[tuple[RequestOutput, AsyncIterator[RequestOutput]]],
+) -> AsyncGenerator[tuple[int, RequestOutput], None]:
+    """The outputs of several requests as they come, each tagged with its request's position."""
+    queue: asyncio.Queue[tuple[int, RequestOutput | None]] = asyncio.Queue()
+
+    async def pump(position: int, first: RequestOutput, stream: AsyncIterator[RequestOutput]) -> None:
+        await queue.put((position, first))
+        if not first.finished:
+            async for output in stream:
+                await queue.put((position, output))
+        await queue.put((position, None))
+
+    pumps = [asyncio.ensure_future(pump(i, first, stream)) for i, (first, stream) in enumerate(pairs)]
+    remaining = len(pumps)
+    try:
+        while remaining:
+            position, output = await queue.get()
+            if output is None:
+                remaining -= 1
+                continue
+            yield position, output
+    finally:
+        for task in pumps:
+            task.cancel()
+        # Let the pumps leave their engine streams before those are closed.
+        await asyncio.gather(*pumps, return_exceptions=True)
