@@ -23,7 +23,7 @@ from servekit.http.auth import APIKeyCheck
 from servekit.http.dispatcher import Dispatcher
 from servekit.http.forms import read_form
 from servekit.http.limits import MaxBodySizeMiddleware
-from servekit.specs.base import FrontHandle, LitSpec
+from servekit.specs.base import FrontHandle, LitSpec, wait_for_disconnect
 from servekit.transport import PAYLOAD_JSON, PAYLOAD_PICKLE, Endpoints
 
 logger = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ async def _unless_disconnected(result: Any, http_request: Request, dispatcher: D
 
     def start_watching() -> None:
         nonlocal watcher
-        watcher = asyncio.ensure_future(_wait_disconnect(http_request))
+        watcher = asyncio.ensure_future(wait_for_disconnect(http_request))
         watcher.add_done_callback(on_disconnect)
 
     timer = asyncio.get_running_loop().call_later(_WATCH_DISCONNECT_AFTER_S, start_watching)
@@ -107,14 +107,6 @@ async def _unless_disconnected(result: Any, http_request: Request, dispatcher: D
         timer.cancel()
         if watcher is not None:
             watcher.cancel()
-
-
-async def _wait_disconnect(request: Request) -> None:
-    receive = request.receive
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
 
 
 def _error_response(exc: ServerError) -> Response:

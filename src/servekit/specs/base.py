@@ -2,14 +2,49 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from servekit.errors import ServerError
 
 if TYPE_CHECKING:
     from starlette.requests import Request
 
     from servekit.api import LitAPI
+
+
+T = TypeVar("T")
+
+
+async def wait_for_disconnect(http_request: Request) -> None:
+    """Return once the client has gone away (the request body must have been read already)."""
+    receive = http_request.receive
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def until_disconnected(awaitable: Awaitable[T], http_request: Request) -> T:
+    """Await ``awaitable``; if the client goes away first, cancel it and raise a 499 ``ServerError``."""
+    work = asyncio.ensure_future(awaitable)
+    watcher = asyncio.ensure_future(wait_for_disconnect(http_request))
+    try:
+        await asyncio.wait((work, watcher), return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        work.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if not work.done():
+        work.cancel()  # closing a front stream cancels the request in the worker
+        with contextlib.suppress(asyncio.CancelledError, ServerError):
+            await work
+        raise ServerError(499, "Client disconnected")
+    return work.result()
 
 
 @dataclass

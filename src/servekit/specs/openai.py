@@ -20,7 +20,8 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from servekit.errors import ServerError
-from servekit.specs.openai_base import OpenAIBaseSpec, read_json_body, until_disconnected
+from servekit.specs.base import until_disconnected
+from servekit.specs.openai_base import OpenAIBaseSpec, read_json_body
 from servekit.specs.openai_chat_stream import (
     DONE_EVENT,
     ChoiceState,

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import warnings
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
@@ -24,10 +22,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
-T = TypeVar("T")
 
 _DEFAULT_LIT_API_PATH = "/predict"
-CLIENT_CLOSED_REQUEST = 499
 
 
 class OpenAIBaseSpec(LitSpec):
@@ -90,29 +86,3 @@ async def read_json_body(http_request: Request, model: type[ModelT]) -> ModelT:
         return model.model_validate(data)
     except ValidationError as error:
         raise OpenAIError.from_validation_error(error) from None
-
-
-async def until_disconnected(awaitable: Awaitable[T], http_request: Request) -> T:
-    """Await ``awaitable``; if the client goes away first, cancel it and raise a 499."""
-    work = asyncio.ensure_future(awaitable)
-    watcher = asyncio.ensure_future(_wait_disconnect(http_request))
-    try:
-        await asyncio.wait((work, watcher), return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:
-        work.cancel()
-        raise
-    finally:
-        watcher.cancel()
-    if not work.done():
-        work.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await work
-        raise OpenAIError(CLIENT_CLOSED_REQUEST, "Client disconnected")
-    return work.result()
-
-
-async def _wait_disconnect(http_request: Request) -> None:
-    while True:
-        message = await http_request.receive()
-        if message["type"] == "http.disconnect":
-            return

@@ -8,8 +8,6 @@ that cannot start still gets a real status code: handlers await the first item b
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -20,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 
 from servekit.errors import ServerError
-from servekit.specs.base import LitSpec
+from servekit.specs.base import LitSpec, until_disconnected
 from servekit.specs.llm.config import ServeConfig
 from servekit.specs.llm.metrics import render_metrics
 from servekit.specs.llm.ops import Op, OpKind
@@ -146,20 +144,9 @@ class LLMServerSpec(LitSpec):
 
     async def _first_item(self, op: Op, http_request: Request | None) -> bytes:
         chunks = self.front.stream(op, http_request)
-        consume = asyncio.ensure_future(_first(chunks))
         if http_request is None:
-            return await consume
-        watcher = asyncio.ensure_future(_wait_disconnect(http_request))
-        try:
-            done, _ = await asyncio.wait({consume, watcher}, return_when=asyncio.FIRST_COMPLETED)
-            if consume in done:
-                return consume.result()
-            consume.cancel()  # the client left: closing the stream cancels the work in the worker
-            with contextlib.suppress(asyncio.CancelledError, ServerError):
-                await consume
-            raise ServerError(499, {"message": "Client disconnected", "param": None})
-        finally:
-            watcher.cancel()
+            return await _first(chunks)
+        return await until_disconnected(_first(chunks), http_request)
 
     async def _streaming(
         self, op: Op, http_request: Request, frame: Any, done_marker: bytes | None, media_type: str
@@ -344,13 +331,6 @@ async def _first(chunks: AsyncIterator[bytes]) -> bytes:
         raise ServerError(500, {"message": "the worker returned nothing", "param": None}) from None
     finally:
         await chunks.aclose()  # type: ignore[attr-defined]
-
-
-async def _wait_disconnect(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
 
 
 def _json(value: Any) -> Response:
