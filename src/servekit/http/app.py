@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import pickle
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -58,9 +59,7 @@ class _APIFront(FrontHandle):
         self.timeout = timeout
 
     async def call(self, request_object: Any, http_request: Request | None = None) -> bytes:
-        payload = request_object if isinstance(request_object, bytes) else _pickle(request_object)
-        kind = PAYLOAD_JSON if isinstance(request_object, bytes) else PAYLOAD_PICKLE
-        rid = self.dispatcher.submit(self.api_index, kind, payload, stream=False)
+        rid = self.dispatcher.submit(self.api_index, *_payload(request_object), stream=False)
         if http_request is None:
             return await self.dispatcher.result(rid, self.timeout)
         return await _unless_disconnected(
@@ -68,18 +67,17 @@ class _APIFront(FrontHandle):
         )
 
     async def stream(self, request_object: Any, http_request: Request | None = None) -> AsyncIterator[bytes]:
-        payload = request_object if isinstance(request_object, bytes) else _pickle(request_object)
-        kind = PAYLOAD_JSON if isinstance(request_object, bytes) else PAYLOAD_PICKLE
-        rid = self.dispatcher.submit(self.api_index, kind, payload, stream=True)
+        rid = self.dispatcher.submit(self.api_index, *_payload(request_object), stream=True)
         deadline = None if self.timeout is None else asyncio.get_running_loop().time() + self.timeout
         async for chunk in self.dispatcher.stream(rid, deadline):
             yield chunk
 
 
-def _pickle(value: Any) -> bytes:
-    import pickle
-
-    return pickle.dumps(value, protocol=5)
+def _payload(request_object: Any) -> tuple[int, bytes]:
+    """Raw JSON bodies go as they are (the worker parses them); anything else is pickled."""
+    if isinstance(request_object, bytes):
+        return PAYLOAD_JSON, request_object
+    return PAYLOAD_PICKLE, pickle.dumps(request_object, protocol=5)
 
 
 # Most requests finish within this time: only slower ones get a task that watches for a disconnect.

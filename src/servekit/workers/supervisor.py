@@ -7,7 +7,7 @@ import multiprocessing
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -45,7 +45,6 @@ class _WorkerState:
     ready: bool = False
     ever_ready: bool = False
     restarts: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Supervisor:
