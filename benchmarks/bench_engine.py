@@ -57,12 +57,18 @@ def make_prompts(source: ModelSource, count: int) -> list[list[int]]:
 
 
 def run_engine(
-    source: ModelSource, prompts: list[list[int]], max_tokens: int, dtype: str
+    source: ModelSource, prompts: list[list[int]], max_tokens: int, setup: str
 ) -> tuple[Result, Any]:
+    """``setup``: a dtype, optionally ``+int8`` for int8 quantization (e.g. ``float32+int8``)."""
+    dtype, _, quantization = setup.partition("+")
     max_len = max(len(p) for p in prompts) + max_tokens + 16
-    engine = LLMEngine(
-        EngineConfig(dtype=dtype, max_model_len=max_len, max_num_seqs=max(len(prompts), 1)), source=source
+    config = EngineConfig(
+        dtype=dtype,
+        quantization=quantization or None,
+        max_model_len=max_len,
+        max_num_seqs=max(len(prompts), 1),
     )
+    engine = LLMEngine(config, source=source)
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     # Warm-up (first-call allocations), not timed.
     engine.add_request("warmup", prompt_token_ids=prompts[0][:8], params=SamplingParams(max_tokens=4))
@@ -80,7 +86,7 @@ def run_engine(
     stats = engine.get_stats()
     steps = stats.num_steps - warm.num_steps
     overhead = (stats.step_time_s - warm.step_time_s) - (stats.forward_time_s - warm.forward_time_s)
-    label = f"servekit engine {dtype} (batch {len(prompts)})"
+    label = f"servekit engine {setup} (batch {len(prompts)})"
     del engine
     gc.collect()
     return Result(label, seconds, generated), (steps, overhead)
@@ -143,7 +149,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--num-prompts", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--engine-dtypes", default="float32,bfloat16")
+    parser.add_argument(
+        "--engine-setups",
+        default="float32,bfloat16,float32+int8",
+        help="engine runs: a dtype, optionally +int8 (int8 weights and activations)",
+    )
+    parser.add_argument("--batch1-setups", default="float32,float32+int8")
     parser.add_argument("--skip-transformers", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -160,17 +171,18 @@ def main() -> None:
     )
 
     results: dict[str, Result] = {}
-    for dtype in args.engine_dtypes.split(","):
-        result, (steps, overhead) = run_engine(source, prompts, args.max_tokens, dtype)
-        results[f"engine-{dtype}"] = result
+    for setup in args.engine_setups.split(","):
+        result, (steps, overhead) = run_engine(source, prompts, args.max_tokens, setup)
+        results[f"engine-{setup}"] = result
         print(f"{result.name:48s} {result.tokens_per_second:8.1f} tok/s  ({result.seconds:.1f} s)")
         print(
             f"{'':48s} per-step overhead outside the forward: {1000 * overhead / max(steps, 1):.2f} ms "
             f"over {steps} steps ({100 * overhead / result.seconds:.1f}% of the time)"
         )
-    single, _ = run_engine(source, prompts[:1], args.max_tokens, "float32")
-    results["engine-b1"] = single
-    print(f"{single.name:48s} {single.tokens_per_second:8.1f} tok/s  ({single.seconds:.1f} s)")
+    for setup in args.batch1_setups.split(","):
+        single, _ = run_engine(source, prompts[:1], args.max_tokens, setup)
+        results[f"b1-{setup}"] = single
+        print(f"{single.name:48s} {single.tokens_per_second:8.1f} tok/s  ({single.seconds:.1f} s)")
 
     if not args.skip_transformers:
         for dtype in (torch.float32, torch.bfloat16):
@@ -181,19 +193,17 @@ def main() -> None:
         results["hf-b1"] = result
         print(f"{result.name:48s} {result.tokens_per_second:8.1f} tok/s  ({result.seconds:.1f} s)")
 
-        best = max(
-            (r for k, r in results.items() if k.startswith("engine-") and k != "engine-b1"),
-            key=lambda r: r.tokens_per_second,
-        )
-        print(f"\nbest engine run: {best.name}")
-        for key, label, goal in (
-            ("hf-torch.float32", "vs transformers fp32 batch", 3.0),
-            ("hf-torch.bfloat16", "vs transformers bf16 batch", 1.5),
-        ):
-            ratio = best.tokens_per_second / results[key].tokens_per_second
-            print(f"  {label:34s} {ratio:5.2f}x  (goal >= {goal}x)")
-        ratio = results["engine-b1"].tokens_per_second / results["hf-b1"].tokens_per_second
-        print(f"  {'batch-1 decode vs transformers fp32':34s} {ratio:5.2f}x  (goal >= 2.0x)")
+        print()
+        for key, result in results.items():
+            if key.startswith("engine-"):
+                for reference, goal in (("hf-torch.float32", 3.0), ("hf-torch.bfloat16", 1.5)):
+                    ratio = result.tokens_per_second / results[reference].tokens_per_second
+                    print(
+                        f"  {result.name:44s} vs {reference[3:]:14s} batch {ratio:5.2f}x  (goal >= {goal}x)"
+                    )
+            elif key.startswith("b1-"):
+                ratio = result.tokens_per_second / results["hf-b1"].tokens_per_second
+                print(f"  {result.name:44s} vs transformers fp32 batch 1 {ratio:5.2f}x  (goal >= 2.0x)")
 
 
 if __name__ == "__main__":

@@ -5,9 +5,11 @@ then every multi-token (prefill chunk) sequence, its tokens contiguous. ``Attent
 built once per step and shared by all layers; ``paged_attention`` runs per layer:
 
 * the new keys/values are written into their cache slots;
-* decode sequences are attended in one batched ``scaled_dot_product_attention`` call over their
-  gathered blocks, padded to the longest context and masked (the query heads sharing a KV head are
-  folded into the query axis, so GQA needs no repeated keys);
+* decode sequences are attended by the C kernel straight over their blocks
+  (``servekit.llm.kernels``) when it is available; otherwise in one batched
+  ``scaled_dot_product_attention`` call over their gathered blocks, padded to the longest context
+  and masked (the query heads sharing a KV head are folded into the query axis, so GQA needs no
+  repeated keys);
 * each prefill chunk is attended on its own: straight over its fresh keys/values with a causal mask
   when nothing is cached before it, else over its gathered blocks with an offset causal mask.
 """
@@ -19,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from servekit.llm.kernels.attention import paged_decode_attention
 
 
 @dataclass
@@ -34,6 +38,8 @@ class PrefillChunk:
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] cache slot (block * block_size + offset) of every new token
+    write_blocks: torch.Tensor  # [num_tokens] slot_mapping // block_size
+    write_offsets: torch.Tensor  # [num_tokens] slot_mapping % block_size
     num_decode: int  # the first num_decode rows are single-token sequences
     decode_block_ids: torch.Tensor | None  # [num_decode * decode_num_blocks], padded block tables, flattened
     decode_num_blocks: int
@@ -42,6 +48,10 @@ class AttentionMetadata:
         torch.Tensor | None
     )  # [num_decode, 1, 1, decode_key_len] additive (0 / -inf); None: all visible
     prefills: list[PrefillChunk]
+    # Set when the C decode kernel runs: int32 [num_decode, decode_num_blocks] tables, int32 lengths.
+    decode_tables: torch.Tensor | None = None
+    decode_lens: torch.Tensor | None = None
+    sliding_window: int | None = None
 
 
 def build_attention_metadata(
@@ -55,18 +65,28 @@ def build_attention_metadata(
     slot_mapping: torch.Tensor,
     dtype: torch.dtype = torch.float32,
     sliding_window: int | None = None,
+    decode_kernel: bool = False,
 ) -> AttentionMetadata:
     """Tensors every layer reuses this step (decode sequences first, then prefill chunks).
 
     Masks are built additive, in the model dtype, once per step: handing SDPA a boolean mask makes it
-    convert the mask again in every layer.
+    convert the mask again in every layer. With ``decode_kernel`` the decode rows get int32 block
+    tables and lengths for the C kernel instead of gathered ids and a mask.
     """
     num_decode = len(decode_block_tables)
     decode_block_ids: torch.Tensor | None = None
     decode_mask: torch.Tensor | None = None
     decode_num_blocks = 0
     decode_key_len = 0
-    if num_decode:
+    decode_tables: torch.Tensor | None = None
+    decode_lens: torch.Tensor | None = None
+    if num_decode and decode_kernel:
+        decode_num_blocks = max(len(table) for table in decode_block_tables)
+        padded = [list(table) + [0] * (decode_num_blocks - len(table)) for table in decode_block_tables]
+        decode_tables = torch.tensor(padded, dtype=torch.int32)
+        decode_lens = torch.tensor(decode_context_lens, dtype=torch.int32)
+        decode_key_len = max(decode_context_lens)
+    elif num_decode:
         decode_key_len = max(decode_context_lens)
         decode_num_blocks = (decode_key_len + block_size - 1) // block_size
         padded = [
@@ -101,12 +121,17 @@ def build_attention_metadata(
         offset += length
     return AttentionMetadata(
         slot_mapping=slot_mapping,
+        write_blocks=torch.div(slot_mapping, block_size, rounding_mode="floor"),
+        write_offsets=torch.remainder(slot_mapping, block_size),
         num_decode=num_decode,
         decode_block_ids=decode_block_ids,
         decode_num_blocks=decode_num_blocks,
         decode_key_len=decode_key_len,
         decode_mask=decode_mask,
         prefills=prefills,
+        decode_tables=decode_tables,
+        decode_lens=decode_lens,
+        sliding_window=sliding_window,
     )
 
 
@@ -126,25 +151,48 @@ def paged_attention(
 
     ``query``: ``[num_tokens, num_heads, head_dim]``; ``key``, ``value``: ``[num_tokens, num_kv_heads,
     head_dim]`` (rotary embedding already applied to queries and keys); ``layer_cache``: ``[num_blocks,
-    block_size, 2, num_kv_heads, head_dim]``.
+    2, num_kv_heads, block_size, head_dim]``, possibly narrower than the query (a bfloat16 cache for a
+    float32 model): keys/values are rounded to it when written and widened back when read.
     """
     num_heads, head_dim = query.shape[1], query.shape[2]
     num_kv_heads = key.shape[1]
     group = num_heads // num_kv_heads
-    block_size = layer_cache.shape[1]
-    slots = layer_cache.view(-1, 2, num_kv_heads, head_dim)
-    slots[:, 0].index_copy_(0, metadata.slot_mapping, key)
-    slots[:, 1].index_copy_(0, metadata.slot_mapping, value)
+    block_size = layer_cache.shape[3]
+    if layer_cache.dtype != key.dtype:
+        # Attend to what the cache holds, also within a fresh prefill: the same tokens then give the
+        # same results whether their keys come from this step or from the (prefix) cache.
+        key = key.to(layer_cache.dtype)
+        value = value.to(layer_cache.dtype)
+    layer_cache[metadata.write_blocks, 0, :, metadata.write_offsets] = key
+    layer_cache[metadata.write_blocks, 1, :, metadata.write_offsets] = value
+    key = key.to(query.dtype)
+    value = value.to(query.dtype)
 
     outputs: list[torch.Tensor] = []
     num_decode = metadata.num_decode
-    if num_decode:
+    if num_decode and metadata.decode_lens is not None:
+        assert metadata.decode_tables is not None
+        out = paged_decode_attention(
+            query[:num_decode],
+            layer_cache,
+            metadata.decode_tables,
+            metadata.decode_lens,
+            sliding_window=metadata.sliding_window,
+        )
+        outputs.append(out)
+    elif num_decode:
         assert metadata.decode_block_ids is not None
+        # [num_decode, blocks, 2, kv_heads, block_size, head_dim] -> keys [num_decode, kv_heads, keys, head_dim]
         context = layer_cache.index_select(0, metadata.decode_block_ids).view(
-            num_decode, metadata.decode_num_blocks * block_size, 2, num_kv_heads, head_dim
-        )[:, : metadata.decode_key_len]
-        keys = context[:, :, 0].transpose(1, 2)
-        values = context[:, :, 1].transpose(1, 2)
+            num_decode, metadata.decode_num_blocks, 2, num_kv_heads, block_size, head_dim
+        )
+        keys, values = (
+            context[:, :, part]
+            .transpose(1, 2)
+            .reshape(num_decode, num_kv_heads, -1, head_dim)[:, :, : metadata.decode_key_len]
+            .to(query.dtype)
+            for part in (0, 1)
+        )
         queries = query[:num_decode].view(num_decode, num_kv_heads, group, head_dim)
         out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=metadata.decode_mask)
         outputs.append(out.reshape(num_decode, num_heads * head_dim))
@@ -157,9 +205,11 @@ def paged_attention(
             values = value[rows].transpose(0, 1).unsqueeze(0)
             out = F.scaled_dot_product_attention(queries, keys, values, is_causal=True, enable_gqa=group > 1)
         else:
-            context = layer_cache.index_select(0, chunk.block_ids).view(-1, 2, num_kv_heads, head_dim)
-            keys = context[:, 0].transpose(0, 1).unsqueeze(0)
-            values = context[:, 1].transpose(0, 1).unsqueeze(0)
+            context = layer_cache.index_select(0, chunk.block_ids)  # [blocks, 2, kv_heads, block_size, dim]
+            keys, values = (
+                context[:, part].transpose(0, 1).reshape(1, num_kv_heads, -1, head_dim).to(query.dtype)
+                for part in (0, 1)
+            )
             out = F.scaled_dot_product_attention(
                 queries, keys, values, attn_mask=chunk.mask, enable_gqa=group > 1
             )

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 ENV_PREFIX = "SERVEKIT_"
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZATION_CHOICES = ("int8",)
 _DTYPE_ALIASES = {
     "fp32": "float32",
     "float": "float32",
@@ -44,6 +45,12 @@ class EngineConfig:
     revision: str | None = None
     served_model_name: str | None = None
     dtype: str = "auto"  # "auto" | "float32" | "bfloat16" | "float16"
+    # None: weights as loaded (in dtype); "int8": int8 weights (per output channel) and int8
+    # activations (per token) in every projection and the LM head, int32 accumulation.
+    quantization: str | None = None
+    # "auto": the model's dtype; "bfloat16"/"float16" halve the cache of a float32 model (and the
+    # memory traffic of decode attention, which dominates at long contexts on CPUs).
+    kv_cache_dtype: str = "auto"
     max_model_len: int | None = None  # prompt + output tokens; None: the model's context length
     max_num_seqs: int = 256  # sequences decoded together in one step
     max_num_batched_tokens: int | None = (
@@ -65,6 +72,10 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         self.dtype = _DTYPE_ALIASES.get(self.dtype.lower(), self.dtype.lower())
+        self.kv_cache_dtype = _DTYPE_ALIASES.get(self.kv_cache_dtype.lower(), self.kv_cache_dtype.lower())
+        if isinstance(self.quantization, str):
+            lowered = self.quantization.strip().lower()
+            self.quantization = None if lowered in ("", "none") else lowered
         if isinstance(self.kv_cache_memory, str) and self.kv_cache_memory.lower() != "auto":
             self.kv_cache_memory = parse_memory_size(self.kv_cache_memory)
         self.validate()
@@ -72,6 +83,16 @@ class EngineConfig:
     def validate(self) -> None:
         if self.dtype not in DTYPE_CHOICES:
             raise EngineConfigError(f"dtype must be one of {DTYPE_CHOICES}, got {self.dtype!r}", "dtype")
+        if self.kv_cache_dtype not in DTYPE_CHOICES:
+            raise EngineConfigError(
+                f"kv_cache_dtype must be one of {DTYPE_CHOICES}, got {self.kv_cache_dtype!r}",
+                "kv_cache_dtype",
+            )
+        if self.quantization is not None and self.quantization not in QUANTIZATION_CHOICES:
+            raise EngineConfigError(
+                f"quantization must be one of {QUANTIZATION_CHOICES} or unset, got {self.quantization!r}",
+                "quantization",
+            )
         positive = {
             "max_model_len": self.max_model_len,
             "max_num_seqs": self.max_num_seqs,

@@ -99,6 +99,9 @@ class LLMEngine:
         self.tokenizer: Tokenizer = source.tokenizer
         self.max_model_len = cfg.max_model_len or source.config.max_position_embeddings
         self.dtype = resolve_dtype(cfg.dtype, source.config)
+        self.kv_cache_dtype = (
+            self.dtype if cfg.kv_cache_dtype == "auto" else resolve_dtype(cfg.kv_cache_dtype, source.config)
+        )
         if runner is None:
             runner = self._build_runner(source)
         self.runner = runner
@@ -474,7 +477,7 @@ class LLMEngine:
         memory = cfg.kv_cache_memory_bytes()
         if num_blocks is None and memory is None:
             num_blocks = auto_num_kv_blocks(
-                source.config, self.dtype, cfg.block_size, self.max_model_len, cfg.max_num_seqs
+                source.config, self.kv_cache_dtype, cfg.block_size, self.max_model_len, cfg.max_num_seqs
             )
         return ModelRunner(
             source.config,
@@ -484,6 +487,8 @@ class LLMEngine:
             num_blocks=num_blocks,
             kv_cache_memory_bytes=None if num_blocks is not None else memory,
             max_model_len=self.max_model_len,
+            quantization=cfg.quantization,
+            kv_cache_dtype=self.kv_cache_dtype,
         )
 
 

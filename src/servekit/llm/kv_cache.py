@@ -1,9 +1,9 @@
 """The paged key/value cache: fixed-size blocks of token slots, shared by every sequence.
 
-Layout, per layer: ``[num_blocks, block_size, 2, num_kv_heads, head_dim]`` where index 0 of the third
-axis is the key and 1 the value. Keeping a token's key and value next to each other lets one
-``index_copy_`` write both and one ``index_select`` of whole blocks gather both, which is what makes
-attention over a paged cache cheap on CPU (block-sized memcpy instead of per-token indexing).
+Layout, per layer: ``[num_blocks, 2, num_kv_heads, block_size, head_dim]`` where index 0 of the
+second axis is the key and 1 the value. Within a block, one KV head's keys (and values) are
+contiguous rows: the decode kernel streams them straight from memory, and one ``index_select`` of
+whole blocks gathers a sequence's keys and values together for the PyTorch path.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ class PagedKVCache:
         self.head_dim = head_dim
         self.dtype = dtype
         self._storage = torch.zeros(
-            (num_layers, num_blocks, block_size, 2, num_kv_heads, head_dim), dtype=dtype
+            (num_layers, num_blocks, 2, num_kv_heads, block_size, head_dim), dtype=dtype
         )
         logger.info(
             "allocated KV cache: %d blocks x %d tokens, %.1f MiB",
@@ -87,13 +87,13 @@ class PagedKVCache:
         return self._storage.numel() * self._storage.element_size()
 
     def layer(self, index: int) -> torch.Tensor:
-        """Layer ``index``'s blocks, ``[num_blocks, block_size, 2, num_kv_heads, head_dim]`` (a view)."""
+        """Layer ``index``'s blocks, ``[num_blocks, 2, num_kv_heads, block_size, head_dim]`` (a view)."""
         return self._storage[index]
 
     def keys(self, layer: int) -> torch.Tensor:
-        """``[num_blocks, block_size, num_kv_heads, head_dim]`` view of one layer's keys."""
-        return self._storage[layer, :, :, 0]
+        """``[num_blocks, num_kv_heads, block_size, head_dim]`` view of one layer's keys."""
+        return self._storage[layer, :, 0]
 
     def values(self, layer: int) -> torch.Tensor:
-        """``[num_blocks, block_size, num_kv_heads, head_dim]`` view of one layer's values."""
-        return self._storage[layer, :, :, 1]
+        """``[num_blocks, num_kv_heads, block_size, head_dim]`` view of one layer's values."""
+        return self._storage[layer, :, 1]

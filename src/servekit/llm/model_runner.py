@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from servekit.llm.attention import build_attention_metadata
+from servekit.llm.kernels.attention import decode_kernel_available
 from servekit.llm.kv_cache import (
     DEFAULT_KV_CACHE_MEMORY_BYTES,
     PagedKVCache,
@@ -58,14 +59,19 @@ class ModelRunner:
         num_blocks: int | None = None,
         kv_cache_memory_bytes: int | None = None,
         max_model_len: int | None = None,
+        quantization: str | None = None,
+        kv_cache_dtype: torch.dtype | None = None,
     ) -> None:
         self.config = config
         self.dtype = dtype
+        self.kv_cache_dtype = kv_cache_dtype or dtype
         self.block_size = block_size
         self.max_model_len = max_model_len or config.max_position_embeddings
         factory = get_model_class(config.architecture)
         with torch.no_grad():
-            self.model = factory(config, dtype=dtype, max_model_len=self.max_model_len)
+            self.model = factory(
+                config, dtype=dtype, max_model_len=self.max_model_len, quantization=quantization
+            )
             self.model.load_weights(weights)
         if num_blocks is None:
             budget = (
@@ -77,18 +83,19 @@ class ModelRunner:
                 block_size=block_size,
                 num_kv_heads=config.num_key_value_heads,
                 head_dim=config.head_dim,
-                dtype=dtype,
+                dtype=self.kv_cache_dtype,
             )
             if num_blocks <= 0:
                 raise ValueError(f"kv_cache_memory_bytes={budget} is too small for even one KV block")
         self.num_blocks = num_blocks
+        self.decode_kernel = decode_kernel_available(dtype, self.kv_cache_dtype)
         self.kv_cache = PagedKVCache(
             num_layers=config.num_hidden_layers,
             num_blocks=num_blocks,
             block_size=block_size,
             num_kv_heads=config.num_key_value_heads,
             head_dim=config.head_dim,
-            dtype=dtype,
+            dtype=self.kv_cache_dtype,
         )
 
     def execute(self, batch: ForwardBatch) -> ForwardOutput:
@@ -143,6 +150,7 @@ class ModelRunner:
             slot_mapping=torch.tensor(slots, dtype=torch.long),
             dtype=self.dtype,
             sliding_window=self.config.sliding_window,
+            decode_kernel=self.decode_kernel,
         )
 
         # Rows of the hidden states to turn into logits, in the caller's sequence order.

@@ -14,6 +14,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from servekit.llm.kernels.int8 import dequantize, int8_kernels_available, quantize_rows
+
 logger = logging.getLogger(__name__)
 
 
@@ -43,3 +45,64 @@ class Linear:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         assert self.weight is not None
         return F.linear(x, self.weight, self.bias)
+
+
+def int8_matmul_available() -> bool:
+    return hasattr(torch, "_int_mm")
+
+
+class Int8Linear:
+    """``y = x @ weight.T + bias`` in int8: weights per output channel, activations per token.
+
+    The weight is quantised once (symmetric, one scale per output row); each call quantises every
+    row of ``x`` on its own (symmetric, one scale per token), multiplies in int8 with int32
+    accumulation (VNNI on CPUs that have it) and rescales. Because a row's scale depends only on that
+    row and integer accumulation is exact, a token's result does not depend on what else is in the
+    batch. A quarter of the float32 weight bytes also keeps small models in the CPU's cache. The
+    quantise and rescale passes run as C kernels when they are available (``servekit.llm.kernels``).
+    """
+
+    __slots__ = ("bias", "fused", "in_features", "out_features", "scales", "weight_t")
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        self.out_features, self.in_features = weight.shape
+        self.bias = None if bias is None else bias.float().contiguous()
+        master = weight.float()
+        scales = master.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+        quantised = torch.round(master / scales.unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
+        self.weight_t = quantised.t()  # [in, out] view of the row-major [out, in] int8 weight
+        self.scales = scales.contiguous()
+        self.fused = int8_kernels_available(torch.float32)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and x.device.type == "cpu" and int8_kernels_available(x.dtype):
+            quantised, row_scales = quantize_rows(x)
+            return dequantize(
+                torch._int_mm(quantised, self.weight_t), row_scales, self.scales, self.bias, x.dtype
+            )
+        source = x.float()
+        row_scales = source.abs().amax(dim=1, keepdim=True).clamp_min_(1e-12).div_(127.0)
+        quantised = torch.round(source * row_scales.reciprocal()).clamp_(-127, 127).to(torch.int8)
+        out = torch._int_mm(quantised, self.weight_t).float()
+        out.mul_(row_scales).mul_(self.scales)
+        if self.bias is not None:
+            out.add_(self.bias)
+        return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+
+QUANTIZATION_CHOICES = ("int8",)
+
+
+def make_linear(
+    weight: torch.Tensor, bias: torch.Tensor | None = None, *, quantization: str | None, pack: bool
+) -> Linear | Int8Linear:
+    """The projection for ``weight``: int8 when asked (and supported), else float, pre-packed."""
+    if quantization is None:
+        return Linear(weight, bias, pack=pack)
+    if quantization not in QUANTIZATION_CHOICES:
+        raise ValueError(
+            f"unknown quantization {quantization!r} (choices: {', '.join(QUANTIZATION_CHOICES)})"
+        )
+    if not int8_matmul_available():
+        raise ValueError("int8 quantization needs torch._int_mm, which this PyTorch build lacks")
+    return Int8Linear(weight, bias)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from servekit.llm.attention import AttentionMetadata, paged_attention
 from servekit.llm.kv_cache import PagedKVCache
 from servekit.llm.model_config import ModelConfig
-from servekit.llm.models.linear import Linear
+from servekit.llm.models.linear import Int8Linear, Linear, make_linear
 from servekit.llm.models.rotary import RotaryEmbedding
 
 logger = logging.getLogger(__name__)
@@ -52,12 +52,12 @@ class DecoderLayer:
     """A layer ready to run: norms plus the four (possibly pre-packed) projections."""
 
     input_norm: torch.Tensor
-    qkv_proj: Linear
+    qkv_proj: Linear | Int8Linear
     qk_norm: torch.Tensor | None
-    o_proj: Linear
+    o_proj: Linear | Int8Linear
     post_norm: torch.Tensor
-    gate_up_proj: Linear
-    down_proj: Linear
+    gate_up_proj: Linear | Int8Linear
+    down_proj: Linear | Int8Linear
 
 
 class LlamaForCausalLM:
@@ -70,6 +70,7 @@ class LlamaForCausalLM:
         dtype: torch.dtype = torch.float32,
         max_model_len: int,
         pack_weights: bool = True,
+        quantization: str | None = None,
     ) -> None:
         if config.hidden_act != "silu":
             raise ValueError(f"unsupported hidden_act {config.hidden_act!r} (the Llama family uses 'silu')")
@@ -84,8 +85,9 @@ class LlamaForCausalLM:
         self.intermediate_size = config.intermediate_size
         self.eps = config.rms_norm_eps
         self.pack_weights = pack_weights
+        self.quantization = quantization
         self.blocks: list[DecoderLayer] = []
-        self.lm_head_proj: Linear | None = None
+        self.lm_head_proj: Linear | Int8Linear | None = None
         self.rotary = RotaryEmbedding(config, max_model_len=max_model_len, dtype=dtype)
 
         def empty(*shape: int) -> torch.Tensor:
@@ -206,7 +208,10 @@ class LlamaForCausalLM:
 
     def _build_runtime_layers(self) -> None:
         """Swap the loading buffers for runnable layers, one layer at a time to bound peak memory."""
-        pack = self.pack_weights
+
+        def linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear | Int8Linear:
+            return make_linear(weight, bias, quantization=self.quantization, pack=self.pack_weights)
+
         loading, self.layers = self.layers, []
         self.blocks = []
         while loading:
@@ -214,16 +219,16 @@ class LlamaForCausalLM:
             self.blocks.append(
                 DecoderLayer(
                     input_norm=layer.input_norm,
-                    qkv_proj=Linear(layer.qkv, layer.qkv_bias, pack=pack),
+                    qkv_proj=linear(layer.qkv, layer.qkv_bias),
                     qk_norm=layer.qk_norm,
-                    o_proj=Linear(layer.o_proj, layer.o_bias, pack=pack),
+                    o_proj=linear(layer.o_proj, layer.o_bias),
                     post_norm=layer.post_norm,
-                    gate_up_proj=Linear(layer.gate_up, layer.gate_up_bias, pack=pack),
-                    down_proj=Linear(layer.down, layer.down_bias, pack=pack),
+                    gate_up_proj=linear(layer.gate_up, layer.gate_up_bias),
+                    down_proj=linear(layer.down, layer.down_bias),
                 )
             )
             del layer
-        self.lm_head_proj = Linear(self.lm_head, pack=pack)
+        self.lm_head_proj = linear(self.lm_head)
         if not self.config.tie_word_embeddings:
             del self.lm_head  # held by lm_head_proj (or replaced by its packed copy)
 

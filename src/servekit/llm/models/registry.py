@@ -31,7 +31,9 @@ class CausalLM(Protocol):
 
 
 class CausalLMFactory(Protocol):
-    def __call__(self, config: ModelConfig, *, dtype: torch.dtype, max_model_len: int) -> CausalLM: ...
+    def __call__(
+        self, config: ModelConfig, *, dtype: torch.dtype, max_model_len: int, quantization: str | None = None
+    ) -> CausalLM: ...
 
 
 _ARCHITECTURES: dict[str, CausalLMFactory] = {

@@ -1,0 +1,129 @@
+"""Native CPU kernels, compiled on first use with the machine's C compiler.
+
+The engine's hot loops that PyTorch cannot express without copies or many small operators (attention
+straight over the paged KV cache, the int8 quantise/rescale passes around an int8 matmul) are
+written in C here. The source ships with the package; the first process that needs a
+kernel compiles it (``-O3 -march=native``, a second or so) into a cache directory keyed by the
+source, the compiler and the CPU, and every later process loads the cached library. Without a C
+compiler, or with ``SERVEKIT_KERNELS=0``, every caller falls back to its pure PyTorch path.
+
+Cache directory: ``$SERVEKIT_CACHE_DIR/kernels``, else ``$XDG_CACHE_HOME/servekit/kernels``, else
+``~/.cache/servekit/kernels``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("paged_attention.c", "int8_rows.c"))
+FLAGS = ("-O3", "-march=native", "-ffast-math", "-fPIC", "-shared", "-pthread")
+OPENMP_FLAGS = ("-fopenmp",)  # dropped when the compiler has no OpenMP (then plain threads)
+
+
+def kernels_enabled() -> bool:
+    return os.environ.get("SERVEKIT_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def cache_dir() -> Path:
+    if os.environ.get("SERVEKIT_CACHE_DIR"):
+        return Path(os.environ["SERVEKIT_CACHE_DIR"]) / "kernels"
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "servekit" / "kernels"
+
+
+def _cpu_signature() -> str:
+    """The CPU's feature flags (``-march=native`` code must not run on a CPU lacking them)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _compiler() -> str | None:
+    configured = os.environ.get("CC")
+    if configured:
+        return shutil.which(configured)
+    return shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def _build(compiler: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Compile to a private name, then rename: processes starting together never load a half-written file.
+    handle, scratch = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(handle)
+    try:
+        command = [compiler, *FLAGS, "-o", scratch, *map(str, SOURCES), "-lm"]
+        try:
+            subprocess.run([*command, *OPENMP_FLAGS], check=True, capture_output=True, text=True, timeout=300)
+        except subprocess.CalledProcessError:
+            subprocess.run(command, check=True, capture_output=True, text=True, timeout=300)
+        os.replace(scratch, target)
+    finally:
+        if os.path.exists(scratch):
+            os.unlink(scratch)
+
+
+_POINTER, _INT, _INT64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+_SIGNATURES: dict[str, list[type]] = {
+    # query, cache (one layer), block tables int32 [seqs, max_blocks], context lengths int32, out;
+    # seqs, heads, kv heads, head_dim, block_size, max_blocks, window, dtype, kv dtype; scale; threads
+    "paged_decode_attention": [*[_POINTER] * 5, *[_INT] * 9, ctypes.c_float, _INT],
+    # x, x dtype, rows, cols, out int8, scales float32
+    "quantize_rows_int8": [_POINTER, _INT, _INT64, _INT64, _POINTER, _POINTER],
+    # acc int32, rows, cols, row scales, column scales, bias (or NULL), out, out dtype
+    "dequantize_int32": [_POINTER, _INT64, _INT64, _POINTER, _POINTER, _POINTER, _POINTER, _INT],
+}
+
+
+@functools.cache
+def load_library() -> ctypes.CDLL | None:
+    """The compiled kernels, building them if needed; None when disabled or impossible here."""
+    if not kernels_enabled():
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        logger.warning("no C compiler found: using the PyTorch attention path (slower on CPU)")
+        return None
+    try:
+        version = subprocess.run(
+            [compiler, "--version"], check=True, capture_output=True, text=True, timeout=60
+        ).stdout
+        key = hashlib.sha256(
+            "\0".join(
+                [
+                    *(source.read_text() for source in SOURCES),
+                    compiler,
+                    version,
+                    " ".join(FLAGS),
+                    _cpu_signature(),
+                ]
+            ).encode()
+        ).hexdigest()[:16]
+        target = cache_dir() / f"servekit_kernels-{key}.so"
+        if not target.exists():
+            logger.info("compiling servekit's CPU kernels into %s", target)
+            _build(compiler, target)
+        library = ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError) as error:
+        detail = getattr(error, "stderr", "") or error
+        logger.warning("could not build servekit's CPU kernels (%s): using the PyTorch path", detail)
+        return None
+    for name, argtypes in _SIGNATURES.items():
+        function = getattr(library, name)
+        function.restype = ctypes.c_int if name == "paged_decode_attention" else None
+        function.argtypes = argtypes
+    return library

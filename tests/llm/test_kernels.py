@@ -1,0 +1,153 @@
+"""The C kernels (decode attention over the paged cache, int8 row passes) against the PyTorch paths."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from servekit.llm import kernels
+from servekit.llm.attention import build_attention_metadata, paged_attention
+from servekit.llm.kernels.int8 import dequantize, quantize_rows
+
+pytestmark = pytest.mark.skipif(kernels._compiler() is None, reason="no C compiler on this machine")
+
+
+@pytest.fixture(autouse=True)
+def _two_threads() -> None:
+    torch.set_num_threads(2)
+
+
+def decode_case(
+    *, heads: int, kv_heads: int, head_dim: int, lengths: list[int], dtype: torch.dtype, kv_dtype: torch.dtype
+) -> tuple[Any, ...]:
+    generator = torch.Generator().manual_seed(len(lengths) * 31 + heads)
+    block_size, num_blocks = 4, 96
+    cache = torch.randn((num_blocks, 2, kv_heads, block_size, head_dim), generator=generator).to(kv_dtype)
+    order = list(range(num_blocks))
+    random.Random(heads).shuffle(order)
+    tables = []
+    for length in lengths:
+        tables.append([order.pop() for _ in range((length + block_size - 1) // block_size)])
+    slots = torch.tensor(
+        [
+            t[(n - 1) // block_size] * block_size + (n - 1) % block_size
+            for t, n in zip(tables, lengths, strict=True)
+        ]
+    )
+    query = torch.randn((len(lengths), heads, head_dim), generator=generator).to(dtype)
+    key = torch.randn((len(lengths), kv_heads, head_dim), generator=generator).to(dtype)
+    value = torch.randn((len(lengths), kv_heads, head_dim), generator=generator).to(dtype)
+    return cache, tables, slots, query, key, value, block_size
+
+
+def attend(
+    case: tuple, lengths: list[int], *, kernel: bool, window: int | None, dtype: torch.dtype
+) -> torch.Tensor:
+    cache, tables, slots, query, key, value, block_size = case
+    metadata = build_attention_metadata(
+        block_size=block_size,
+        decode_block_tables=tables,
+        decode_context_lens=lengths,
+        prefill_block_tables=[],
+        prefill_starts=[],
+        prefill_lens=[],
+        slot_mapping=slots,
+        dtype=dtype,
+        sliding_window=window,
+        decode_kernel=kernel,
+    )
+    assert (metadata.decode_lens is not None) == kernel
+    return paged_attention(query, key, value, cache.clone(), metadata).float()
+
+
+@pytest.mark.parametrize(
+    ("dtype", "kv_dtype", "atol"),
+    [
+        (torch.float32, torch.float32, 1e-5),
+        (torch.float32, torch.bfloat16, 1e-5),
+        (torch.float32, torch.float16, 1e-5),
+        (torch.bfloat16, torch.bfloat16, 2e-2),
+        (torch.float16, torch.float16, 2e-3),
+    ],
+)
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim", "window"),
+    [(9, 3, 64, None), (4, 4, 32, None), (8, 2, 16, 7), (6, 2, 24, None)],  # 24: not a multiple of 16
+)
+def test_decode_kernel_matches_the_pytorch_path(
+    dtype: torch.dtype,
+    kv_dtype: torch.dtype,
+    atol: float,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    window: int | None,
+) -> None:
+    lengths = [1, 2, 5, 17, 33, 64]
+    case = decode_case(
+        heads=heads, kv_heads=kv_heads, head_dim=head_dim, lengths=lengths, dtype=dtype, kv_dtype=kv_dtype
+    )
+    expected = attend(case, lengths, kernel=False, window=window, dtype=dtype)
+    got = attend(case, lengths, kernel=True, window=window, dtype=dtype)
+    torch.testing.assert_close(got, expected, atol=atol, rtol=0)
+    # And against attention written out by hand, for the longest sequence, head 0.
+    cache, tables, _, query, key, value, block_size = case
+    last = len(lengths) - 1
+    rows = [(tables[last][p // block_size], p % block_size) for p in range(lengths[last] - 1)]
+    keys = torch.stack([cache[b, 0, 0, o].float() for b, o in rows] + [key[last, 0].to(kv_dtype).float()])
+    values = torch.stack([cache[b, 1, 0, o].float() for b, o in rows] + [value[last, 0].to(kv_dtype).float()])
+    if window is not None:
+        keys, values = keys[-window:], values[-window:]
+    weights = torch.softmax(keys @ query[last, 0].float() / head_dim**0.5, dim=0)
+    torch.testing.assert_close(got[last, :head_dim], weights @ values, atol=max(atol, 1e-5), rtol=0)
+
+
+def test_kernels_build_into_the_cache_dir_and_can_be_disabled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SERVEKIT_CACHE_DIR", str(tmp_path))
+    kernels.load_library.cache_clear()
+    try:
+        assert kernels.load_library() is not None
+        built = list((tmp_path / "kernels").glob("servekit_kernels-*.so"))
+        assert len(built) == 1
+        assert not [p for p in (tmp_path / "kernels").iterdir() if p not in built]  # no scratch files left
+        monkeypatch.setenv("SERVEKIT_KERNELS", "0")
+        kernels.load_library.cache_clear()
+        assert kernels.load_library() is None
+        monkeypatch.setenv("SERVEKIT_KERNELS", "1")
+        monkeypatch.setenv("CC", "/nonexistent/cc")
+        kernels.load_library.cache_clear()
+        assert kernels.load_library() is None  # no compiler: callers fall back to PyTorch
+    finally:
+        kernels.load_library.cache_clear()
+        shutil.rmtree(tmp_path / "kernels", ignore_errors=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_int8_row_kernels_match_the_formula(dtype: torch.dtype) -> None:
+    generator = torch.Generator().manual_seed(5)
+    x = (torch.randn((7, 300), generator=generator) * torch.arange(1, 8).unsqueeze(1)).to(dtype)
+    x[3] = 0  # an all-zero row must not divide by zero
+    quantised, scales = quantize_rows(x)
+    source = x.float()
+    expected_scales = source.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127
+    torch.testing.assert_close(scales, expected_scales, rtol=1e-6, atol=0)
+    expected = torch.round(source / expected_scales).clamp(-127, 127)
+    assert (quantised.float() - expected).abs().max() <= 1  # reciprocal vs division: at most one step
+    assert int(quantised.abs().max()) == 127 and not quantised[3].any()
+
+    acc = torch.randint(-50000, 50000, (7, 300), dtype=torch.int32, generator=generator)
+    col_scales = torch.rand(300, generator=generator)
+    bias = torch.randn(300, generator=generator)
+    got = dequantize(acc, scales, col_scales, bias, dtype)
+    reference = acc.float() * scales * col_scales + bias
+    assert got.dtype == dtype
+    torch.testing.assert_close(
+        got.float(), reference.to(dtype).float(), rtol=1e-2 if dtype != torch.float32 else 1e-6, atol=1e-4
+    )

@@ -1,0 +1,116 @@
+"""int8 quantization (Int8Linear, engine option) and a KV cache narrower than the model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from servekit.llm import EngineConfig, LLMEngine, SamplingParams
+from servekit.llm.config import EngineConfigError
+from servekit.llm.loaders import ModelSource, load_model_source
+from servekit.llm.model_runner import ForwardBatch, ModelRunner
+from servekit.llm.models.linear import Int8Linear
+from tests.llm.test_engine import PROMPTS, SYSTEM, run_all
+from tests.llm.tiny_models import build_tiny_checkpoint
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> ModelSource:
+    return load_model_source(str(build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-q") / "model")))
+
+
+def make_engine(source: ModelSource, **overrides: Any) -> LLMEngine:
+    settings: dict[str, Any] = {"max_model_len": 256, "block_size": 8, "num_kv_blocks": 128}
+    settings.update(overrides)
+    return LLMEngine(EngineConfig(**settings), source=source)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_int8_linear_tracks_float_and_ignores_batch_mates(fused: bool) -> None:
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn((96, 200), generator=generator) * 0.05
+    bias = torch.randn(96, generator=generator)
+    layer = Int8Linear(weight, bias)
+    layer.fused = layer.fused and fused
+    x = torch.randn((9, 200), generator=generator) * torch.linspace(0.1, 10, 9).unsqueeze(1)
+    reference = torch.nn.functional.linear(x, weight, bias)
+    out = layer(x)
+    assert ((out - reference).norm(dim=1) / reference.norm(dim=1)).max() < 0.02
+    for row in range(x.shape[0]):  # each token's result is bitwise the same alone as in the batch
+        assert torch.equal(layer(x[row : row + 1]), out[row : row + 1])
+    assert layer(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_int8_runner_logits_track_float32(source: ModelSource) -> None:
+    def runner(**kwargs: Any) -> ModelRunner:
+        return ModelRunner(source.config, source.iter_weights(), num_blocks=32, block_size=8, **kwargs)
+
+    prompt = source.tokenizer.encode(PROMPTS[1])
+    table = list(range((len(prompt) + 7) // 8))
+    exact = runner().execute(ForwardBatch([prompt], [0], [table], all_logits=[True])).all_logits[0]
+    quantised = runner(quantization="int8").execute(ForwardBatch([prompt], [0], [table], all_logits=[True]))
+    got = quantised.all_logits[0]
+    assert exact is not None and got is not None
+    similarity = torch.nn.functional.cosine_similarity(got, exact, dim=-1)
+    assert similarity.min() > 0.99
+    assert not torch.equal(got, exact)  # it really is a different (quantised) computation
+
+
+def test_int8_engine_is_reproducible_regardless_of_batch_mates(source: ModelSource) -> None:
+    params = SamplingParams(temperature=0.9, seed=77, max_tokens=12, ignore_eos=True)
+    alone = run_all(make_engine(source, quantization="int8"), [(PROMPTS[2], params)])["r0"]
+    mates = [(p, SamplingParams(temperature=1.0, max_tokens=6, ignore_eos=True)) for p in PROMPTS]
+    mates.insert(2, (PROMPTS[2], params))
+    crowded = run_all(make_engine(source, quantization="int8", max_num_batched_tokens=9), mates)["r2"]
+    assert crowded.outputs[0].token_ids == alone.outputs[0].token_ids
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    text = run_all(make_engine(source, quantization="int8"), [(PROMPTS[0], greedy)])["r0"].outputs[0]
+    assert len(text.token_ids) == 8
+
+
+@pytest.mark.parametrize("kv_dtype", ["bfloat16", "float16"])
+def test_narrow_kv_cache_tracks_float32_and_prefix_hits_change_nothing(
+    source: ModelSource, kv_dtype: str
+) -> None:
+    greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=0)
+    requests = [(SYSTEM + p, greedy) for p in PROMPTS[:3]]
+    exact = run_all(make_engine(source, enable_prefix_caching=False), requests)
+    fresh = run_all(make_engine(source, kv_cache_dtype=kv_dtype, enable_prefix_caching=False), requests)
+    cached_engine = make_engine(source, kv_cache_dtype=kv_dtype, max_num_seqs=1)  # one by one: later ones hit
+    cached = run_all(cached_engine, requests)
+    assert cached_engine.runner.kv_cache.dtype == getattr(torch, kv_dtype)
+    assert cached_engine.get_stats().prefix_cache_hit_rate > 0
+    for rid in exact:
+        narrow, reused = fresh[rid].outputs[0], cached[rid].outputs[0]
+        assert narrow.token_ids == reused.token_ids
+        assert narrow.cumulative_logprob == pytest.approx(reused.cumulative_logprob, abs=1e-4)
+        assert narrow.cumulative_logprob == pytest.approx(exact[rid].outputs[0].cumulative_logprob, abs=0.05)
+
+
+def test_quantization_and_kv_cache_dtype_settings() -> None:
+    assert EngineConfig(quantization="INT8").quantization == "int8"
+    assert EngineConfig(quantization="none").quantization is None
+    assert EngineConfig(kv_cache_dtype="bf16").kv_cache_dtype == "bfloat16"
+    with pytest.raises(EngineConfigError) as error:
+        EngineConfig(quantization="int3")
+    assert error.value.name == "quantization"
+    with pytest.raises(EngineConfigError) as error:
+        EngineConfig(kv_cache_dtype="int4")
+    assert error.value.name == "kv_cache_dtype"
+    assert EngineConfig.from_env({"SERVEKIT_QUANTIZATION": "int8"}).quantization == "int8"
+
+
+def test_int8_checkpoint_directory_round_trip(tmp_path: Path) -> None:
+    """The option works on a Hugging Face directory with biases (Qwen2-style) too."""
+    checkpoint = build_tiny_checkpoint(tmp_path / "qwen2", arch="qwen2")
+    engine = make_engine(load_model_source(str(checkpoint)), quantization="int8")
+    out = run_all(engine, [(PROMPTS[3], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))])
+    assert len(out["r0"].outputs[0].token_ids) == 5
