@@ -59,12 +59,15 @@ def make_prompts(source: ModelSource, count: int) -> list[list[int]]:
 def run_engine(
     source: ModelSource, prompts: list[list[int]], max_tokens: int, setup: str
 ) -> tuple[Result, Any]:
-    """``setup``: a dtype, optionally ``+int8`` for int8 quantization (e.g. ``float32+int8``)."""
-    dtype, _, quantization = setup.partition("+")
+    """``setup``: a dtype, then optionally ``+int8`` (int8 quantization) and ``+kv:<dtype>`` (the KV
+    cache's dtype), e.g. ``float32+int8+kv:bfloat16``."""
+    dtype, *options = setup.split("+")
+    kv_dtype = next((o.removeprefix("kv:") for o in options if o.startswith("kv:")), "auto")
     max_len = max(len(p) for p in prompts) + max_tokens + 16
     config = EngineConfig(
         dtype=dtype,
-        quantization=quantization or None,
+        quantization="int8" if "int8" in options else None,
+        kv_cache_dtype=kv_dtype,
         max_model_len=max_len,
         max_num_seqs=max(len(prompts), 1),
     )
@@ -151,10 +154,10 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument(
         "--engine-setups",
-        default="float32,bfloat16,float32+int8",
-        help="engine runs: a dtype, optionally +int8 (int8 weights and activations)",
+        default="float32,float32+kv:bfloat16,bfloat16,float32+int8,float32+int8+kv:bfloat16",
+        help="engine runs: a dtype, then optionally +int8 (int8 weights and activations) and +kv:<dtype>",
     )
-    parser.add_argument("--batch1-setups", default="float32,float32+int8")
+    parser.add_argument("--batch1-setups", default="float32,bfloat16,float32+int8")
     parser.add_argument("--skip-transformers", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)

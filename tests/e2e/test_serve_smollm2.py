@@ -142,3 +142,11 @@ def test_required_tool_call(client: openai.OpenAI) -> None:
             finishes.append(chunk.choices[0].finish_reason)
     assert names == ["get_weather"] and finishes == ["tool_calls"]
     assert json.loads(arguments) == json.loads(call.function.arguments)  # type: ignore[union-attr]
+
+
+def test_default_model_runs_quantised_as_its_file_is(server: RunningServer) -> None:
+    import httpx
+
+    info = httpx.get(f"{server.url}/model_info", timeout=30).json()
+    assert info["checkpoint_quantization"] == "Q4_1, Q8_0"
+    assert (info["quantization"], info["kv_cache_dtype"]) == ("int8", "bfloat16")

@@ -159,6 +159,8 @@ def test_written_gguf_round_trips_to_hf_tensors(tmp_path: Path, arch: str) -> No
     assert source.config.rope_theta == hf.config.rope_theta
     assert source.config.attention_bias == (arch == "qwen2")
     assert source.config.tie_word_embeddings is False
+    assert source.quantization == "Q8_0"  # F16 and F32 tensors are not "quantised"
+    assert hf.quantization is None
     weights = dict(source.iter_weights())
     assert set(weights) == set(expected)
     for name, tensor in weights.items():
@@ -185,6 +187,7 @@ def smollm2() -> Any:
 def test_default_model_is_the_smollm2_gguf(smollm2: Any) -> None:
     assert default_model_path().endswith(".gguf")
     assert smollm2.name == "SmolLM2-135M-Instruct.Q4_1"
+    assert smollm2.quantization == "Q4_1, Q8_0"
     config = smollm2.config
     assert (config.architecture, config.hidden_size, config.num_hidden_layers) == ("llama", 576, 30)
     assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (9, 3, 64)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from servekit.llm import EngineConfig, LLMEngine, SamplingParams
-from servekit.llm.config import EngineConfigError
+from servekit.llm.config import EngineConfigError, resolve_kv_cache_dtype, resolve_quantization
 from servekit.llm.loaders import ModelSource, load_model_source
 from servekit.llm.model_runner import ForwardBatch, ModelRunner
 from servekit.llm.models.linear import Int8Linear
@@ -98,6 +98,7 @@ def test_narrow_kv_cache_tracks_float32_and_prefix_hits_change_nothing(
 def test_quantization_and_kv_cache_dtype_settings() -> None:
     assert EngineConfig(quantization="INT8").quantization == "int8"
     assert EngineConfig(quantization="none").quantization is None
+    assert EngineConfig().quantization == "auto"
     assert EngineConfig(kv_cache_dtype="bf16").kv_cache_dtype == "bfloat16"
     with pytest.raises(EngineConfigError) as error:
         EngineConfig(quantization="int3")
@@ -106,6 +107,17 @@ def test_quantization_and_kv_cache_dtype_settings() -> None:
         EngineConfig(kv_cache_dtype="int4")
     assert error.value.name == "kv_cache_dtype"
     assert EngineConfig.from_env({"SERVEKIT_QUANTIZATION": "int8"}).quantization == "int8"
+
+
+def test_auto_quantization_follows_the_checkpoint(source: ModelSource) -> None:
+    assert resolve_quantization("auto", "Q4_1, Q8_0") == "int8"  # a quantised GGUF, on a CPU
+    assert resolve_quantization("auto", None) is None  # float weights are computed as they are
+    assert resolve_quantization(None, "Q4_1") is None
+    assert resolve_kv_cache_dtype("auto", torch.float32, "int8") == torch.bfloat16
+    assert resolve_kv_cache_dtype("auto", torch.float32, None) == torch.float32
+    assert resolve_kv_cache_dtype("float16", torch.float32, "int8") == torch.float16
+    engine = make_engine(source)  # a float checkpoint with every setting left to "auto"
+    assert engine.quantization is None and engine.runner.kv_cache.dtype == torch.float32
 
 
 def test_int8_checkpoint_directory_round_trip(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 ENV_PREFIX = "SERVEKIT_"
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
-QUANTIZATION_CHOICES = ("int8",)
+QUANTIZATION_CHOICES = ("auto", "int8")
 _DTYPE_ALIASES = {
     "fp32": "float32",
     "float": "float32",
@@ -45,11 +45,12 @@ class EngineConfig:
     revision: str | None = None
     served_model_name: str | None = None
     dtype: str = "auto"  # "auto" | "float32" | "bfloat16" | "float16"
-    # None: weights as loaded (in dtype); "int8": int8 weights (per output channel) and int8
-    # activations (per token) in every projection and the LM head, int32 accumulation.
-    quantization: str | None = None
-    # "auto": the model's dtype; "bfloat16"/"float16" halve the cache of a float32 model (and the
-    # memory traffic of decode attention, which dominates at long contexts on CPUs).
+    # "int8": int8 weights (per output channel) and int8 activations (per token) in every projection
+    # and the LM head, int32 accumulation. None / "none": weights as loaded, computed in dtype.
+    # "auto": int8 on CPUs for checkpoints whose weights are already quantised (a Q4/Q8 GGUF), else none.
+    quantization: str | None = "auto"
+    # "auto": bfloat16 when int8 quantization is on (and dtype is float32), else the model's dtype.
+    # "bfloat16"/"float16" halve the cache of a float32 model and the memory traffic of decode attention.
     kv_cache_dtype: str = "auto"
     max_model_len: int | None = None  # prompt + output tokens; None: the model's context length
     max_num_seqs: int = 256  # sequences decoded together in one step
@@ -90,7 +91,7 @@ class EngineConfig:
             )
         if self.quantization is not None and self.quantization not in QUANTIZATION_CHOICES:
             raise EngineConfigError(
-                f"quantization must be one of {QUANTIZATION_CHOICES} or unset, got {self.quantization!r}",
+                f"quantization must be one of {(*QUANTIZATION_CHOICES, 'none')}, got {self.quantization!r}",
                 "quantization",
             )
         positive = {
@@ -193,6 +194,29 @@ def resolve_dtype(name: str, model_config: ModelConfig) -> torch.dtype:
     if torch.cuda.is_available():
         return dtypes.get(model_config.torch_dtype, torch.float32)
     return torch.float32
+
+
+def resolve_quantization(name: str | None, checkpoint_quantization: str | None) -> str | None:
+    """``"auto"`` is int8 on CPUs when the checkpoint's weights are quantised already (a Q4/Q8 GGUF:
+    computing them in int8 instead of dequantised float32 loses less than the file's own rounding
+    did, and is several times faster); otherwise the weights are computed as loaded."""
+    import torch
+
+    from servekit.llm.models.linear import int8_matmul_available
+
+    if name != "auto":
+        return name
+    if checkpoint_quantization and not torch.cuda.is_available() and int8_matmul_available():
+        return "int8"
+    return None
+
+
+def resolve_kv_cache_dtype(name: str, dtype: torch.dtype, quantization: str | None) -> torch.dtype:
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if quantization == "int8" and dtype == torch.float32 else dtype
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 def kv_bytes_per_token(model_config: ModelConfig, dtype: torch.dtype) -> int:

@@ -15,7 +15,13 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from servekit.llm.block_manager import BlockManager
-from servekit.llm.config import EngineConfig, auto_num_kv_blocks, resolve_dtype
+from servekit.llm.config import (
+    EngineConfig,
+    auto_num_kv_blocks,
+    resolve_dtype,
+    resolve_kv_cache_dtype,
+    resolve_quantization,
+)
 from servekit.llm.detokenizer import IncrementalDetokenizer
 from servekit.llm.model_runner import ForwardBatch, ForwardOutput
 from servekit.llm.outputs import Logprob, RequestOutput
@@ -99,8 +105,14 @@ class LLMEngine:
         self.tokenizer: Tokenizer = source.tokenizer
         self.max_model_len = cfg.max_model_len or source.config.max_position_embeddings
         self.dtype = resolve_dtype(cfg.dtype, source.config)
-        self.kv_cache_dtype = (
-            self.dtype if cfg.kv_cache_dtype == "auto" else resolve_dtype(cfg.kv_cache_dtype, source.config)
+        self.quantization = resolve_quantization(cfg.quantization, source.quantization)
+        self.kv_cache_dtype = resolve_kv_cache_dtype(cfg.kv_cache_dtype, self.dtype, self.quantization)
+        logger.info(
+            "compute: %s, quantization %s%s, KV cache %s",
+            str(self.dtype).removeprefix("torch."),
+            self.quantization or "none",
+            f" (checkpoint: {source.quantization})" if source.quantization else "",
+            str(self.kv_cache_dtype).removeprefix("torch."),
         )
         if runner is None:
             runner = self._build_runner(source)
@@ -487,7 +499,7 @@ class LLMEngine:
             num_blocks=num_blocks,
             kv_cache_memory_bytes=None if num_blocks is not None else memory,
             max_model_len=self.max_model_len,
-            quantization=cfg.quantization,
+            quantization=self.quantization,
             kv_cache_dtype=self.kv_cache_dtype,
         )
 

@@ -33,6 +33,7 @@ class ModelSource:
     generation_config: dict[str, Any]
     weights_factory: Callable[[], Iterator[tuple[str, torch.Tensor]]] = field(repr=False)
     path: str = ""  # the local file or directory the model was read from
+    quantization: str | None = None  # how the file stores its weights when quantised, e.g. "Q4_1, Q6_K"
 
     def iter_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Every weight under its HF name, in HF layout and orientation; ``lm_head.weight`` is

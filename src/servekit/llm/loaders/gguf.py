@@ -375,4 +375,22 @@ def load_gguf_file(
         generation_config=generation_config,
         weights_factory=weights,
         path=str(file),
+        quantization=stored_quantization(reader),
     )
+
+
+def stored_quantization(reader: Any) -> str | None:
+    """The quantised types the file's 2-D weights are stored in (e.g. "Q4_1, Q6_K"); None if none."""
+    import gguf
+
+    unquantised = {
+        gguf.GGMLQuantizationType.F32,
+        gguf.GGMLQuantizationType.F16,
+        gguf.GGMLQuantizationType.BF16,
+    }
+    names = {
+        tensor.tensor_type.name
+        for tensor in reader.tensors
+        if len(tensor.shape) == 2 and tensor.tensor_type not in unquantised
+    }
+    return ", ".join(sorted(names)) or None

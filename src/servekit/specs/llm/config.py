@@ -71,6 +71,21 @@ SETTINGS: tuple[Setting, ...] = (
         "dtype", str, "auto", "weights and activations dtype: auto, float32, bfloat16, float16", ("DTYPE",)
     ),
     Setting(
+        "quantization",
+        str,
+        "auto",
+        "int8 (int8 weights and activations), none, or auto: int8 on CPUs for an already-quantised "
+        "checkpoint (a Q4/Q8 GGUF such as the default model), none otherwise",
+        ("QUANTIZATION",),
+    ),
+    Setting(
+        "kv_cache_dtype",
+        str,
+        "auto",
+        "KV cache dtype: auto (bfloat16 with int8 quantization, else the model's), float32, bfloat16, float16",
+        ("KV_CACHE_DTYPE",),
+    ),
+    Setting(
         "kv_cache_memory",
         str,
         "auto",
@@ -194,6 +209,8 @@ class ServeConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
     dtype: str = "auto"
+    quantization: str = "auto"
+    kv_cache_dtype: str = "auto"
     kv_cache_memory: str = "auto"
     block_size: int = 16
     enable_prefix_caching: bool = True
@@ -257,6 +274,8 @@ class ServeConfig:
             "revision": self.revision,
             "served_model_name": self.served_model_name,
             "dtype": self.dtype,
+            "quantization": self.quantization,
+            "kv_cache_dtype": self.kv_cache_dtype,
             "max_model_len": self.max_model_len,
             "max_num_seqs": self.max_num_seqs,
             "max_num_batched_tokens": self.max_num_batched_tokens,
