@@ -350,6 +350,10 @@ def test_interactive_session(server: RunningServer) -> None:
 
 
 def test_info_metrics_docs(server: RunningServer) -> None:
+    completion = httpx.post(
+        f"{server.url}/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=60
+    )
+    assert completion.status_code == 200
     info = httpx.get(f"{server.url}/server_info").json()
     assert info["config"]["max_model_len"] == 512
     assert info["config"]["sources"]["max_model_len"] == "env SERVEKIT_MAX_MODEL_LEN"
@@ -360,6 +364,8 @@ def test_info_metrics_docs(server: RunningServer) -> None:
     assert info["config"]["quantization"] == "auto"
     text = httpx.get(f"{server.url}/metrics").text
     assert "# TYPE servekit:num_requests_running gauge" in text
+    forward = [line for line in text.splitlines() if line.startswith("servekit:engine_forward_seconds_total")]
+    assert len(forward) == 1 and float(forward[0].split()[-1]) > 0  # the completion above ran
     assert httpx.get(f"{server.url}/docs").status_code == 200
     paths = httpx.get(f"{server.url}/openapi.json").json()["paths"]
     assert {"/v1/chat/completions", "/v1/completions", "/generate", "/tokenize"} <= set(paths)

@@ -183,3 +183,33 @@ def test_idle_loop_thread_waits_instead_of_stepping(engine: AsyncEngine) -> None
     else:
         raise AssertionError("the idle loop thread is not waiting on its condition")
     assert engine.is_running
+
+
+def test_the_loop_thread_builds_the_engine_and_reports_a_failed_build(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    import servekit.llm.engine as engine_module
+
+    built_on: list[str] = []
+    original_init = engine_module.LLMEngine.__init__
+
+    def recording_init(self: Any, *args: Any, **kwargs: Any) -> None:
+        built_on.append(threading.current_thread().name)
+        original_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module.LLMEngine, "__init__", recording_init)
+    checkpoint = build_tiny_checkpoint(tmp_path / "m")
+    async_engine = AsyncEngine(EngineConfig(model=str(checkpoint), max_model_len=64, num_kv_blocks=16))
+    try:
+        # Loading and stepping share one thread, so PyTorch keeps one OpenMP pool (see the module doc).
+        assert built_on == ["servekit-engine"]
+        assert async_engine.engine.model_config.vocab_size > 0
+    finally:
+        async_engine.shutdown()
+
+    before = threading.active_count()
+    with pytest.raises(Exception, match="no-such-model"):
+        AsyncEngine(EngineConfig(model=str(tmp_path / "no-such-model")))
+    assert threading.active_count() == before  # the failed loop thread is gone

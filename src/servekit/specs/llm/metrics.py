@@ -58,6 +58,18 @@ def render_metrics(stats: dict[str, Any], model: str) -> str:
     out.one("servekit:num_preemptions_total", "counter", "Preempted sequences.", engine["num_preemptions"])
     out.one("servekit:engine_steps_total", "counter", "Engine steps run.", engine["num_steps"])
     out.one(
+        "servekit:engine_step_seconds_total",
+        "counter",
+        "Time spent in engine steps (scheduling, forward, sampling, detokenization).",
+        engine["step_time_s"],
+    )
+    out.one(
+        "servekit:engine_forward_seconds_total",
+        "counter",
+        "Time spent in model forward passes.",
+        engine["forward_time_s"],
+    )
+    out.one(
         "servekit:prompt_tokens_total",
         "counter",
         "Prompt tokens of finished requests.",
