@@ -60,7 +60,8 @@ def run_engine(
     source: ModelSource, prompts: list[list[int]], max_tokens: int, setup: str
 ) -> tuple[Result, Any]:
     """``setup``: a dtype, then optionally ``+int8`` (int8 quantization) and ``+kv:<dtype>`` (the KV
-    cache's dtype), e.g. ``float32+int8+kv:bfloat16``."""
+    cache's dtype), e.g. ``float32+int8+kv:bfloat16`` (what ``quantization="auto"`` picks for the
+    default GGUF). Without ``+int8`` the weights are computed dequantised, as stored."""
     dtype, *options = setup.split("+")
     kv_dtype = next((o.removeprefix("kv:") for o in options if o.startswith("kv:")), "auto")
     max_len = max(len(p) for p in prompts) + max_tokens + 16
@@ -154,10 +155,10 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument(
         "--engine-setups",
-        default="float32,float32+kv:bfloat16,bfloat16,float32+int8,float32+int8+kv:bfloat16",
+        default="float32,bfloat16,float32+int8+kv:float32,float32+int8+kv:bfloat16",
         help="engine runs: a dtype, then optionally +int8 (int8 weights and activations) and +kv:<dtype>",
     )
-    parser.add_argument("--batch1-setups", default="float32,bfloat16,float32+int8")
+    parser.add_argument("--batch1-setups", default="float32,bfloat16,float32+int8+kv:bfloat16")
     parser.add_argument("--skip-transformers", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)

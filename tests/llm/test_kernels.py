@@ -12,6 +12,7 @@ import torch
 
 from servekit.llm import kernels
 from servekit.llm.attention import build_attention_metadata, paged_attention
+from servekit.llm.kernels.elementwise import add_rms_norm, silu_mul
 from servekit.llm.kernels.int8 import dequantize, quantize_rows
 
 pytestmark = pytest.mark.skipif(kernels._compiler() is None, reason="no C compiler on this machine")
@@ -150,4 +151,34 @@ def test_int8_row_kernels_match_the_formula(dtype: torch.dtype) -> None:
     assert got.dtype == dtype
     torch.testing.assert_close(
         got.float(), reference.to(dtype).float(), rtol=1e-2 if dtype != torch.float32 else 1e-6, atol=1e-4
+    )
+
+
+@pytest.mark.parametrize(
+    ("dtype", "atol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)]
+)
+def test_elementwise_kernels_match_pytorch(dtype: torch.dtype, atol: float) -> None:
+    generator = torch.Generator().manual_seed(11)
+    hidden = torch.randn((5, 96), generator=generator).to(dtype)
+    delta = torch.randn((5, 96), generator=generator).to(dtype)
+    weight = (1 + 0.1 * torch.randn(96, generator=generator)).to(dtype)
+    expected_hidden = hidden.clone()
+    expected = add_rms_norm(expected_hidden, delta, weight, 1e-5, fused=False)
+    got_hidden = hidden.clone()
+    got = add_rms_norm(got_hidden, delta, weight, 1e-5, fused=True)
+    torch.testing.assert_close(got_hidden, expected_hidden, atol=0, rtol=0)  # the residual add, in place
+    torch.testing.assert_close(got.float(), expected.float(), atol=atol, rtol=0)
+    no_delta = add_rms_norm(hidden.clone(), None, weight, 1e-5, fused=True)
+    reference = (
+        hidden.float() * torch.rsqrt(hidden.float().pow(2).mean(-1, keepdim=True) + 1e-5) * weight.float()
+    )
+    torch.testing.assert_close(no_delta.float(), reference, atol=atol, rtol=0)
+
+    # PyTorch rounds silu(gate) to the dtype before the product; the kernel rounds once: relative tolerance.
+    gate_up = torch.randn((5, 2 * 70), generator=generator).to(dtype) * 4
+    torch.testing.assert_close(
+        silu_mul(gate_up, fused=True).float(),
+        silu_mul(gate_up.clone(), fused=False).float(),
+        atol=atol,
+        rtol=atol,
     )

@@ -1,8 +1,8 @@
 """Native CPU kernels, compiled on first use with the machine's C compiler.
 
 The engine's hot loops that PyTorch cannot express without copies or many small operators (attention
-straight over the paged KV cache, the int8 quantise/rescale passes around an int8 matmul) are
-written in C here. The source ships with the package; the first process that needs a
+straight over the paged KV cache, the int8 quantise/rescale passes around an int8 matmul, residual
+add + RMSNorm, SiLU-and-multiply) are written in C here. The source ships with the package; the first process that needs a
 kernel compiles it (``-O3 -march=native``, a second or so) into a cache directory keyed by the
 source, the compiler and the CPU, and every later process loads the cached library. Without a C
 compiler, or with ``SERVEKIT_KERNELS=0``, every caller falls back to its pure PyTorch path.
@@ -26,7 +26,10 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("paged_attention.c", "int8_rows.c"))
+SOURCES = tuple(
+    Path(__file__).with_name(name) for name in ("paged_attention.c", "int8_rows.c", "elementwise.c")
+)
+HEADERS = (Path(__file__).with_name("dtypes.h"),)
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fPIC", "-shared", "-pthread")
 OPENMP_FLAGS = ("-fopenmp",)  # dropped when the compiler has no OpenMP (then plain threads)
 
@@ -86,6 +89,10 @@ _SIGNATURES: dict[str, list[type]] = {
     "quantize_rows_int8": [_POINTER, _INT, _INT64, _INT64, _POINTER, _POINTER],
     # acc int32, rows, cols, row scales, column scales, bias (or NULL), out, out dtype
     "dequantize_int32": [_POINTER, _INT64, _INT64, _POINTER, _POINTER, _POINTER, _POINTER, _INT],
+    # hidden (updated in place), delta (or NULL), weight, out, rows, cols, eps, dtype
+    "add_rms_norm": [_POINTER, _POINTER, _POINTER, _POINTER, _INT64, _INT64, ctypes.c_float, _INT],
+    # gate_up [rows, 2 * cols], out [rows, cols], rows, cols, dtype
+    "silu_mul": [_POINTER, _POINTER, _INT64, _INT64, _INT],
 }
 
 
@@ -105,7 +112,7 @@ def load_library() -> ctypes.CDLL | None:
         key = hashlib.sha256(
             "\0".join(
                 [
-                    *(source.read_text() for source in SOURCES),
+                    *(source.read_text() for source in (*SOURCES, *HEADERS)),
                     compiler,
                     version,
                     " ".join(FLAGS),

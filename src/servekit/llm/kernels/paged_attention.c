@@ -16,7 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { DTYPE_F32 = 0, DTYPE_BF16 = 1, DTYPE_F16 = 2 };
+#include "dtypes.h"
 
 static inline void load_row(float *dst, const void *src, int64_t offset, int n, int dtype) {
     if (dtype == DTYPE_F32) {

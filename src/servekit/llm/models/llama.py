@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from servekit.llm.attention import AttentionMetadata, paged_attention
+from servekit.llm.kernels.elementwise import add_rms_norm, elementwise_kernels_available, silu_mul
 from servekit.llm.kv_cache import PagedKVCache
 from servekit.llm.model_config import ModelConfig
 from servekit.llm.models.linear import Int8Linear, Linear, make_linear
@@ -86,6 +87,7 @@ class LlamaForCausalLM:
         self.eps = config.rms_norm_eps
         self.pack_weights = pack_weights
         self.quantization = quantization
+        self.fused_elementwise = elementwise_kernels_available(dtype)
         self.blocks: list[DecoderLayer] = []
         self.lm_head_proj: Linear | Int8Linear | None = None
         self.rotary = RotaryEmbedding(config, max_model_len=max_model_len, dtype=dtype)
@@ -269,13 +271,14 @@ class LlamaForCausalLM:
         num_tokens = token_ids.shape[0]
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
         qk_width = (heads + kv_heads) * head_dim
-        hidden_shape = (self.hidden_size,)
         cos, sin = self.rotary.cos_sin(positions, max_position)
         hidden = F.embedding(token_ids, self.embed_tokens)
         if not self.blocks:
             raise RuntimeError("load_weights must be called before forward")
+        fused = self.fused_elementwise and hidden.device.type == "cpu"
+        pending: torch.Tensor | None = None  # the previous layer's MLP output, added at this layer's norm
         for index, layer in enumerate(self.blocks):
-            normed = F.rms_norm(hidden, hidden_shape, layer.input_norm, self.eps)
+            normed = add_rms_norm(hidden, pending, layer.input_norm, self.eps, fused=fused)
             qkv = layer.qkv_proj(normed)
             query_key = qkv[:, :qk_width].view(num_tokens, heads + kv_heads, head_dim)
             if layer.qk_norm is not None:
@@ -285,12 +288,11 @@ class LlamaForCausalLM:
             attended = paged_attention(
                 query_key[:, :heads], query_key[:, heads:], value, kv_cache.layer(index), attention
             )
-            hidden.add_(layer.o_proj(attended))
-            normed = F.rms_norm(hidden, hidden_shape, layer.post_norm, self.eps)
-            gate_up = layer.gate_up_proj(normed)
-            activated = F.silu(gate_up[:, : self.intermediate_size])
-            activated.mul_(gate_up[:, self.intermediate_size :])
-            hidden.add_(layer.down_proj(activated))
+            normed = add_rms_norm(hidden, layer.o_proj(attended), layer.post_norm, self.eps, fused=fused)
+            activated = silu_mul(layer.gate_up_proj(normed), fused=fused)
+            pending = layer.down_proj(activated)
+        if pending is not None:
+            hidden.add_(pending)
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
