@@ -153,7 +153,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(model: str | None, port: int, threads: int, max_num_seqs: int) -> subprocess.Popen[bytes]:
+def start_server(
+    model: str | None, port: int, threads: int, max_num_seqs: int, quantization: str
+) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
         "PYTHONPATH": str(REPO / "src"),
@@ -163,6 +165,7 @@ def start_server(model: str | None, port: int, threads: int, max_num_seqs: int) 
     }
     args = [sys.executable, "-m", "servekit.cli", "serve", *([model] if model else [])]
     args += ["--host", "127.0.0.1", "--port", str(port), "--max-num-seqs", str(max_num_seqs)]
+    args += ["--quantization", quantization]
     return subprocess.Popen(args, env=env, start_new_session=True)
 
 
@@ -204,12 +207,12 @@ def wait_healthy(
 
 
 def offline_throughput(
-    model: str | None, prompts: list[str], max_tokens: int, threads: int, max_num_seqs: int
+    model: str | None, prompts: list[str], max_tokens: int, threads: int, max_num_seqs: int, quantization: str
 ) -> float:
     sys.path.insert(0, str(REPO / "src"))
     from servekit.llm import LLM, SamplingParams
 
-    llm = LLM(model, num_threads=threads, max_num_seqs=max_num_seqs)
+    llm = LLM(model, num_threads=threads, max_num_seqs=max_num_seqs, quantization=quantization)
     llm.generate(["warm up"], SamplingParams(max_tokens=4))
     params = [
         SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.8, seed=i)
@@ -277,6 +280,9 @@ def main() -> None:
     parser.add_argument("--skip-offline", action="store_true")
     parser.add_argument("--repeats", type=int, default=3, help="alternating offline/serving runs")
     parser.add_argument(
+        "--quantization", default="none", help="engine quantization, offline and served: none, int8, auto"
+    )
+    parser.add_argument(
         "--llamacpp-python",
         default=None,
         help="a Python with llama-cpp-python[server]: also serve the same GGUF with llama.cpp and compare",
@@ -284,7 +290,7 @@ def main() -> None:
     args = parser.parse_args()
     prompts = make_prompts(args.num_prompts)
     max_num_seqs = max(args.concurrency, 1)
-    print(f"model: {args.model or 'SmolLM2-135M-Instruct (default)'}")
+    print(f"model: {args.model or 'SmolLM2-135M-Instruct (default)'}  quantization: {args.quantization}")
     print(
         f"prompts: {args.num_prompts}  concurrency: {args.concurrency}  output tokens/request: {args.max_tokens}"
     )
@@ -296,14 +302,16 @@ def main() -> None:
     for repeat in range(args.repeats):
         if not args.skip_offline:
             offline_runs.append(
-                offline_throughput(args.model, prompts, args.max_tokens, args.threads, max_num_seqs)
+                offline_throughput(
+                    args.model, prompts, args.max_tokens, args.threads, max_num_seqs, args.quantization
+                )
             )
             print(f"--- offline engine, run {repeat + 1}: {offline_runs[-1]:.1f} tok/s")
         if args.url is not None:
             results, elapsed = asyncio.run(run_load(args.url, prompts, args.concurrency, args.max_tokens))
         else:
             port = free_port()
-            process = start_server(args.model, port, args.threads, max_num_seqs)
+            process = start_server(args.model, port, args.threads, max_num_seqs, args.quantization)
             results, elapsed = serve_and_load(process, f"http://127.0.0.1:{port}", args, prompts)
         serving_runs.append(report(f"servekit serve, run {repeat + 1}", results, elapsed))
     serving_tps = statistics.median(serving_runs)

@@ -359,9 +359,8 @@ def test_info_metrics_docs(server: RunningServer) -> None:
     assert info["config"]["sources"]["max_model_len"] == "env SERVEKIT_MAX_MODEL_LEN"
     model = httpx.get(f"{server.url}/model_info").json()
     assert model["model_name"] == "tiny-llama" and model["max_model_len"] == 512
-    # float weights: "auto" computes them as they are
     assert (model["dtype"], model["quantization"], model["kv_cache_dtype"]) == ("float32", None, "float32")
-    assert info["config"]["quantization"] == "auto"
+    assert info["config"]["quantization"] == "none"
     text = httpx.get(f"{server.url}/metrics").text
     assert "# TYPE servekit:num_requests_running gauge" in text
     forward = [line for line in text.splitlines() if line.startswith("servekit:engine_forward_seconds_total")]

@@ -98,7 +98,7 @@ def test_narrow_kv_cache_tracks_float32_and_prefix_hits_change_nothing(
 def test_quantization_and_kv_cache_dtype_settings() -> None:
     assert EngineConfig(quantization="INT8").quantization == "int8"
     assert EngineConfig(quantization="none").quantization is None
-    assert EngineConfig().quantization == "auto"
+    assert EngineConfig().quantization is None  # exact by default; int8 and auto are asked for
     assert EngineConfig(kv_cache_dtype="bf16").kv_cache_dtype == "bfloat16"
     with pytest.raises(EngineConfigError) as error:
         EngineConfig(quantization="int3")
@@ -116,7 +116,7 @@ def test_auto_quantization_follows_the_checkpoint(source: ModelSource) -> None:
     assert resolve_kv_cache_dtype("auto", torch.float32, "int8") == torch.bfloat16
     assert resolve_kv_cache_dtype("auto", torch.float32, None) == torch.float32
     assert resolve_kv_cache_dtype("float16", torch.float32, "int8") == torch.float16
-    engine = make_engine(source)  # a float checkpoint with every setting left to "auto"
+    engine = make_engine(source, quantization="auto")  # a float checkpoint: auto computes it as stored
     assert engine.quantization is None and engine.runner.kv_cache.dtype == torch.float32
 
 

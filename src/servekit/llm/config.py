@@ -45,10 +45,11 @@ class EngineConfig:
     revision: str | None = None
     served_model_name: str | None = None
     dtype: str = "auto"  # "auto" | "float32" | "bfloat16" | "float16"
-    # "int8": int8 weights (per output channel) and int8 activations (per token) in every projection
-    # and the LM head, int32 accumulation. None / "none": weights as loaded, computed in dtype.
-    # "auto": int8 on CPUs for checkpoints whose weights are already quantised (a Q4/Q8 GGUF), else none.
-    quantization: str | None = "auto"
+    # None / "none" (default): weights as loaded, computed exactly in dtype. "int8": int8 weights (per
+    # output channel) and int8 activations (per token) in every projection and the LM head, int32
+    # accumulation: several times faster on CPUs, but not the same numbers. "auto": int8 on CPUs for
+    # checkpoints whose weights are stored quantised already (a Q4/Q8 GGUF), else none.
+    quantization: str | None = None
     # "auto": bfloat16 when int8 quantization is on (and dtype is float32), else the model's dtype.
     # "bfloat16"/"float16" halve the cache of a float32 model and the memory traffic of decode attention.
     kv_cache_dtype: str = "auto"

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from typing import Any
 
-from servekit.specs.llm.config import SETTINGS, ServeConfig, env_name
+from servekit.specs.llm.config import SETTINGS, ServeConfig, ServeConfigError, env_name
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     flags = {s.name: getattr(args, s.name, None) for s in SETTINGS}
-    config = ServeConfig.resolve(flags)
+    try:
+        config = ServeConfig.resolve(flags)
+    except ServeConfigError as error:  # a bad flag or env value: say which, no traceback
+        print(f"servekit serve: error: {error}", file=sys.stderr)
+        return 2
     serve(config)
     return 0
 
