@@ -3,9 +3,9 @@
 The loop thread owns the ``LLMEngine``: it builds it (loads the weights) and steps it, and every add
 and abort reaches it as a command, so the engine is only ever touched by one thread. Building it on
 that thread matters on CPUs: PyTorch's OpenMP thread pool belongs to the thread that first runs a
-parallel operator; a second pool (one for the loading thread, one for the stepping thread) makes
-libgomp think the machine is oversubscribed and put its workers to sleep after every operator,
-which measured 2-2.5x slower on a 2-core machine. When there is no work the thread blocks on a condition variable
+parallel operator; with a second pool (one for the loading thread, one for the stepping thread)
+every parallel operator paid ~75 us more (most likely libgomp, counting more threads than CPUs,
+stops spinning between regions): 2-2.5x slower steps on a 2-core machine. When there is no work the thread blocks on a condition variable
 (no polling). Outputs go back to each caller's event loop with ``loop.call_soon_threadsafe``, one
 call per step and loop.
 """

@@ -103,7 +103,9 @@ def load_library() -> ctypes.CDLL | None:
         return None
     compiler = _compiler()
     if compiler is None:
-        logger.warning("no C compiler found: using the PyTorch attention path (slower on CPU)")
+        logger.warning(
+            "no C compiler found: using the PyTorch paths instead of the C kernels (slower on CPU)"
+        )
         return None
     try:
         version = subprocess.run(
