@@ -36,7 +36,7 @@ def test_async_stream_and_disconnect(tmp_path: Path) -> None:
             assert next(response.iter_lines()) == b'{"output":0}'
         waiter = threading.Event()
         for _ in range(600):
-            if marker.exists():
+            if marker.exists() and marker.read_text():  # opened, then written: wait for the text
                 break
             waiter.wait(0.05)
         assert marker.read_text() == "closed"

@@ -156,7 +156,7 @@ def test_streaming_disconnect_closes_the_generator(tmp_path: Path) -> None:
         # The worker notices the cancellation and closes predict's generator, which writes the marker.
         done = threading.Event()
         for _ in range(600):
-            if marker.exists():
+            if marker.exists() and marker.read_text():  # opened, then written: wait for the text
                 break
             done.wait(0.05)
         assert marker.read_text() == "closed"
@@ -195,7 +195,7 @@ def test_a_slow_client_holds_the_producer_back(tmp_path: Path) -> None:
             assert current == previous
             assert current < 1_000
         for _ in range(600):
-            if marker.exists():
+            if marker.exists() and marker.read_text():  # opened, then written: wait for the text
                 break
             waiter.wait(0.05)
         assert marker.read_text() == "closed"

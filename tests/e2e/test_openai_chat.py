@@ -286,12 +286,13 @@ def test_custom_spec_overriding_populate_context(tmp_path: Path) -> None:
 
 
 def wait_for_file(path: Path) -> str:
+    """The file's text once it has some: the app opens it, then writes, so existing is not enough."""
     done = threading.Event()
     for _ in range(600):  # bounded: 30 s
-        if path.exists():
+        if path.exists() and path.read_text():
             break
         done.wait(0.05)
-    return path.read_text()
+    return path.read_text() if path.exists() else ""
 
 
 def test_client_disconnect_stops_predict(tmp_path: Path) -> None:
