@@ -293,6 +293,10 @@ def test_invalid_batches_and_weights_are_rejected() -> None:
         runner.execute(ForwardBatch([[1]], [config.max_position_embeddings], [list(range(70))]))
     with pytest.raises(ValueError, match="at least one token"):
         runner.execute(ForwardBatch([[]], [0], [[0]]))
+    with pytest.raises(ValueError, match="outside"):
+        runner.execute(ForwardBatch([[1]], [4], [[0, runner.num_blocks]]))
+    with pytest.raises(ValueError, match="outside"):
+        runner.execute(ForwardBatch([[1]], [0], [[-1]]))
 
     weights = dict(model.state_dict())
     del weights["model.layers.1.mlp.down_proj.weight"]

@@ -117,6 +117,11 @@ class ModelRunner:
                 raise ValueError(f"sequence of {end} tokens exceeds max_model_len={self.max_model_len}")
             if len(table) * block_size < end:
                 raise ValueError(f"block table of {len(table)} blocks cannot hold {end} tokens")
+            # The C attention kernel reads blocks by id without bounds checks: refuse bad ids here.
+            if min(table) < 0 or max(table) >= self.num_blocks:
+                raise ValueError(
+                    f"block table {table[:8]}... refers to blocks outside 0..{self.num_blocks - 1}"
+                )
 
         decode = [i for i in range(num_seqs) if len(batch.token_ids[i]) == 1]
         prefill = [i for i in range(num_seqs) if len(batch.token_ids[i]) > 1]
