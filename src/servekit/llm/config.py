@@ -189,12 +189,23 @@ def resolve_dtype(name: str, model_config: ModelConfig) -> torch.dtype:
     """``"auto"`` is float32 on CPU (exact, and fast there) and the checkpoint's dtype on GPUs."""
     import torch
 
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if name != "auto":
-        return dtypes[name]
+        return torch_dtype(name)
     if torch.cuda.is_available():
-        return dtypes.get(model_config.torch_dtype, torch.float32)
+        return (
+            torch_dtype(model_config.torch_dtype)
+            if model_config.torch_dtype in DTYPE_CHOICES[1:]  # not "auto"
+            else torch.float32
+        )
     return torch.float32
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a ``DTYPE_CHOICES`` name other than "auto"."""
+    import torch
+
+    dtype: torch.dtype = getattr(torch, name)
+    return dtype
 
 
 def resolve_quantization(name: str | None, checkpoint_quantization: str | None) -> str | None:
@@ -217,7 +228,7 @@ def resolve_kv_cache_dtype(name: str, dtype: torch.dtype, quantization: str | No
 
     if name == "auto":
         return torch.bfloat16 if quantization == "int8" and dtype == torch.float32 else dtype
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    return torch_dtype(name)
 
 
 def kv_bytes_per_token(model_config: ModelConfig, dtype: torch.dtype) -> int:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from servekit.llm.attention import build_attention_metadata
-from servekit.llm.kernels.attention import decode_kernel_available
+from servekit.llm.kernels import kernels_available
 from servekit.llm.kv_cache import (
     DEFAULT_KV_CACHE_MEMORY_BYTES,
     PagedKVCache,
@@ -88,7 +88,7 @@ class ModelRunner:
             if num_blocks <= 0:
                 raise ValueError(f"kv_cache_memory_bytes={budget} is too small for even one KV block")
         self.num_blocks = num_blocks
-        self.decode_kernel = decode_kernel_available(dtype, self.kv_cache_dtype)
+        self.decode_kernel = kernels_available(dtype, self.kv_cache_dtype)
         self.kv_cache = PagedKVCache(
             num_layers=config.num_hidden_layers,
             num_blocks=num_blocks,

@@ -24,6 +24,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import torch
+
 logger = logging.getLogger(__name__)
 
 SOURCES = tuple(
@@ -32,6 +34,15 @@ SOURCES = tuple(
 HEADERS = (Path(__file__).with_name("dtypes.h"),)
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fPIC", "-shared", "-pthread")
 OPENMP_FLAGS = ("-fopenmp",)  # dropped when the compiler has no OpenMP (then plain threads)
+
+
+# The storage types the kernels read and write, as the codes their ``dtype`` arguments take.
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def kernels_available(*dtypes: torch.dtype) -> bool:
+    """Whether the kernels are built (or can be) and handle every one of ``dtypes``."""
+    return all(dtype in DTYPE_CODES for dtype in dtypes) and load_library() is not None
 
 
 def kernels_enabled() -> bool:

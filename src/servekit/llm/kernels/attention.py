@@ -4,14 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from servekit.llm.kernels import load_library
-
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-
-
-def decode_kernel_available(dtype: torch.dtype, kv_dtype: torch.dtype | None = None) -> bool:
-    supported = dtype in _DTYPE_CODES and (kv_dtype or dtype) in _DTYPE_CODES
-    return supported and load_library() is not None
+from servekit.llm.kernels import DTYPE_CODES, load_library
 
 
 def paged_decode_attention(
@@ -35,7 +28,7 @@ def paged_decode_attention(
         raise RuntimeError("the C kernels are not available (see servekit.llm.kernels)")
     num_seqs, num_heads, head_dim = query.shape
     _, _, num_kv_heads, block_size, _ = layer_cache.shape
-    if query.dtype not in _DTYPE_CODES or layer_cache.dtype not in _DTYPE_CODES:
+    if query.dtype not in DTYPE_CODES or layer_cache.dtype not in DTYPE_CODES:
         raise ValueError(f"unsupported dtypes: query {query.dtype}, cache {layer_cache.dtype}")
     if block_tables.dtype != torch.int32 or context_lens.dtype != torch.int32:
         raise ValueError("block_tables and context_lens must be int32")
@@ -58,8 +51,8 @@ def paged_decode_attention(
         block_size,
         block_tables.shape[1],
         sliding_window or 0,
-        _DTYPE_CODES[query.dtype],
-        _DTYPE_CODES[layer_cache.dtype],
+        DTYPE_CODES[query.dtype],
+        DTYPE_CODES[layer_cache.dtype],
         head_dim**-0.5,
         num_threads or torch.get_num_threads(),
     )

@@ -5,13 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from servekit.llm.kernels import load_library
-
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-
-
-def elementwise_kernels_available(dtype: torch.dtype) -> bool:
-    return dtype in _DTYPE_CODES and load_library() is not None
+from servekit.llm.kernels import DTYPE_CODES, load_library
 
 
 def add_rms_norm(
@@ -44,7 +38,7 @@ def add_rms_norm(
         rows,
         cols,
         eps,
-        _DTYPE_CODES[hidden.dtype],
+        DTYPE_CODES[hidden.dtype],
     )
     return out
 
@@ -59,5 +53,5 @@ def silu_mul(gate_up: torch.Tensor, *, fused: bool) -> torch.Tensor:
     assert library is not None
     gate_up = gate_up.contiguous()
     out = torch.empty((gate_up.shape[0], width), dtype=gate_up.dtype)
-    library.silu_mul(gate_up.data_ptr(), out.data_ptr(), gate_up.shape[0], width, _DTYPE_CODES[gate_up.dtype])
+    library.silu_mul(gate_up.data_ptr(), out.data_ptr(), gate_up.shape[0], width, DTYPE_CODES[gate_up.dtype])
     return out

@@ -4,25 +4,19 @@ from __future__ import annotations
 
 import torch
 
-from servekit.llm.kernels import load_library
-
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-
-
-def int8_kernels_available(dtype: torch.dtype) -> bool:
-    return dtype in _DTYPE_CODES and load_library() is not None
+from servekit.llm.kernels import DTYPE_CODES, load_library
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` ``[rows, cols]`` -> int8 ``[rows, cols]`` and float32 scales ``[rows, 1]`` (x ~ q * scale)."""
     library = load_library()
-    assert library is not None and x.dtype in _DTYPE_CODES
+    assert library is not None and x.dtype in DTYPE_CODES
     x = x.contiguous()
     rows, cols = x.shape
     out = torch.empty((rows, cols), dtype=torch.int8)
     scales = torch.empty((rows, 1), dtype=torch.float32)
     library.quantize_rows_int8(
-        x.data_ptr(), _DTYPE_CODES[x.dtype], rows, cols, out.data_ptr(), scales.data_ptr()
+        x.data_ptr(), DTYPE_CODES[x.dtype], rows, cols, out.data_ptr(), scales.data_ptr()
     )
     return out, scales
 
@@ -48,6 +42,6 @@ def dequantize(
         col_scales.data_ptr(),
         None if bias is None else bias.data_ptr(),
         out.data_ptr(),
-        _DTYPE_CODES[dtype],
+        DTYPE_CODES[dtype],
     )
     return out

@@ -19,37 +19,11 @@
 #include "dtypes.h"
 
 static inline void load_row(float *dst, const void *src, int64_t offset, int n, int dtype) {
-    if (dtype == DTYPE_F32) {
-        memcpy(dst, (const float *)src + offset, (size_t)n * sizeof(float));
-    } else if (dtype == DTYPE_BF16) {
-        const uint16_t *s = (const uint16_t *)src + offset;
-        for (int i = 0; i < n; i++) {
-            uint32_t bits = (uint32_t)s[i] << 16;
-            float f;
-            memcpy(&f, &bits, sizeof f);
-            dst[i] = f;
-        }
-    } else {
-        const _Float16 *s = (const _Float16 *)src + offset;
-        for (int i = 0; i < n; i++) dst[i] = (float)s[i];
-    }
+    for (int i = 0; i < n; i++) dst[i] = load_element(src, offset + i, dtype);
 }
 
 static inline void store_row(void *dst, int64_t offset, const float *src, int n, int dtype) {
-    if (dtype == DTYPE_F32) {
-        memcpy((float *)dst + offset, src, (size_t)n * sizeof(float));
-    } else if (dtype == DTYPE_BF16) {
-        uint16_t *d = (uint16_t *)dst + offset;
-        for (int i = 0; i < n; i++) {
-            uint32_t bits;
-            memcpy(&bits, &src[i], sizeof bits);
-            bits += 0x7FFFu + ((bits >> 16) & 1u); /* round to nearest even */
-            d[i] = (uint16_t)(bits >> 16);
-        }
-    } else {
-        _Float16 *d = (_Float16 *)dst + offset;
-        for (int i = 0; i < n; i++) d[i] = (_Float16)src[i];
-    }
+    for (int i = 0; i < n; i++) store_element(dst, offset + i, src[i], dtype);
 }
 
 typedef struct {

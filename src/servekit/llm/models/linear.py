@@ -14,7 +14,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from servekit.llm.kernels.int8 import dequantize, int8_kernels_available, quantize_rows
+from servekit.llm.kernels import kernels_available
+from servekit.llm.kernels.int8 import dequantize, quantize_rows
 
 logger = logging.getLogger(__name__)
 
@@ -72,10 +73,10 @@ class Int8Linear:
         quantised = torch.round(master / scales.unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
         self.weight_t = quantised.t()  # [in, out] view of the row-major [out, in] int8 weight
         self.scales = scales.contiguous()
-        self.fused = int8_kernels_available(torch.float32)
+        self.fused = kernels_available(torch.float32)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused and x.device.type == "cpu" and int8_kernels_available(x.dtype):
+        if self.fused and x.device.type == "cpu" and kernels_available(x.dtype):
             quantised, row_scales = quantize_rows(x)
             return dequantize(
                 torch._int_mm(quantised, self.weight_t), row_scales, self.scales, self.bias, x.dtype

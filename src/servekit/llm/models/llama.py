@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from servekit.llm.attention import AttentionMetadata, paged_attention
-from servekit.llm.kernels.elementwise import add_rms_norm, elementwise_kernels_available, silu_mul
+from servekit.llm.kernels import kernels_available
+from servekit.llm.kernels.elementwise import add_rms_norm, silu_mul
 from servekit.llm.kv_cache import PagedKVCache
 from servekit.llm.model_config import ModelConfig
 from servekit.llm.models.linear import Int8Linear, Linear, make_linear
@@ -87,7 +88,7 @@ class LlamaForCausalLM:
         self.eps = config.rms_norm_eps
         self.pack_weights = pack_weights
         self.quantization = quantization
-        self.fused_elementwise = elementwise_kernels_available(dtype)
+        self.fused_elementwise = kernels_available(dtype)
         self.blocks: list[DecoderLayer] = []
         self.lm_head_proj: Linear | Int8Linear | None = None
         self.rotary = RotaryEmbedding(config, max_model_len=max_model_len, dtype=dtype)
