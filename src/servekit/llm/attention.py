@@ -37,9 +37,9 @@ class PrefillChunk:
 
 @dataclass
 class AttentionMetadata:
-    slot_mapping: torch.Tensor  # [num_tokens] cache slot (block * block_size + offset) of every new token
-    write_blocks: torch.Tensor  # [num_tokens] slot_mapping // block_size
-    write_offsets: torch.Tensor  # [num_tokens] slot_mapping % block_size
+    # Where every new token's key/value goes: its cache slot (block * block_size + offset), split.
+    write_blocks: torch.Tensor  # [num_tokens]
+    write_offsets: torch.Tensor  # [num_tokens]
     num_decode: int  # the first num_decode rows are single-token sequences
     decode_block_ids: torch.Tensor | None  # [num_decode * decode_num_blocks], padded block tables, flattened
     decode_num_blocks: int
@@ -120,7 +120,6 @@ def build_attention_metadata(
             prefills.append(PrefillChunk(offset, length, block_ids, _additive(mask, dtype)))
         offset += length
     return AttentionMetadata(
-        slot_mapping=slot_mapping,
         write_blocks=torch.div(slot_mapping, block_size, rounding_mode="floor"),
         write_offsets=torch.remainder(slot_mapping, block_size),
         num_decode=num_decode,
