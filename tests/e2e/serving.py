@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -102,3 +103,16 @@ def serve_script(
         server.stop()
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)  # leftovers of a failed test, if any
+
+
+def wait_for_text(path: Path, attempts: int = 600, interval: float = 0.05) -> str:
+    """A marker file's text once it has some (bounded: 30 s by default), else "".
+
+    Apps open a marker, then write it: a file that merely exists may still be empty.
+    """
+    waiter = threading.Event()
+    for _ in range(attempts):
+        if path.exists() and path.read_text():
+            break
+        waiter.wait(interval)
+    return path.read_text() if path.exists() else ""

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import concurrent.futures
-import threading
 from pathlib import Path
 
 import httpx
 import pytest
 import requests
 
-from tests.e2e.serving import serve_script
+from tests.e2e.serving import serve_script, wait_for_text
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -34,9 +33,4 @@ def test_async_stream_and_disconnect(tmp_path: Path) -> None:
             f"{server.url}/predict", json={"n": 10**9, "closed_marker": str(marker)}, stream=True, timeout=30
         ) as response:
             assert next(response.iter_lines()) == b'{"output":0}'
-        waiter = threading.Event()
-        for _ in range(600):
-            if marker.exists() and marker.read_text():  # opened, then written: wait for the text
-                break
-            waiter.wait(0.05)
-        assert marker.read_text() == "closed"
+        assert wait_for_text(marker) == "closed"

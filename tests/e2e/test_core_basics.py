@@ -14,7 +14,7 @@ import httpx
 import pytest
 import requests
 
-from tests.e2e.serving import serve_script
+from tests.e2e.serving import serve_script, wait_for_text
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -154,12 +154,7 @@ def test_streaming_disconnect_closes_the_generator(tmp_path: Path) -> None:
             lines = response.iter_lines()
             assert next(lines) == b'{"output":0}'
         # The worker notices the cancellation and closes predict's generator, which writes the marker.
-        done = threading.Event()
-        for _ in range(600):
-            if marker.exists() and marker.read_text():  # opened, then written: wait for the text
-                break
-            done.wait(0.05)
-        assert marker.read_text() == "closed"
+        assert wait_for_text(marker) == "closed"
         # The worker is free again for the next request.
         assert httpx.post(f"{server.url}/predict", json={"n": 2}, timeout=10).text.splitlines() == [
             '{"output":0}',
@@ -194,8 +189,4 @@ def test_a_slow_client_holds_the_producer_back(tmp_path: Path) -> None:
                 previous = current
             assert current == previous
             assert current < 1_000
-        for _ in range(600):
-            if marker.exists() and marker.read_text():  # opened, then written: wait for the text
-                break
-            waiter.wait(0.05)
-        assert marker.read_text() == "closed"
+        assert wait_for_text(marker) == "closed"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,7 @@ import openai
 import orjson
 import pytest
 
-from tests.e2e.serving import serve_script
+from tests.e2e.serving import serve_script, wait_for_text
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -285,16 +284,6 @@ def test_custom_spec_overriding_populate_context(tmp_path: Path) -> None:
         assert completion.choices[0].message.content == "user=alice"
 
 
-def wait_for_file(path: Path) -> str:
-    """The file's text once it has some: the app opens it, then writes, so existing is not enough."""
-    done = threading.Event()
-    for _ in range(600):  # bounded: 30 s
-        if path.exists() and path.read_text():
-            break
-        done.wait(0.05)
-    return path.read_text() if path.exists() else ""
-
-
 def test_client_disconnect_stops_predict(tmp_path: Path) -> None:
     with serve_script("openai_chat.py", tmp_path, env={"CHAT_API": "echo"}) as server:
         url = f"{server.url}/v1/chat/completions"
@@ -303,7 +292,7 @@ def test_client_disconnect_stops_predict(tmp_path: Path) -> None:
         with httpx.stream("POST", url, json=body, timeout=30) as response:
             lines = response.iter_lines()
             assert next(lines).startswith("data: ")
-        assert wait_for_file(streamed) == "closed"
+        assert wait_for_text(streamed) == "closed"
 
         # Not streamed: the client goes away while the server is still collecting the reply.
         whole = tmp_path / "whole-closed"
@@ -316,8 +305,8 @@ def test_client_disconnect_stops_predict(tmp_path: Path) -> None:
                 + payload
             )
             # Disconnect only once predict runs (a request dropped while still queued never starts).
-            assert wait_for_file(Path(f"{whole}.started")) == "started"
-        assert wait_for_file(whole) == "closed"
+            assert wait_for_text(Path(f"{whole}.started")) == "started"
+        assert wait_for_text(whole) == "closed"
 
         # The worker is free for the next request.
         assert ask(client_for(server.url), "capital").choices[0].message.content == "Canberra"
@@ -333,4 +322,4 @@ def test_timeout_is_a_504_in_the_openai_envelope(tmp_path: Path) -> None:
         )
         assert response.status_code == 504
         assert response.json()["error"]["type"] == "timeout"
-        assert wait_for_file(marker) == "closed"  # the worker stopped predict
+        assert wait_for_text(marker) == "closed"  # the worker stopped predict

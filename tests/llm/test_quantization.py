@@ -8,12 +8,12 @@ from typing import Any
 import pytest
 import torch
 
-from servekit.llm import EngineConfig, LLMEngine, SamplingParams
+from servekit.llm import EngineConfig, SamplingParams
 from servekit.llm.config import EngineConfigError, resolve_kv_cache_dtype, resolve_quantization
 from servekit.llm.loaders import ModelSource, load_model_source
 from servekit.llm.model_runner import ForwardBatch, ModelRunner
 from servekit.llm.models.linear import Int8Linear
-from tests.llm.test_engine import PROMPTS, SYSTEM, run_all
+from tests.llm.test_engine import PROMPTS, SYSTEM, make_engine, run_all
 from tests.llm.tiny_models import build_tiny_checkpoint
 
 
@@ -25,12 +25,6 @@ def _one_thread() -> None:
 @pytest.fixture(scope="module")
 def source(tmp_path_factory: pytest.TempPathFactory) -> ModelSource:
     return load_model_source(str(build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-q") / "model")))
-
-
-def make_engine(source: ModelSource, **overrides: Any) -> LLMEngine:
-    settings: dict[str, Any] = {"max_model_len": 256, "block_size": 8, "num_kv_blocks": 128}
-    settings.update(overrides)
-    return LLMEngine(EngineConfig(**settings), source=source)
 
 
 @pytest.mark.parametrize("fused", [True, False])
