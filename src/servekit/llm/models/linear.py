@@ -91,19 +91,17 @@ class Int8Linear:
         return out if x.dtype == torch.float32 else out.to(x.dtype)
 
 
-QUANTIZATION_CHOICES = ("int8",)
-
-
 def make_linear(
     weight: torch.Tensor, bias: torch.Tensor | None = None, *, quantization: str | None, pack: bool
 ) -> Linear | Int8Linear:
-    """The projection for ``weight``: int8 when asked (and supported), else float, pre-packed."""
+    """The projection for ``weight``: int8 when asked (and supported), else float, pre-packed.
+
+    ``quantization`` is already resolved (``EngineConfig`` validates and resolves the user's value).
+    """
     if quantization is None:
         return Linear(weight, bias, pack=pack)
-    if quantization not in QUANTIZATION_CHOICES:
-        raise ValueError(
-            f"unknown quantization {quantization!r} (choices: {', '.join(QUANTIZATION_CHOICES)})"
-        )
+    if quantization != "int8":
+        raise ValueError(f"unknown quantization {quantization!r} (a model takes None or 'int8')")
     if not int8_matmul_available():
         raise ValueError("int8 quantization needs torch._int_mm, which this PyTorch build lacks")
     return Int8Linear(weight, bias)

@@ -79,16 +79,12 @@ class Runtime:
         runner = llm_engine.runner
         self.kv_tokens = runner.num_blocks * runner.block_size
         logger.info(
-            "model %s loaded: context %d tokens, KV cache %d blocks of %d tokens (%d tokens, %s), "
-            "compute %s, quantization %s",
+            "model %s loaded: context %d tokens, KV cache %d blocks of %d tokens (%d tokens)",
             self.model_name,
             self.max_model_len,
             runner.num_blocks,
             runner.block_size,
             self.kv_tokens,
-            str(llm_engine.kv_cache_dtype).removeprefix("torch."),
-            str(llm_engine.dtype).removeprefix("torch."),
-            llm_engine.quantization or "none",
         )
         self._install_test_hooks()
         self._watch_engine()
