@@ -28,6 +28,12 @@ _DTYPE_ALIASES = {
 _MEMORY_SUFFIXES = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
+def canonical_dtype(name: str) -> str:
+    """A dtype setting in its ``DTYPE_CHOICES`` spelling ("bf16" -> "bfloat16"); unknown names as given."""
+    lowered = name.strip().lower()
+    return _DTYPE_ALIASES.get(lowered, lowered)
+
+
 class EngineConfigError(ValueError):
     """An invalid engine setting; ``name`` is the field it concerns."""
 
@@ -73,8 +79,8 @@ class EngineConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.dtype = _DTYPE_ALIASES.get(self.dtype.lower(), self.dtype.lower())
-        self.kv_cache_dtype = _DTYPE_ALIASES.get(self.kv_cache_dtype.lower(), self.kv_cache_dtype.lower())
+        self.dtype = canonical_dtype(self.dtype)
+        self.kv_cache_dtype = canonical_dtype(self.kv_cache_dtype)
         if isinstance(self.quantization, str):
             lowered = self.quantization.strip().lower()
             self.quantization = None if lowered in ("", "none") else lowered

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from servekit.llm.config import DTYPE_CHOICES, QUANTIZATION_CHOICES, canonical_dtype
+
 logger = logging.getLogger(__name__)
 
 REDACTED = "***"
@@ -264,17 +266,10 @@ class ServeConfig:
             raise ServeConfigError(
                 f"max_queued_requests must be non-negative, got {self.max_queued_requests}"
             )
-        if self.quantization.lower() not in ("none", "auto", "int8"):
+        # The engine's own lists, checked here so a bad value stops the CLI before any process starts.
+        if self.quantization.strip().lower() not in (*QUANTIZATION_CHOICES, "none"):
             raise ServeConfigError(f"quantization must be none, auto or int8, got {self.quantization!r}")
-        if self.kv_cache_dtype.lower() not in (
-            "auto",
-            "float32",
-            "bfloat16",
-            "float16",
-            "fp32",
-            "bf16",
-            "fp16",
-        ):
+        if canonical_dtype(self.kv_cache_dtype) not in DTYPE_CHOICES:
             raise ServeConfigError(
                 f"kv_cache_dtype must be auto, float32, bfloat16 or float16, got {self.kv_cache_dtype!r}"
             )
