@@ -28,6 +28,7 @@ class LitAPI:
     _spec: LitSpec | None = None
     _device: str | None = None
     _log_sink: Callable[[str, Any], None] | None = None
+    _report_unhealthy: Callable[[str], None] | None = None
     request_timeout: float | None = None
 
     def __init__(
@@ -155,6 +156,14 @@ class LitAPI:
     def health(self) -> bool:
         """Extra health check, called by ``/health`` in the HTTP front process."""
         return True
+
+    def report_unhealthy(self, reason: str) -> None:
+        """Tell the server that this worker can no longer serve (say, a background thread it relies
+        on died). Callable from any thread of the worker: its in-flight requests fail at once with
+        503, ``/health`` answers 503, and the worker process is replaced by a fresh one."""
+        if self._report_unhealthy is None:
+            raise RuntimeError("report_unhealthy() works only inside an inference worker")
+        self._report_unhealthy(reason)
 
     # ----------------------------------------------------------------- logging
     def log(self, key: str, value: Any) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
 import os
 import shutil
 import socket
@@ -11,6 +12,7 @@ import tempfile
 import threading
 import warnings
 from collections.abc import Sequence
+from multiprocessing import resource_tracker
 from typing import Any, Literal
 
 from servekit.api import LitAPI
@@ -188,6 +190,7 @@ class LitServer:
             supervisor.stop()
             listener.close()
             shutil.rmtree(directory, ignore_errors=True)
+            _wait_for_children()
             self.callbacks.trigger_event(EventTypes.ON_SERVER_END, litserver=self)
         if fatal:
             raise fatal[0]
@@ -268,6 +271,20 @@ def _parse_size(value: int | str | None) -> int | None:
         if text.endswith(unit):
             return int(float(text[: -len(unit)].strip()) * factor)
     return int(text)
+
+
+def _wait_for_children(timeout: float = 10.0) -> None:
+    """Return only once every process this server started has exited: the workers and fronts
+    (stopped already), and multiprocessing's resource tracker, which otherwise outlives the server
+    by a moment (it exits when it notices its pipe closed)."""
+    for child in multiprocessing.active_children():
+        child.join(timeout)
+        if child.is_alive():
+            child.kill()
+            child.join(timeout)
+    stop_tracker = getattr(resource_tracker._resource_tracker, "_stop", None)  # private, Python 3.8+
+    if stop_tracker is not None:
+        stop_tracker()
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -1,11 +1,17 @@
 """The one channel between the HTTP front and the inference workers.
 
-ZeroMQ PUSH/PULL over ``ipc://`` sockets, every message one msgpack-encoded tuple.
+ZeroMQ PUSH/PULL over ``ipc://`` sockets; every message is one of the typed tuples below, sent as a
+msgpack array whose first element is its ``Kind``.
 
-* A worker binds one PULL socket (its inbox) and receives requests and cancellations there, in the
-  order each front sent them, so a cancellation never overtakes its request.
-* Each front binds one PULL socket (its inbox) and receives everything addressed to it: responses,
-  stream chunks, worker readiness and worker deaths (the latter from the supervisor).
+* A worker binds one PULL socket (its inbox) and receives ``Request``, ``Cancel`` and ``Credit``
+  there, in the order each front sent them, so a cancellation never overtakes its request.
+* Each front binds one PULL socket (its inbox) and receives everything addressed to it: ``Reply``
+  (responses, stream chunks, stream ends, errors), ``WorkerReady`` from the workers, and
+  ``WorkerDown`` from the supervisor.
+
+Which worker a request goes to (least loaded, the owner of a request id, every worker, the worker a
+session is pinned to) is the front's routing decision (``servekit.http.dispatcher``); the messages
+carry only what the receiver needs.
 """
 
 from __future__ import annotations
@@ -13,29 +19,93 @@ from __future__ import annotations
 import enum
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 
-# Request payload encodings.
-PAYLOAD_JSON = 0  # raw JSON bytes of the HTTP body, parsed in the worker
-PAYLOAD_PICKLE = 1  # a pickled Python object (specs send parsed request models)
+
+class Encoding(enum.IntEnum):
+    """How a request's payload is encoded."""
+
+    JSON = 0  # raw JSON bytes of the HTTP body, parsed in the worker
+    PICKLE = 1  # a pickled Python object (specs send parsed request models)
 
 
 class Kind(enum.IntEnum):
     # front -> worker
     REQUEST = 1
     CANCEL = 2
-    CREDIT = 3  # the front consumed stream chunks: the worker may send that many more
+    CREDIT = 3
     # worker -> front
     RESPONSE = 10  # a whole response
     CHUNK = 11  # one streamed item
     END = 12  # end of a stream
     ERROR = 13  # the request failed: status + detail
-    READY = 14  # a worker finished setup
+    WORKER_READY = 14
     # supervisor -> front
-    WORKER_DIED = 20
+    WORKER_DOWN = 20
 
+
+class Request(NamedTuple):
+    """Front -> worker: run this request and reply to ``front`` under ``rid``."""
+
+    front: int
+    rid: int
+    encoding: int
+    payload: bytes
+
+
+class Cancel(NamedTuple):
+    """Front -> worker: drop the request if it is queued, stop it if it runs."""
+
+    front: int
+    rid: int
+
+
+class Credit(NamedTuple):
+    """Front -> worker: the client consumed ``chunks`` chunks of this stream; that many more may come."""
+
+    front: int
+    rid: int
+    chunks: int
+
+
+class Reply(NamedTuple):
+    """Worker -> front: ``kind`` is RESPONSE, CHUNK, END or ERROR (then ``status`` and a JSON detail)."""
+
+    kind: int
+    rid: int
+    status: int
+    body: bytes
+
+
+class WorkerReady(NamedTuple):
+    """Worker -> front: this generation of worker ``worker`` finished setup."""
+
+    worker: int
+    generation: int
+
+
+class WorkerDown(NamedTuple):
+    """Supervisor -> front: this generation of worker ``worker`` died or stopped being healthy."""
+
+    worker: int
+    generation: int
+    reason: str
+
+
+ToWorker = Request | Cancel | Credit
+ToFront = Reply | WorkerReady | WorkerDown
+Message = ToWorker | ToFront
+
+_KIND_OF: dict[type, Kind] = {
+    Request: Kind.REQUEST,
+    Cancel: Kind.CANCEL,
+    Credit: Kind.CREDIT,
+    WorkerReady: Kind.WORKER_READY,
+    WorkerDown: Kind.WORKER_DOWN,
+}
+_TYPE_OF: dict[int, Any] = {kind: message_type for message_type, kind in _KIND_OF.items()}
 
 # Flow control of streams: a worker has at most this many chunks of one stream in flight to the
 # front; the front returns credit as its client consumes them, so a slow client holds the producer
@@ -57,11 +127,31 @@ class Endpoints:
         return f"ipc://{os.path.join(self.directory, f'f{front_index}')}"
 
 
-def pack(*fields: Any) -> bytes:
+def encode(message: Message) -> bytes:
+    if isinstance(message, Reply):
+        fields: tuple[Any, ...] = tuple(message)  # a Reply's first field is its kind
+    else:
+        fields = (_KIND_OF[type(message)], *message)
     packed: bytes = msgpack.packb(fields, use_bin_type=True)
     return packed
 
 
-def unpack(message: bytes) -> list[Any]:
-    fields: list[Any] = msgpack.unpackb(message, raw=False, use_list=True)
-    return fields
+def reply(kind: Kind, rid: int, status: int, body: bytes) -> bytes:
+    """An encoded ``Reply``, without building the tuple first (the workers' hot path)."""
+    packed: bytes = msgpack.packb((kind, rid, status, body), use_bin_type=True)
+    return packed
+
+
+def decode_to_worker(data: bytes) -> ToWorker:
+    fields = msgpack.unpackb(data, raw=False, use_list=False)
+    message: ToWorker = _TYPE_OF[fields[0]](*fields[1:])
+    return message
+
+
+def decode_to_front(data: bytes) -> ToFront:
+    fields = msgpack.unpackb(data, raw=False, use_list=False)
+    kind = fields[0]
+    if Kind.RESPONSE <= kind <= Kind.ERROR:
+        return Reply(*fields)
+    message: ToFront = _TYPE_OF[kind](*fields[1:])
+    return message

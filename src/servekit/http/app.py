@@ -6,7 +6,7 @@ import asyncio
 import inspect
 import logging
 import pickle
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +25,7 @@ from servekit.http.dispatcher import Dispatcher
 from servekit.http.forms import read_form
 from servekit.http.limits import MaxBodySizeMiddleware
 from servekit.specs.base import FrontHandle, LitSpec, wait_for_disconnect
-from servekit.transport import PAYLOAD_JSON, PAYLOAD_PICKLE, Endpoints
+from servekit.transport import Encoding, Endpoints
 
 logger = logging.getLogger(__name__)
 
@@ -53,31 +53,65 @@ class FrontConfig:
 class _APIFront(FrontHandle):
     """Sends one API's requests to its workers, with the server's timeout and disconnect handling."""
 
-    def __init__(self, api_index: int, dispatcher: Dispatcher, timeout: float | None) -> None:
+    def __init__(self, api_index: int, dispatcher: Dispatcher, timeout: float | None, stream: bool) -> None:
         self.api_index = api_index
         self.dispatcher = dispatcher
         self.timeout = timeout
+        self.streams = stream
 
-    async def call(self, request_object: Any, http_request: Request | None = None) -> bytes:
-        rid = self.dispatcher.submit(self.api_index, *_payload(request_object), stream=False)
+    async def call(
+        self,
+        request_object: Any,
+        http_request: Request | None = None,
+        *,
+        worker: int | None = None,
+        affinity: str | None = None,
+    ) -> bytes:
+        rid = self.dispatcher.submit(
+            self.api_index, *_payload(request_object), stream=False, worker=worker, affinity=affinity
+        )
         if http_request is None:
             return await self.dispatcher.result(rid, self.timeout)
         return await _unless_disconnected(
             self.dispatcher.result(rid, self.timeout), http_request, self.dispatcher, rid
         )
 
-    async def stream(self, request_object: Any, http_request: Request | None = None) -> AsyncIterator[bytes]:
-        rid = self.dispatcher.submit(self.api_index, *_payload(request_object), stream=True)
+    async def stream(
+        self,
+        request_object: Any,
+        http_request: Request | None = None,
+        *,
+        worker: int | None = None,
+        affinity: str | None = None,
+        tags: Sequence[str] = (),
+    ) -> AsyncIterator[bytes]:
+        rid = self.dispatcher.submit(
+            self.api_index,
+            *_payload(request_object),
+            stream=True,
+            worker=worker,
+            affinity=affinity,
+            tags=tags,
+        )
         deadline = None if self.timeout is None else asyncio.get_running_loop().time() + self.timeout
         async for chunk in self.dispatcher.stream(rid, deadline):
             yield chunk
+
+    def workers(self) -> list[int]:
+        return self.dispatcher.workers(self.api_index)
+
+    def owner(self, tag: str) -> int | None:
+        return self.dispatcher.owner(tag)
+
+    def release_affinity(self, key: str) -> None:
+        self.dispatcher.release_affinity(key)
 
 
 def _payload(request_object: Any) -> tuple[int, bytes]:
     """Raw JSON bodies go as they are (the worker parses them); anything else is pickled."""
     if isinstance(request_object, bytes):
-        return PAYLOAD_JSON, request_object
-    return PAYLOAD_PICKLE, pickle.dumps(request_object, protocol=5)
+        return Encoding.JSON, request_object
+    return Encoding.PICKLE, pickle.dumps(request_object, protocol=5)
 
 
 # Most requests finish within this time: only slower ones get a task that watches for a disconnect.
@@ -163,7 +197,7 @@ def build_app(config: FrontConfig, dispatcher: Dispatcher) -> FastAPI:
     callbacks = config.callbacks
 
     for api_index, api in enumerate(config.apis):
-        front = _APIFront(api_index, dispatcher, config.timeout)
+        front = _APIFront(api_index, dispatcher, config.timeout, api.stream)
         dependencies = []
         if api_key_check is not None:
             dependencies.append(Depends(api_key_check))

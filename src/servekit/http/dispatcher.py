@@ -1,11 +1,17 @@
-"""The front's side of the transport: sends requests to workers and routes their replies back."""
+"""The front's side of the transport: routes requests to workers and their replies back.
+
+Routing is by meaning: a generation request goes to the least-loaded ready worker of its API, or to
+the worker its affinity key is pinned to (an interactive session, so its KV cache is reused); a
+request tagged with ids (engine request ids) can later be reached at the worker that runs it
+(``owner``); ``workers`` lists the ready workers of an API, for messages every worker must get.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,7 +19,19 @@ import orjson
 import zmq
 
 from servekit.errors import ServerError
-from servekit.transport import CREDIT_BATCH, Endpoints, Kind, pack, unpack
+from servekit.transport import (
+    CREDIT_BATCH,
+    Cancel,
+    Credit,
+    Endpoints,
+    Kind,
+    Reply,
+    Request,
+    WorkerDown,
+    WorkerReady,
+    decode_to_front,
+    encode,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +51,9 @@ class _Worker:
 @dataclass
 class _Pending:
     worker: _Worker
-    future: asyncio.Future[tuple[int, int, bytes]] | None = None  # (kind, status, body)
-    chunks: asyncio.Queue[tuple[int, int, bytes]] | None = None
+    future: asyncio.Future[Reply] | None = None
+    chunks: asyncio.Queue[Reply] | None = None
+    tags: Sequence[str] = ()
 
 
 class WorkerUnavailable(ServerError):
@@ -54,6 +73,8 @@ class Dispatcher:
         self._workers: dict[int, _Worker] = {}
         self._by_api: list[list[_Worker]] = []
         self._pending: dict[int, _Pending] = {}
+        self._owners: dict[str, int] = {}  # tag -> rid of the pending request it names
+        self._affinity: dict[str, int] = {}  # affinity key -> worker index
         self._ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -81,6 +102,7 @@ class Dispatcher:
         for pending in list(self._pending.values()):
             self._fail(pending, 503, "the server is shutting down")
         self._pending.clear()
+        self._owners.clear()
         for worker in self._workers.values():
             worker.socket.close(0)
         if self._inbox is not None:
@@ -104,34 +126,72 @@ class Dispatcher:
         names = {_STARTING: "starting", _READY: "ready", _DEAD: "dead"}
         return {index: names[w.state] for index, w in self._workers.items()}
 
-    def in_flight(self) -> int:
-        return len(self._pending)
+    def workers(self, api_index: int) -> list[int]:
+        """The workers of an API that can take a request now (ready; or starting, if none is)."""
+        return [w.index for w in self._candidates(api_index)]
+
+    def owner(self, tag: str) -> int | None:
+        """The worker running the pending request tagged ``tag`` (see ``submit``), if any."""
+        rid = self._owners.get(tag)
+        return None if rid is None else self._pending[rid].worker.index
+
+    def release_affinity(self, key: str) -> None:
+        self._affinity.pop(key, None)
 
     # ------------------------------------------------------------- requests
-    def _choose(self, api_index: int) -> _Worker:
+    def _candidates(self, api_index: int) -> list[_Worker]:
         group = self._by_api[api_index]
         ready = [w for w in group if w.state == _READY]
-        if not ready:
-            # Requests made while the workers still start wait in the transport; a restart does not.
-            ready = [w for w in group if w.state == _STARTING]
-        if not ready:
+        # Requests made while the workers still start wait in the transport; a restart does not.
+        return ready or [w for w in group if w.state == _STARTING]
+
+    def _choose(self, api_index: int, worker_index: int | None, affinity: str | None) -> _Worker:
+        candidates = self._candidates(api_index)
+        if worker_index is not None:
+            chosen = self._workers.get(worker_index)
+            if chosen is None or chosen not in candidates:
+                raise WorkerUnavailable(f"inference worker {worker_index} is not available; retry shortly")
+            return chosen
+        if not candidates:
             raise WorkerUnavailable(
                 "no inference worker is available (restarting after a crash); retry shortly"
             )
-        return min(ready, key=lambda w: len(w.in_flight))
+        if affinity is not None:
+            pinned = self._workers.get(self._affinity.get(affinity, -1))
+            if pinned is not None and pinned in candidates:
+                return pinned
+        chosen = min(candidates, key=lambda w: len(w.in_flight))
+        if affinity is not None:
+            self._affinity[affinity] = chosen.index
+        return chosen
 
-    def submit(self, api_index: int, payload_kind: int, payload: bytes, stream: bool) -> int:
-        worker = self._choose(api_index)
+    def submit(
+        self,
+        api_index: int,
+        encoding: int,
+        payload: bytes,
+        stream: bool,
+        *,
+        worker: int | None = None,
+        affinity: str | None = None,
+        tags: Sequence[str] = (),
+    ) -> int:
+        """Send a request to ``worker``, or to the worker ``affinity`` is pinned to (pinning it to the
+        least-loaded one the first time, and again when that one is gone), or to the least-loaded
+        one. ``tags`` name the request for ``owner`` while it is pending."""
+        chosen = self._choose(api_index, worker, affinity)
         rid = next(self._ids)
-        pending = _Pending(worker)
+        pending = _Pending(chosen, tags=tags)
         if stream:
             pending.chunks = asyncio.Queue()
         else:
             assert self._loop is not None
             pending.future = self._loop.create_future()
         self._pending[rid] = pending
-        worker.in_flight.add(rid)
-        worker.socket.send(pack(Kind.REQUEST, self.front_index, rid, payload_kind, payload))
+        for tag in tags:
+            self._owners[tag] = rid
+        chosen.in_flight.add(rid)
+        chosen.socket.send(encode(Request(self.front_index, rid, encoding, payload)))
         return rid
 
     async def result(self, rid: int, timeout: float | None) -> bytes:
@@ -146,16 +206,14 @@ class Dispatcher:
             else self._loop.call_later(timeout, self.abandon, rid, 504, "Request timed out")
         )
         try:
-            kind, status, body = await future
-        except asyncio.CancelledError:
-            self.cancel(rid)
-            raise
+            reply = await future
         finally:
             if timer is not None:
                 timer.cancel()
-        if kind == Kind.ERROR:
-            raise ServerError(status, _detail(body))
-        return body
+            self.cancel(rid)  # forgets it; tells the worker only if it has not answered
+        if reply.kind == Kind.ERROR:
+            raise ServerError(reply.status, _detail(reply.body))
+        return reply.body
 
     async def stream(self, rid: int, deadline: float | None) -> AsyncIterator[bytes]:
         """Yield the chunks of a stream; a failure before the first chunk raises ServerError."""
@@ -168,26 +226,26 @@ class Dispatcher:
                 if chunks.empty():
                     timeout = None if deadline is None else deadline - self._loop.time()
                     try:
-                        kind, status, body = await asyncio.wait_for(chunks.get(), timeout)
+                        reply = await asyncio.wait_for(chunks.get(), timeout)
                     except TimeoutError:
                         raise ServerError(504, "Request timed out") from None
                 else:
                     # A backlog is drained without suspending; yield to the loop so that a client's
                     # disconnect (and the cancellation it triggers) is noticed even then.
                     await asyncio.sleep(0)
-                    kind, status, body = chunks.get_nowait()
+                    reply = chunks.get_nowait()
                     if deadline is not None and self._loop.time() > deadline:
                         raise ServerError(504, "Request timed out")
-                if kind == Kind.CHUNK:
+                if reply.kind == Kind.CHUNK:
                     consumed += 1
                     if consumed == CREDIT_BATCH:
                         consumed = 0
                         self._credit(pending.worker, rid, CREDIT_BATCH)
-                    yield body
-                elif kind == Kind.END:
+                    yield reply.body
+                elif reply.kind == Kind.END:
                     return
                 else:
-                    raise ServerError(status, _detail(body))
+                    raise ServerError(reply.status, _detail(reply.body))
         finally:
             self.cancel(rid)
 
@@ -201,18 +259,21 @@ class Dispatcher:
 
     def _credit(self, worker: _Worker, rid: int, count: int) -> None:
         if worker.state != _DEAD and rid in worker.in_flight:
-            worker.socket.send(pack(Kind.CREDIT, self.front_index, rid, count, b""))
+            worker.socket.send(encode(Credit(self.front_index, rid, count)))
 
     def cancel(self, rid: int) -> None:
         """Forget a request; if it had not finished, tell its worker to drop or stop it."""
         pending = self._pending.pop(rid, None)
         if pending is None:
             return
+        for tag in pending.tags:
+            if self._owners.get(tag) == rid:
+                del self._owners[tag]
         worker = pending.worker
         if rid in worker.in_flight:
             worker.in_flight.discard(rid)
             if worker.state != _DEAD:
-                worker.socket.send(pack(Kind.CANCEL, self.front_index, rid, 0, b""))
+                worker.socket.send(encode(Cancel(self.front_index, rid)))
 
     # -------------------------------------------------------------- replies
     def _on_readable(self) -> None:
@@ -223,7 +284,7 @@ class Dispatcher:
                 message = inbox.recv(zmq.NOBLOCK)
             except zmq.Again:
                 break
-            self._dispatch(*unpack(message))
+            self._dispatch(decode_to_front(message))
         else:
             # A fast producer must not starve the event loop (clients, disconnects): yield, then go on.
             self._loop.call_soon(self._on_readable)
@@ -232,62 +293,62 @@ class Dispatcher:
         if int(inbox.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
             self._loop.call_soon(self._on_readable)
 
-    def _dispatch(self, kind: int, rid: int, status: int, body: bytes) -> None:
-        if kind == Kind.READY:
-            self._worker_ready(rid, generation=status)
-            return
-        if kind == Kind.WORKER_DIED:
-            self._worker_died(rid, generation=status)
-            return
-        pending = self._pending.get(rid)
+    def _dispatch(self, message: Any) -> None:
+        if isinstance(message, Reply):
+            self._on_reply(message)
+        elif isinstance(message, WorkerReady):
+            self._worker_ready(message)
+        elif isinstance(message, WorkerDown):
+            self._worker_down(message)
+
+    def _on_reply(self, reply: Reply) -> None:
+        pending = self._pending.get(reply.rid)
         if pending is None:
             return  # cancelled or timed out meanwhile
+        if reply.kind != Kind.CHUNK:
+            pending.worker.in_flight.discard(reply.rid)
         if pending.future is not None:
-            pending.worker.in_flight.discard(rid)
             if not pending.future.done():
-                pending.future.set_result((kind, status, body))
+                pending.future.set_result(reply)
         else:
             assert pending.chunks is not None
-            if kind != Kind.CHUNK:
-                pending.worker.in_flight.discard(rid)
-            pending.chunks.put_nowait((kind, status, body))
+            pending.chunks.put_nowait(reply)
 
-    def _worker_ready(self, index: int, generation: int) -> None:
+    def _current(self, index: int, generation: int) -> _Worker | None:
         worker = self._workers.get(index)
         if worker is None or generation < worker.generation:
-            return
+            return None  # news of a process that was already replaced
         worker.generation = generation
-        worker.state = _READY
+        return worker
 
-    def _worker_died(self, index: int, generation: int) -> None:
-        worker = self._workers.get(index)
-        if worker is None or generation < worker.generation:
+    def _worker_ready(self, message: WorkerReady) -> None:
+        worker = self._current(message.worker, message.generation)
+        if worker is not None:
+            worker.state = _READY
+
+    def _worker_down(self, message: WorkerDown) -> None:
+        worker = self._current(message.worker, message.generation)
+        if worker is None or worker.state == _DEAD:
             return
-        worker.generation = generation
         worker.state = _DEAD
+        detail = f"the inference worker handling this request {message.reason}; it is being restarted"
         for rid in list(worker.in_flight):
             pending = self._pending.get(rid)
             if pending is not None:
-                self._fail(
-                    pending, 503, "the inference worker handling this request crashed; it is being restarted"
-                )
+                self._fail(pending, 503, detail)
         worker.in_flight.clear()
         # Drop whatever was queued for the dead process; its successor starts clean.
         worker.socket.close(0)
-        worker.socket = self._connect(index)
+        worker.socket = self._connect(worker.index)
 
     @staticmethod
     def _fail(pending: _Pending, status: int, detail: str) -> None:
-        body = pack_detail(detail)
+        reply = Reply(Kind.ERROR, 0, status, orjson.dumps(detail))
         if pending.future is not None:
             if not pending.future.done():
-                pending.future.set_result((Kind.ERROR, status, body))
+                pending.future.set_result(reply)
         elif pending.chunks is not None:
-            pending.chunks.put_nowait((Kind.ERROR, status, body))
-
-
-def pack_detail(detail: Any) -> bytes:
-    return orjson.dumps(detail)
+            pending.chunks.put_nowait(reply)
 
 
 def _detail(body: bytes) -> Any:

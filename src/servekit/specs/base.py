@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -54,16 +54,83 @@ class SpecEndpoint:
     methods: list[str]
 
 
-class FrontHandle:
-    """What a spec's endpoints use to reach the workers of their API (bound in each front)."""
+@dataclass
+class WorkerAnswer:
+    """One worker's answer to a request sent to every worker (``FrontHandle.gather``)."""
 
-    async def call(self, request_object: Any, http_request: Request | None = None) -> bytes:
+    worker: int
+    body: bytes | None  # the JSON of its (first) item; None when it failed
+    error: ServerError | None = None
+
+
+class FrontHandle:
+    """What a spec's endpoints use to reach the workers of their API (bound in each front).
+
+    ``worker`` sends to one worker; ``affinity`` pins every request with the same key to one worker
+    (while it lives); ``tags`` name a streamed request so that ``owner`` finds its worker.
+    """
+
+    streams: bool = False  # whether the API's workers answer every request as a stream
+
+    async def call(
+        self,
+        request_object: Any,
+        http_request: Request | None = None,
+        *,
+        worker: int | None = None,
+        affinity: str | None = None,
+    ) -> bytes:
         """Send one request object to a worker; return the JSON of its encoded response."""
         raise NotImplementedError
 
-    def stream(self, request_object: Any, http_request: Request | None = None) -> AsyncIterator[bytes]:
+    def stream(
+        self,
+        request_object: Any,
+        http_request: Request | None = None,
+        *,
+        worker: int | None = None,
+        affinity: str | None = None,
+        tags: Sequence[str] = (),
+    ) -> AsyncIterator[bytes]:
         """Send one request object to a worker; yield the JSON of each encoded item it streams."""
         raise NotImplementedError
+
+    def workers(self) -> list[int]:
+        """The workers that can take a request now."""
+        raise NotImplementedError
+
+    def owner(self, tag: str) -> int | None:
+        """The worker running the streamed request tagged ``tag``, if this front sent it."""
+        raise NotImplementedError
+
+    def release_affinity(self, key: str) -> None:
+        """Forget the worker ``key`` is pinned to (its session ended)."""
+        raise NotImplementedError
+
+    async def first_item(
+        self, request_object: Any, http_request: Request | None = None, *, worker: int | None = None
+    ) -> bytes:
+        """The whole response, or a stream's first item."""
+        if not self.streams:
+            return await self.call(request_object, http_request, worker=worker)
+        chunks = self.stream(request_object, http_request, worker=worker)
+        try:
+            return await anext(chunks)
+        except StopAsyncIteration:
+            raise ServerError(500, "the worker returned nothing") from None
+        finally:
+            await chunks.aclose()  # type: ignore[attr-defined]
+
+    async def gather(self, request_object: Any) -> list[WorkerAnswer]:
+        """Send the request to every worker at once; each one's answer, in worker order."""
+
+        async def ask(worker: int) -> WorkerAnswer:
+            try:
+                return WorkerAnswer(worker, await self.first_item(request_object, worker=worker))
+            except ServerError as error:
+                return WorkerAnswer(worker, None, error)
+
+        return list(await asyncio.gather(*(ask(worker) for worker in self.workers())))
 
 
 class LitSpec:

@@ -19,7 +19,7 @@ import zmq
 
 from servekit.api import LitAPI
 from servekit.callbacks import CallbackRunner, EventTypes
-from servekit.transport import STREAM_WINDOW, Kind, unpack
+from servekit.transport import STREAM_WINDOW, Cancel, Credit, Kind, Request, decode_to_worker
 from servekit.workers.inbox import Inbox, Job, JobKey
 from servekit.workers.loops import RequestProcessor
 
@@ -76,21 +76,21 @@ class AsyncRequestProcessor(RequestProcessor):
         socket = self.inbox.pull_socket
         while True:
             try:
-                message = socket.recv(zmq.NOBLOCK)
+                raw = socket.recv(zmq.NOBLOCK)
             except zmq.Again:
                 break
-            kind, front, rid, payload_kind, payload = unpack(message)
-            key = (front, rid)
-            if kind == Kind.REQUEST:
-                job = Job(front, rid, payload_kind, payload)
+            message = decode_to_worker(raw)
+            key = (message.front, message.rid)
+            if isinstance(message, Request):
+                job = Job(*message)
                 task = asyncio.get_running_loop().create_task(self._run_job(job))
                 self._tasks[key] = task
                 task.add_done_callback(functools.partial(self._forget, key))
-            elif kind == Kind.CREDIT:
+            elif isinstance(message, Credit):
                 credit = self._credits.get(key)
                 if credit is not None:
-                    credit.add(payload_kind)
-            elif kind == Kind.CANCEL:
+                    credit.add(message.chunks)
+            elif isinstance(message, Cancel):
                 running = self._tasks.get(key)
                 if running is not None:
                     running.cancel()

@@ -8,7 +8,17 @@ from typing import Any
 
 import zmq
 
-from servekit.transport import STREAM_WINDOW, Kind, pack, unpack
+from servekit.transport import (
+    STREAM_WINDOW,
+    Cancel,
+    Credit,
+    Kind,
+    Request,
+    WorkerReady,
+    decode_to_worker,
+    encode,
+    reply,
+)
 
 JobKey = tuple[int, int]  # (front index, request id)
 _MAX_REMEMBERED_CANCELLATIONS = 4096
@@ -19,7 +29,7 @@ _CREDIT_POLL_MS = 1000
 class Job:
     front: int
     rid: int
-    payload_kind: int
+    encoding: int
     payload: bytes
 
     @property
@@ -96,27 +106,27 @@ class Inbox:
     def _drain(self) -> None:
         while True:
             try:
-                message = self._pull.recv(zmq.NOBLOCK)
+                message = decode_to_worker(self._pull.recv(zmq.NOBLOCK))
             except zmq.Again:
                 return
-            kind, front, rid, payload_kind, payload = unpack(message)
-            key = (front, rid)
-            if kind == Kind.REQUEST:
-                self._pending[key] = Job(front, rid, payload_kind, payload)
-            elif kind == Kind.CREDIT:
+            key = (message.front, message.rid)
+            if isinstance(message, Request):
+                self._pending[key] = Job(*message)
+            elif isinstance(message, Credit):
                 if key in self._credits:
-                    self._credits[key] += payload_kind
-            elif kind == Kind.CANCEL and self._pending.pop(key, None) is None:
+                    self._credits[key] += message.chunks
+            elif isinstance(message, Cancel) and self._pending.pop(key, None) is None:
                 self._cancelled[key] = None
                 if len(self._cancelled) > _MAX_REMEMBERED_CANCELLATIONS:
                     self._cancelled.popitem(last=False)
 
-    def reply(self, front: int, kind: Kind, rid: int, status: int, body: Any) -> None:
-        self._replies[front].send(pack(kind, rid, status, body))
+    def reply(self, front: int, kind: Kind, rid: int, status: int, body: bytes) -> None:
+        self._replies[front].send(reply(kind, rid, status, body))
 
-    def broadcast(self, kind: Kind, worker_index: int, generation: int) -> None:
-        for front, _ in enumerate(self._replies):
-            self.reply(front, kind, worker_index, generation, b"")
+    def announce_ready(self, worker_index: int, generation: int) -> None:
+        message = encode(WorkerReady(worker_index, generation))
+        for push in self._replies:
+            push.send(message)
 
     def close(self) -> None:
         self._pull.close(0)

@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException
 from servekit.api import LitAPI
 from servekit.callbacks import CallbackRunner, EventTypes
 from servekit.errors import ServerError
-from servekit.transport import PAYLOAD_JSON, Kind
+from servekit.transport import Encoding, Kind
 from servekit.workers.hooks import (
     Hook,
     first_argument_model,
@@ -214,7 +214,7 @@ class RequestProcessor:
         return jobs
 
     def _decode(self, job: Job, context: dict[str, Any]) -> Any:
-        if job.payload_kind == PAYLOAD_JSON:
+        if job.encoding == Encoding.JSON:
             request = parse_json_body(job.payload, self.request_model)
         else:
             request = pickle.loads(job.payload)

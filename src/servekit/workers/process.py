@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
 import signal
 import sys
+import threading
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -17,12 +20,13 @@ import zmq
 from servekit.api import LitAPI
 from servekit.callbacks import CallbackRunner, EventTypes
 from servekit.loggers import Logger, LoggerSink
-from servekit.transport import Endpoints, Kind
+from servekit.transport import Endpoints
 
 logger = logging.getLogger(__name__)
 
 STATUS_READY = "ready"
 STATUS_SETUP_FAILED = "setup_failed"
+STATUS_UNHEALTHY = "unhealthy"
 
 
 @dataclass
@@ -53,6 +57,17 @@ def _die_with_parent() -> None:
         pass
 
 
+def _status_reporter(status: Connection) -> Callable[[str], None]:
+    """``LitAPI.report_unhealthy`` of this worker: callable from any of its threads."""
+    lock = threading.Lock()
+
+    def report(reason: str) -> None:
+        with lock, contextlib.suppress(OSError):
+            status.send((STATUS_UNHEALTHY, reason))
+
+    return report
+
+
 def worker_main(assignment: WorkerAssignment) -> None:
     _die_with_parent()
     # Ctrl+C reaches the whole process group; the main process drives a graceful shutdown.
@@ -74,6 +89,7 @@ def worker_main(assignment: WorkerAssignment) -> None:
     inbox = Inbox(context, assignment.endpoints.worker_inbox(assignment.index), fronts)
     if assignment.loggers:
         api._log_sink = LoggerSink(assignment.loggers)
+    api._report_unhealthy = _status_reporter(assignment.status)
     try:
         api.device = assignment.device
         callbacks.trigger_event(EventTypes.BEFORE_SETUP, lit_api=api)
@@ -84,7 +100,7 @@ def worker_main(assignment: WorkerAssignment) -> None:
         inbox.close()
         context.term()
         sys.exit(1)
-    inbox.broadcast(Kind.READY, assignment.index, assignment.generation)
+    inbox.announce_ready(assignment.index, assignment.generation)
     assignment.status.send((STATUS_READY, ""))
     from servekit.workers.async_loop import AsyncRequestProcessor, wants_async_loop
 

@@ -18,9 +18,15 @@ from servekit.api import LitAPI
 from servekit.callbacks import CallbackRunner
 from servekit.errors import WorkerSetupError
 from servekit.loggers import Logger
-from servekit.transport import Endpoints, Kind, pack
+from servekit.transport import Endpoints, WorkerDown, encode
 from servekit.workers.devices import DeviceSlot
-from servekit.workers.process import STATUS_READY, STATUS_SETUP_FAILED, WorkerAssignment, worker_main
+from servekit.workers.process import (
+    STATUS_READY,
+    STATUS_SETUP_FAILED,
+    STATUS_UNHEALTHY,
+    WorkerAssignment,
+    worker_main,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -90,9 +96,6 @@ class Supervisor:
             self._spawn(state)
         self._thread = threading.Thread(target=self._watch, name="servekit-supervisor", daemon=True)
         self._thread.start()
-
-    def all_ready(self) -> bool:
-        return all(state.ready for state in self._states)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop every worker: SIGTERM, then SIGKILL for any still alive after ``timeout``."""
@@ -193,6 +196,13 @@ class Supervisor:
         if kind == STATUS_READY:
             state.ready = state.ever_ready = True
             logger.info("worker %d ready (pid %s)", state.plan.index, state.process and state.process.pid)
+        elif kind == STATUS_UNHEALTHY:
+            # Fail its requests now and replace it; the death that follows restarts it as usual.
+            logger.error("worker %d reported itself unhealthy (%s): restarting it", state.plan.index, detail)
+            state.ready = False
+            self._tell_fronts(WorkerDown(state.plan.index, state.generation, f"became unhealthy ({detail})"))
+            if state.process is not None:
+                state.process.terminate()
         elif kind == STATUS_SETUP_FAILED:
             error = WorkerSetupError(f"setup() failed in worker {state.plan.index}:\n{detail}")
             logger.error("%s", error)
@@ -204,8 +214,7 @@ class Supervisor:
         state.process.join(1)
         exitcode = state.process.exitcode
         state.ready = False
-        for push in self._notify:
-            push.send(pack(Kind.WORKER_DIED, state.plan.index, state.generation, b""))
+        self._tell_fronts(WorkerDown(state.plan.index, state.generation, "crashed"))
         if not state.ever_ready:
             if self.fatal_error is None:
                 self._fail(
@@ -223,6 +232,11 @@ class Supervisor:
             return
         logger.info("restarting worker %d", state.plan.index)
         self._spawn(state)
+
+    def _tell_fronts(self, message: WorkerDown) -> None:
+        encoded = encode(message)
+        for push in self._notify:
+            push.send(encoded)
 
     def _fail(self, error: BaseException) -> None:
         if self.fatal_error is None:
