@@ -64,9 +64,11 @@ class AsyncEngine:
         *,
         engine: LLMEngine | None = None,
         thread_name: str = "servekit-engine",
+        on_failure: Callable[[BaseException], None] | None = None,
     ) -> None:
         """Start the step loop thread, which builds an ``LLMEngine`` from ``config`` (this call
-        returns once it is built, and raises what building raised) or adopts ``engine``."""
+        returns once it is built, and raises what building raised) or adopts ``engine``.
+        ``on_failure`` is called on the loop thread if the loop dies, after every stream failed."""
         self._cond = threading.Condition()
         self._commands: list[_Add | _Abort] = []
         self._streams: dict[str, _Stream] = {}  # guarded by _cond
@@ -75,6 +77,7 @@ class AsyncEngine:
         self._built = threading.Event()
         self._build_error: BaseException | None = None
         self._adopted = engine
+        self._on_failure = on_failure
         self._thread = threading.Thread(target=self._run, args=(config,), name=thread_name, daemon=True)
         self._thread.start()
         self._built.wait()
@@ -197,6 +200,8 @@ class AsyncEngine:
             logger.exception("engine loop failed")
             self._dead = exc
             self._fail_all(EngineClosedError(f"the engine loop failed: {exc!r}"))
+            if self._on_failure is not None:
+                self._on_failure(exc)
 
     def _apply(self, commands: list[_Add | _Abort]) -> None:
         for command in commands:

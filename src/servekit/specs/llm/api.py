@@ -33,7 +33,8 @@ class LLMServerAPI(LitAPI):
         from servekit.specs.llm.runtime import Runtime
 
         self.config.log_ignored()
-        self.runtime = Runtime(self.config)
+        # A dead engine fails this worker through the supervisor, which restarts it.
+        self.runtime = Runtime(self.config, on_engine_failure=self.report_unhealthy)
         self._handlers = {
             "chat": ChatHandler(self.runtime).run,
             "completion": CompletionHandler(self.runtime).run,
@@ -42,16 +43,16 @@ class LLMServerAPI(LitAPI):
 
     async def predict(self, x: Op, **kwargs: Any) -> AsyncIterator[Any]:
         op = x
+        handler = self._handlers.get(op.kind)
+        if handler is None:  # an operation on this worker (abort, stats, ...), not a request
+            yield self._operation(op)
+            return
         rt = self.runtime
         rt.count_request(op.kind)
         started = time.perf_counter()
         try:
-            handler = self._handlers.get(op.kind)
-            if handler is not None:
-                async for item in handler(op.body):
-                    yield item
-            else:
-                yield self._operation(op)
+            async for item in handler(op.body):
+                yield item
         except ServerError as error:
             rt.count_error(error.status_code)
             raise
@@ -62,7 +63,7 @@ class LLMServerAPI(LitAPI):
             logger.exception("%s request failed", op.kind)
             raise ServerError(500, {"message": f"{type(error).__name__}: {error}", "param": None}) from None
         finally:
-            if not self.config.disable_log_requests and op.kind in self._handlers:
+            if not self.config.disable_log_requests:
                 logger.info("%s request done in %.3fs", op.kind, time.perf_counter() - started)
 
     def _operation(self, op: Op) -> Any:

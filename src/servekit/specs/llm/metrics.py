@@ -1,8 +1,53 @@
-"""``/metrics``: the engine's and the server's numbers in Prometheus' text format (vLLM-style names)."""
+"""``/metrics``: the engine's and the server's numbers in Prometheus' text format (vLLM-style names).
+
+Every worker reports its own stats; ``merge_worker_stats`` adds them up. Counters are summed;
+gauges are given per worker (label ``worker``) and, without that label, for the whole server.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
+
+# Engine gauges: (stats key, metric name, help).
+_ENGINE_GAUGES = (
+    ("num_running", "servekit:num_requests_running", "Sequences being generated."),
+    ("num_waiting", "servekit:num_requests_waiting", "Sequences waiting to start."),
+    ("kv_cache_usage", "servekit:kv_cache_usage_perc", "Fraction of KV-cache blocks in use."),
+    ("num_kv_blocks", "servekit:num_kv_blocks", "KV-cache blocks in total."),
+    ("num_free_kv_blocks", "servekit:num_free_kv_blocks", "KV-cache blocks free."),
+)
+
+
+def _sum_dicts(dicts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Key-wise sums; nested dicts (counts by label) are summed key-wise too."""
+    total: dict[str, Any] = {}
+    for item in dicts:
+        for key, value in item.items():
+            if isinstance(value, dict):
+                total[key] = _sum_dicts([total.get(key, {}), value])
+            else:
+                total[key] = total.get(key, 0) + value
+    return total
+
+
+def merge_worker_stats(per_worker: Sequence[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
+    """One server's stats from each worker's: sums, with ratios recomputed from the sums."""
+    engines = [stats["engine"] for _, stats in per_worker]
+    engine = _sum_dicts(engines)
+    blocks = engine.get("num_kv_blocks", 0)
+    engine["kv_cache_usage"] = (
+        sum(e["kv_cache_usage"] * e["num_kv_blocks"] for e in engines) / blocks if blocks else 0.0
+    )
+    queries = engine.get("prefix_cache_queries", 0)
+    engine["prefix_cache_hit_rate"] = engine.get("prefix_cache_hits", 0) / queries if queries else 0.0
+    return {
+        "engine": engine,
+        "counters": _sum_dicts([stats["counters"] for _, stats in per_worker]),
+        "kv_cache_tokens": sum(stats["kv_cache_tokens"] for _, stats in per_worker),
+        "uptime_s": max((stats["uptime_s"] for _, stats in per_worker), default=0.0),
+        "workers": [{"worker": worker, **stats} for worker, stats in per_worker],
+    }
 
 
 def _escape(value: str) -> str:
@@ -27,22 +72,24 @@ class _Writer:
     def one(self, name: str, kind: str, help_text: str, value: float) -> None:
         self.metric(name, kind, help_text, [({}, value)])
 
+    def gauge(self, name: str, help_text: str, total: float, per_worker: list[tuple[int, float]]) -> None:
+        samples = [({}, total), *(({"worker": str(w)}, v) for w, v in per_worker)]
+        self.metric(name, "gauge", help_text, samples)
+
 
 def render_metrics(stats: dict[str, Any], model: str) -> str:
     engine = stats["engine"]
     counters = stats["counters"]
     out = _Writer(model)
-    out.one("servekit:num_requests_running", "gauge", "Sequences being generated.", engine["num_running"])
-    out.one("servekit:num_requests_waiting", "gauge", "Sequences waiting to start.", engine["num_waiting"])
-    out.one(
-        "servekit:kv_cache_usage_perc",
-        "gauge",
-        "Fraction of KV-cache blocks in use.",
-        engine["kv_cache_usage"],
+    workers = stats["workers"]
+    for key, name, help_text in _ENGINE_GAUGES:
+        out.gauge(name, help_text, engine[key], [(w["worker"], w["engine"][key]) for w in workers])
+    out.gauge(
+        "servekit:kv_cache_tokens",
+        "KV-cache capacity in tokens.",
+        stats["kv_cache_tokens"],
+        [(w["worker"], w["kv_cache_tokens"]) for w in workers],
     )
-    out.one("servekit:num_kv_blocks", "gauge", "KV-cache blocks in total.", engine["num_kv_blocks"])
-    out.one("servekit:num_free_kv_blocks", "gauge", "KV-cache blocks free.", engine["num_free_kv_blocks"])
-    out.one("servekit:kv_cache_tokens", "gauge", "KV-cache capacity in tokens.", stats["kv_cache_tokens"])
     out.one(
         "servekit:prefix_cache_queries_total",
         "counter",
@@ -117,5 +164,10 @@ def render_metrics(stats: dict[str, Any], model: str) -> str:
         "Sum of request latencies.",
         counters["e2e_sum"],
     )
-    out.one("servekit:uptime_seconds", "gauge", "Seconds since the engine started.", stats["uptime_s"])
+    out.gauge(
+        "servekit:uptime_seconds",
+        "Seconds since the engine started (the longest-running worker's, without a worker label).",
+        stats["uptime_s"],
+        [(w["worker"], w["uptime_s"]) for w in workers],
+    )
     return "\n".join(out.lines) + "\n"

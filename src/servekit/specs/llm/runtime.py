@@ -7,9 +7,8 @@ import contextlib
 import json
 import logging
 import os
-import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +28,6 @@ logger = logging.getLogger(__name__)
 # or each step takes this much longer (keeps requests running long enough to observe queueing).
 FAIL_AFTER_STEPS_ENV = "SERVEKIT_TEST_ENGINE_FAIL_AFTER_STEPS"
 STEP_DELAY_ENV = "SERVEKIT_TEST_ENGINE_STEP_DELAY_S"
-EXIT_GRACE_S = 0.5
 
 
 @dataclass
@@ -47,13 +45,16 @@ class Counters:
 
 
 class Runtime:
-    def __init__(self, config: ServeConfig) -> None:
+    def __init__(self, config: ServeConfig, on_engine_failure: Callable[[str], None]) -> None:
+        """``on_engine_failure`` is told (on the engine's thread) if the engine loop dies."""
         from servekit.llm import EngineConfig
 
         overrides = {k: v for k, v in config.engine_kwargs().items() if v is not None}
         engine_config = EngineConfig.from_env(**overrides)
         self.config = config
-        self.engine = AsyncEngine(engine_config)
+        self.engine = AsyncEngine(
+            engine_config, on_failure=lambda error: on_engine_failure(f"the engine loop failed: {error!r}")
+        )
         llm_engine = self.engine.engine
         self.tokenizer = llm_engine.tokenizer
         self.model_name: str = llm_engine.model_name
@@ -87,7 +88,6 @@ class Runtime:
             self.kv_tokens,
         )
         self._install_test_hooks()
-        self._watch_engine()
 
     # ----------------------------------------------------------------------- engine lifecycle
     def _install_test_hooks(self) -> None:
@@ -109,21 +109,6 @@ class Runtime:
             return step(final_only)
 
         llm_engine.step = test_step  # type: ignore[method-assign]
-
-    def _watch_engine(self) -> None:
-        """A dead engine loop makes this worker exit, so the supervisor restarts it (and /health is
-        503 meanwhile) rather than serving errors forever."""
-        thread = getattr(self.engine, "_thread", None)
-        if not isinstance(thread, threading.Thread):
-            return
-
-        def watch() -> None:
-            thread.join()
-            logger.error("the engine loop died: exiting this worker so that it is restarted")
-            time.sleep(EXIT_GRACE_S)  # let the failed requests' replies leave
-            os._exit(1)
-
-        threading.Thread(target=watch, name="servekit-engine-watch", daemon=True).start()
 
     # ------------------------------------------------------------------------------- prompts
     def render_chat(

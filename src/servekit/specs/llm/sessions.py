@@ -1,8 +1,9 @@
 """Interactive chat sessions (``/v1/chat/interactive``), kept in the HTTP front.
 
-The front keeps each session's messages and sends the whole conversation with every turn; the
-engine's prefix cache then finds the KV blocks of the earlier turns, so only the new turn is
-computed. Keeping the history here (not in a worker) works with any number of workers.
+The front keeps each session's messages and sends the whole conversation with every turn, always to
+the same worker (the spec pins a session to one by affinity); that worker's prefix cache then finds
+the KV blocks of the earlier turns, so only the new turn is computed. Each reply says how many
+prompt tokens came from the cache (``cached_tokens``).
 """
 
 from __future__ import annotations
@@ -128,11 +129,15 @@ class SessionStore:
         turn.finish_reason = choice["finish_reason"]
         turn.usage = response.get("usage")
         self._commit(turn)
+        return {"text": turn.text, **self._totals(turn)}
+
+    @staticmethod
+    def _totals(turn: Turn) -> dict[str, Any]:
         usage = turn.usage or {}
         return {
-            "text": turn.text,
             "tokens": usage.get("completion_tokens", 0),
             "input_tokens": usage.get("prompt_tokens", 0),
+            "cached_tokens": (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0),
             "history_tokens": turn.history_tokens,
             "finish_reason": turn.finish_reason,
             "session_id": turn.session_id,
@@ -144,16 +149,7 @@ class SessionStore:
             return [chunk]
         if chunk.get("usage"):
             turn.usage = chunk["usage"]
-            return [
-                {
-                    "text": "",
-                    "tokens": turn.usage["completion_tokens"],
-                    "input_tokens": turn.usage["prompt_tokens"],
-                    "history_tokens": turn.history_tokens,
-                    "finish_reason": turn.finish_reason,
-                    "session_id": turn.session_id,
-                }
-            ]
+            return [{"text": "", **self._totals(turn)}]
         lines = []
         for choice in chunk.get("choices", []):
             delta = choice.get("delta", {}).get("content") or ""

@@ -9,7 +9,7 @@ that cannot start still gets a real status code: handlers await the first item b
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import orjson
@@ -20,7 +20,8 @@ from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from servekit.errors import ServerError
 from servekit.specs.base import LitSpec, until_disconnected
 from servekit.specs.llm.config import ServeConfig
-from servekit.specs.llm.metrics import render_metrics
+from servekit.specs.llm.metrics import merge_worker_stats, render_metrics
+from servekit.specs.llm.openai_format import new_id
 from servekit.specs.llm.ops import Op, OpKind
 from servekit.specs.llm.protocol import (
     AbortRequest,
@@ -138,20 +139,34 @@ class LLMServerSpec(LitSpec):
                 },
             )
 
-    async def _call(self, op: Op, http_request: Request | None = None) -> Any:
+    async def _call(self, op: Op, http_request: Request | None = None, *, worker: int | None = None) -> Any:
         """One-item operation: the decoded item the worker yields."""
-        return orjson.loads(await self._first_item(op, http_request))
+        return orjson.loads(await self._first_item(op, http_request, worker=worker))
 
-    async def _first_item(self, op: Op, http_request: Request | None) -> bytes:
-        chunks = self.front.stream(op, http_request)
+    async def _first_item(self, op: Op, http_request: Request | None, *, worker: int | None = None) -> bytes:
+        item = self.front.first_item(op, http_request, worker=worker)
         if http_request is None:
-            return await _first(chunks)
-        return await until_disconnected(_first(chunks), http_request)
+            return await item
+        return await until_disconnected(item, http_request)
+
+    async def _gather(self, op: Op) -> list[tuple[int, Any]]:
+        """Ask every worker; (worker, decoded item) for each, in worker order. Any failure raises."""
+        answers = await self.front.gather(op)
+        for answer in answers:
+            if answer.error is not None:
+                raise answer.error
+        return [(a.worker, orjson.loads(a.body or b"null")) for a in answers]
 
     async def _streaming(
-        self, op: Op, http_request: Request, frame: Any, done_marker: bytes | None, media_type: str
+        self,
+        op: Op,
+        http_request: Request,
+        frame: Any,
+        done_marker: bytes | None,
+        media_type: str,
+        tags: Sequence[str],
     ) -> Response:
-        chunks = self.front.stream(op, http_request)
+        chunks = self.front.stream(op, http_request, tags=tags)
         try:
             first = await anext(chunks)
         except StopAsyncIteration:
@@ -176,22 +191,29 @@ class LLMServerSpec(LitSpec):
 
         return StreamingResponse(body(), media_type=media_type, headers=SSE_HEADERS)
 
-    async def _run(self, kind: OpKind, body: Any, stream: bool, http_request: Request) -> Response:
+    async def _run(
+        self, kind: OpKind, body: Any, stream: bool, http_request: Request, tags: Sequence[str]
+    ) -> Response:
+        """Every generation request runs as a stream in a worker, tagged with its engine request ids
+        so that ``/abort_request`` reaches the worker that runs it."""
         op = Op(kind, body)
         if stream:
-            return await self._streaming(op, http_request, _sse, SSE_DONE, "text/event-stream")
-        return Response(await self._first_item(op, http_request), media_type="application/json")
+            return await self._streaming(op, http_request, _sse, SSE_DONE, "text/event-stream", tags)
+        chunks = self.front.stream(op, http_request, tags=tags)
+        return Response(await until_disconnected(_first(chunks), http_request), media_type="application/json")
 
     # ------------------------------------------------------------------------------- OpenAI
     async def chat_completions(self, request: Request) -> Response:
         body: ChatCompletionRequest = await self._parse(request, ChatCompletionRequest)
         await self._check_model(body.model)
-        return await self._run("chat", body, body.stream, request)
+        body.request_id = body.request_id or new_id("chatcmpl")
+        return await self._run("chat", body, body.stream, request, tags=[body.request_id])
 
     async def completions(self, request: Request) -> Response:
         body: CompletionRequest = await self._parse(request, CompletionRequest)
         await self._check_model(body.model)
-        return await self._run("completion", body, body.stream, request)
+        body.request_id = body.request_id or new_id("cmpl")
+        return await self._run("completion", body, body.stream, request, tags=[body.request_id])
 
     def _model_card(self, info: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -227,46 +249,44 @@ class LLMServerSpec(LitSpec):
     # ------------------------------------------------------------------------------- native
     async def generate(self, request: Request) -> Response:
         body: GenerateRequest = await self._parse(request, GenerateRequest)
-        return await self._run("generate", body, body.stream, request)
+        rids = [body.rid] if isinstance(body.rid, str) else list(body.rid or [])
+        return await self._run("generate", body, body.stream, request, tags=rids)
 
     async def chat_interactive(self, request: Request) -> Response:
         body: InteractiveRequest = await self._parse(request, InteractiveRequest)
         store = self._sessions
         if body.cancel:
             request_id = store.running_request(body.session_id)
-            aborted = False
-            if request_id is not None:
-                aborted = bool((await self._call(Op("abort", request_id)))["aborted"])
+            aborted = request_id is not None and await self._abort(request_id)
             return _json({"session_id": body.session_id, "cancelled": aborted, "finish_reason": "abort"})
         if body.end or (not body.interactive_mode and not body.prompt and store.exists(body.session_id)):
             store.end(body.session_id)
+            self.front.release_affinity(_session_key(body.session_id))
             return _json({"session_id": body.session_id, "ended": True, "text": "", "finish_reason": None})
         turn = store.begin(body)
         chat = turn.chat_request(body)
+        # Every turn of a session runs on the worker that holds the KV cache of the earlier ones.
+        affinity = _session_key(body.session_id) if turn.interactive else None
+        chunks = self.front.stream(Op("chat", chat), request, affinity=affinity, tags=[turn.request_id])
         try:
-            if body.stream:
-                return await self._interactive_stream(turn, chat, request)
-            item = await self._call(Op("chat", chat), request)
+            first = await until_disconnected(anext(chunks), request)
         except BaseException:
             store.abandon(turn)
-            raise
-        return _json(store.complete(turn, item))
-
-    async def _interactive_stream(self, turn: Any, chat: ChatCompletionRequest, request: Request) -> Response:
-        store = self._sessions
-        chunks = self.front.stream(Op("chat", chat), request)
-        try:
-            first = await anext(chunks)
-        except BaseException:
             await chunks.aclose()  # type: ignore[attr-defined]
             raise
+        if not body.stream:
+            await chunks.aclose()  # type: ignore[attr-defined]
+            return _json(store.complete(turn, orjson.loads(first)))
+        return self._interactive_stream(turn, first, chunks)
+
+    def _interactive_stream(self, turn: Any, first: bytes, chunks: AsyncIterator[bytes]) -> Response:
+        store = self._sessions
 
         async def body() -> AsyncIterator[bytes]:
             completed = False
             try:
-                for raw in [first]:
-                    for line in store.stream_items(turn, orjson.loads(raw)):
-                        yield _ndjson(orjson.dumps(line))
+                for line in store.stream_items(turn, orjson.loads(first)):
+                    yield _ndjson(orjson.dumps(line))
                 async for raw in chunks:
                     for line in store.stream_items(turn, orjson.loads(raw)):
                         yield _ndjson(orjson.dumps(line))
@@ -282,12 +302,35 @@ class LLMServerSpec(LitSpec):
 
         return StreamingResponse(body(), media_type="application/x-ndjson")
 
+    async def _abort(self, request_id: str) -> bool:
+        """Abort a running request by its engine id, at the worker that runs it. A request this
+        front did not send (another front's) is looked for at every worker."""
+        owner = self.front.owner(request_id)
+        if owner is not None:
+            return bool((await self._call(Op("abort", request_id), worker=owner))["aborted"])
+        return any(item["aborted"] for _, item in await self._gather(Op("abort", request_id)))
+
     async def abort_request(self, request: Request) -> Response:
         body: AbortRequest = await self._parse(request, AbortRequest)
-        return _json(await self._call(Op("abort", body.rid)))
+        return _json({"aborted": await self._abort(body.rid)})
 
     async def flush_cache(self, request: Request) -> Response:
-        return _json(await self._call(Op("flush_cache")))
+        """Empties every worker's prefix cache, and reports each."""
+        answers = await self.front.gather(Op("flush_cache"))
+        failed = [a for a in answers if a.error is not None]
+        if failed:
+            flushed = [str(a.worker) for a in answers if a.error is None]
+            reasons = "; ".join(f"worker {a.worker}: {_message(a.error)}" for a in failed)
+            raise ServerError(
+                400,
+                {
+                    "message": f"{reasons} (flushed: {', '.join(flushed) or 'none'})",
+                    "param": None,
+                    "code": "flush_failed",
+                },
+            )
+        workers = [{"worker": a.worker, **orjson.loads(a.body or b"{}")} for a in answers]
+        return _json({"flushed": True, "workers": workers})
 
     async def tokenize(self, request: Request) -> Response:
         body: TokenizeRequest = await self._parse(request, TokenizeRequest)
@@ -305,23 +348,33 @@ class LLMServerSpec(LitSpec):
     async def server_info(self, request: Request) -> Response:
         from servekit import __version__
 
-        stats = await self._call(Op("stats"))
+        stats = merge_worker_stats(await self._gather(Op("stats")))
         return _json(
             {
                 "version": __version__,
                 "config": self.config.redacted(),
                 "model": await self._info(),
                 "engine": stats["engine"],
+                "workers": stats["workers"],
                 "sessions": self._sessions.count(),
             }
         )
 
     async def metrics(self, request: Request) -> Response:
-        stats = await self._call(Op("stats"))
+        stats = merge_worker_stats(await self._gather(Op("stats")))
         info = await self._info()
         return PlainTextResponse(
             render_metrics(stats, info["model_name"]), media_type="text/plain; version=0.0.4"
         )
+
+
+def _session_key(session_id: int) -> str:
+    return f"interactive-session-{session_id}"
+
+
+def _message(error: ServerError | None) -> str:
+    detail = None if error is None else error.detail
+    return str(detail.get("message", detail)) if isinstance(detail, dict) else str(detail)
 
 
 async def _first(chunks: AsyncIterator[bytes]) -> bytes:
