@@ -127,6 +127,18 @@ def test_sigterm_finishes_in_flight_requests_and_leaves_nothing_behind(tmp_path:
     assert list(socket_dir.iterdir()) == []
 
 
+def test_sigterm_leaves_no_process_in_the_group(tmp_path: Path) -> None:
+    """The server returns only after every process it started has exited (CI once saw the
+    resource tracker outlive it): nothing is left in its process group when it has exited."""
+    for _ in range(3):
+        with serve_script("hello_cli.py", tmp_path) as server:
+            assert httpx.post(f"{server.url}/predict", json={"input": 4.0}).json() == {"output": 16.0}
+            server.process.send_signal(signal.SIGTERM)
+            assert server.process.wait(30) == 0
+            group = subprocess.run(["pgrep", "-g", str(server.process.pid)], capture_output=True, text=True)
+            assert group.stdout.split() == []
+
+
 def test_api_key_auth(tmp_path: Path) -> None:
     key = "s3cret-key"
     with serve_script(
