@@ -17,6 +17,7 @@ from servekit.api import LitAPI
 from servekit.callbacks import Callback, CallbackRunner, EventTypes
 from servekit.http.app import FrontConfig, Middleware
 from servekit.loggers import Logger
+from servekit.sizes import parse_size
 from servekit.specs.base import LitSpec
 from servekit.transport import Endpoints
 from servekit.workers.devices import device_slots, resolve_accelerator
@@ -92,7 +93,7 @@ class LitServer:
         self.healthcheck_path = healthcheck_path
         self.info_path = info_path
         self.model_metadata = model_metadata
-        self.max_payload_size = _parse_size(max_payload_size)
+        self.max_payload_size = None if max_payload_size is None else parse_size(max_payload_size)
         self.callbacks = CallbackRunner(callbacks)
         self.middlewares = list(middlewares or [])
         self.disable_openapi_url = disable_openapi_url
@@ -257,17 +258,6 @@ def _as_loggers(loggers: Any) -> list[Logger]:
         if not isinstance(item, Logger):
             raise TypeError(f"loggers must be servekit.Logger instances, got {type(item).__name__}")
     return items
-
-
-def _parse_size(value: int | str | None) -> int | None:
-    if value is None or isinstance(value, int):
-        return value
-    units = {"KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "B": 1}
-    text = value.strip().upper()
-    for unit, factor in sorted(units.items(), key=lambda item: -len(item[0])):
-        if text.endswith(unit):
-            return int(float(text[: -len(unit)].strip()) * factor)
-    return int(text)
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from servekit.sizes import parse_size
+
 if TYPE_CHECKING:
     import torch
 
@@ -25,7 +27,6 @@ _DTYPE_ALIASES = {
     "fp16": "float16",
     "half": "float16",
 }
-_MEMORY_SUFFIXES = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
 def canonical_dtype(name: str) -> str:
@@ -65,7 +66,7 @@ class EngineConfig:
         None  # tokens computed per step; None: 2048 (chunked) or max_model_len
     )
     block_size: int = 16  # tokens per KV-cache block
-    kv_cache_memory: int | str = "auto"  # bytes (or "2GiB", "512M") of KV cache, or "auto"
+    kv_cache_memory: int | str = "auto"  # bytes (or "2GiB", "512MB") of KV cache, or "auto"
     num_kv_blocks: int | None = None  # exact number of KV blocks (overrides kv_cache_memory)
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
@@ -84,8 +85,11 @@ class EngineConfig:
         if isinstance(self.quantization, str):
             lowered = self.quantization.strip().lower()
             self.quantization = None if lowered in ("", "none") else lowered
-        if isinstance(self.kv_cache_memory, str) and self.kv_cache_memory.lower() != "auto":
-            self.kv_cache_memory = parse_memory_size(self.kv_cache_memory)
+        if isinstance(self.kv_cache_memory, str) and self.kv_cache_memory.strip().lower() != "auto":
+            try:
+                self.kv_cache_memory = parse_size(self.kv_cache_memory)
+            except ValueError as error:
+                raise EngineConfigError(f"kv_cache_memory: {error}", "kv_cache_memory") from None
         self.validate()
 
     def validate(self) -> None:
@@ -146,19 +150,6 @@ class EngineConfig:
 
     def kv_cache_memory_bytes(self) -> int | None:
         return None if isinstance(self.kv_cache_memory, str) else self.kv_cache_memory
-
-
-def parse_memory_size(text: str) -> int:
-    """``"512M"``, ``"2GiB"``, ``"1.5g"``, ``"1048576"`` -> bytes."""
-    cleaned = text.strip().lower().removesuffix("ib").removesuffix("b")
-    multiplier = 1
-    if cleaned and cleaned[-1] in _MEMORY_SUFFIXES:
-        multiplier = _MEMORY_SUFFIXES[cleaned[-1]]
-        cleaned = cleaned[:-1]
-    try:
-        return int(float(cleaned) * multiplier)
-    except ValueError:
-        raise EngineConfigError(f"not a memory size: {text!r}", "kv_cache_memory") from None
 
 
 def _parse_env_value(name: str, raw: str, hint: Any) -> Any:
