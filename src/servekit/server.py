@@ -48,6 +48,7 @@ class LitServer:
         fast_queue: bool = False,
         disable_openapi_url: bool = False,
         restart_workers: bool = True,
+        api_key: str | None = None,
         # Older LitServe code passes these here rather than to LitAPI.
         max_batch_size: int | None = None,
         batch_timeout: float | None = None,
@@ -99,6 +100,8 @@ class LitServer:
         self.disable_openapi_url = disable_openapi_url
         self.restart_workers = restart_workers
         self.track_requests = track_requests
+        # Without the argument, the key is LitServe's env var, read here: it is passed on as an argument.
+        self.api_key = (api_key if api_key is not None else os.environ.get("LIT_SERVER_API_KEY")) or None
         self.loggers = _as_loggers(loggers)
         self._stop_requested = threading.Event()
         self._uvicorn_servers: list[Any] = []
@@ -210,7 +213,6 @@ class LitServer:
         return plans, workers_by_api
 
     def _front_config(self, endpoints: Endpoints, workers_by_api: list[list[int]]) -> FrontConfig:
-        api_key = os.environ.get("LIT_SERVER_API_KEY") or None
         return FrontConfig(
             apis=self.lit_apis,
             workers_by_api=workers_by_api,
@@ -222,7 +224,7 @@ class LitServer:
             max_payload_size=self.max_payload_size,
             middlewares=self.middlewares,
             callbacks=self.callbacks,
-            api_key=api_key,
+            api_key=self.api_key,
             disable_openapi_url=self.disable_openapi_url,
         )
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from typing import Any
 
@@ -14,7 +13,6 @@ from servekit.specs.llm.config import ServeConfig
 
 logger = logging.getLogger(__name__)
 
-API_KEY_ENV = "LIT_SERVER_API_KEY"  # the core's auth reads this one
 POSITIONAL = "model"
 
 
@@ -52,15 +50,13 @@ def serve(config: ServeConfig, **run_kwargs: Any) -> None:
     from servekit.specs.llm.api import LLMServerAPI
     from servekit.specs.llm.spec import LLMServerSpec
 
-    if config.api_key:
-        # The core checks every route but /health against LIT_SERVER_API_KEY.
-        os.environ[API_KEY_ENV] = config.api_key
     api = LLMServerAPI(config, spec=LLMServerSpec(config))
     server = LitServer(
         api,
         accelerator="auto",
         workers_per_device=config.workers,
         timeout=config.request_timeout if config.request_timeout is not None else False,
+        api_key=config.api_key,
         model_metadata={"model": config.engine.model or "SmolLM2-135M-Instruct (default)"},
     )
     model = config.engine.model or "the default model"
