@@ -19,6 +19,7 @@ from servekit.api import LitAPI
 from servekit.callbacks import Callback, CallbackRunner, EventTypes
 from servekit.http.app import FrontConfig, Middleware
 from servekit.loggers import Logger
+from servekit.sizes import parse_size
 from servekit.specs.base import LitSpec
 from servekit.transport import Endpoints
 from servekit.workers.devices import device_slots, resolve_accelerator
@@ -49,6 +50,7 @@ class LitServer:
         fast_queue: bool = False,
         disable_openapi_url: bool = False,
         restart_workers: bool = True,
+        api_key: str | None = None,
         # Older LitServe code passes these here rather than to LitAPI.
         max_batch_size: int | None = None,
         batch_timeout: float | None = None,
@@ -94,12 +96,14 @@ class LitServer:
         self.healthcheck_path = healthcheck_path
         self.info_path = info_path
         self.model_metadata = model_metadata
-        self.max_payload_size = _parse_size(max_payload_size)
+        self.max_payload_size = None if max_payload_size is None else parse_size(max_payload_size)
         self.callbacks = CallbackRunner(callbacks)
         self.middlewares = list(middlewares or [])
         self.disable_openapi_url = disable_openapi_url
         self.restart_workers = restart_workers
         self.track_requests = track_requests
+        # Without the argument, the key is LitServe's env var, read here: it is passed on as an argument.
+        self.api_key = (api_key if api_key is not None else os.environ.get("LIT_SERVER_API_KEY")) or None
         self.loggers = _as_loggers(loggers)
         self._stop_requested = threading.Event()
         self._uvicorn_servers: list[Any] = []
@@ -212,7 +216,6 @@ class LitServer:
         return plans, workers_by_api
 
     def _front_config(self, endpoints: Endpoints, workers_by_api: list[list[int]]) -> FrontConfig:
-        api_key = os.environ.get("LIT_SERVER_API_KEY") or None
         return FrontConfig(
             apis=self.lit_apis,
             workers_by_api=workers_by_api,
@@ -224,7 +227,7 @@ class LitServer:
             max_payload_size=self.max_payload_size,
             middlewares=self.middlewares,
             callbacks=self.callbacks,
-            api_key=api_key,
+            api_key=self.api_key,
             disable_openapi_url=self.disable_openapi_url,
         )
 
@@ -260,17 +263,6 @@ def _as_loggers(loggers: Any) -> list[Logger]:
         if not isinstance(item, Logger):
             raise TypeError(f"loggers must be servekit.Logger instances, got {type(item).__name__}")
     return items
-
-
-def _parse_size(value: int | str | None) -> int | None:
-    if value is None or isinstance(value, int):
-        return value
-    units = {"KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "B": 1}
-    text = value.strip().upper()
-    for unit, factor in sorted(units.items(), key=lambda item: -len(item[0])):
-        if text.endswith(unit):
-            return int(float(text[: -len(unit)].strip()) * factor)
-    return int(text)
 
 
 def _wait_for_children(timeout: float = 10.0) -> None:

@@ -87,7 +87,12 @@ def test_generate_native(client: APIClient) -> None:
 
 
 def test_chat_interactive_keeps_the_session(client: APIClient) -> None:
-    first = list(client.chat_interactive_v1("Hi", session_id=11, interactive_mode=True, request_output_len=4))
+    # ignore_eos: the random model, sampling, may otherwise end its reply on eos within 4 tokens
+    first = list(
+        client.chat_interactive_v1(
+            "Hi", session_id=11, interactive_mode=True, request_output_len=4, ignore_eos=True
+        )
+    )
     second = list(
         client.chat_interactive_v1(
             "Again", session_id=11, interactive_mode=True, request_output_len=4, stream=True

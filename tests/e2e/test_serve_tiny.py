@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -442,3 +443,28 @@ def test_auth_queue_limit_and_vllm_env_names(tiny_model: Path, tmp_path: Path) -
             assert refused.json()["error"]["code"] == "overloaded"
         second.join(60)
         assert not second.is_alive()
+
+
+def descendants(pid: int) -> list[int]:
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [d for child in map(int, children) for d in (child, *descendants(child))]
+
+
+def test_api_key_and_config_reach_the_workers_as_arguments(tiny_model: Path, tmp_path: Path) -> None:
+    """The front resolves the config once: the workers get it (and the key) as arguments, so neither the
+    key in their environment nor env vars set after resolving change what they serve."""
+    key = "k-flag-456"
+    args = [str(tiny_model), "--api-key", key, "--max-model-len", "256"]
+    with serve_script("llm_serve_env_changed.py", tmp_path, env=SERVER_ENV, args=args) as server:
+        assert httpx.get(f"{server.url}/v1/models").status_code == 401
+        models = httpx.get(f"{server.url}/v1/models", headers={"X-API-Key": key}).json()
+        assert (models["data"][0]["id"], models["data"][0]["max_model_len"]) == ("tiny-llama", 256)
+        info = httpx.get(f"{server.url}/server_info", headers={"Authorization": f"Bearer {key}"}).json()
+        assert info["config"]["api_key"] == "***" and key not in json.dumps(info)
+        assert info["config"]["sources"]["api_key"] == "flag"
+        assert info["config"]["max_model_len"] == 256 and info["config"]["sources"]["max_model_len"] == "flag"
+        processes = descendants(server.process.pid)
+        assert processes  # the inference worker, at least
+        for pid in processes:
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+            assert key.encode() not in environ and b"LIT_SERVER_API_KEY" not in environ

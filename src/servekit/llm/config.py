@@ -1,21 +1,24 @@
-"""EngineConfig: every knob of the LLM engine, each readable from a ``SERVEKIT_<NAME>`` env var."""
+"""EngineConfig: every knob of the LLM engine, each declared once with its help text and env names.
+
+``servekit serve`` derives its engine flags from these fields; ``EngineConfig.from_env`` reads the same
+env names with the same parser (``servekit.settings``).
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import types
-import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
+
+from servekit.settings import SettingError, one_of, read_settings, setting
+from servekit.sizes import parse_size
 
 if TYPE_CHECKING:
     import torch
 
     from servekit.llm.model_config import ModelConfig
 
-ENV_PREFIX = "SERVEKIT_"
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATION_CHOICES = ("auto", "int8")
 _DTYPE_ALIASES = {
@@ -25,7 +28,6 @@ _DTYPE_ALIASES = {
     "fp16": "float16",
     "half": "float16",
 }
-_MEMORY_SUFFIXES = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
 def canonical_dtype(name: str) -> str:
@@ -34,49 +36,87 @@ def canonical_dtype(name: str) -> str:
     return _DTYPE_ALIASES.get(lowered, lowered)
 
 
-class EngineConfigError(ValueError):
+class EngineConfigError(SettingError):
     """An invalid engine setting; ``name`` is the field it concerns."""
-
-    def __init__(self, message: str, name: str) -> None:
-        super().__init__(message)
-        self.name = name
 
 
 @dataclass
 class EngineConfig:
     """Settings of one ``LLMEngine``. ``None`` means "derive from the model or the machine"."""
 
-    model: str | None = None  # HF directory, *.gguf file, hub id; None: the bundled SmolLM2 GGUF
-    tokenizer: str | None = None  # another tokenizer source than the model's
-    revision: str | None = None
-    served_model_name: str | None = None
-    dtype: str = "auto"  # "auto" | "float32" | "bfloat16" | "float16"
-    # None / "none" (default): weights as loaded, computed exactly in dtype. "int8": int8 weights (per
-    # output channel) and int8 activations (per token) in every projection and the LM head, int32
-    # accumulation: several times faster on CPUs, but not the same numbers. "auto": int8 on CPUs for
-    # checkpoints whose weights are stored quantised already (a Q4/Q8 GGUF), else none.
-    quantization: str | None = None
-    # "auto": bfloat16 when int8 quantization is on (and dtype is float32), else the model's dtype.
-    # "bfloat16"/"float16" halve the cache of a float32 model and the memory traffic of decode attention.
-    kv_cache_dtype: str = "auto"
-    max_model_len: int | None = None  # prompt + output tokens; None: the model's context length
-    max_num_seqs: int = 256  # sequences decoded together in one step
-    max_num_batched_tokens: int | None = (
-        None  # tokens computed per step; None: 2048 (chunked) or max_model_len
+    model: str | None = setting(
+        None,
+        "model to serve: an HF checkpoint directory, a .gguf file or a hub id (org/name); "
+        "default: the bundled SmolLM2-135M-Instruct",
+        env=("MODEL_NAME",),
     )
-    block_size: int = 16  # tokens per KV-cache block
-    kv_cache_memory: int | str = "auto"  # bytes (or "2GiB", "512M") of KV cache, or "auto"
-    num_kv_blocks: int | None = None  # exact number of KV blocks (overrides kv_cache_memory)
-    enable_prefix_caching: bool = True
-    enable_chunked_prefill: bool = True
-    seed: int | None = None  # seeds the global torch RNG for requests without a seed
-    max_queued_requests: int | None = None  # waiting requests beyond this are refused (QueueFullError)
-    num_threads: int | None = None  # torch intra-op threads; None: leave torch's setting
-    # Flush denormal floats to zero (process-wide). On CPUs, activations that decay into denormals
-    # (softmax tails, SiLU of large negatives) otherwise make matmuls several times slower.
-    flush_denormal: bool = True
-    chat_template: str | None = None  # a file path or an inline jinja2 template overriding the model's
-    extra: dict[str, Any] = field(default_factory=dict)
+    tokenizer: str | None = setting(
+        None, "tokenizer directory or hub id, if not the model's", env=("TOKENIZER_NAME",)
+    )
+    revision: str | None = setting(None, "hub revision of the model", env=("MODEL_REVISION",))
+    served_model_name: str | None = setting(
+        None,
+        "model name clients use in requests (default: the model's name)",
+        env=("OPENAI_SERVED_MODEL_NAME_OVERRIDE", "SERVED_MODEL_NAME"),
+    )
+    dtype: str = setting(
+        "auto",
+        "weights and activations dtype: auto (float32 on CPU), float32, bfloat16, float16",
+        env=("DTYPE",),
+    )
+    # int8 is not the default because its numbers differ from the checkpoint's exact ones.
+    quantization: str | None = setting(
+        None,
+        "none (default: weights computed exactly as stored), int8 (int8 weights per output channel and "
+        "int8 activations per token, int32 accumulation: several times faster on CPUs, slightly "
+        "different outputs), or auto (int8 on CPUs for an already-quantised checkpoint such as the "
+        "default Q4_1 GGUF, none otherwise)",
+        env=("QUANTIZATION",),
+    )
+    kv_cache_dtype: str = setting(
+        "auto",
+        "KV cache dtype: auto (bfloat16 with int8 quantization, else the model's), float32, bfloat16, "
+        "float16 (the 16-bit ones halve the cache and the memory traffic of decode attention)",
+        env=("KV_CACHE_DTYPE",),
+    )
+    max_model_len: int | None = setting(
+        None,
+        "context length: prompt + output tokens (default: the model's)",
+        env=("MAX_MODEL_LEN", "MAX_MODEL_LENGTH"),
+    )
+    max_num_seqs: int = setting(256, "sequences decoded together in one engine step", env=("MAX_NUM_SEQS",))
+    max_num_batched_tokens: int | None = setting(
+        None,
+        "tokens computed per engine step (default: 2048 with chunked prefill, else max_model_len)",
+        env=("MAX_NUM_BATCHED_TOKENS",),
+    )
+    block_size: int = setting(16, "tokens per KV-cache block", env=("BLOCK_SIZE",))
+    kv_cache_memory: int | str = setting(
+        "auto",
+        "KV cache size in bytes, or with a unit: 512MB, 2GB (powers of 1000), 512MiB, 2GiB (powers of "
+        "1024); auto: enough for max_num_seqs full-length sequences, within a share of free memory",
+        env=("KV_CACHE_MEMORY",),
+    )
+    num_kv_blocks: int | None = setting(None, "exact number of KV-cache blocks (overrides kv_cache_memory)")
+    enable_prefix_caching: bool = setting(
+        True, "reuse the KV cache of shared prompt prefixes", env=("ENABLE_PREFIX_CACHING",)
+    )
+    enable_chunked_prefill: bool = setting(True, "split long prompts over several engine steps")
+    seed: int | None = setting(None, "seed of the global RNG, for requests without a seed", env=("SEED",))
+    max_queued_requests: int | None = setting(
+        None,
+        "waiting requests beyond this are refused (503 with Retry-After; default: unlimited)",
+        env=("MAX_CONCURRENCY",),
+    )
+    num_threads: int | None = setting(None, "torch threads (default: torch's choice)", env=("NUM_THREADS",))
+    # Process-wide. On CPUs, activations that decay into denormals (softmax tails, SiLU of large
+    # negatives) otherwise make matmuls several times slower.
+    flush_denormal: bool = setting(True, "flush denormal floats to zero")
+    chat_template: str | None = setting(
+        None,
+        "chat template overriding the model's: a file or an inline jinja2 template",
+        env=("CUSTOM_CHAT_TEMPLATE",),
+    )
 
     def __post_init__(self) -> None:
         self.dtype = canonical_dtype(self.dtype)
@@ -84,21 +124,24 @@ class EngineConfig:
         if isinstance(self.quantization, str):
             lowered = self.quantization.strip().lower()
             self.quantization = None if lowered in ("", "none") else lowered
-        if isinstance(self.kv_cache_memory, str) and self.kv_cache_memory.lower() != "auto":
-            self.kv_cache_memory = parse_memory_size(self.kv_cache_memory)
+        if isinstance(self.kv_cache_memory, str) and self.kv_cache_memory.strip().lower() != "auto":
+            try:
+                self.kv_cache_memory = parse_size(self.kv_cache_memory)
+            except ValueError as error:
+                raise EngineConfigError(f"kv_cache_memory: {error}", "kv_cache_memory") from None
         self.validate()
 
     def validate(self) -> None:
         if self.dtype not in DTYPE_CHOICES:
-            raise EngineConfigError(f"dtype must be one of {DTYPE_CHOICES}, got {self.dtype!r}", "dtype")
+            raise EngineConfigError(f"dtype must be {one_of(DTYPE_CHOICES)}, got {self.dtype!r}", "dtype")
         if self.kv_cache_dtype not in DTYPE_CHOICES:
             raise EngineConfigError(
-                f"kv_cache_dtype must be one of {DTYPE_CHOICES}, got {self.kv_cache_dtype!r}",
+                f"kv_cache_dtype must be {one_of(DTYPE_CHOICES)}, got {self.kv_cache_dtype!r}",
                 "kv_cache_dtype",
             )
         if self.quantization is not None and self.quantization not in QUANTIZATION_CHOICES:
             raise EngineConfigError(
-                f"quantization must be one of {(*QUANTIZATION_CHOICES, 'none')}, got {self.quantization!r}",
+                f"quantization must be {one_of(('none', *QUANTIZATION_CHOICES))}, got {self.quantization!r}",
                 "quantization",
             )
         positive = {
@@ -123,66 +166,20 @@ class EngineConfig:
             )
 
     @classmethod
-    def env_var(cls, name: str) -> str:
-        return ENV_PREFIX + name.upper()
-
-    @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> EngineConfig:
-        """Fields from ``SERVEKIT_<NAME>`` variables, then ``overrides`` (which win) on top."""
-        environ = os.environ if env is None else env
-        hints = typing.get_type_hints(cls)
-        values: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            if f.name == "extra":
-                continue
-            raw = environ.get(cls.env_var(f.name))
-            if raw is not None and raw != "":
-                values[f.name] = _parse_env_value(f.name, raw, hints[f.name])
-        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+        """Fields from their env names (``SERVEKIT_<NAME>``, then the vLLM worker's), then ``overrides``
+        (which win) on top."""
+        unknown = set(overrides) - {f.name for f in fields(cls)}
         if unknown:
             raise EngineConfigError(f"unknown engine setting(s): {sorted(unknown)}", sorted(unknown)[0])
-        values.update(overrides)
-        return cls(**values)
+        try:
+            values, _ = read_settings(cls, {}, os.environ if env is None else env)
+        except SettingError as error:
+            raise EngineConfigError(str(error), error.name) from None
+        return cls(**{**values, **overrides})
 
     def kv_cache_memory_bytes(self) -> int | None:
         return None if isinstance(self.kv_cache_memory, str) else self.kv_cache_memory
-
-
-def parse_memory_size(text: str) -> int:
-    """``"512M"``, ``"2GiB"``, ``"1.5g"``, ``"1048576"`` -> bytes."""
-    cleaned = text.strip().lower().removesuffix("ib").removesuffix("b")
-    multiplier = 1
-    if cleaned and cleaned[-1] in _MEMORY_SUFFIXES:
-        multiplier = _MEMORY_SUFFIXES[cleaned[-1]]
-        cleaned = cleaned[:-1]
-    try:
-        return int(float(cleaned) * multiplier)
-    except ValueError:
-        raise EngineConfigError(f"not a memory size: {text!r}", "kv_cache_memory") from None
-
-
-def _parse_env_value(name: str, raw: str, hint: Any) -> Any:
-    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-    options = tuple(o for o in options if o is not type(None))
-    if raw.strip().lower() in ("none", "null") and len(options) < len(typing.get_args(hint) or (hint,)):
-        return None
-    if bool in options:
-        lowered = raw.strip().lower()
-        if lowered in ("1", "true", "yes", "on"):
-            return True
-        if lowered in ("0", "false", "no", "off"):
-            return False
-        raise EngineConfigError(f"{ENV_PREFIX}{name.upper()} must be a boolean, got {raw!r}", name)
-    if int in options:
-        try:
-            return int(raw)
-        except ValueError:
-            if str in options:
-                return raw
-            raise EngineConfigError(
-                f"{ENV_PREFIX}{name.upper()} must be an integer, got {raw!r}", name
-            ) from None
-    return raw
 
 
 # -- settings resolved against the model and the machine (torch is imported only here, lazily) ----

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from servekit.llm.beam_search import BeamSearchRequests
 from servekit.llm.block_manager import BlockManager
 from servekit.llm.config import (
     EngineConfig,
@@ -24,7 +25,7 @@ from servekit.llm.config import (
 )
 from servekit.llm.detokenizer import IncrementalDetokenizer
 from servekit.llm.model_runner import ForwardBatch, ForwardOutput
-from servekit.llm.outputs import Logprob, RequestOutput
+from servekit.llm.outputs import Logprob, RequestOutput, logprob_entry
 from servekit.llm.sampler import SampledToken, Sampler, make_generator
 from servekit.llm.sampling_params import SamplingParams
 from servekit.llm.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
@@ -133,8 +134,10 @@ class LLMEngine:
             ),
             self.block_manager,
         )
+        self.beam_search = BeamSearchRequests(
+            self.block_manager, self._execute, self.tokenizer, self.eos_token_ids, self.max_model_len
+        )
         self._groups: dict[str, SequenceGroup] = {}
-        self._beam_requests: list[SequenceGroup] = []
         self._steps = 0
         self._forward_time = 0.0
         self._step_time = 0.0
@@ -181,7 +184,7 @@ class LLMEngine:
         max_tokens = effective_max_tokens(params, len(token_ids), self.max_model_len)
         if params.use_beam_search:
             self._groups[request_id] = group
-            self._beam_requests.append(group)
+            self.beam_search.add(group)
             return
         seq_params = params
         if params.best_of is not None and params.best_of > params.n and params.logprobs is None:
@@ -208,8 +211,7 @@ class LLMEngine:
             if group is None:
                 continue
             group.aborted = True
-            if group in self._beam_requests:
-                self._beam_requests.remove(group)
+            self.beam_search.discard(group)
             self.scheduler.abort(group)
 
     def has_unfinished_requests(self) -> bool:
@@ -226,21 +228,35 @@ class LLMEngine:
         ``final_only``: report finished requests only (offline use; saves building partial outputs).
         """
         started = time.perf_counter()
-        if self._beam_requests and self._beam_search_fits(self._beam_requests[0]):
-            return self._run_beam_search(self._beam_requests.pop(0), started)
+        beam_group = self.beam_search.next_runnable(self.scheduler.has_unfinished())
+        if beam_group is not None:
+            return self._run_beam_search(beam_group, started)
         plan = self.scheduler.schedule()
         if plan.is_empty:
             self._step_time += time.perf_counter() - started
             return []
         batch = self._forward_batch(plan)
-        forward_started = time.perf_counter()
-        result = self.runner.execute(batch)
-        self._forward_time += time.perf_counter() - forward_started
+        result = self._execute(batch)
         touched = self._process(plan, batch, result)
         outputs = self._collect_outputs(touched, final_only)
         self._steps += 1
         self._step_time += time.perf_counter() - started
         return outputs
+
+    def _execute(self, batch: ForwardBatch) -> ForwardOutput:
+        started = time.perf_counter()
+        result = self.runner.execute(batch)
+        self._forward_time += time.perf_counter() - started
+        return result
+
+    def _run_beam_search(self, group: SequenceGroup, started: float) -> list[RequestOutput]:
+        """One whole beam-search request as one step (``BeamSearchRequests`` runs the search)."""
+        output = self.beam_search.run(group)
+        self._groups.pop(group.request_id, None)
+        self._generated_tokens += sum(len(seq.output_token_ids) for seq in group.seqs)
+        self._steps += 1
+        self._step_time += time.perf_counter() - started
+        return [output] if output is not None else []
 
     def _forward_batch(self, plan: SchedulerOutput) -> ForwardBatch:
         token_ids: list[list[int]] = []
@@ -301,7 +317,7 @@ class LLMEngine:
     def _append_token(self, seq: Seq, token: SampledToken) -> None:
         entry = None
         if seq.logprobs is not None and token.logprob is not None:
-            entry = self._logprob_entry(token.token_id, token.logprob, token.top_logprobs or [])
+            entry = logprob_entry(self.tokenizer, token.token_id, token.logprob, token.top_logprobs or [])
         seq.append_token(token.token_id, token.logprob, entry)
         self._generated_tokens += 1
         assert seq.detokenizer is not None
@@ -319,21 +335,6 @@ class LLMEngine:
                 seq.text = text[: decision.text_end]
             seq.finish(decision.finish_reason or "stop", decision.stop_reason)
             self.scheduler.finish(seq)
-
-    def _logprob_entry(
-        self, token_id: int, logprob: float, top: Sequence[tuple[int, float]]
-    ) -> dict[int, Logprob]:
-        entry: dict[int, Logprob] = {}
-        for rank, (tid, value) in enumerate(top, start=1):
-            entry[tid] = Logprob(value, rank, self.tokenizer.decode([tid], skip_special_tokens=False))
-        if token_id not in entry:
-            entry = {
-                token_id: Logprob(
-                    logprob, None, self.tokenizer.decode([token_id], skip_special_tokens=False)
-                ),
-                **entry,
-            }
-        return entry
 
     def _compute_prompt_logprobs(self, group: SequenceGroup) -> None:
         chunks = group.take_prompt_logits()
@@ -373,95 +374,13 @@ class LLMEngine:
                 outputs.append(output)
         return outputs
 
-    # -- beam search ---------------------------------------------------------------------------------
-
-    def _beam_search_fits(self, group: SequenceGroup) -> bool:
-        if not self.scheduler.has_unfinished():
-            return True
-        params = group.params
-        longest = len(group.prompt_token_ids) + effective_max_tokens(
-            params, len(group.prompt_token_ids), self.max_model_len
-        )
-        needed = params.num_candidates * self.block_manager.blocks_needed(longest)
-        return self.block_manager.num_free_blocks >= needed
-
-    def _run_beam_search(self, group: SequenceGroup, started: float) -> list[RequestOutput]:
-        """Run one beam-search request to the end (it holds the engine for its whole duration)."""
-        from servekit.llm.beam_search import beam_search
-
-        params = group.params
-        max_tokens = effective_max_tokens(params, len(group.prompt_token_ids), self.max_model_len)
-        group.metrics.first_scheduled_time = time.time()
-        hypotheses = beam_search(
-            self._beam_step, group.prompt_token_ids, params, self.eos_token_ids, max_tokens
-        )
-        for index, hyp in enumerate(hypotheses):
-            seq = Seq(group, index, params, None, max_tokens)
-            seq.output_token_ids = list(hyp.token_ids)
-            seq.token_ids.extend(hyp.token_ids)
-            seq.cumulative_logprob = hyp.cumulative_logprob
-            if seq.logprobs is not None:
-                seq.logprobs = [
-                    self._logprob_entry(tid, lp, [])
-                    for tid, lp in zip(hyp.token_ids, hyp.token_logprobs, strict=True)
-                ]
-            text = self.tokenizer.decode(
-                hyp.token_ids,
-                skip_special_tokens=params.skip_special_tokens,
-                spaces_between_special_tokens=params.spaces_between_special_tokens,
-            )
-            last_is_stop = hyp.finish_reason == "stop" and hyp.token_ids
-            if last_is_stop and not params.include_stop_str_in_output:
-                text = self.tokenizer.decode(
-                    hyp.token_ids[:-1],
-                    skip_special_tokens=params.skip_special_tokens,
-                    spaces_between_special_tokens=params.spaces_between_special_tokens,
-                )
-            seq.text = text
-            seq.finish(hyp.finish_reason, hyp.stop_reason)
-            group.seqs.append(seq)
-            self._generated_tokens += len(hyp.token_ids)
-        now = time.time()
-        group.metrics.first_token_time = group.metrics.last_token_time = group.metrics.finished_time = now
-        self._groups.pop(group.request_id, None)
-        self._steps += 1
-        self._step_time += time.perf_counter() - started
-        output = group.make_output()
-        return [output] if output is not None else []
-
-    def _beam_step(self, sequences: list[list[int]]) -> torch.Tensor:
-        """Next-token logits of each token sequence, computed through the paged KV cache with prefix
-        reuse (beams share their prompt and their common history)."""
-        bm = self.block_manager
-        holders = [_BlockHolder(tokens) for tokens in sequences]
-        try:
-            for holder in holders:
-                holder.num_computed_tokens = bm.allocate_cached_prefix(holder)
-                if not bm.allocate_slots(holder, len(holder.token_ids) - holder.num_computed_tokens):
-                    raise RuntimeError("the KV cache is too small for this beam search")
-            batch = ForwardBatch(
-                token_ids=[h.token_ids[h.num_computed_tokens :] for h in holders],
-                start_positions=[h.num_computed_tokens for h in holders],
-                block_tables=[h.block_table for h in holders],
-            )
-            started = time.perf_counter()
-            result = self.runner.execute(batch)
-            self._forward_time += time.perf_counter() - started
-            for holder in holders:
-                holder.num_computed_tokens = len(holder.token_ids)
-                bm.cache_full_blocks(holder)
-            return result.last_logits
-        finally:
-            for holder in holders:
-                bm.free(holder)
-
     # -- introspection -------------------------------------------------------------------------------
 
     def get_stats(self) -> EngineStats:
         bm = self.block_manager
         return EngineStats(
             num_running=self.scheduler.num_running,
-            num_waiting=self.scheduler.num_waiting + len(self._beam_requests),
+            num_waiting=self.scheduler.num_waiting + len(self.beam_search.waiting),
             kv_cache_usage=bm.usage,
             num_kv_blocks=bm.num_blocks,
             num_free_kv_blocks=bm.num_free_blocks,
@@ -502,14 +421,3 @@ class LLMEngine:
             quantization=self.quantization,
             kv_cache_dtype=self.kv_cache_dtype,
         )
-
-
-@dataclass
-class _BlockHolder:
-    """A transient block-table owner for one beam-search forward."""
-
-    token_ids: list[int]
-    num_computed_tokens: int = 0
-    block_table: list[int] = dataclasses.field(default_factory=list)
-    block_hashes: list[int] = dataclasses.field(default_factory=list)
-    num_registered_blocks: int = 0

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from servekit.llm.tokenizer import Tokenizer
 
 
 @dataclass
@@ -17,6 +22,22 @@ class Logprob:
 # One dict per generated (or prompt) token: token id -> its Logprob. The sampled token is always in it.
 SampleLogprobs = list[dict[int, Logprob]]
 PromptLogprobs = list[dict[int, Logprob] | None]
+
+
+def logprob_entry(
+    tokenizer: Tokenizer, token_id: int, logprob: float, top: Sequence[tuple[int, float]]
+) -> dict[int, Logprob]:
+    """The logprobs entry of one generated token: its ``top`` alternatives ranked, the token first if
+    it is not among them."""
+    entry: dict[int, Logprob] = {}
+    for rank, (tid, value) in enumerate(top, start=1):
+        entry[tid] = Logprob(value, rank, tokenizer.decode([tid], skip_special_tokens=False))
+    if token_id not in entry:
+        entry = {
+            token_id: Logprob(logprob, None, tokenizer.decode([token_id], skip_special_tokens=False)),
+            **entry,
+        }
+    return entry
 
 
 @dataclass

@@ -47,13 +47,9 @@ class Counters:
 class Runtime:
     def __init__(self, config: ServeConfig, on_engine_failure: Callable[[str], None]) -> None:
         """``on_engine_failure`` is told (on the engine's thread) if the engine loop dies."""
-        from servekit.llm import EngineConfig
-
-        overrides = {k: v for k, v in config.engine_kwargs().items() if v is not None}
-        engine_config = EngineConfig.from_env(**overrides)
         self.config = config
         self.engine = AsyncEngine(
-            engine_config, on_failure=lambda error: on_engine_failure(f"the engine loop failed: {error!r}")
+            config.engine, on_failure=lambda error: on_engine_failure(f"the engine loop failed: {error!r}")
         )
         llm_engine = self.engine.engine
         self.tokenizer = llm_engine.tokenizer
@@ -61,8 +57,8 @@ class Runtime:
         self.max_model_len: int = llm_engine.max_model_len
         self.vocab_size: int = llm_engine.model_config.vocab_size
         template_source = (
-            resolve_chat_template(config.chat_template)
-            if config.chat_template
+            resolve_chat_template(config.engine.chat_template)
+            if config.engine.chat_template
             else llm_engine.source.chat_template
         )
         self.chat_template_source = template_source
