@@ -67,14 +67,6 @@ class EngineStats:
     forward_time_s: float  # time inside the model forward
     step_time_s: float  # whole step() time, forward included
 
-    @property
-    def overhead_time_s(self) -> float:
-        return self.step_time_s - self.forward_time_s
-
-    @property
-    def overhead_per_step_s(self) -> float:
-        return self.overhead_time_s / self.num_steps if self.num_steps else 0.0
-
 
 class LLMEngine:
     def __init__(
@@ -216,9 +208,6 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._groups)
-
-    def get_num_unfinished_requests(self) -> int:
-        return len(self._groups)
 
     # -- stepping ------------------------------------------------------------------------------------
 

@@ -79,10 +79,6 @@ class PagedKVCache:
         )
 
     @property
-    def num_slots(self) -> int:
-        return self.num_blocks * self.block_size
-
-    @property
     def memory_bytes(self) -> int:
         return self._storage.numel() * self._storage.element_size()
 
