@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from servekit.errors import ServerError
-from servekit.llm.async_engine import AsyncEngine, EngineClosedError
+from servekit.llm.async_engine import AsyncEngine
 from servekit.llm.chat_template import ChatTemplate, ChatTemplateError, resolve_chat_template
+from servekit.llm.errors import EngineClosedError, PromptTooLongError, QueueFullError, SamplingParamsError
 from servekit.llm.outputs import RequestOutput
-from servekit.llm.sampling_params import SamplingParams, SamplingParamsError
-from servekit.llm.scheduler import PromptTooLongError, QueueFullError
+from servekit.llm.sampling_params import SamplingParams
 from servekit.specs.llm.config import ServeConfig
 from servekit.specs.llm.params import invalid
 from servekit.specs.llm.protocol import ChatMessage
