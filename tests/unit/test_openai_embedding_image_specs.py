@@ -14,8 +14,8 @@ from PIL import Image
 from pydantic import ValidationError
 
 import servekit as ls
+from servekit.openai.errors import OpenAIError
 from servekit.specs.openai_embedding import EmbeddingRequest, OpenAIEmbeddingSpec, as_float32_matrix
-from servekit.specs.openai_errors import OpenAIError
 from servekit.specs.openai_image import ImageGenerationRequest, OpenAIImageSpec, png_base64, to_pil
 
 torch.set_num_threads(1)

@@ -2,8 +2,9 @@
 
 Handlers validate the JSON body with pydantic (400 in OpenAI's envelope, naming ``param``), wrap it
 in an ``Op`` and send it to a worker through the core's transport. Checks that need the model
-(context length, chat template, token ids) run in the worker before its first item, so a stream
-that cannot start still gets a real status code: handlers await the first item before answering.
+(context length, chat template, token ids) run in the worker, in the engine's input step, before
+its first item, so a stream that cannot start still gets a real status code: handlers await the
+first item before answering. Every error reaches the client through ``servekit.openai.errors``.
 """
 
 from __future__ import annotations
@@ -18,31 +19,26 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 
 from servekit.errors import ServerError
+from servekit.openai.chat import ChatCompletionRequest
+from servekit.openai.completions import CompletionRequest
+from servekit.openai.errors import OpenAIError, invalid
+from servekit.openai.sse import DONE, sse_event
 from servekit.specs.base import LitSpec, until_disconnected
 from servekit.specs.llm.config import ServeConfig
 from servekit.specs.llm.metrics import render_metrics
 from servekit.specs.llm.ops import Op, OpKind
 from servekit.specs.llm.protocol import (
     AbortRequest,
-    ChatCompletionRequest,
-    CompletionRequest,
     DetokenizeRequest,
     GenerateRequest,
     InteractiveRequest,
     TokenizeRequest,
 )
 from servekit.specs.llm.sessions import SessionStore
-from servekit.specs.openai_errors import OpenAIError
 
 logger = logging.getLogger(__name__)
 
-SSE_DONE = b"data: [DONE]\n\n"
-RETRY_AFTER_S = "1"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-def _sse(item: bytes) -> bytes:
-    return b"data: " + item + b"\n\n"
 
 
 def _ndjson(item: bytes) -> bytes:
@@ -86,22 +82,7 @@ class LLMServerSpec(LitSpec):
 
     # ------------------------------------------------------------------------------- errors
     def error_response(self, exc: ServerError) -> Response:
-        detail = exc.detail
-        headers = dict(exc.headers or {})
-        if exc.status_code in (429, 503):
-            headers.setdefault("Retry-After", RETRY_AFTER_S)
-        if isinstance(detail, dict) and "message" in detail:
-            error = OpenAIError(
-                exc.status_code,
-                str(detail["message"]),
-                param=detail.get("param"),
-                code=detail.get("code"),
-                headers=headers or None,
-            )
-        else:
-            error = OpenAIError.from_server_error(exc)
-            error.headers = headers or None
-        return error.response()
+        return OpenAIError.from_server_error(exc).response()
 
     # ------------------------------------------------------------------------------ helpers
     async def _parse(self, request: Request, model: type[BaseModel]) -> Any:
@@ -110,14 +91,8 @@ class LLMServerSpec(LitSpec):
             return model.model_validate_json(body or b"{}")
         except ValidationError as error:
             if any(e["type"] == "json_invalid" for e in error.errors()):
-                raise ServerError(
-                    400,
-                    {"message": "The request body is not valid JSON", "param": None, "code": "invalid_json"},
-                ) from None
-            openai_error = OpenAIError.from_validation_error(error)
-            raise ServerError(
-                400, {"message": openai_error.message, "param": openai_error.param, "code": openai_error.code}
-            ) from None
+                raise invalid("The request body is not valid JSON", None, code="invalid_json") from None
+            raise OpenAIError.from_validation_error(error) from None
 
     async def _info(self) -> dict[str, Any]:
         if self._model_info is None:
@@ -129,14 +104,7 @@ class LLMServerSpec(LitSpec):
             return
         info = await self._info()
         if name != info["model_name"]:
-            raise ServerError(
-                404,
-                {
-                    "message": f"The model `{name}` does not exist.",
-                    "param": "model",
-                    "code": "model_not_found",
-                },
-            )
+            raise OpenAIError(404, f"The model `{name}` does not exist.", "model", "model_not_found")
 
     async def _call(self, op: Op, http_request: Request | None = None) -> Any:
         """One-item operation: the decoded item the worker yields."""
@@ -179,19 +147,19 @@ class LLMServerSpec(LitSpec):
     async def _run(self, kind: OpKind, body: Any, stream: bool, http_request: Request) -> Response:
         op = Op(kind, body)
         if stream:
-            return await self._streaming(op, http_request, _sse, SSE_DONE, "text/event-stream")
+            return await self._streaming(op, http_request, sse_event, DONE, "text/event-stream")
         return Response(await self._first_item(op, http_request), media_type="application/json")
 
     # ------------------------------------------------------------------------------- OpenAI
     async def chat_completions(self, request: Request) -> Response:
         body: ChatCompletionRequest = await self._parse(request, ChatCompletionRequest)
         await self._check_model(body.model)
-        return await self._run("chat", body, body.stream, request)
+        return await self._run("chat", body, bool(body.stream), request)
 
     async def completions(self, request: Request) -> Response:
         body: CompletionRequest = await self._parse(request, CompletionRequest)
         await self._check_model(body.model)
-        return await self._run("completion", body, body.stream, request)
+        return await self._run("completion", body, bool(body.stream), request)
 
     def _model_card(self, info: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -215,13 +183,10 @@ class LLMServerSpec(LitSpec):
 
     async def embeddings(self, request: Request) -> Response:
         info = await self._info()
-        raise ServerError(
-            400,
-            {
-                "message": f"The model `{info['model_name']}` is a generation model, not an embedding model.",
-                "param": "model",
-                "code": "model_not_supported",
-            },
+        raise invalid(
+            f"The model `{info['model_name']}` is a generation model, not an embedding model.",
+            "model",
+            code="model_not_supported",
         )
 
     # ------------------------------------------------------------------------------- native
@@ -328,7 +293,7 @@ async def _first(chunks: AsyncIterator[bytes]) -> bytes:
     try:
         return await anext(chunks)
     except StopAsyncIteration:
-        raise ServerError(500, {"message": "the worker returned nothing", "param": None}) from None
+        raise OpenAIError(500, "the worker returned nothing") from None
     finally:
         await chunks.aclose()  # type: ignore[attr-defined]
 
