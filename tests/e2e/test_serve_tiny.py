@@ -370,6 +370,32 @@ def test_tokenize_detokenize_flush(server: RunningServer) -> None:
     assert metrics(server)[hits] == flushed  # nothing left to reuse
 
 
+def test_encode_as_lmdeploy(server: RunningServer, tiny_model: Path) -> None:
+    from servekit.client import APIClient
+    from servekit.llm.tokenizer import Tokenizer
+
+    client = APIClient(server.url)
+    bos = Tokenizer.from_dir(tiny_model).bos_token_id
+    assert bos is not None
+    plain = httpx.post(
+        f"{server.url}/tokenize", json={"prompt": "hello world", "add_special_tokens": False}
+    ).json()["tokens"]
+    assert plain[0] != bos
+    ids, length = client.encode("hello world")
+    assert ids == [bos, *plain] and length == len(ids)
+    assert client.encode("hello world", add_bos=False) == (plain, len(plain))
+    many, lengths = client.encode(["hello world", "a b c"], add_bos=False)
+    assert many[0] == plain and lengths == [len(plain), len(many[1])]  # type: ignore[arg-type, index]
+    chat = httpx.post(f"{server.url}/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).json()
+    chat_ids = [t for t in chat["tokens"] if t != bos]
+    preprocessed, _ = client.encode("hi", do_preprocess=True, add_bos=False)
+    assert preprocessed == chat_ids and len(chat_ids) > len(client.encode("hi", add_bos=False)[0])  # type: ignore[arg-type]
+    raw = httpx.post(f"{server.url}/v1/encode", json={"input": "hello world"}).json()
+    assert raw == {"input_ids": [bos, *plain], "length": len(plain) + 1}
+    bad = httpx.post(f"{server.url}/v1/encode", json={"input": 3})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "input"
+
+
 def test_interactive_session(server: RunningServer) -> None:
     url = f"{server.url}/v1/chat/interactive"
     first = httpx.post(

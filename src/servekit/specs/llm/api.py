@@ -74,6 +74,8 @@ class LLMServerAPI(LitAPI):
             return native.tokenize(rt, op.body)
         if op.kind == "detokenize":
             return native.detokenize(rt, op.body)
+        if op.kind == "encode":
+            return native.encode(rt, op.body)
         if op.kind == "abort":
             return {"aborted": rt.abort(str(op.body))}
         if op.kind == "flush_cache":

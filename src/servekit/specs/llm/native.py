@@ -1,4 +1,5 @@
-"""The native routes in the worker: SGLang-style ``/generate``, ``/tokenize``, ``/detokenize``."""
+"""The native routes in the worker: SGLang-style ``/generate``, ``/tokenize``, ``/detokenize``, and
+LMDeploy's ``/v1/encode``."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 from servekit.llm.outputs import CompletionOutput, RequestOutput
 from servekit.openai.errors import invalid
-from servekit.specs.llm.protocol import DetokenizeRequest, GenerateRequest, TokenizeRequest
+from servekit.specs.llm.protocol import DetokenizeRequest, EncodeRequest, GenerateRequest, TokenizeRequest
 from servekit.specs.llm.runtime import Runtime, interleave
 
 
@@ -133,3 +134,26 @@ def tokenize(rt: Runtime, request: TokenizeRequest) -> dict[str, Any]:
 def detokenize(rt: Runtime, request: DetokenizeRequest) -> dict[str, Any]:
     rt.inputs.check_token_ids(request.tokens, "tokens")
     return {"prompt": rt.tokenizer.decode(request.tokens, skip_special_tokens=False)}
+
+
+def encode(rt: Runtime, request: EncodeRequest) -> dict[str, Any]:
+    """LMDeploy's ``/v1/encode``: ids and length for a string, lists of them for a list."""
+    texts = [request.input] if isinstance(request.input, str) else request.input
+    encoded = [_encode_one(rt, text, bool(request.do_preprocess), bool(request.add_bos)) for text in texts]
+    if isinstance(request.input, str):
+        return {"input_ids": encoded[0], "length": len(encoded[0])}
+    return {"input_ids": encoded, "length": [len(ids) for ids in encoded]}
+
+
+def _encode_one(rt: Runtime, text: str, do_preprocess: bool, add_bos: bool) -> list[int]:
+    if do_preprocess:
+        ids = rt.inputs.chat_token_ids([{"role": "user", "content": text}])
+    else:
+        ids = rt.tokenizer.encode(text, add_special_tokens=False)
+    bos = rt.tokenizer.bos_token_id
+    starts_with_bos = bos is not None and ids[:1] == [bos]
+    if add_bos and bos is not None and not starts_with_bos:
+        return [bos, *ids]
+    if not add_bos and starts_with_bos:
+        return ids[1:]
+    return ids

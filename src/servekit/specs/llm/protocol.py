@@ -1,5 +1,5 @@
 """Request models of the LLM server's native routes (SGLang's ``/generate``, LMDeploy's
-``/v1/chat/interactive``, ``/tokenize``, ...). The OpenAI routes' models are
+``/v1/chat/interactive`` and ``/v1/encode``, ``/tokenize``, ...). The OpenAI routes' models are
 ``servekit.openai``'s; checks that need the model run in the engine's input step.
 """
 
@@ -118,3 +118,12 @@ class DetokenizeRequest(_Lenient):
 
 class AbortRequest(_Lenient):
     rid: str
+
+
+class EncodeRequest(_Lenient):
+    """LMDeploy's ``/v1/encode``. ``do_preprocess`` renders each input as a user message with the
+    chat template; ``add_bos`` makes the ids start with the tokenizer's BOS token (when it has one)."""
+
+    input: str | list[str]
+    do_preprocess: bool | None = False
+    add_bos: bool | None = True

@@ -30,6 +30,7 @@ from servekit.specs.llm.ops import Op, OpKind
 from servekit.specs.llm.protocol import (
     AbortRequest,
     DetokenizeRequest,
+    EncodeRequest,
     GenerateRequest,
     InteractiveRequest,
     TokenizeRequest,
@@ -65,6 +66,7 @@ class LLMServerSpec(LitSpec):
             ("/flush_cache", self.flush_cache, ["POST", "GET"]),
             ("/tokenize", self.tokenize, ["POST"]),
             ("/detokenize", self.detokenize, ["POST"]),
+            ("/v1/encode", self.encode, ["POST"]),
             ("/model_info", self.model_info, ["GET"]),
             ("/get_model_info", self.model_info, ["GET"]),
             ("/server_info", self.server_info, ["GET"]),
@@ -263,6 +265,10 @@ class LLMServerSpec(LitSpec):
         body: DetokenizeRequest = await self._parse(request, DetokenizeRequest)
         await self._check_model(body.model)
         return _json(await self._call(Op("detokenize", body)))
+
+    async def encode(self, request: Request) -> Response:
+        body: EncodeRequest = await self._parse(request, EncodeRequest)
+        return _json(await self._call(Op("encode", body)))
 
     async def model_info(self, request: Request) -> Response:
         return _json(await self._info())
