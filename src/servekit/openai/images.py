@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -13,7 +13,8 @@ _SIZE = re.compile(r"^(\d+)x(\d+)$")
 
 
 class ImageGenerationRequest(BaseModel):
-    """The body of ``POST /v1/images/generations``."""
+    """The body of ``POST /v1/images/generations``; reads as attributes or as a mapping
+    (``request.prompt`` or ``request["prompt"]``, extras included)."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -42,6 +43,27 @@ class ImageGenerationRequest(BaseModel):
         if not (1 <= width <= MAX_SIDE and 1 <= height <= MAX_SIDE):
             raise ValueError(f"each side of size must be between 1 and {MAX_SIDE} pixels")
         return value
+
+    # ``predict`` gets this request; users index it as a dict as often as they read attributes.
+    def __getitem__(self, key: str) -> Any:
+        if key in type(self).model_fields:
+            return getattr(self, key)
+        extra = self.model_extra or {}
+        if key in extra:
+            return extra[key]
+        raise KeyError(key)
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and (key in type(self).model_fields or key in (self.model_extra or {}))
+
+    def get(self, key: str, default: Any = None) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+    def keys(self) -> list[str]:
+        return [*type(self).model_fields, *(self.model_extra or {})]
 
 
 class ImageData(BaseModel):
