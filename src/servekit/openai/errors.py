@@ -55,10 +55,16 @@ class OpenAIError(ServerError):
 
     @classmethod
     def from_server_error(cls, error: ServerError) -> OpenAIError:
+        if isinstance(error, OpenAIError):
+            return error
         detail = error.detail
         if isinstance(detail, dict) and "message" in detail and "error" not in detail:
             param, code = detail.get("param"), detail.get("code")
             return cls(error.status_code, str(detail["message"]), param, code, error.headers)
+        if error.status_code == 422 and _is_validation_detail(detail):
+            # A user hook's validation error: OpenAI routes answer 400 naming the field, not 422.
+            loc = [part for part in detail[0].get("loc", []) if part != "body"]
+            return cls(400, detail_message(detail), field_path(loc) or None, "invalid_value", error.headers)
         return cls(error.status_code, detail_message(detail), headers=error.headers)
 
     @classmethod
@@ -145,6 +151,10 @@ def _is_union_tag(part: str) -> bool:
     return "[" in part or part in ("str", "int", "float", "bool", "dict", "list", "none")
 
 
+def _is_validation_detail(detail: Any) -> bool:
+    return isinstance(detail, list) and bool(detail) and isinstance(detail[0], dict) and "msg" in detail[0]
+
+
 def detail_message(detail: Any) -> str:
     """A readable message out of a core error detail (a string, a FastAPI-style list, or a dict)."""
     if isinstance(detail, str):
@@ -155,7 +165,7 @@ def detail_message(detail: Any) -> str:
             return str(error["message"])
         if "message" in detail:
             return str(detail["message"])
-    if isinstance(detail, list) and detail and isinstance(detail[0], dict) and "msg" in detail[0]:
+    if _is_validation_detail(detail):
         first = detail[0]
         loc = [part for part in first.get("loc", []) if part != "body"]
         param = field_path(loc)
