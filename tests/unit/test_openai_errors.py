@@ -38,6 +38,28 @@ def test_engine_errors_name_the_requests_own_param() -> None:
     assert openai_error(RuntimeError("a bug")) is None  # a 500, logged by the caller
 
 
+def test_each_route_names_engine_inputs_its_own_way() -> None:
+    from servekit.llm.errors import EngineInputError
+    from servekit.openai import CompletionRequest
+    from servekit.specs.llm.protocol import GenerateRequest
+
+    chat = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "x"}]})
+    completion = CompletionRequest(prompt="x")
+    by_text, by_ids = GenerateRequest(text="x"), GenerateRequest(input_ids=[1])
+    names = [
+        (chat, "prompt", "messages"),
+        (chat, "logit_bias", "logit_bias"),
+        (completion, "prompt", "prompt"),
+        (by_text, "prompt", "text"),
+        (by_ids, "prompt", "input_ids"),
+        (by_ids, "request_id", "rid"),
+        (by_ids, "temperature", "sampling_params.temperature"),
+    ]
+    for request, engine_param, param in names:
+        error = openai_error(EngineInputError("refused", engine_param), request.param_name)
+        assert error is not None and error.param == param, (type(request).__name__, engine_param)
+
+
 def test_core_errors_keep_their_fields_across_the_transport() -> None:
     raised = OpenAIError(400, "bad stop", param="stop", code="invalid_value")
     sent = pickle.loads(pickle.dumps(raised))  # what a worker's error becomes in the front

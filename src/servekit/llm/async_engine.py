@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from servekit.llm.config import EngineConfig
-from servekit.llm.errors import EngineClosedError
+from servekit.llm.errors import EngineClosedError, EngineInputError
 from servekit.llm.inputs import EngineInput
 from servekit.llm.outputs import RequestOutput
 from servekit.llm.sampling_params import SamplingParams
@@ -110,7 +110,7 @@ class AsyncEngine:
             if self._stopping or self._dead is not None:
                 raise EngineClosedError("the engine is shut down") from self._dead
             if request_id in self._streams:
-                raise ValueError(f"request id {request_id!r} is already in use")
+                raise EngineInputError(f"request id {request_id!r} is already in use", "request_id")
             self._streams[request_id] = stream
             self._commands.append(_Add(stream, prepared))
             self._cond.notify()

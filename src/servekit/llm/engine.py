@@ -24,6 +24,7 @@ from servekit.llm.config import (
     resolve_quantization,
 )
 from servekit.llm.detokenizer import IncrementalDetokenizer
+from servekit.llm.errors import EngineInputError
 from servekit.llm.inputs import EngineInput, InputProcessor
 from servekit.llm.model_runner import ForwardBatch, ForwardOutput
 from servekit.llm.outputs import Logprob, RequestOutput
@@ -164,7 +165,7 @@ class LLMEngine:
         (taken as it is, with its own params). Raises ValueError (PromptTooLongError,
         SamplingParamsError, ...) or QueueFullError at once, before anything is scheduled."""
         if request_id in self._groups:
-            raise ValueError(f"request id {request_id!r} is already in use")
+            raise EngineInputError(f"request id {request_id!r} is already in use", "request_id")
         if isinstance(prompt, EngineInput):
             item = prompt
         elif isinstance(prompt, str) or prompt is None:

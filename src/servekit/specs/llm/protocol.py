@@ -34,6 +34,8 @@ class GenerateRequest(_Lenient):
     def param_name(self, engine_param: str) -> str:
         if engine_param == "prompt":
             return "input_ids" if self.input_ids is not None else "text"
+        if engine_param == "request_id":
+            return "rid"
         return f"sampling_params.{engine_param}"
 
     @property
