@@ -8,6 +8,10 @@ from typing import Any
 
 import orjson
 
+from servekit.llm.parsers.tool_calls import new_call_id
+
+__all__ = ["DONE", "new_call_id", "new_id", "now", "sse_event", "sse_json"]
+
 DONE = b"data: [DONE]\n\n"
 
 
@@ -20,9 +24,8 @@ def sse_json(value: Any) -> bytes:
 
 
 def new_id(prefix: str) -> str:
-    """A response or tool-call id, e.g. ``chatcmpl-<32 hex digits>``."""
-    separator = "_" if prefix == "call" else "-"
-    return f"{prefix}{separator}{uuid.uuid4().hex}"
+    """A response id, e.g. ``chatcmpl-<32 hex digits>`` (tool calls: ``new_call_id``, the parsers')."""
+    return f"{prefix}-{uuid.uuid4().hex}"
 
 
 def now() -> int:

@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 
 from servekit.openai.responses import chat_choice_delta, chat_chunk, chat_response
-from servekit.openai.sse import new_id, now, sse_json
+from servekit.openai.sse import new_call_id, new_id, now, sse_json
 
 FINISH_REASONS = frozenset({"stop", "length", "tool_calls", "content_filter", "function_call"})
 USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens")
@@ -81,7 +81,7 @@ class ChoiceState:
         index = call.get("index")
         return {
             "index": index if isinstance(index, int) else position,
-            "id": call.get("id") or new_id("call"),
+            "id": call.get("id") or new_call_id(),
             "type": call.get("type") or "function",
             "function": {"name": function.get("name"), "arguments": function.get("arguments") or ""},
         }
