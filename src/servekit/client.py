@@ -273,6 +273,16 @@ class APIClient:
         )
         return self._call("/generate", payload, stream)
 
+    def encode(
+        self, input: str | list[str], do_preprocess: bool = False, add_bos: bool = True
+    ) -> tuple[list[int] | list[list[int]], int | list[int]]:
+        """``POST /v1/encode`` (LMDeploy's): ``(input_ids, length)``, lists of them for a list input.
+        ``do_preprocess`` applies the chat template to each input as a user message."""
+        body = self._request(
+            "POST", "/v1/encode", {"input": input, "do_preprocess": do_preprocess, "add_bos": add_bos}
+        )
+        return body["input_ids"], body["length"]
+
     # -- transport --------------------------------------------------------------------------------
 
     def _headers(self) -> dict[str, str]:

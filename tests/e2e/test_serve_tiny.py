@@ -237,6 +237,65 @@ def test_disconnect_aborts_and_frees_kv(server: RunningServer) -> None:
     assert after['servekit:num_free_kv_blocks{model_name="tiny-llama"}'] == total
 
 
+# -------------------------------------------------------------------------------- defaults
+# The vLLM serverless worker's tables (runpod-workers/worker-vllm README): (parameter, its default,
+# another value). A seeded request without the parameter equals one that sends the default, and
+# differs from one that sends the other value (so the first check can fail).
+SHARED_DEFAULTS = [
+    ("top_p", 1.0, 0.3),
+    ("top_k", -1, 2),
+    ("min_p", 0.0, 0.5),
+    ("presence_penalty", 0.0, 2.0),
+    ("frequency_penalty", 0.0, 2.0),
+    ("repetition_penalty", 1.0, 1.9),
+]
+CHAT_DEFAULTS = [("temperature", 0.7, 1.0), *SHARED_DEFAULTS]
+COMPLETION_DEFAULTS = [("temperature", 1.0, 0.7), *SHARED_DEFAULTS]
+
+
+def seeded_text(server: RunningServer, route: str, **fields: object) -> str:
+    body: dict[str, object] = {"max_tokens": 24, "seed": 5, "ignore_eos": True, **fields}
+    if route == "chat":
+        body["messages"] = MESSAGES
+        reply = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60).json()
+        return str(reply["choices"][0]["message"]["content"])
+    body["prompt"] = "once upon a time"
+    reply = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()
+    return str(reply["choices"][0]["text"])
+
+
+@pytest.mark.parametrize(
+    ("route", "name", "default", "other"),
+    [("chat", *case) for case in CHAT_DEFAULTS] + [("completion", *case) for case in COMPLETION_DEFAULTS],
+)
+def test_sampling_defaults(
+    server: RunningServer, route: str, name: str, default: float, other: float
+) -> None:
+    implicit = seeded_text(server, route)
+    assert implicit
+    assert seeded_text(server, route, **{name: default}) == implicit
+    assert seeded_text(server, route, **{name: None}) == implicit  # null is the default too
+    assert seeded_text(server, route, **{name: other}) != implicit
+
+
+def test_max_tokens_and_n_defaults(server: RunningServer) -> None:
+    completion = httpx.post(
+        f"{server.url}/v1/completions", json={"prompt": "once upon a time", "ignore_eos": True, "seed": 2}
+    ).json()
+    assert len(completion["choices"]) == 1 and completion["usage"]["completion_tokens"] == 16
+    assert completion["choices"][0]["finish_reason"] == "length"
+    sixteen = httpx.post(
+        f"{server.url}/v1/completions",
+        json={"prompt": "once upon a time", "ignore_eos": True, "seed": 2, "max_tokens": 16},
+    ).json()
+    assert sixteen["choices"][0]["text"] == completion["choices"][0]["text"]
+    chat = httpx.post(
+        f"{server.url}/v1/chat/completions", json={"messages": MESSAGES, "ignore_eos": True}, timeout=120
+    ).json()
+    assert len(chat["choices"]) == 1 and chat["choices"][0]["finish_reason"] == "length"
+    assert chat["usage"]["total_tokens"] == 512  # no max_tokens: up to the context
+
+
 # ------------------------------------------------------------------------------------ native
 def test_generate(server: RunningServer) -> None:
     url = f"{server.url}/generate"
@@ -310,6 +369,32 @@ def test_tokenize_detokenize_flush(server: RunningServer) -> None:
     flushed = metrics(server)[hits]
     httpx.post(f"{server.url}/v1/completions", json=prompt)
     assert metrics(server)[hits] == flushed  # nothing left to reuse
+
+
+def test_encode_as_lmdeploy(server: RunningServer, tiny_model: Path) -> None:
+    from servekit.client import APIClient
+    from servekit.llm.tokenizer import Tokenizer
+
+    client = APIClient(server.url)
+    bos = Tokenizer.from_dir(tiny_model).bos_token_id
+    assert bos is not None
+    plain = httpx.post(
+        f"{server.url}/tokenize", json={"prompt": "hello world", "add_special_tokens": False}
+    ).json()["tokens"]
+    assert plain[0] != bos
+    ids, length = client.encode("hello world")
+    assert ids == [bos, *plain] and length == len(ids)
+    assert client.encode("hello world", add_bos=False) == (plain, len(plain))
+    many, lengths = client.encode(["hello world", "a b c"], add_bos=False)
+    assert many[0] == plain and lengths == [len(plain), len(many[1])]  # type: ignore[arg-type, index]
+    chat = httpx.post(f"{server.url}/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).json()
+    chat_ids = [t for t in chat["tokens"] if t != bos]
+    preprocessed, _ = client.encode("hi", do_preprocess=True, add_bos=False)
+    assert preprocessed == chat_ids and len(chat_ids) > len(client.encode("hi", add_bos=False)[0])  # type: ignore[arg-type]
+    raw = httpx.post(f"{server.url}/v1/encode", json={"input": "hello world"}).json()
+    assert raw == {"input_ids": [bos, *plain], "length": len(plain) + 1}
+    bad = httpx.post(f"{server.url}/v1/encode", json={"input": 3})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "input"
 
 
 def test_interactive_session(server: RunningServer) -> None:

@@ -14,7 +14,6 @@ import pytest
 from servekit.llm.block_manager import BlockManager
 from servekit.llm.sampling_params import SamplingParams
 from servekit.llm.scheduler import (
-    PromptTooLongError,
     QueueFullError,
     Scheduler,
     SchedulerConfig,
@@ -194,15 +193,6 @@ def test_n_children_share_the_prompt_blocks() -> None:
     # The leader computes the 40-token prompt; the 3 others only recompute its partial last block.
     assert model.computed_tokens < 40 + 3 * 8 + 4 * 5
     assert scheduler.block_manager.prefix_hits >= 3 * 36
-
-
-def test_prompt_too_long_is_rejected_at_add_time() -> None:
-    scheduler = Scheduler(SchedulerConfig(4, 64, 32, True), BlockManager(16, 4))
-    with pytest.raises(PromptTooLongError) as info:
-        scheduler.add(make_group("x", list(range(32)), 1))
-    assert isinstance(info.value, ValueError)
-    assert "32" in str(info.value)
-    assert scheduler.num_waiting == 0
 
 
 def test_queue_limit() -> None:

@@ -11,6 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 import servekit as ls
+from servekit.openai.errors import OpenAIError, field_path
 from servekit.specs.openai import ChatCompletionRequest, ChatMessage, FunctionCall, OpenAISpec, ToolCall
 from servekit.specs.openai_chat_stream import (
     ChoiceState,
@@ -19,7 +20,6 @@ from servekit.specs.openai_chat_stream import (
     merge_streams,
     usage_of,
 )
-from servekit.specs.openai_errors import OpenAIError, field_path
 
 
 def test_exported_where_litserve_users_look() -> None:

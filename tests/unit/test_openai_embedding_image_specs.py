@@ -14,8 +14,8 @@ from PIL import Image
 from pydantic import ValidationError
 
 import servekit as ls
+from servekit.openai.errors import OpenAIError
 from servekit.specs.openai_embedding import EmbeddingRequest, OpenAIEmbeddingSpec, as_float32_matrix
-from servekit.specs.openai_errors import OpenAIError
 from servekit.specs.openai_image import ImageGenerationRequest, OpenAIImageSpec, png_base64, to_pil
 
 torch.set_num_threads(1)
@@ -155,3 +155,17 @@ def test_image_request_validation_and_encoding() -> None:
     encoded = spec.encode_response([np.zeros((2, 2, 3), dtype=np.uint8)] * 2)
     assert len(encoded["images"]) == 2
     assert len(spec.encode_response(np.zeros((2, 2, 3), dtype=np.uint8))["images"]) == 1
+
+
+def test_image_request_reads_as_attributes_and_as_a_mapping() -> None:
+    request = ImageGenerationRequest.model_validate({"prompt": "a fox", "n": 2, "size": "64x32", "seed": 7})
+    request.width, request.height = 64, 32
+    assert request["prompt"] == request.prompt == "a fox"
+    assert (request["n"], request["size"], request["width"], request["height"]) == (2, "64x32", 64, 32)
+    assert request["seed"] == 7 and "seed" in request and request.get("seed") == 7  # an extra field
+    assert "style" in request and request["style"] is None
+    assert "nope" not in request and request.get("nope", "default") == "default"
+    with pytest.raises(KeyError):
+        request["nope"]
+    assert set(request.keys()) >= {"prompt", "n", "size", "width", "height", "seed"}
+    assert {**request}["seed"] == 7 and dict(request)["prompt"] == "a fox"  # unpacks as a mapping

@@ -9,17 +9,26 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from servekit.llm.async_engine import AsyncEngine, EngineClosedError
+    from servekit.llm.async_engine import AsyncEngine
     from servekit.llm.config import EngineConfig, EngineConfigError
     from servekit.llm.engine import EngineStats, LLMEngine
+    from servekit.llm.errors import (
+        EngineClosedError,
+        EngineInputError,
+        PromptTooLongError,
+        QueueFullError,
+        SamplingParamsError,
+    )
+    from servekit.llm.inputs import EngineInput
     from servekit.llm.llm import LLM
     from servekit.llm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-    from servekit.llm.sampling_params import SamplingParams, SamplingParamsError
-    from servekit.llm.scheduler import PromptTooLongError, QueueFullError
+    from servekit.llm.sampling_params import SamplingParams
 
 _EXPORTS = {
     "AsyncEngine": "servekit.llm.async_engine",
-    "EngineClosedError": "servekit.llm.async_engine",
+    "EngineClosedError": "servekit.llm.errors",
+    "EngineInput": "servekit.llm.inputs",
+    "EngineInputError": "servekit.llm.errors",
     "EngineConfig": "servekit.llm.config",
     "EngineConfigError": "servekit.llm.config",
     "EngineStats": "servekit.llm.engine",
@@ -30,9 +39,9 @@ _EXPORTS = {
     "RequestMetrics": "servekit.llm.outputs",
     "RequestOutput": "servekit.llm.outputs",
     "SamplingParams": "servekit.llm.sampling_params",
-    "SamplingParamsError": "servekit.llm.sampling_params",
-    "PromptTooLongError": "servekit.llm.scheduler",
-    "QueueFullError": "servekit.llm.scheduler",
+    "SamplingParamsError": "servekit.llm.errors",
+    "PromptTooLongError": "servekit.llm.errors",
+    "QueueFullError": "servekit.llm.errors",
 }
 
 __all__ = [
@@ -42,6 +51,8 @@ __all__ = [
     "EngineClosedError",
     "EngineConfig",
     "EngineConfigError",
+    "EngineInput",
+    "EngineInputError",
     "EngineStats",
     "LLMEngine",
     "Logprob",

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from servekit.llm.config import EngineConfig
+from servekit.llm.errors import EngineClosedError, EngineInputError
+from servekit.llm.inputs import EngineInput
 from servekit.llm.outputs import RequestOutput
 from servekit.llm.sampling_params import SamplingParams
 
@@ -30,10 +32,6 @@ if TYPE_CHECKING:
     from servekit.llm.engine import EngineStats, LLMEngine
 
 logger = logging.getLogger(__name__)
-
-
-class EngineClosedError(RuntimeError):
-    """The engine was shut down (or its loop died) before the request finished."""
 
 
 @dataclass
@@ -47,9 +45,7 @@ class _Stream:
 @dataclass
 class _Add:
     stream: _Stream
-    prompt: str | None
-    prompt_token_ids: list[int]
-    params: SamplingParams
+    item: EngineInput
 
 
 @dataclass
@@ -94,7 +90,7 @@ class AsyncEngine:
 
     async def generate(
         self,
-        prompt: str | None = None,
+        prompt: str | EngineInput | None = None,
         sampling_params: SamplingParams | None = None,
         request_id: str | None = None,
         *,
@@ -102,21 +98,24 @@ class AsyncEngine:
     ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs, one per step that advanced it; the last has ``finished``.
 
-        Invalid requests raise (ValueError subclasses, QueueFullError) on the first iteration,
-        before anything is queued. Closing or cancelling the iteration aborts the request.
+        ``prompt`` is text, or an ``EngineInput`` from ``engine.inputs`` (taken as it is, with its
+        own params). Invalid requests raise (ValueError subclasses, QueueFullError) on the first
+        iteration, before anything is queued. Closing or cancelling the iteration aborts the request.
         """
-        params = sampling_params if sampling_params is not None else SamplingParams()
+        if isinstance(prompt, EngineInput):
+            prepared = prompt
+        else:
+            prepared = self.engine.inputs.prepare(prompt, sampling_params, prompt_token_ids)
         request_id = request_id if request_id is not None else uuid.uuid4().hex
-        token_ids = self.engine.encode_prompt(prompt, prompt_token_ids)
         self.engine.scheduler.check_capacity()
         stream = _Stream(request_id, asyncio.get_running_loop())
         with self._cond:
             if self._stopping or self._dead is not None:
                 raise EngineClosedError("the engine is shut down") from self._dead
             if request_id in self._streams:
-                raise ValueError(f"request id {request_id!r} is already in use")
+                raise EngineInputError(f"request id {request_id!r} is already in use", "request_id")
             self._streams[request_id] = stream
-            self._commands.append(_Add(stream, prompt, token_ids, params))
+            self._commands.append(_Add(stream, prepared))
             self._cond.notify()
         try:
             while True:
@@ -213,12 +212,7 @@ class AsyncEngine:
                 if self._streams.get(stream.request_id) is not stream:
                     continue  # aborted before it was added
             try:
-                self.engine.add_request(
-                    stream.request_id,
-                    command.prompt,
-                    command.params,
-                    prompt_token_ids=command.prompt_token_ids,
-                )
+                self.engine.add_request(stream.request_id, command.item)
             except Exception as exc:
                 with self._cond:
                     self._streams.pop(stream.request_id, None)

@@ -16,6 +16,7 @@ import torch
 
 from servekit.llm.beam_search import BeamSearchRequests
 from servekit.llm.block_manager import BlockManager
+from servekit.llm.chat_template import resolve_chat_template
 from servekit.llm.config import (
     EngineConfig,
     auto_num_kv_blocks,
@@ -24,6 +25,8 @@ from servekit.llm.config import (
     resolve_quantization,
 )
 from servekit.llm.detokenizer import IncrementalDetokenizer
+from servekit.llm.errors import EngineInputError
+from servekit.llm.inputs import EngineInput, InputProcessor
 from servekit.llm.model_runner import ForwardBatch, ForwardOutput
 from servekit.llm.outputs import Logprob, RequestOutput, logprob_entry
 from servekit.llm.sampler import SampledToken, Sampler, make_generator
@@ -110,6 +113,12 @@ class LLMEngine:
         if runner is None:
             runner = self._build_runner(source)
         self.runner = runner
+        self.inputs = InputProcessor(
+            self.tokenizer,
+            source.config.vocab_size,
+            self.max_model_len,
+            resolve_chat_template(cfg.chat_template) if cfg.chat_template else source.chat_template,
+        )
         self.eos_token_ids: list[int] = list(self.tokenizer.eos_token_ids)
         self.sampler = Sampler(self.eos_token_ids)
         self.block_manager = BlockManager(runner.num_blocks, runner.block_size, cfg.enable_prefix_caching)
@@ -138,40 +147,28 @@ class LLMEngine:
 
     # -- requests ------------------------------------------------------------------------------------
 
-    def encode_prompt(self, prompt: str | None, prompt_token_ids: Sequence[int] | None) -> list[int]:
-        """Tokenize and validate a prompt (safe to call from another thread: reads only)."""
-        if prompt_token_ids is None:
-            if prompt is None:
-                raise ValueError("either prompt or prompt_token_ids is required")
-            token_ids = self.tokenizer.encode(prompt)
-        else:
-            token_ids = [int(t) for t in prompt_token_ids]
-            vocab = self.model_config.vocab_size
-            bad = [t for t in token_ids if not 0 <= t < vocab]
-            if bad:
-                raise ValueError(f"prompt token id {bad[0]} is out of range for a vocabulary of {vocab}")
-        self.scheduler.check_prompt(len(token_ids))
-        return token_ids
-
     def add_request(
         self,
         request_id: str,
-        prompt: str | Sequence[int] | None = None,
+        prompt: str | Sequence[int] | EngineInput | None = None,
         params: SamplingParams | None = None,
         *,
         prompt_token_ids: Sequence[int] | None = None,
         arrival_time: float | None = None,
     ) -> None:
-        """Queue a request; ``prompt`` is text or token ids. Raises ValueError (PromptTooLongError,
+        """Queue a request; ``prompt`` is text, token ids, or an ``EngineInput`` from ``self.inputs``
+        (taken as it is, with its own params). Raises ValueError (PromptTooLongError,
         SamplingParamsError, ...) or QueueFullError at once, before anything is scheduled."""
-        text: str | None = prompt if isinstance(prompt, str) else None
-        if prompt is not None and text is None:
-            prompt_token_ids = prompt  # type: ignore[assignment]
         if request_id in self._groups:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        params = params if params is not None else SamplingParams()
-        token_ids = self.encode_prompt(text, prompt_token_ids)
+            raise EngineInputError(f"request id {request_id!r} is already in use", "request_id")
+        if isinstance(prompt, EngineInput):
+            item = prompt
+        elif isinstance(prompt, str) or prompt is None:
+            item = self.inputs.prepare(prompt, params, prompt_token_ids)
+        else:
+            item = self.inputs.prepare(None, params, prompt)
         self.scheduler.check_capacity()
+        text, token_ids, params = item.prompt, item.prompt_token_ids, item.params
         group = SequenceGroup(request_id, text, token_ids, params, arrival_time)
         max_tokens = effective_max_tokens(params, len(token_ids), self.max_model_len)
         if params.use_beam_search:

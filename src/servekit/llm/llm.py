@@ -12,6 +12,7 @@ from servekit.llm.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from servekit.llm.engine import EngineStats
+    from servekit.llm.inputs import EngineInput
 
 # A prompt: text, token ids, or a dict with "prompt" or "prompt_token_ids" (vLLM's TextPrompt/TokensPrompt).
 PromptInput = str | Sequence[int] | Mapping[str, Any]
@@ -49,7 +50,11 @@ class LLM:
         """Generate for every prompt (batched by the engine); outputs come back in prompt order."""
         items = _normalise_prompts(prompts, prompt_token_ids)
         params_list = _params_for(sampling_params, len(items))
-        return self._run(items, params_list, use_tqdm)
+        inputs = self.engine.inputs
+        prepared = [
+            inputs.prepare(text, params, ids) for (text, ids), params in zip(items, params_list, strict=True)
+        ]
+        return self._run(prepared, use_tqdm)
 
     def chat(
         self,
@@ -62,50 +67,37 @@ class LLM:
         use_tqdm: bool = False,
     ) -> list[RequestOutput]:
         """Render each conversation with the chat template and generate its reply."""
-        from servekit.llm.chat_template import ChatTemplate, resolve_chat_template
-
         conversations: list[list[Message]]
         if messages and isinstance(messages[0], Mapping):
             conversations = [list(messages)]  # type: ignore[arg-type]
         else:
             conversations = [list(conv) for conv in messages]  # type: ignore[arg-type]
-        source = chat_template or self.config.chat_template
-        template_text = (
-            resolve_chat_template(source) if source is not None else self.engine.source.chat_template
-        )
-        if template_text is None:
-            raise ValueError("the model has no chat template; pass chat_template=")
-        tokenizer = self.engine.tokenizer
-        template = ChatTemplate(template_text, bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token)
-        items: list[tuple[str | None, list[int] | None]] = []
-        for conversation in conversations:
-            text = template.render(
+        params_list = _params_for(sampling_params, len(conversations))
+        prepared = [
+            self.engine.inputs.prepare_chat(
                 conversation,
+                params,
                 tools=tools,
                 add_generation_prompt=add_generation_prompt,
-                **(chat_template_kwargs or {}),
+                chat_template=chat_template,
+                chat_template_kwargs=chat_template_kwargs,
             )
-            # The template already wrote any special tokens (e.g. BOS) it wants.
-            items.append((text, tokenizer.encode(text, add_special_tokens=False)))
-        return self._run(items, _params_for(sampling_params, len(items)), use_tqdm)
+            for conversation, params in zip(conversations, params_list, strict=True)
+        ]
+        return self._run(prepared, use_tqdm)
 
-    def _run(
-        self,
-        items: list[tuple[str | None, list[int] | None]],
-        params_list: list[SamplingParams],
-        use_tqdm: bool = False,
-    ) -> list[RequestOutput]:
+    def _run(self, prepared: list[EngineInput], use_tqdm: bool = False) -> list[RequestOutput]:
         engine = self.engine
         order: dict[str, int] = {}
         progress: Any = None
         if use_tqdm:
             from tqdm import tqdm
 
-            progress = tqdm(total=len(items), desc="Generating", unit="req")
+            progress = tqdm(total=len(prepared), desc="Generating", unit="req")
         try:
-            for (prompt, token_ids), params in zip(items, params_list, strict=True):
+            for item in prepared:
                 request_id = f"offline-{next(self._ids)}"
-                engine.add_request(request_id, prompt, params, prompt_token_ids=token_ids)
+                engine.add_request(request_id, item)
                 order[request_id] = len(order)
             results: list[RequestOutput | None] = [None] * len(order)
             while engine.has_unfinished_requests():

@@ -6,17 +6,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from servekit.llm.errors import SamplingParamsError
+
+__all__ = ["LogitsProcessor", "SamplingParams", "SamplingParamsError"]
+
 # Called per sequence and step as processor(output_token_ids, logits_row) -> logits_row, before any
 # other processing of that row (e.g. a grammar mask for structured output). May keep state.
 LogitsProcessor = Callable[[list[int], Any], Any]
-
-
-class SamplingParamsError(ValueError):
-    """An invalid sampling parameter; ``param`` names it (for a 400 with ``param``)."""
-
-    def __init__(self, message: str, param: str) -> None:
-        super().__init__(message)
-        self.param = param
 
 
 @dataclass

@@ -16,23 +16,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from servekit.llm.block_manager import BlockManager
+from servekit.llm.errors import QueueFullError
 from servekit.llm.sequence import Sequence, SequenceGroup, SequenceStatus
-
-
-class PromptTooLongError(ValueError):
-    """The prompt does not fit the model's context (``max_model_len``)."""
-
-    def __init__(self, prompt_len: int, max_model_len: int) -> None:
-        super().__init__(
-            f"This model's maximum context length is {max_model_len} tokens, but the prompt has "
-            f"{prompt_len} tokens (at least one token must be left for the output)."
-        )
-        self.prompt_len = prompt_len
-        self.max_model_len = max_model_len
-
-
-class QueueFullError(RuntimeError):
-    """Too many requests are already waiting (``max_queued_requests``)."""
 
 
 @dataclass
@@ -91,12 +76,6 @@ class Scheduler:
 
     # -- queue management --------------------------------------------------------------------------
 
-    def check_prompt(self, prompt_len: int) -> None:
-        if prompt_len < 1:
-            raise ValueError("the prompt is empty: at least one token is needed")
-        if prompt_len >= self.config.max_model_len:
-            raise PromptTooLongError(prompt_len, self.config.max_model_len)
-
     def check_capacity(self) -> None:
         limit = self.config.max_queued_requests
         if limit is not None and len(self.waiting) >= limit:
@@ -105,7 +84,6 @@ class Scheduler:
             )
 
     def add(self, group: SequenceGroup) -> None:
-        self.check_prompt(len(group.prompt_token_ids))
         for seq in group.seqs:
             seq.status = SequenceStatus.WAITING
             self.waiting.append(seq)

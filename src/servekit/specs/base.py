@@ -108,12 +108,17 @@ class FrontHandle:
         raise NotImplementedError
 
     async def first_item(
-        self, request_object: Any, http_request: Request | None = None, *, worker: int | None = None
+        self,
+        request_object: Any,
+        http_request: Request | None = None,
+        *,
+        worker: int | None = None,
+        tags: Sequence[str] = (),
     ) -> bytes:
         """The whole response, or a stream's first item."""
         if not self.streams:
             return await self.call(request_object, http_request, worker=worker)
-        chunks = self.stream(request_object, http_request, worker=worker)
+        chunks = self.stream(request_object, http_request, worker=worker, tags=tags)
         try:
             return await anext(chunks)
         except StopAsyncIteration:

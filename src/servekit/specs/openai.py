@@ -20,18 +20,8 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from servekit.errors import ServerError
-from servekit.specs.base import until_disconnected
-from servekit.specs.openai_base import OpenAIBaseSpec, read_json_body
-from servekit.specs.openai_chat_stream import (
-    DONE_EVENT,
-    ChoiceState,
-    ChunkWriter,
-    completion_body,
-    merge_streams,
-    parse_message,
-    usage_of,
-)
-from servekit.specs.openai_chat_types import (
+from servekit.openai import (
+    DONE,
     AudioContent,
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -51,6 +41,7 @@ from servekit.specs.openai_chat_types import (
     JSONSchema,
     ModelCard,
     ModelList,
+    OpenAIError,
     ResponseFormat,
     ResponseFormatJSONObject,
     ResponseFormatJSONSchema,
@@ -63,7 +54,16 @@ from servekit.specs.openai_chat_types import (
     ToolChoiceFunction,
     UsageInfo,
 )
-from servekit.specs.openai_errors import OpenAIError
+from servekit.specs.base import until_disconnected
+from servekit.specs.openai_base import OpenAIBaseSpec, read_json_body
+from servekit.specs.openai_chat_stream import (
+    ChoiceState,
+    ChunkWriter,
+    completion_body,
+    merge_streams,
+    parse_message,
+    usage_of,
+)
 
 if TYPE_CHECKING:
     from servekit.api import LitAPI
@@ -161,10 +161,7 @@ class OpenAISpec(OpenAIBaseSpec):
             one_choice = chat_request.model_copy(update={"n": 1})
             streams = [self.front.stream(one_choice, request) for _ in range(n)]
             if chat_request.stream:
-                include_usage = bool(
-                    chat_request.stream_options and chat_request.stream_options.include_usage
-                )
-                return await self._streaming_completion(request, streams, model, include_usage)
+                return await self._streaming_completion(request, streams, model, chat_request.include_usage)
             states = await until_disconnected(self._collect(streams), request)
             return Response(completion_body(model, states), media_type="application/json")
         except OpenAIError as error:
@@ -256,7 +253,7 @@ async def _server_sent_events(
         yield OpenAIError(500, f"Internal server error: {type(error).__name__}: {error}").sse_event()
     finally:
         await rest.aclose()
-    yield DONE_EVENT
+    yield DONE
 
 
 __all__ = [

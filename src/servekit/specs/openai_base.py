@@ -13,8 +13,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from servekit.errors import ServerError
+from servekit.openai.errors import OpenAIError
 from servekit.specs.base import LitSpec
-from servekit.specs.openai_errors import OpenAIError
 
 if TYPE_CHECKING:
     from servekit.api import LitAPI

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import time
-import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
-from servekit.specs.openai_chat_types import short_id
+from servekit.openai.responses import chat_choice_delta, chat_chunk, chat_response
+from servekit.openai.sse import new_call_id, new_id, now, sse_json
 
 FINISH_REASONS = frozenset({"stop", "length", "tool_calls", "content_filter", "function_call"})
 USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens")
-DONE_EVENT = b"data: [DONE]\n\n"
 
 
 def parse_message(raw: bytes) -> dict[str, Any]:
@@ -83,7 +81,7 @@ class ChoiceState:
         index = call.get("index")
         return {
             "index": index if isinstance(index, int) else position,
-            "id": call.get("id") or f"call_{uuid.uuid4().hex[:24]}",
+            "id": call.get("id") or new_call_id(),
             "type": call.get("type") or "function",
             "function": {"name": function.get("name"), "arguments": function.get("arguments") or ""},
         }
@@ -118,49 +116,24 @@ class ChunkWriter:
     """Frames the server-sent events of one streamed chat completion."""
 
     def __init__(self, model: str, include_usage: bool) -> None:
-        self.id = short_id("chatcmpl")
-        self.created = int(time.time())
+        self.id = new_id("chatcmpl")
+        self.created = now()
         self.model = model
         self.include_usage = include_usage
 
-    def event(
-        self,
-        choices: list[dict[str, Any]],
-        usage: dict[str, int] | None = None,
-    ) -> bytes:
-        chunk: dict[str, Any] = {
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": None,
-            "choices": choices,
-        }
-        if self.include_usage:
-            chunk["usage"] = usage  # null on every chunk but the last, as OpenAI does
-        return b"data: " + orjson.dumps(chunk) + b"\n\n"
+    def event(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> bytes:
+        return sse_json(chat_chunk(self.id, self.model, self.created, choices, self.include_usage, usage))
 
     def delta(self, index: int, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
-        return self.event(
-            [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
-        )
+        return self.event([chat_choice_delta(index, delta, finish_reason)])
 
 
 def completion_body(model: str, states: list[ChoiceState]) -> bytes:
-    return orjson.dumps(
-        {
-            "id": short_id("chatcmpl"),
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": model,
-            "system_fingerprint": None,
-            "choices": [
-                {"index": s.index, "message": s.message(), "logprobs": None, "finish_reason": s.finish_reason}
-                for s in states
-            ],
-            "usage": usage_of(states),
-        }
-    )
+    choices = [
+        {"index": s.index, "message": s.message(), "logprobs": None, "finish_reason": s.finish_reason}
+        for s in states
+    ]
+    return orjson.dumps(chat_response(new_id("chatcmpl"), model, now(), choices, usage_of(states)))
 
 
 async def merge_streams(streams: list[AsyncIterator[bytes]]) -> AsyncGenerator[tuple[int, bytes], None]:

@@ -13,75 +13,26 @@ from __future__ import annotations
 import base64
 import inspect
 import io
-import re
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.requests import Request
 from starlette.responses import Response
 
+from servekit.openai.errors import OpenAIError
+from servekit.openai.images import (
+    ImageData,
+    ImageGenerationRequest,
+    ImageGenerationResponse,
+    parse_size,
+)
 from servekit.specs.openai_base import OpenAIBaseSpec, read_json_body
-from servekit.specs.openai_errors import OpenAIError
 
 if TYPE_CHECKING:
     from servekit.api import LitAPI
-
-MAX_SIDE = 4096
-_SIZE = re.compile(r"^(\d+)x(\d+)$")
-
-
-class ImageGenerationRequest(BaseModel):
-    """The body of ``POST /v1/images/generations``."""
-
-    model_config = ConfigDict(extra="allow")
-
-    prompt: str = Field(min_length=1)
-    model: str | None = None
-    n: int = Field(1, ge=1, le=10)
-    size: str | None = "auto"
-    response_format: Literal["url", "b64_json"] | None = "url"
-    output_format: Literal["png"] | None = "png"
-    quality: str | None = None
-    style: str | None = None
-    user: str | None = None
-    # Filled by the spec from ``size`` (or its default size when ``size`` is "auto").
-    width: int = 0
-    height: int = 0
-
-    @field_validator("size")
-    @classmethod
-    def _valid_size(cls, value: str | None) -> str | None:
-        if value is None or value == "auto":
-            return value
-        match = _SIZE.match(value)
-        if match is None:
-            raise ValueError("size must be 'auto' or 'WIDTHxHEIGHT', like '1024x1024'")
-        width, height = int(match[1]), int(match[2])
-        if not (1 <= width <= MAX_SIDE and 1 <= height <= MAX_SIDE):
-            raise ValueError(f"each side of size must be between 1 and {MAX_SIDE} pixels")
-        return value
-
-
-class ImageData(BaseModel):
-    b64_json: str | None = None
-    url: str | None = None
-    revised_prompt: str | None = None
-
-
-class ImageGenerationResponse(BaseModel):
-    created: int = Field(default_factory=lambda: int(time.time()))
-    data: list[ImageData]
-
-
-def parse_size(size: str) -> tuple[int, int]:
-    match = _SIZE.match(size)
-    if match is None:
-        raise ValueError(f"invalid size {size!r}")
-    return int(match[1]), int(match[2])
 
 
 def to_pil(image: Any) -> Any:

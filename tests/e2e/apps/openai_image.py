@@ -26,12 +26,15 @@ class PatternAPI(ls.LitAPI):
         pass
 
     def predict(self, request):
-        if request.prompt == "fail":
+        # Users read the request as attributes or as a mapping: both are served.
+        prompt, n = request["prompt"], request["n"]
+        assert prompt == request.prompt and n == request.n and request.get("width") == request.width
+        if prompt == "fail":
             raise RuntimeError("no pattern for 'fail'")
-        images = [draw(request.prompt, i, request.width, request.height) for i in range(request.n)]
+        images = [draw(prompt, i, request.width, request["height"]) for i in range(n)]
         # Mixed outputs: numpy arrays, and a PIL image for the first one.
         images[0] = Image.fromarray(images[0])
-        return images if request.n > 1 else images[0]
+        return images if n > 1 else images[0]
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from servekit.api import LitAPI
-from servekit.errors import ServerError
+from servekit.openai.errors import OpenAIError, invalid, openai_error
 from servekit.specs.llm.config import ServeConfig
 from servekit.specs.llm.ops import Op
 from servekit.specs.llm.spec import LLMServerSpec
@@ -53,15 +53,16 @@ class LLMServerAPI(LitAPI):
         try:
             async for item in handler(op.body):
                 yield item
-        except ServerError as error:
-            rt.count_error(error.status_code)
-            raise
         except asyncio.CancelledError:
             raise
         except Exception as error:
-            rt.count_error(500)
-            logger.exception("%s request failed", op.kind)
-            raise ServerError(500, {"message": f"{type(error).__name__}: {error}", "param": None}) from None
+            # The one mapping of what the engine (or a handler) raised to the client's error.
+            mapped = openai_error(error, getattr(op.body, "param_name", None))
+            if mapped is None:
+                logger.exception("%s request failed", op.kind)
+                mapped = OpenAIError(500, f"{type(error).__name__}: {error}")
+            rt.count_error(mapped.status_code)
+            raise mapped from None
         finally:
             if not self.config.disable_log_requests:
                 logger.info("%s request done in %.3fs", op.kind, time.perf_counter() - started)
@@ -74,6 +75,8 @@ class LLMServerAPI(LitAPI):
             return native.tokenize(rt, op.body)
         if op.kind == "detokenize":
             return native.detokenize(rt, op.body)
+        if op.kind == "encode":
+            return native.encode(rt, op.body)
         if op.kind == "abort":
             return {"aborted": rt.abort(str(op.body))}
         if op.kind == "flush_cache":
@@ -82,16 +85,13 @@ class LLMServerAPI(LitAPI):
             return self._stats()
         if op.kind == "model_info":
             return self._model_info()
-        raise ServerError(400, {"message": f"unknown operation {op.kind!r}", "param": None})
+        raise invalid(f"unknown operation {op.kind!r}", None)
 
     def _flush_cache(self) -> dict[str, Any]:
         engine = self.runtime.engine.engine
         # The engine belongs to its loop thread; flushing while requests run would race with it.
         if engine.has_unfinished_requests():
-            raise ServerError(
-                400,
-                {"message": "cannot flush the cache while requests are running", "param": None},
-            )
+            raise invalid("cannot flush the cache while requests are running", None)
         engine.reset_prefix_cache()
         stats = engine.get_stats()
         return {"flushed": True, "num_free_kv_blocks": stats.num_free_kv_blocks}
@@ -121,7 +121,7 @@ class LLMServerAPI(LitAPI):
             "checkpoint_quantization": llm_engine.source.quantization,
             "kv_cache_dtype": str(llm_engine.kv_cache_dtype).removeprefix("torch."),
             "kv_cache_tokens": rt.kv_tokens,
-            "has_chat_template": rt.chat_template is not None,
+            "has_chat_template": rt.inputs.chat_template_source is not None,
             "is_generation": True,
             "created": int(rt.started),
         }

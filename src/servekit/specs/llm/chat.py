@@ -9,11 +9,12 @@ from typing import Any
 
 from servekit.llm.outputs import CompletionOutput, RequestOutput
 from servekit.llm.sampling_params import SamplingParams
-from servekit.specs.llm import openai_format as fmt
+from servekit.openai import responses as fmt
+from servekit.openai.chat import ChatCompletionRequest
+from servekit.openai.errors import invalid
+from servekit.openai.sse import new_id, now
 from servekit.specs.llm import tools as tooling
-from servekit.specs.llm.params import chat_sampling_params, invalid
-from servekit.specs.llm.protocol import ChatCompletionRequest
-from servekit.specs.llm.runtime import Runtime, engine_error
+from servekit.specs.llm.runtime import Runtime
 
 
 def _with_processors(params: SamplingParams, factory: tooling.ProcessorFactory | None) -> SamplingParams:
@@ -29,25 +30,12 @@ class ChatHandler:
     def __init__(self, runtime: Runtime) -> None:
         self.rt = runtime
         self.tool_parser_name = tooling.pick_tool_parser_name(
-            runtime.config.tool_call_parser, runtime.model_name, runtime.chat_template_source
+            runtime.config.tool_call_parser, runtime.model_name, runtime.inputs.chat_template_source
         )
 
     async def run(self, request: ChatCompletionRequest) -> AsyncIterator[dict[str, Any]]:
         rt = self.rt
-        use_tools = bool(request.tools) and request.tool_choice != "none"
-        tools = (
-            [t.model_dump(exclude_none=True) for t in request.tools] if use_tools and request.tools else None
-        )
-        _, token_ids = rt.render_chat(
-            request.messages,
-            tools=tools,
-            add_generation_prompt=request.add_generation_prompt,
-            continue_final_message=request.continue_final_message,
-            chat_template=request.chat_template,
-            kwargs=request.chat_template_kwargs,
-            documents=request.documents,
-        )
-        params = chat_sampling_params(request, rt.vocab_size)
+        use_tools = request.uses_tools
         factory = tooling.response_format_factory(rt.tokenizer, request)
         if use_tools:
             tool_factory = tooling.tool_choice_factory(rt.tokenizer, request, self.tool_parser_name)
@@ -57,19 +45,23 @@ class ChatHandler:
                         "response_format cannot be combined with a forced tool_choice", "tool_choice"
                     )
                 factory = tool_factory
-        params = _with_processors(params, factory)
-        request_id = request.request_id or fmt.new_id("chatcmpl")
-        try:
-            first, stream = await rt.start(request_id, params, token_ids, param="messages")
-        except Exception as error:
-            mapped = engine_error(error, "messages")
-            if mapped is None:
-                raise
-            raise mapped from None
+        prepared = rt.inputs.prepare_chat(
+            request.messages,
+            _with_processors(request.to_sampling_params(), factory),
+            tools=request.tool_dicts(),
+            add_generation_prompt=request.add_generation_prompt,
+            continue_final_message=request.continue_final_message,
+            chat_template=request.chat_template,
+            chat_template_kwargs=request.chat_template_kwargs,
+            documents=request.documents,
+        )
+        request_id = request.request_id or new_id("chatcmpl")
+        first, stream = await rt.start(request_id, prepared)
         echo = self._echo_text(request)
         try:
             if request.stream:
-                async for chunk in self._stream(request, request_id, first, stream, use_tools, echo):
+                n = prepared.params.n
+                async for chunk in self._stream(request, n, request_id, first, stream, use_tools, echo):
                     yield chunk
             else:
                 yield await self._complete(request, request_id, first, stream, use_tools, echo)
@@ -100,6 +92,7 @@ class ChatHandler:
     async def _stream(
         self,
         request: ChatCompletionRequest,
+        n: int,
         request_id: str,
         first: RequestOutput,
         stream: AsyncIterator[RequestOutput],
@@ -108,17 +101,17 @@ class ChatHandler:
     ) -> AsyncIterator[dict[str, Any]]:
         rt = self.rt
         model = request.model or rt.model_name
-        created = fmt.now()
-        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        created = now()
+        include_usage = request.include_usage
         top = request.top_logprobs or 0
-        states = [self._choice_state(use_tools) for _ in range(request.n)]
-        finished = [False] * request.n
+        states = [self._choice_state(use_tools) for _ in range(n)]
+        finished = [False] * n
         role_delta: dict[str, Any] = {"role": "assistant", "content": echo}
         yield fmt.chat_chunk(
             request_id,
             model,
             created,
-            [fmt.chat_choice_delta(i, dict(role_delta)) for i in range(request.n)],
+            [fmt.chat_choice_delta(i, dict(role_delta)) for i in range(n)],
             include_usage,
         )
         last: RequestOutput = first
@@ -129,9 +122,9 @@ class ChatHandler:
                 choices = []
                 for completion in output.outputs:
                     index = completion.index
-                    if index >= request.n or finished[index]:
+                    if index >= n or finished[index]:
                         continue
-                    choice = self._delta_choice(completion, states[index], top, request.logprobs)
+                    choice = self._delta_choice(completion, states[index], top, bool(request.logprobs))
                     if choice is not None:
                         choices.append(choice)
                     if completion.finish_reason is not None:
@@ -145,14 +138,12 @@ class ChatHandler:
             if not rt.was_aborted(request_id):
                 rt.record_cancel()
                 raise
-            aborted = [fmt.chat_choice_delta(i, {}, "abort") for i in range(request.n) if not finished[i]]
+            aborted = [fmt.chat_choice_delta(i, {}, "abort") for i in range(n) if not finished[i]]
             if aborted:
                 yield fmt.chat_chunk(request_id, model, created, aborted, include_usage)
         rt.record(last)
         if include_usage:
-            chunk = fmt.chat_chunk(request_id, model, created, [], False)
-            chunk["usage"] = fmt.output_usage(last)
-            yield chunk
+            yield fmt.chat_chunk(request_id, model, created, [], True, fmt.output_usage(last))
 
     def _delta_choice(
         self, completion: CompletionOutput, state: tooling.ChoiceStream, top: int, logprobs: bool
@@ -191,7 +182,7 @@ class ChatHandler:
         last = await rt.final_output(request_id, first, stream)
         choices = [self._message_choice(c, request, use_tools, echo) for c in last.outputs]
         return fmt.chat_response(
-            request_id, request.model or rt.model_name, fmt.now(), choices, fmt.output_usage(last)
+            request_id, request.model or rt.model_name, now(), choices, fmt.output_usage(last)
         )
 
     def _message_choice(

@@ -9,65 +9,40 @@ from typing import Any
 
 from servekit.llm.outputs import CompletionOutput, RequestOutput
 from servekit.llm.sampling_params import SamplingParams
-from servekit.specs.llm import openai_format as fmt
+from servekit.openai import responses as fmt
+from servekit.openai.completions import CompletionRequest
+from servekit.openai.errors import invalid
+from servekit.openai.sse import new_id, now
 from servekit.specs.llm import tools as tooling
-from servekit.specs.llm.params import completion_sampling_params, invalid
-from servekit.specs.llm.protocol import CompletionRequest
-from servekit.specs.llm.runtime import Runtime, drain, engine_error, interleave
-
-
-def prompt_list(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
-    """The prompts of a request: a string, strings, token ids, or lists of token ids."""
-    if isinstance(prompt, str):
-        return [prompt]
-    if prompt and isinstance(prompt[0], int):
-        return [list(prompt)]
-    return list(prompt)  # type: ignore[arg-type]
+from servekit.specs.llm.runtime import Runtime, drain, interleave
 
 
 class CompletionHandler:
     def __init__(self, runtime: Runtime) -> None:
         self.rt = runtime
 
-    def _token_ids(self, prompt: str | list[int], add_special_tokens: bool, index: int) -> list[int]:
-        if isinstance(prompt, str):
-            return self.rt.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
-        vocab = self.rt.vocab_size
-        bad = [t for t in prompt if not 0 <= t < vocab]
-        if bad:
-            raise invalid(f"token id {bad[0]} is out of range for a vocabulary of {vocab}", "prompt")
-        return prompt
-
     async def run(self, request: CompletionRequest) -> AsyncIterator[dict[str, Any]]:
         rt = self.rt
         if request.suffix:
             raise invalid("suffix is not supported by this server", "suffix", code="unsupported")
-        prompts = prompt_list(request.prompt)
-        params = completion_sampling_params(request, rt.vocab_size)
+        prompts = request.prompts()
+        params = request.to_sampling_params()
         factory = tooling.response_format_factory(rt.tokenizer, request)
-        request_id = request.request_id or fmt.new_id("cmpl")
+        request_id = request.request_id or new_id("cmpl")
         streams: list[AsyncIterator[RequestOutput]] = []
         firsts: list[RequestOutput] = []
         ids: list[str] = []
         try:
             for index, prompt in enumerate(prompts):
-                token_ids = self._token_ids(prompt, request.add_special_tokens, index)
                 prompt_params = params
                 if factory is not None:
                     prompt_params = dataclasses.replace(params, logits_processors=[factory()])
+                text, token_ids = (prompt, None) if isinstance(prompt, str) else (None, prompt)
+                prepared = rt.inputs.prepare(
+                    text, prompt_params, token_ids, add_special_tokens=request.add_special_tokens
+                )
                 sub_id = request_id if len(prompts) == 1 else f"{request_id}-{index}"
-                try:
-                    first, stream = await rt.start(
-                        sub_id,
-                        prompt_params,
-                        token_ids,
-                        prompt=prompt if isinstance(prompt, str) else None,
-                    )
-                except Exception as error:
-                    mapped = engine_error(error, "prompt")
-                    if mapped is None:
-                        raise
-                    raise mapped from None
+                first, stream = await rt.start(sub_id, prepared)
                 ids.append(sub_id)
                 firsts.append(first)
                 streams.append(stream)
@@ -93,10 +68,10 @@ class CompletionHandler:
     ) -> AsyncIterator[dict[str, Any]]:
         rt = self.rt
         model = request.model or rt.model_name
-        created = fmt.now()
-        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        created = now()
+        include_usage = request.include_usage
         lasts: list[RequestOutput] = list(firsts)
-        text_offsets = [0] * (len(ids) * request.n)
+        text_offsets = [0] * (len(ids) * params.n)
         merged = interleave(list(zip(firsts, streams, strict=True)))
         echoed = [False] * len(ids)
         try:
@@ -104,7 +79,7 @@ class CompletionHandler:
                 lasts[position] = output
                 choices = []
                 for completion in output.outputs:
-                    index = position * request.n + completion.index
+                    index = position * params.n + completion.index
                     prefix = ""
                     if request.echo and not echoed[position]:
                         prefix = self._prompt_text(output)
@@ -180,10 +155,10 @@ class CompletionHandler:
             rt.record(last)
             for completion in last.outputs:
                 choices.append(
-                    self._choice(last, completion, position * request.n + completion.index, request)
+                    self._choice(last, completion, position * params.n + completion.index, request)
                 )
         return fmt.completion_body(
-            request_id, request.model or rt.model_name, fmt.now(), choices, self._usage(lasts)
+            request_id, request.model or rt.model_name, now(), choices, self._usage(lasts)
         )
 
     def _choice(

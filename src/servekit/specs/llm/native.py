@@ -1,4 +1,5 @@
-"""The native routes in the worker: SGLang-style ``/generate``, ``/tokenize``, ``/detokenize``."""
+"""The native routes in the worker: SGLang-style ``/generate``, ``/tokenize``, ``/detokenize``, and
+LMDeploy's ``/v1/encode``."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from servekit.llm.outputs import CompletionOutput, RequestOutput
-from servekit.specs.llm.params import invalid, native_sampling_params
-from servekit.specs.llm.protocol import DetokenizeRequest, GenerateRequest, TokenizeRequest
-from servekit.specs.llm.runtime import Runtime, engine_error, interleave
+from servekit.openai.errors import invalid
+from servekit.specs.llm.protocol import DetokenizeRequest, EncodeRequest, GenerateRequest, TokenizeRequest
+from servekit.specs.llm.runtime import Runtime, interleave
 
 
 def _finish_reason(completion: CompletionOutput) -> dict[str, Any] | None:
@@ -28,17 +29,6 @@ class GenerateHandler:
     def __init__(self, runtime: Runtime) -> None:
         self.rt = runtime
 
-    def _prompts(self, request: GenerateRequest) -> list[tuple[str | None, list[int]]]:
-        tokenizer = self.rt.tokenizer
-        if request.input_ids is not None:
-            ids = request.input_ids
-            batch = [list(ids)] if ids and isinstance(ids[0], int) else [list(x) for x in ids]  # type: ignore[arg-type]
-            return [(None, p) for p in batch]
-        if request.text is None:
-            raise invalid("either text or input_ids is required", "text")
-        texts = [request.text] if isinstance(request.text, str) else list(request.text)
-        return [(t, tokenizer.encode(t)) for t in texts]
-
     def _rids(self, request: GenerateRequest, count: int) -> list[str]:
         rid = request.rid
         if rid is None:
@@ -50,28 +40,17 @@ class GenerateHandler:
 
     async def run(self, request: GenerateRequest) -> AsyncIterator[Any]:
         rt = self.rt
-        prompts = self._prompts(request)
+        prompts = request.prompts()
         if not prompts:
             raise invalid("no prompt given", "text")
-        logprobs = request.top_logprobs_num if request.return_logprob else None
-        params = native_sampling_params(request.sampling_params, rt.vocab_size, logprobs)
+        params = request.to_sampling_params()
         rids = self._rids(request, len(prompts))
         started: list[tuple[str, RequestOutput, AsyncIterator[RequestOutput]]] = []
         try:
             for rid, (text, token_ids) in zip(rids, prompts, strict=True):
-                try:
-                    first, stream = await rt.start(rid, params, token_ids, prompt=text, param="text")
-                except Exception as error:
-                    mapped = engine_error(error, "input_ids" if text is None else "text")
-                    if mapped is None:
-                        raise
-                    raise mapped from None
+                first, stream = await rt.start(rid, rt.inputs.prepare(text, params, token_ids))
                 started.append((rid, first, stream))
-            batched = isinstance(request.text, list) or (
-                request.input_ids is not None
-                and bool(request.input_ids)
-                and isinstance(request.input_ids[0], list)
-            )
+            batched = request.batched
             if request.stream:
                 async for item in self._stream(started, batched, request):
                     yield item
@@ -142,13 +121,8 @@ class GenerateHandler:
 
 def tokenize(rt: Runtime, request: TokenizeRequest) -> dict[str, Any]:
     if request.messages is not None:
-        _, tokens = rt.render_chat(
-            request.messages,
-            tools=None,
-            add_generation_prompt=request.add_generation_prompt,
-            continue_final_message=False,
-            chat_template=None,
-            kwargs=None,
+        tokens = rt.inputs.chat_token_ids(
+            request.messages, add_generation_prompt=request.add_generation_prompt
         )
     elif request.prompt is not None:
         tokens = rt.tokenizer.encode(request.prompt, add_special_tokens=request.add_special_tokens)
@@ -158,7 +132,28 @@ def tokenize(rt: Runtime, request: TokenizeRequest) -> dict[str, Any]:
 
 
 def detokenize(rt: Runtime, request: DetokenizeRequest) -> dict[str, Any]:
-    bad = [t for t in request.tokens if not 0 <= t < rt.vocab_size]
-    if bad:
-        raise invalid(f"token id {bad[0]} is out of range for a vocabulary of {rt.vocab_size}", "tokens")
+    rt.inputs.check_token_ids(request.tokens, "tokens")
     return {"prompt": rt.tokenizer.decode(request.tokens, skip_special_tokens=False)}
+
+
+def encode(rt: Runtime, request: EncodeRequest) -> dict[str, Any]:
+    """LMDeploy's ``/v1/encode``: ids and length for a string, lists of them for a list."""
+    texts = [request.input] if isinstance(request.input, str) else request.input
+    encoded = [_encode_one(rt, text, bool(request.do_preprocess), bool(request.add_bos)) for text in texts]
+    if isinstance(request.input, str):
+        return {"input_ids": encoded[0], "length": len(encoded[0])}
+    return {"input_ids": encoded, "length": [len(ids) for ids in encoded]}
+
+
+def _encode_one(rt: Runtime, text: str, do_preprocess: bool, add_bos: bool) -> list[int]:
+    if do_preprocess:
+        ids = rt.inputs.chat_token_ids([{"role": "user", "content": text}])
+    else:
+        ids = rt.tokenizer.encode(text, add_special_tokens=False)
+    bos = rt.tokenizer.bos_token_id
+    starts_with_bos = bos is not None and ids[:1] == [bos]
+    if add_bos and bos is not None and not starts_with_bos:
+        return [bos, *ids]
+    if not add_bos and starts_with_bos:
+        return ids[1:]
+    return ids

@@ -11,6 +11,7 @@ OpKind = Literal[
     "generate",
     "tokenize",
     "detokenize",
+    "encode",
     "abort",
     "flush_cache",
     "stats",

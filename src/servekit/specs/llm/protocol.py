@@ -1,161 +1,23 @@
-"""Request models of the LLM server's routes (OpenAI chat/completions with vLLM's extra parameters,
-and the native routes). Responses are built as plain dicts in the worker (``openai_format``).
-
-Defaults and ranges follow the vLLM serverless worker's tables; ranges that depend on the model
-(context length, vocabulary) are checked in the worker.
+"""Request models of the LLM server's native routes (SGLang's ``/generate``, LMDeploy's
+``/v1/chat/interactive`` and ``/v1/encode``, ``/tokenize``, ...). The OpenAI routes' models are
+``servekit.openai``'s; checks that need the model run in the engine's input step.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
+
+from servekit.llm.sampling_params import SamplingParams
+from servekit.openai.errors import invalid
+from servekit.openai.types import ChatMessage
 
 
 class _Lenient(BaseModel):
     """Unknown fields are accepted and ignored, as OpenAI-compatible servers do (clients send extras)."""
 
     model_config = ConfigDict(extra="allow", protected_namespaces=())
-
-
-class StreamOptions(_Lenient):
-    include_usage: bool = False
-    continuous_usage_stats: bool = False
-
-
-class FunctionDefinition(_Lenient):
-    name: str = Field(min_length=1)
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None
-
-
-class ToolDefinition(_Lenient):
-    type: Literal["function"] = "function"
-    function: FunctionDefinition
-
-
-class NamedFunction(_Lenient):
-    name: str
-
-
-class NamedToolChoice(_Lenient):
-    type: Literal["function"] = "function"
-    function: NamedFunction
-
-
-class JSONSchemaFormat(_Lenient):
-    name: str = "response"
-    description: str | None = None
-    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
-    strict: bool | None = None
-
-
-class ResponseFormat(_Lenient):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JSONSchemaFormat | None = None
-
-
-class ChatMessage(_Lenient):
-    role: str = Field(min_length=1)
-    content: str | list[dict[str, Any]] | None = None
-    name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
-    tool_call_id: str | None = None
-    reasoning_content: str | None = None
-
-
-Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
-
-
-class SamplingFields(_Lenient):
-    """The sampling parameters shared by chat and completions (vLLM's extra ones included)."""
-
-    n: int = Field(1, ge=1, le=128)
-    best_of: int | None = Field(None, ge=1, le=128)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1)
-    min_p: float | None = Field(None, ge=0.0, le=1.0)
-    presence_penalty: Penalty | None = None
-    frequency_penalty: Penalty | None = None
-    repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    include_stop_str_in_output: bool = False
-    ignore_eos: bool = False
-    min_tokens: int = Field(0, ge=0)
-    skip_special_tokens: bool = True
-    spaces_between_special_tokens: bool = True
-    use_beam_search: bool = False
-    length_penalty: float = 1.0
-    early_stopping: bool = False
-    user: str | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    response_format: ResponseFormat | None = None
-    guided_json: dict[str, Any] | str | None = None
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _check_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        if value is None:
-            return None
-        for key, bias in value.items():
-            if not key.lstrip("-").isdigit():
-                raise ValueError(f"keys must be token ids, got {key!r}")
-            if not -100 <= bias <= 100:
-                raise ValueError(f"biases must be in [-100, 100], got {bias}")
-        return value
-
-    @field_validator("stop")
-    @classmethod
-    def _check_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
-        stops = [value] if isinstance(value, str) else (value or [])
-        if any(not s for s in stops):
-            raise ValueError("stop strings must not be empty")
-        return value
-
-
-class ChatCompletionRequest(SamplingFields):
-    model: str | None = None
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-    echo: bool = False
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
-    chat_template: str | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
-    documents: list[dict[str, Any]] | None = None
-    tools: list[ToolDefinition] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: bool | None = None
-    request_id: str | None = Field(None, min_length=1)  # for /abort_request; default: generated
-
-
-class CompletionRequest(SamplingFields):
-    model: str | None = None
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
-    logprobs: int | None = Field(None, ge=0, le=20)
-    echo: bool = False
-    suffix: str | None = None
-    add_special_tokens: bool = True
-    request_id: str | None = Field(None, min_length=1)
-
-    @field_validator("prompt")
-    @classmethod
-    def _check_prompt(cls, value: Any) -> Any:
-        if isinstance(value, list) and not value:
-            raise ValueError("must not be empty")
-        if isinstance(value, list) and isinstance(value[0], list) and any(not p for p in value):
-            raise ValueError("token-id prompts must not be empty")
-        return value
 
 
 class GenerateRequest(_Lenient):
@@ -168,6 +30,59 @@ class GenerateRequest(_Lenient):
     rid: str | list[str] | None = None
     return_logprob: bool = False
     top_logprobs_num: int = Field(0, ge=0, le=20)
+
+    def param_name(self, engine_param: str) -> str:
+        if engine_param == "prompt":
+            return "input_ids" if self.input_ids is not None else "text"
+        if engine_param == "request_id":
+            return "rid"
+        return f"sampling_params.{engine_param}"
+
+    @property
+    def batched(self) -> bool:
+        return isinstance(self.text, list) or (bool(self.input_ids) and isinstance(self.input_ids[0], list))  # type: ignore[index]
+
+    def prompts(self) -> list[tuple[str | None, list[int] | None]]:
+        """(text, None) or (None, token ids) per prompt."""
+        if self.input_ids is not None:
+            ids = self.input_ids
+            batch = [list(ids)] if ids and isinstance(ids[0], int) else [list(x) for x in ids]  # type: ignore[arg-type]
+            return [(None, p) for p in batch]
+        if self.text is None:
+            raise invalid("either text or input_ids is required", "text")
+        texts = [self.text] if isinstance(self.text, str) else list(self.text)
+        return [(t, None) for t in texts]
+
+    def to_sampling_params(self) -> SamplingParams:
+        """``sampling_params`` with SGLang's names (max_new_tokens, min_new_tokens, ...)."""
+        values = dict(self.sampling_params)
+        if "max_new_tokens" in values:
+            values["max_tokens"] = values.pop("max_new_tokens")
+        values.setdefault("max_tokens", 128)
+        if "min_new_tokens" in values:
+            values["min_tokens"] = values.pop("min_new_tokens")
+        if values.get("stop") is None:
+            values.pop("stop", None)
+        allowed = set(SamplingParams.__dataclass_fields__) - {
+            "logits_processors",
+            "logprobs",
+            "prompt_logprobs",
+        }
+        unknown = sorted(set(values) - allowed)
+        if unknown:
+            raise invalid(f"unknown sampling parameter {unknown[0]!r}", f"sampling_params.{unknown[0]}")
+        if values.get("logit_bias"):
+            try:
+                values["logit_bias"] = {int(k): float(v) for k, v in values["logit_bias"].items()}
+            except (TypeError, ValueError, AttributeError):
+                raise invalid(
+                    "logit_bias must map token ids to numbers", "sampling_params.logit_bias"
+                ) from None
+        values["logprobs"] = self.top_logprobs_num if self.return_logprob else None
+        try:
+            return SamplingParams(**values)
+        except TypeError as error:
+            raise invalid(f"invalid sampling_params: {error}", "sampling_params") from None
 
 
 class InteractiveRequest(_Lenient):
@@ -205,3 +120,12 @@ class DetokenizeRequest(_Lenient):
 
 class AbortRequest(_Lenient):
     rid: str
+
+
+class EncodeRequest(_Lenient):
+    """LMDeploy's ``/v1/encode``. ``do_preprocess`` renders each input as a user message with the
+    chat template; ``add_bos`` makes the ids start with the tokenizer's BOS token (when it has one)."""
+
+    input: str | list[str]
+    do_preprocess: bool | None = False
+    add_bos: bool | None = True

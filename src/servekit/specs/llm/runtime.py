@@ -1,10 +1,8 @@
-"""The worker-side state the LLM server's handlers share: engine, tokenizer, chat template, errors."""
+"""The worker-side state the LLM server's handlers share: engine, its input step, counters."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
 import os
 import time
@@ -12,15 +10,10 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from servekit.errors import ServerError
-from servekit.llm.async_engine import AsyncEngine, EngineClosedError
-from servekit.llm.chat_template import ChatTemplate, ChatTemplateError, resolve_chat_template
+from servekit.llm.async_engine import AsyncEngine
+from servekit.llm.inputs import EngineInput
 from servekit.llm.outputs import RequestOutput
-from servekit.llm.sampling_params import SamplingParams, SamplingParamsError
-from servekit.llm.scheduler import PromptTooLongError, QueueFullError
 from servekit.specs.llm.config import ServeConfig
-from servekit.specs.llm.params import invalid
-from servekit.specs.llm.protocol import ChatMessage
 
 logger = logging.getLogger(__name__)
 
@@ -56,19 +49,7 @@ class Runtime:
         self.model_name: str = llm_engine.model_name
         self.max_model_len: int = llm_engine.max_model_len
         self.vocab_size: int = llm_engine.model_config.vocab_size
-        template_source = (
-            resolve_chat_template(config.engine.chat_template)
-            if config.engine.chat_template
-            else llm_engine.source.chat_template
-        )
-        self.chat_template_source = template_source
-        self.chat_template = (
-            ChatTemplate(
-                template_source, bos_token=self.tokenizer.bos_token, eos_token=self.tokenizer.eos_token
-            )
-            if template_source
-            else None
-        )
+        self.inputs = llm_engine.inputs
         self.counters = Counters()
         self.running: dict[str, asyncio.Task[Any]] = {}  # engine request id -> the task streaming it
         self.aborted: set[str] = set()
@@ -107,65 +88,17 @@ class Runtime:
         llm_engine.step = test_step  # type: ignore[method-assign]
 
     # ------------------------------------------------------------------------------- prompts
-    def render_chat(
-        self,
-        messages: Sequence[ChatMessage],
-        *,
-        tools: list[dict[str, Any]] | None,
-        add_generation_prompt: bool,
-        continue_final_message: bool,
-        chat_template: str | None,
-        kwargs: dict[str, Any] | None,
-        documents: list[dict[str, Any]] | None = None,
-    ) -> tuple[str, list[int]]:
-        template = self.chat_template
-        if chat_template is not None:
-            try:
-                template = ChatTemplate(
-                    resolve_chat_template(chat_template),
-                    bos_token=self.tokenizer.bos_token,
-                    eos_token=self.tokenizer.eos_token,
-                )
-            except ChatTemplateError as error:
-                raise invalid(str(error), "chat_template") from None
-        if template is None:
-            raise invalid(
-                "this model has no chat template: pass chat_template, or serve with --chat-template",
-                "messages",
-            )
-        plain = [message_dict(m, i) for i, m in enumerate(messages)]
-        extra = dict(kwargs or {})
-        if documents is not None:
-            extra["documents"] = documents
-        try:
-            text = template.render(
-                plain,
-                tools=tools,
-                add_generation_prompt=add_generation_prompt,
-                continue_final_message=continue_final_message,
-                **extra,
-            )
-        except ChatTemplateError as error:
-            raise invalid(f"cannot render the messages: {error}", "messages") from None
-        return text, self.tokenizer.encode(text, add_special_tokens=False)
-
     def decode_token(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
     # ----------------------------------------------------------------------------- generation
     async def start(
-        self,
-        request_id: str,
-        params: SamplingParams,
-        prompt_token_ids: list[int],
-        *,
-        prompt: str | None = None,
-        param: str = "prompt",
+        self, request_id: str, prepared: EngineInput
     ) -> tuple[RequestOutput, AsyncIterator[RequestOutput]]:
-        """Submit a request and wait for its first output; engine errors become ``ServerError``s
-        here, before the caller has streamed anything."""
+        """Submit a request and wait for its first output, so that engine errors are raised here,
+        before the caller has streamed anything."""
         stream: AsyncGenerator[RequestOutput, None] = self.engine.generate(  # type: ignore[assignment]
-            prompt, params, request_id, prompt_token_ids=prompt_token_ids
+            prepared, request_id=request_id
         )
         task = asyncio.current_task()
         if task is not None:
@@ -239,55 +172,6 @@ class Runtime:
     def count_error(self, status: int) -> None:
         key = str(status)
         self.counters.errors[key] = self.counters.errors.get(key, 0) + 1
-
-
-def message_dict(message: ChatMessage, index: int) -> dict[str, Any]:
-    """A message as chat templates expect it: string content, tool-call arguments as objects."""
-    data = message.model_dump(exclude_none=True)
-    content = data.get("content")
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if part.get("type") == "text" and isinstance(part.get("text"), str):
-                texts.append(part["text"])
-            else:
-                raise invalid(
-                    f"content parts of type {part.get('type')!r} are not supported by this model",
-                    f"messages[{index}].content",
-                )
-        data["content"] = "".join(texts)
-    calls = data.get("tool_calls")
-    if calls:
-        for call in calls:
-            function = call.get("function") if isinstance(call, dict) else None
-            if isinstance(function, dict) and isinstance(function.get("arguments"), str):
-                with contextlib.suppress(ValueError):
-                    function["arguments"] = json.loads(function["arguments"])
-    return data
-
-
-def engine_error(error: BaseException, param: str) -> ServerError | None:
-    """The client-facing error for an exception the engine raised, or None if it is a server bug."""
-    if isinstance(error, ServerError):
-        return error
-    if isinstance(error, PromptTooLongError):
-        return invalid(str(error), param, code="context_length_exceeded")
-    if isinstance(error, SamplingParamsError):
-        return invalid(str(error), error.param)
-    if isinstance(error, QueueFullError):
-        return ServerError(
-            503,
-            {
-                "message": f"The server is overloaded: {error}. Retry later.",
-                "param": None,
-                "code": "overloaded",
-            },
-        )
-    if isinstance(error, EngineClosedError):
-        return ServerError(503, {"message": f"The engine stopped: {error}", "param": None, "code": None})
-    if isinstance(error, ValueError):
-        return invalid(str(error), param)
-    return None
 
 
 async def drain(first: RequestOutput, stream: AsyncIterator[RequestOutput]) -> RequestOutput:

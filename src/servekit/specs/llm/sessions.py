@@ -8,12 +8,14 @@ prompt tokens came from the cache (``cached_tokens``).
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from servekit.errors import ServerError
-from servekit.specs.llm.protocol import ChatCompletionRequest, ChatMessage, InteractiveRequest, StreamOptions
+from servekit.openai.chat import ChatCompletionRequest
+from servekit.openai.errors import invalid
+from servekit.openai.sse import new_id
+from servekit.openai.types import ChatMessage, StreamOptions
+from servekit.specs.llm.protocol import InteractiveRequest
 
 
 @dataclass
@@ -76,26 +78,21 @@ class SessionStore:
     def begin(self, body: InteractiveRequest) -> Turn:
         if isinstance(body.prompt, str):
             if not body.prompt:
-                raise ServerError(400, {"message": "prompt must not be empty", "param": "prompt"})
+                raise invalid("prompt must not be empty", "prompt")
             new = [{"role": "user", "content": body.prompt}]
         else:
             new = [m.model_dump(exclude_none=True) for m in body.prompt]
             if not new:
-                raise ServerError(400, {"message": "prompt must not be empty", "param": "prompt"})
+                raise invalid("prompt must not be empty", "prompt")
         interactive = body.interactive_mode and body.session_id >= 0
         session = self._sessions.get(body.session_id) if interactive else None
         if session is not None and session.busy_request is not None:
-            raise ServerError(
-                400,
-                {
-                    "message": f"session {body.session_id} is busy with another request",
-                    "param": "session_id",
-                    "code": "session_busy",
-                },
+            raise invalid(
+                f"session {body.session_id} is busy with another request", "session_id", code="session_busy"
             )
         if interactive and session is None:
             session = self._sessions[body.session_id] = Session()
-        request_id = f"interactive-{uuid.uuid4().hex}"
+        request_id = new_id("interactive")
         if session is not None:
             session.busy_request = request_id
         return Turn(

@@ -2,8 +2,9 @@
 
 Handlers validate the JSON body with pydantic (400 in OpenAI's envelope, naming ``param``), wrap it
 in an ``Op`` and send it to a worker through the core's transport. Checks that need the model
-(context length, chat template, token ids) run in the worker before its first item, so a stream
-that cannot start still gets a real status code: handlers await the first item before answering.
+(context length, chat template, token ids) run in the worker, in the engine's input step, before
+its first item, so a stream that cannot start still gets a real status code: handlers await the
+first item before answering. Every error reaches the client through ``servekit.openai.errors``.
 """
 
 from __future__ import annotations
@@ -18,32 +19,27 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 
 from servekit.errors import ServerError
+from servekit.openai.chat import ChatCompletionRequest
+from servekit.openai.completions import CompletionRequest
+from servekit.openai.errors import OpenAIError, invalid
+from servekit.openai.sse import DONE, new_id, sse_event
 from servekit.specs.base import LitSpec, until_disconnected
 from servekit.specs.llm.config import ServeConfig
 from servekit.specs.llm.metrics import merge_worker_stats, render_metrics
-from servekit.specs.llm.openai_format import new_id
 from servekit.specs.llm.ops import Op, OpKind
 from servekit.specs.llm.protocol import (
     AbortRequest,
-    ChatCompletionRequest,
-    CompletionRequest,
     DetokenizeRequest,
+    EncodeRequest,
     GenerateRequest,
     InteractiveRequest,
     TokenizeRequest,
 )
 from servekit.specs.llm.sessions import SessionStore
-from servekit.specs.openai_errors import OpenAIError
 
 logger = logging.getLogger(__name__)
 
-SSE_DONE = b"data: [DONE]\n\n"
-RETRY_AFTER_S = "1"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-def _sse(item: bytes) -> bytes:
-    return b"data: " + item + b"\n\n"
 
 
 def _ndjson(item: bytes) -> bytes:
@@ -70,6 +66,7 @@ class LLMServerSpec(LitSpec):
             ("/flush_cache", self.flush_cache, ["POST", "GET"]),
             ("/tokenize", self.tokenize, ["POST"]),
             ("/detokenize", self.detokenize, ["POST"]),
+            ("/v1/encode", self.encode, ["POST"]),
             ("/model_info", self.model_info, ["GET"]),
             ("/get_model_info", self.model_info, ["GET"]),
             ("/server_info", self.server_info, ["GET"]),
@@ -87,22 +84,7 @@ class LLMServerSpec(LitSpec):
 
     # ------------------------------------------------------------------------------- errors
     def error_response(self, exc: ServerError) -> Response:
-        detail = exc.detail
-        headers = dict(exc.headers or {})
-        if exc.status_code in (429, 503):
-            headers.setdefault("Retry-After", RETRY_AFTER_S)
-        if isinstance(detail, dict) and "message" in detail:
-            error = OpenAIError(
-                exc.status_code,
-                str(detail["message"]),
-                param=detail.get("param"),
-                code=detail.get("code"),
-                headers=headers or None,
-            )
-        else:
-            error = OpenAIError.from_server_error(exc)
-            error.headers = headers or None
-        return error.response()
+        return OpenAIError.from_server_error(exc).response()
 
     # ------------------------------------------------------------------------------ helpers
     async def _parse(self, request: Request, model: type[BaseModel]) -> Any:
@@ -111,14 +93,8 @@ class LLMServerSpec(LitSpec):
             return model.model_validate_json(body or b"{}")
         except ValidationError as error:
             if any(e["type"] == "json_invalid" for e in error.errors()):
-                raise ServerError(
-                    400,
-                    {"message": "The request body is not valid JSON", "param": None, "code": "invalid_json"},
-                ) from None
-            openai_error = OpenAIError.from_validation_error(error)
-            raise ServerError(
-                400, {"message": openai_error.message, "param": openai_error.param, "code": openai_error.code}
-            ) from None
+                raise invalid("The request body is not valid JSON", None, code="invalid_json") from None
+            raise OpenAIError.from_validation_error(error) from None
 
     async def _info(self) -> dict[str, Any]:
         if self._model_info is None:
@@ -130,21 +106,16 @@ class LLMServerSpec(LitSpec):
             return
         info = await self._info()
         if name != info["model_name"]:
-            raise ServerError(
-                404,
-                {
-                    "message": f"The model `{name}` does not exist.",
-                    "param": "model",
-                    "code": "model_not_found",
-                },
-            )
+            raise OpenAIError(404, f"The model `{name}` does not exist.", "model", "model_not_found")
 
     async def _call(self, op: Op, http_request: Request | None = None, *, worker: int | None = None) -> Any:
         """One-item operation: the decoded item the worker yields."""
         return orjson.loads(await self._first_item(op, http_request, worker=worker))
 
-    async def _first_item(self, op: Op, http_request: Request | None, *, worker: int | None = None) -> bytes:
-        item = self.front.first_item(op, http_request, worker=worker)
+    async def _first_item(
+        self, op: Op, http_request: Request | None, *, worker: int | None = None, tags: Sequence[str] = ()
+    ) -> bytes:
+        item = self.front.first_item(op, http_request, worker=worker, tags=tags)
         if http_request is None:
             return await item
         return await until_disconnected(item, http_request)
@@ -198,22 +169,21 @@ class LLMServerSpec(LitSpec):
         so that ``/abort_request`` reaches the worker that runs it."""
         op = Op(kind, body)
         if stream:
-            return await self._streaming(op, http_request, _sse, SSE_DONE, "text/event-stream", tags)
-        chunks = self.front.stream(op, http_request, tags=tags)
-        return Response(await until_disconnected(_first(chunks), http_request), media_type="application/json")
+            return await self._streaming(op, http_request, sse_event, DONE, "text/event-stream", tags)
+        return Response(await self._first_item(op, http_request, tags=tags), media_type="application/json")
 
     # ------------------------------------------------------------------------------- OpenAI
     async def chat_completions(self, request: Request) -> Response:
         body: ChatCompletionRequest = await self._parse(request, ChatCompletionRequest)
         await self._check_model(body.model)
         body.request_id = body.request_id or new_id("chatcmpl")
-        return await self._run("chat", body, body.stream, request, tags=[body.request_id])
+        return await self._run("chat", body, bool(body.stream), request, tags=[body.request_id])
 
     async def completions(self, request: Request) -> Response:
         body: CompletionRequest = await self._parse(request, CompletionRequest)
         await self._check_model(body.model)
         body.request_id = body.request_id or new_id("cmpl")
-        return await self._run("completion", body, body.stream, request, tags=[body.request_id])
+        return await self._run("completion", body, bool(body.stream), request, tags=[body.request_id])
 
     def _model_card(self, info: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -237,13 +207,10 @@ class LLMServerSpec(LitSpec):
 
     async def embeddings(self, request: Request) -> Response:
         info = await self._info()
-        raise ServerError(
-            400,
-            {
-                "message": f"The model `{info['model_name']}` is a generation model, not an embedding model.",
-                "param": "model",
-                "code": "model_not_supported",
-            },
+        raise invalid(
+            f"The model `{info['model_name']}` is a generation model, not an embedding model.",
+            "model",
+            code="model_not_supported",
         )
 
     # ------------------------------------------------------------------------------- native
@@ -321,13 +288,8 @@ class LLMServerSpec(LitSpec):
         if failed:
             flushed = [str(a.worker) for a in answers if a.error is None]
             reasons = "; ".join(f"worker {a.worker}: {_message(a.error)}" for a in failed)
-            raise ServerError(
-                400,
-                {
-                    "message": f"{reasons} (flushed: {', '.join(flushed) or 'none'})",
-                    "param": None,
-                    "code": "flush_failed",
-                },
+            raise OpenAIError(
+                400, f"{reasons} (flushed: {', '.join(flushed) or 'none'})", code="flush_failed"
             )
         workers = [{"worker": a.worker, **orjson.loads(a.body or b"{}")} for a in answers]
         return _json({"flushed": True, "workers": workers})
@@ -341,6 +303,10 @@ class LLMServerSpec(LitSpec):
         body: DetokenizeRequest = await self._parse(request, DetokenizeRequest)
         await self._check_model(body.model)
         return _json(await self._call(Op("detokenize", body)))
+
+    async def encode(self, request: Request) -> Response:
+        body: EncodeRequest = await self._parse(request, EncodeRequest)
+        return _json(await self._call(Op("encode", body)))
 
     async def model_info(self, request: Request) -> Response:
         return _json(await self._info())
@@ -375,15 +341,6 @@ def _session_key(session_id: int) -> str:
 def _message(error: ServerError | None) -> str:
     detail = None if error is None else error.detail
     return str(detail.get("message", detail)) if isinstance(detail, dict) else str(detail)
-
-
-async def _first(chunks: AsyncIterator[bytes]) -> bytes:
-    try:
-        return await anext(chunks)
-    except StopAsyncIteration:
-        raise ServerError(500, {"message": "the worker returned nothing", "param": None}) from None
-    finally:
-        await chunks.aclose()  # type: ignore[attr-defined]
 
 
 def _json(value: Any) -> Response:

@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from servekit.llm.tokenizer import Tokenizer
-from servekit.specs.llm.params import invalid
-from servekit.specs.llm.protocol import ChatCompletionRequest, NamedToolChoice, SamplingFields
+from servekit.openai.chat import ChatCompletionRequest
+from servekit.openai.errors import invalid
+from servekit.openai.sampling import SamplingFields
+from servekit.openai.types import ToolChoiceFunction
 
 ProcessorFactory = Callable[[], Any]
 
@@ -32,9 +34,9 @@ def response_format_factory(tokenizer: Tokenizer, request: SamplingFields) -> Pr
     elif fmt is not None and fmt.type != "text":
         kind = fmt.type
         if fmt.type == "json_schema":
-            if fmt.json_schema is None or fmt.json_schema.json_schema is None:
+            if fmt.json_schema.schema_ is None:
                 raise invalid("response_format json_schema needs a 'schema'", "response_format.json_schema")
-            schema = fmt.json_schema.json_schema
+            schema = fmt.json_schema.schema_
     if kind is None:
         return None
     from servekit.llm import structured
@@ -62,7 +64,7 @@ def tool_choice_factory(
         raise invalid("tool_choice needs tools", "tool_choice")
     tools = [t.model_dump(exclude_none=True) for t in request.tools]
     tool_name: str | None = None
-    if isinstance(choice, NamedToolChoice):
+    if isinstance(choice, ToolChoiceFunction):
         tool_name = choice.function.name
         if tool_name not in {t.function.name for t in request.tools}:
             raise invalid(f"tool_choice names an unknown tool {tool_name!r}", "tool_choice")

@@ -1,20 +1,13 @@
-"""Pydantic models of OpenAI's chat completions API (requests, responses, stream chunks).
-
-Re-exported by ``servekit.specs.openai``, where user code imports them from.
-"""
+"""The pieces OpenAI's request and response bodies share: messages and their content parts, tools,
+tool calls, response formats, stream options, usage, model cards."""
 
 from __future__ import annotations
 
 import time
-import uuid
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-
-
-def short_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
 class UsageInfo(BaseModel):
@@ -74,7 +67,7 @@ ContentPart = Annotated[TextContent | ImageContent | AudioContent, Field(discrim
 
 # ------------------------------------------------------------------------- tools
 class Function(BaseModel):
-    name: str
+    name: str = Field(min_length=1)
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
@@ -118,11 +111,12 @@ class ToolCall(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    role: str
+    role: str = Field(min_length=1)
     content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
+    reasoning_content: str | None = None
 
 
 class ChatMessageWithUsage(ChatMessage):
@@ -137,7 +131,7 @@ class ChoiceDelta(BaseModel):
     tool_calls: list[ToolCall] | None = None
 
 
-# ----------------------------------------------------------------------- request
+# --------------------------------------------------------------- response formats
 class ResponseFormatText(BaseModel):
     type: Literal["text"]
 
@@ -149,7 +143,7 @@ class ResponseFormatJSONObject(BaseModel):
 class JSONSchema(BaseModel):
     model_config = ConfigDict(populate_by_name=True)
 
-    name: str
+    name: str = "response"
     description: str | None = None
     schema_: dict[str, Any] | None = Field(None, alias="schema")
     strict: bool | None = False
@@ -167,76 +161,10 @@ ResponseFormat = Annotated[
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = False
 
 
-class ChatCompletionRequest(BaseModel):
-    """The body of ``POST /v1/chat/completions``. Fields this model does not name are kept as extras."""
-
-    model_config = ConfigDict(extra="allow")
-
-    model: str | None = ""
-    messages: list[ChatMessage] = Field(min_length=1)
-    temperature: float | None = Field(0.7, ge=0, le=2)
-    top_p: float | None = Field(1.0, ge=0, le=1)
-    n: int | None = Field(1, ge=1, le=128)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    stop: str | list[str] | None = None
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
-    presence_penalty: float | None = Field(0.0, ge=-2, le=2)
-    frequency_penalty: float | None = Field(0.0, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-    seed: int | None = None
-    user: str | None = None
-    tools: list[Tool] | None = None
-    tool_choice: ToolChoice | ToolChoiceFunction | None = ToolChoice.auto
-    parallel_tool_calls: bool | None = None
-    response_format: ResponseFormat | None = None
-    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
-    metadata: dict[str, str] | None = None
-
-
-# ---------------------------------------------------------------------- response
-FinishReason = Literal["stop", "length", "tool_calls", "content_filter", "function_call"]
-
-
-class ChatCompletionResponseChoice(BaseModel):
-    index: int
-    message: ChatMessage
-    finish_reason: FinishReason | None = "stop"
-    logprobs: dict[str, Any] | None = None
-
-
-class ChatCompletionResponse(BaseModel):
-    id: str = Field(default_factory=lambda: short_id("chatcmpl"))
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    system_fingerprint: str | None = None
-    choices: list[ChatCompletionResponseChoice]
-    usage: UsageInfo
-
-
-class ChatCompletionStreamingChoice(BaseModel):
-    index: int
-    delta: ChoiceDelta
-    finish_reason: FinishReason | None = None
-    logprobs: dict[str, Any] | None = None
-
-
-class ChatCompletionChunk(BaseModel):
-    id: str = Field(default_factory=lambda: short_id("chatcmpl"))
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    system_fingerprint: str | None = None
-    choices: list[ChatCompletionStreamingChoice]
-    usage: UsageInfo | None = None
-
-
+# ------------------------------------------------------------------------ models
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"

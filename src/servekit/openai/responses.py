@@ -1,16 +1,14 @@
-"""OpenAI response bodies and stream chunks, as plain dicts, from the engine's outputs."""
+"""OpenAI response bodies and stream chunks as plain dicts (built without pydantic: they are hot)."""
 
 from __future__ import annotations
 
-import time
-import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-from servekit.llm.outputs import CompletionOutput, Logprob, RequestOutput
+if TYPE_CHECKING:
+    from servekit.llm.outputs import Logprob, RequestOutput
 
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
+Decode = Callable[[int], str]
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> dict[str, Any]:
@@ -41,7 +39,7 @@ def _ranked(entry: dict[int, Logprob], limit: int) -> list[tuple[int, Logprob]]:
 
 
 def chat_logprobs(
-    token_ids: list[int], entries: list[dict[int, Logprob]], top: int, decode: Any
+    token_ids: list[int], entries: list[dict[int, Logprob]], top: int, decode: Decode
 ) -> dict[str, Any]:
     content = []
     for token_id, entry in zip(token_ids, entries, strict=False):
@@ -69,7 +67,7 @@ def completion_logprobs(
     token_ids: list[int],
     entries: list[dict[int, Logprob] | None],
     top: int,
-    decode: Any,
+    decode: Decode,
     text_offset: int,
 ) -> dict[str, Any]:
     tokens: list[str] = []
@@ -105,16 +103,19 @@ def chat_chunk(
     created: int,
     choices: list[dict[str, Any]],
     with_usage_field: bool,
+    usage_body: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """One chunk; with ``with_usage_field`` it has ``usage`` (null on every chunk but the last)."""
     chunk: dict[str, Any] = {
         "id": response_id,
         "object": "chat.completion.chunk",
         "created": created,
         "model": model,
+        "system_fingerprint": None,
         "choices": choices,
     }
     if with_usage_field:
-        chunk["usage"] = None
+        chunk["usage"] = usage_body
     return chunk
 
 
@@ -148,6 +149,7 @@ def chat_response(
         "object": "chat.completion",
         "created": created,
         "model": model,
+        "system_fingerprint": None,
         "choices": choices,
         "usage": usage_body,
     }
@@ -188,11 +190,3 @@ def completion_body(
     if usage_body is not None or with_usage_field:
         body["usage"] = usage_body
     return body
-
-
-def now() -> int:
-    return int(time.time())
-
-
-def finish_of(completion: CompletionOutput) -> str | None:
-    return completion.finish_reason

@@ -1,7 +1,9 @@
-"""Errors of the OpenAI-compatible routes, in OpenAI's envelope: ``{"error": {message, type, param, code}}``."""
+"""OpenAI's error envelope, ``{"error": {message, type, param, code}}``, and the one mapping from
+exceptions (validation errors, core errors, engine errors) to it."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -9,6 +11,10 @@ from pydantic import ValidationError
 from starlette.responses import Response
 
 from servekit.errors import ServerError
+from servekit.llm.errors import EngineClosedError, EngineInputError, QueueFullError
+from servekit.openai.sse import sse_json
+
+RETRY_AFTER_S = "1"
 
 # OpenAI's error types by status code; anything else in the 4xx range is an invalid request.
 _ERROR_TYPES = {
@@ -27,8 +33,9 @@ def error_type_for(status_code: int) -> str:
     return "server_error" if status_code >= 500 else "invalid_request_error"
 
 
-class OpenAIError(Exception):
-    """An error to answer with OpenAI's envelope and a status code."""
+class OpenAIError(ServerError):
+    """An error answered with OpenAI's envelope. It is a ``ServerError`` whose detail is
+    ``{"message", "param", "code"}``, so a worker can raise it and the front gets its fields back."""
 
     def __init__(
         self,
@@ -38,16 +45,27 @@ class OpenAIError(Exception):
         code: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
-        super().__init__(message)
-        self.status_code = status_code
+        super().__init__(status_code, {"message": message, "param": param, "code": code}, headers)
         self.message = message
         self.param = param
         self.code = code
-        self.headers = headers
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.status_code, self.message, self.param, self.code, self.headers)
 
     @classmethod
     def from_server_error(cls, error: ServerError) -> OpenAIError:
-        return cls(error.status_code, detail_message(error.detail), headers=error.headers)
+        if isinstance(error, OpenAIError):
+            return error
+        detail = error.detail
+        if isinstance(detail, dict) and "message" in detail and "error" not in detail:
+            param, code = detail.get("param"), detail.get("code")
+            return cls(error.status_code, str(detail["message"]), param, code, error.headers)
+        if error.status_code == 422 and _is_validation_detail(detail):
+            # A user hook's validation error: OpenAI routes answer 400 naming the field, not 422.
+            loc = [part for part in detail[0].get("loc", []) if part != "body"]
+            return cls(400, detail_message(detail), field_path(loc) or None, "invalid_value", error.headers)
+        return cls(error.status_code, detail_message(detail), headers=error.headers)
 
     @classmethod
     def from_validation_error(cls, error: ValidationError) -> OpenAIError:
@@ -73,16 +91,48 @@ class OpenAIError(Exception):
         }
 
     def response(self) -> Response:
+        headers = dict(self.headers or {})
+        if self.status_code in (429, 503):
+            headers.setdefault("Retry-After", RETRY_AFTER_S)
         return Response(
             orjson.dumps(self.body()),
             status_code=self.status_code,
-            headers=self.headers,
+            headers=headers or None,
             media_type="application/json",
         )
 
     def sse_event(self) -> bytes:
         """The error as one server-sent event, for a stream that already started."""
-        return b"data: " + orjson.dumps(self.body()) + b"\n\n"
+        return sse_json(self.body())
+
+
+def invalid(message: str, param: str | None, code: str = "invalid_value") -> OpenAIError:
+    """A 400 naming ``param``."""
+    return OpenAIError(400, message, param=param, code=code)
+
+
+def openai_error(error: BaseException, rename: Callable[[str], str] | None = None) -> OpenAIError | None:
+    """The client-facing error for ``error``, or None when it is a server bug (a 500).
+
+    ``rename`` maps an engine input name (``prompt``, ``logit_bias``, ...) to the request's own
+    parameter name (``messages``, ``sampling_params.logit_bias``, ...).
+    """
+    if isinstance(error, OpenAIError):
+        return error
+    if isinstance(error, ServerError):
+        return OpenAIError.from_server_error(error)
+    if isinstance(error, ValidationError):
+        return OpenAIError.from_validation_error(error)
+    if isinstance(error, EngineInputError):
+        param = error.param
+        if param is not None and rename is not None:
+            param = rename(param)
+        return OpenAIError(400, str(error), param=param, code=error.code or "invalid_value")
+    if isinstance(error, QueueFullError):
+        return OpenAIError(503, f"The server is overloaded: {error}. Retry later.", code="overloaded")
+    if isinstance(error, EngineClosedError):
+        return OpenAIError(503, f"The engine stopped: {error}")
+    return None
 
 
 def field_path(loc: tuple[int | str, ...] | list[int | str]) -> str:
@@ -101,6 +151,10 @@ def _is_union_tag(part: str) -> bool:
     return "[" in part or part in ("str", "int", "float", "bool", "dict", "list", "none")
 
 
+def _is_validation_detail(detail: Any) -> bool:
+    return isinstance(detail, list) and bool(detail) and isinstance(detail[0], dict) and "msg" in detail[0]
+
+
 def detail_message(detail: Any) -> str:
     """A readable message out of a core error detail (a string, a FastAPI-style list, or a dict)."""
     if isinstance(detail, str):
@@ -111,14 +165,9 @@ def detail_message(detail: Any) -> str:
             return str(error["message"])
         if "message" in detail:
             return str(detail["message"])
-    if isinstance(detail, list) and detail and isinstance(detail[0], dict) and "msg" in detail[0]:
+    if _is_validation_detail(detail):
         first = detail[0]
         loc = [part for part in first.get("loc", []) if part != "body"]
         param = field_path(loc)
         return f"Invalid value for '{param}': {first['msg']}" if param else str(first["msg"])
     return orjson.dumps(detail, default=str).decode()
-
-
-def openai_error_response(error: ServerError) -> Response:
-    """The OpenAI envelope for an error the core raised on an OpenAI route (e.g. 401 from auth)."""
-    return OpenAIError.from_server_error(error).response()
