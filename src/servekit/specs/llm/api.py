@@ -48,7 +48,7 @@ class LLMServerAPI(LitAPI):
             yield self._operation(op)
             return
         rt = self.runtime
-        rt.count_request(op.kind)
+        rt.counters.count_request(op.kind)
         started = time.perf_counter()
         try:
             async for item in handler(op.body):
@@ -61,7 +61,7 @@ class LLMServerAPI(LitAPI):
             if mapped is None:
                 logger.exception("%s request failed", op.kind)
                 mapped = OpenAIError(500, f"{type(error).__name__}: {error}")
-            rt.count_error(mapped.status_code)
+            rt.counters.count_error(mapped.status_code)
             raise mapped from None
         finally:
             if not self.config.disable_log_requests:
@@ -78,7 +78,7 @@ class LLMServerAPI(LitAPI):
         if op.kind == "encode":
             return native.encode(rt, op.body)
         if op.kind == "abort":
-            return {"aborted": rt.abort(str(op.body))}
+            return {"aborted": rt.requests.abort(str(op.body))}
         if op.kind == "flush_cache":
             return self._flush_cache()
         if op.kind == "stats":

@@ -56,7 +56,7 @@ class ChatHandler:
             documents=request.documents,
         )
         request_id = request.request_id or new_id("chatcmpl")
-        first, stream = await rt.start(request_id, prepared)
+        first, stream = await rt.requests.start(request_id, prepared)
         echo = self._echo_text(request)
         try:
             if request.stream:
@@ -66,7 +66,7 @@ class ChatHandler:
             else:
                 yield await self._complete(request, request_id, first, stream, use_tools, echo)
         finally:
-            rt.done(request_id)
+            rt.requests.done(request_id)
             await stream.aclose()  # type: ignore[attr-defined]
 
     def _echo_text(self, request: ChatCompletionRequest) -> str:
@@ -135,13 +135,13 @@ class ChatHandler:
                     break
                 output = await anext(stream, None)
         except asyncio.CancelledError:
-            if not rt.was_aborted(request_id):
-                rt.record_cancel()
+            if not rt.requests.was_aborted(request_id):
+                rt.counters.record_cancel()
                 raise
             aborted = [fmt.chat_choice_delta(i, {}, "abort") for i in range(n) if not finished[i]]
             if aborted:
                 yield fmt.chat_chunk(request_id, model, created, aborted, include_usage)
-        rt.record(last)
+        rt.counters.record(last)
         if include_usage:
             yield fmt.chat_chunk(request_id, model, created, [], True, fmt.output_usage(last))
 

@@ -14,7 +14,8 @@ from servekit.openai.completions import CompletionRequest
 from servekit.openai.errors import invalid
 from servekit.openai.sse import new_id, now
 from servekit.specs.llm import tools as tooling
-from servekit.specs.llm.runtime import Runtime, drain, interleave
+from servekit.specs.llm.requests import drain, interleave
+from servekit.specs.llm.runtime import Runtime
 
 
 class CompletionHandler:
@@ -42,7 +43,7 @@ class CompletionHandler:
                     text, prompt_params, token_ids, add_special_tokens=request.add_special_tokens
                 )
                 sub_id = request_id if len(prompts) == 1 else f"{request_id}-{index}"
-                first, stream = await rt.start(sub_id, prepared)
+                first, stream = await rt.requests.start(sub_id, prepared)
                 ids.append(sub_id)
                 firsts.append(first)
                 streams.append(stream)
@@ -53,7 +54,7 @@ class CompletionHandler:
                 yield await self._complete(request, request_id, ids, firsts, streams, params)
         finally:
             for sub_id, stream in zip(ids, streams, strict=True):
-                rt.done(sub_id)
+                rt.requests.done(sub_id)
                 await stream.aclose()  # type: ignore[attr-defined]
 
     # ------------------------------------------------------------------------------ streaming
@@ -90,13 +91,13 @@ class CompletionHandler:
                 if choices:
                     yield fmt.completion_body(request_id, model, created, choices, None, include_usage)
         except asyncio.CancelledError:
-            if not any(rt.was_aborted(i) for i in ids):
-                rt.record_cancel()
+            if not any(rt.requests.was_aborted(i) for i in ids):
+                rt.counters.record_cancel()
                 raise
         finally:
             await merged.aclose()
         for last in lasts:
-            rt.record(last)
+            rt.counters.record(last)
         if include_usage:
             yield fmt.completion_body(request_id, model, created, [], self._usage(lasts))
 
@@ -146,13 +147,13 @@ class CompletionHandler:
         try:
             lasts = list(await asyncio.gather(*(drain(f, s) for f, s in zip(firsts, streams, strict=True))))
         except asyncio.CancelledError:
-            if not any(rt.was_aborted(i) for i in ids):
-                rt.record_cancel()
+            if not any(rt.requests.was_aborted(i) for i in ids):
+                rt.counters.record_cancel()
                 raise
             lasts = firsts
         choices = []
         for position, last in enumerate(lasts):
-            rt.record(last)
+            rt.counters.record(last)
             for completion in last.outputs:
                 choices.append(
                     self._choice(last, completion, position * params.n + completion.index, request)

@@ -1,4 +1,5 @@
-"""``/metrics``: the engine's and the server's numbers in Prometheus' text format (vLLM-style names).
+"""The LLM server's numbers: a worker's own counters, and ``/metrics`` in Prometheus' text format
+(vLLM-style names) from every worker's stats.
 
 Every worker reports its own stats; ``merge_worker_stats`` adds them up. Counters are summed;
 gauges are given per worker (label ``worker``) and, without that label, for the whole server.
@@ -7,7 +8,49 @@ gauges are given per worker (label ``worker``) and, without that label, for the 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
+
+from servekit.llm.outputs import RequestOutput
+
+
+@dataclass
+class Counters:
+    """Server-side counters for /metrics (the engine's own come from ``get_stats``)."""
+
+    requests: dict[str, int] = field(default_factory=dict)  # by route kind
+    errors: dict[str, int] = field(default_factory=dict)  # by status code
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    finished: dict[str, int] = field(default_factory=dict)  # by finish reason
+    ttft_sum: float = 0.0
+    ttft_count: int = 0
+    e2e_sum: float = 0.0
+
+    def record(self, output: RequestOutput) -> None:
+        self.prompt_tokens += len(output.prompt_token_ids)
+        self.generation_tokens += sum(len(c.token_ids) for c in output.outputs)
+        for completion in output.outputs:
+            reason = completion.finish_reason or "abort"
+            self.finished[reason] = self.finished.get(reason, 0) + 1
+        metrics = output.metrics
+        if metrics is not None and metrics.time_to_first_token is not None:
+            self.ttft_sum += metrics.time_to_first_token
+            self.ttft_count += 1
+            if metrics.finished_time is not None:
+                self.e2e_sum += metrics.finished_time - metrics.arrival_time
+
+    def record_cancel(self) -> None:
+        """A request whose client went away (its engine sequence is aborted as the stream closes)."""
+        self.finished["cancelled"] = self.finished.get("cancelled", 0) + 1
+
+    def count_request(self, kind: str) -> None:
+        self.requests[kind] = self.requests.get(kind, 0) + 1
+
+    def count_error(self, status: int) -> None:
+        key = str(status)
+        self.errors[key] = self.errors.get(key, 0) + 1
+
 
 # Engine gauges: (stats key, metric name, help).
 _ENGINE_GAUGES = (

@@ -11,7 +11,8 @@ from typing import Any
 from servekit.llm.outputs import CompletionOutput, RequestOutput
 from servekit.openai.errors import invalid
 from servekit.specs.llm.protocol import DetokenizeRequest, EncodeRequest, GenerateRequest, TokenizeRequest
-from servekit.specs.llm.runtime import Runtime, interleave
+from servekit.specs.llm.requests import interleave
+from servekit.specs.llm.runtime import Runtime
 
 
 def _finish_reason(completion: CompletionOutput) -> dict[str, Any] | None:
@@ -48,7 +49,7 @@ class GenerateHandler:
         started: list[tuple[str, RequestOutput, AsyncIterator[RequestOutput]]] = []
         try:
             for rid, (text, token_ids) in zip(rids, prompts, strict=True):
-                first, stream = await rt.start(rid, rt.inputs.prepare(text, params, token_ids))
+                first, stream = await rt.requests.start(rid, rt.inputs.prepare(text, params, token_ids))
                 started.append((rid, first, stream))
             batched = request.batched
             if request.stream:
@@ -60,7 +61,7 @@ class GenerateHandler:
                 yield bodies if batched else bodies[0]
         finally:
             for rid, _, stream in started:
-                rt.done(rid)
+                rt.requests.done(rid)
                 await stream.aclose()  # type: ignore[attr-defined]
 
     async def _stream(
@@ -79,9 +80,9 @@ class GenerateHandler:
                     body["index"] = position
                 yield body
         except asyncio.CancelledError:
-            rid = next((r for r, _, _ in started if self.rt.was_aborted(r)), None)
+            rid = next((r for r, _, _ in started if self.rt.requests.was_aborted(r)), None)
             if rid is None:
-                self.rt.record_cancel()
+                self.rt.counters.record_cancel()
                 raise
             for position, (rid, _, _) in enumerate(started):
                 if not lasts[position].finished:
@@ -91,7 +92,7 @@ class GenerateHandler:
         finally:
             await merged.aclose()
         for last in lasts:
-            self.rt.record(last)
+            self.rt.counters.record(last)
 
     def _body(self, rid: str, output: RequestOutput, request: GenerateRequest) -> dict[str, Any]:
         completion = output.outputs[0]
