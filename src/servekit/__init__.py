@@ -18,6 +18,10 @@ def __getattr__(name: str) -> object:
     # The OpenAI specs pull in their pydantic models: imported on first use only.
     if name in ("OpenAISpec", "OpenAIEmbeddingSpec", "OpenAIImageSpec"):
         return getattr(specs, name)
+    if name in ("mcp", "schema"):
+        import importlib
+
+        return importlib.import_module(f"servekit.{name}")
     raise AttributeError(f"module 'servekit' has no attribute {name!r}")
 
 
@@ -34,5 +38,7 @@ __all__ = [
     "Response",
     "ServerError",
     "__version__",
+    "mcp",
+    "schema",
     "specs",
 ]

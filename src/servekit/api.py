@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from servekit.mcp import MCP
     from servekit.specs.base import LitSpec
 
 logger = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ class LitAPI:
     _log_sink: Callable[[str, Any], None] | None = None
     _report_unhealthy: Callable[[str], None] | None = None
     request_timeout: float | None = None
+    mcp: MCP | None = None
 
     def __init__(
         self,
@@ -40,7 +42,9 @@ class LitAPI:
         spec: LitSpec | None = None,
         loop: Any = "auto",
         enable_async: bool = False,
+        mcp: MCP | None = None,
     ) -> None:
+        self.mcp = mcp
         self.max_batch_size = max_batch_size
         self.batch_timeout = batch_timeout
         self.api_path = api_path

@@ -19,6 +19,7 @@ from servekit.api import LitAPI
 from servekit.callbacks import Callback, CallbackRunner, EventTypes
 from servekit.http.app import FrontConfig, Middleware
 from servekit.loggers import Logger
+from servekit.mcp import mcp_tools
 from servekit.sizes import parse_size
 from servekit.specs.base import LitSpec
 from servekit.transport import Endpoints
@@ -88,6 +89,7 @@ class LitServer:
                 api.spec.pre_setup(api)
             api.validate()
         self._check_paths(apis, healthcheck_path, info_path)
+        mcp_tools(apis)  # an API that cannot be an MCP tool fails here, not in the front
         self.lit_apis = apis
         self.accelerator = resolve_accelerator(accelerator)
         self.devices = devices

@@ -7,7 +7,7 @@ import inspect
 import logging
 import pickle
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +24,7 @@ from servekit.http.auth import APIKeyCheck
 from servekit.http.dispatcher import Dispatcher
 from servekit.http.forms import read_form
 from servekit.http.limits import MaxBodySizeMiddleware
+from servekit.mcp import MCP_PATH, mcp_tools
 from servekit.specs.base import FrontHandle, LitSpec, wait_for_disconnect
 from servekit.transport import Encoding, Endpoints
 
@@ -170,11 +171,16 @@ def _check_content_type(request: Request) -> None:
 
 
 def build_app(config: FrontConfig, dispatcher: Dispatcher) -> FastAPI:
+    lifespans: list[Callable[[], AbstractAsyncContextManager[None]]] = []
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         dispatcher.start()
         try:
-            yield
+            async with AsyncExitStack() as stack:
+                for extra in lifespans:
+                    await stack.enter_async_context(extra())
+                yield
         finally:
             dispatcher.close()
 
@@ -195,9 +201,11 @@ def build_app(config: FrontConfig, dispatcher: Dispatcher) -> FastAPI:
 
     api_key_check = APIKeyCheck(config.api_key) if config.api_key else None
     callbacks = config.callbacks
+    fronts: list[_APIFront] = []
 
     for api_index, api in enumerate(config.apis):
         front = _APIFront(api_index, dispatcher, config.timeout, api.stream)
+        fronts.append(front)
         dependencies = []
         if api_key_check is not None:
             dependencies.append(Depends(api_key_check))
@@ -228,6 +236,15 @@ def build_app(config: FrontConfig, dispatcher: Dispatcher) -> FastAPI:
             name=f"{type(api).__name__}.predict",
             summary=f"{type(api).__name__} {'(streaming)' if api.stream else ''}".strip(),
         )
+
+    tools = mcp_tools(config.apis)
+    if tools:
+        from servekit.http.mcp import MCPEndpoint
+
+        mcp_endpoint = MCPEndpoint(tools, fronts, api_key_check)
+        lifespans.append(mcp_endpoint.lifespan)
+        for path in (MCP_PATH, MCP_PATH.rstrip("/")):
+            app.router.routes.append(Route(path, mcp_endpoint))
 
     info_dependencies = [Depends(api_key_check)] if api_key_check is not None else []
 
