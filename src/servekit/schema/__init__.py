@@ -1,0 +1,1 @@
+"""Ready-made pydantic request and response types (``ls.schema.image``)."""
