@@ -18,6 +18,10 @@ def __getattr__(name: str) -> object:
     # The OpenAI specs pull in their pydantic models: imported on first use only.
     if name in ("OpenAISpec", "OpenAIEmbeddingSpec", "OpenAIImageSpec"):
         return getattr(specs, name)
+    if name in ("set_trace", "set_trace_if_debug"):
+        from servekit import debug
+
+        return getattr(debug, name)
     if name in ("mcp", "schema"):
         import importlib
 
@@ -40,5 +44,7 @@ __all__ = [
     "__version__",
     "mcp",
     "schema",
+    "set_trace",
+    "set_trace_if_debug",
     "specs",
 ]
