@@ -36,7 +36,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     client.add_argument("--model", default=None, help="model id (default: the server's first model)")
     client.add_argument("--system", default=None, help="system prompt that starts the conversation")
+    dockerize = commands.add_parser(
+        "dockerize",
+        help="write a Dockerfile (and requirements.txt) for a server script",
+        description="Write a Dockerfile beside SERVER_FILE (the build context is its directory), plus "
+        "requirements.txt (from the script's imports) and .dockerignore when they are absent.",
+    )
+    dockerize.add_argument("server_file", help="the server script, e.g. server.py")
+    dockerize.add_argument(
+        "--port", type=int, default=8000, help="the port the server listens on (default: 8000)"
+    )
+    dockerize.add_argument("--gpu", action="store_true", help="build on a CUDA runtime image")
+    dockerize.add_argument("--force", action="store_true", help="overwrite an existing Dockerfile")
     return parser
+
+
+def run_dockerize(args: argparse.Namespace) -> int:
+    from servekit.dockerize import dockerize, image_name
+
+    try:
+        result = dockerize(args.server_file, port=args.port, gpu=args.gpu, force=args.force)
+    except (FileNotFoundError, FileExistsError, ValueError) as error:
+        print(f"servekit dockerize: {error}", file=sys.stderr)
+        return 2
+    for path in result.written:
+        print(f"wrote {path}")
+    for path in result.kept:
+        print(f"kept  {path}")
+    context = result.written[0].parent
+    image = image_name(args.server_file)
+    print(f"\nBuild:  docker build -t {image} {context}\nRun:    {result.run_command}")
+    return 0
 
 
 def run_client(args: argparse.Namespace) -> int:
@@ -54,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_serve(args)
     if args.command == "client":
         return run_client(args)
+    if args.command == "dockerize":
+        return run_dockerize(args)
     if args.command == "hello":
         import servekit as ls
         from servekit.examples import SimpleLitAPI
