@@ -32,6 +32,7 @@ class LitAPI:
     _report_unhealthy: Callable[[str], None] | None = None
     request_timeout: float | None = None
     mcp: MCP | None = None
+    _debug_errors: bool = False  # set by LitServer: 500 bodies show the exception
 
     def __init__(
         self,

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from servekit.api import LitAPI
 from servekit.callbacks import Callback, CallbackRunner, EventTypes
+from servekit.errors import DEBUG_ERRORS_ENV
 from servekit.http.app import FrontConfig, Middleware
 from servekit.loggers import Logger
 from servekit.mcp import mcp_tools
@@ -52,6 +53,7 @@ class LitServer:
         disable_openapi_url: bool = False,
         restart_workers: bool = True,
         api_key: str | None = None,
+        debug_errors: bool | None = None,
         # Older LitServe code passes these here rather than to LitAPI.
         max_batch_size: int | None = None,
         batch_timeout: float | None = None,
@@ -83,8 +85,13 @@ class LitServer:
         if timeout is True:
             raise ValueError("timeout must be a number of seconds, or False/-1 to disable it")
         self.timeout: float | None = None if timeout is False or timeout == -1 else float(timeout)
+        # Unexpected exceptions answer 500 "Internal server error"; debugging shows them in the body.
+        if debug_errors is None:
+            debug_errors = os.environ.get(DEBUG_ERRORS_ENV, "").lower() in ("1", "true", "yes")
+        self.debug_errors = bool(debug_errors)
         for api in apis:
             api.request_timeout = self.timeout
+            api._debug_errors = self.debug_errors
             if api.spec is not None:
                 api.spec.pre_setup(api)
             api.validate()

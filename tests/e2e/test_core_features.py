@@ -66,7 +66,18 @@ def test_http_exception_and_predict_error(tmp_path: Path) -> None:
         assert teapot.json() == {"detail": "teapot"}
         failed = httpx.post(f"{server.url}/predict", json={"fail": True}, timeout=30)
         assert failed.status_code == 500
-        assert "predict failed on purpose" in failed.json()["detail"]
+        # An unexpected exception's message stays in the server's log, out of the client's body.
+        assert failed.json() == {"detail": "Internal server error"}
+    assert "ValueError: predict failed on purpose" in server.log()
+    assert "Traceback" in server.log()
+
+
+def test_debug_errors_show_the_exception_in_500_bodies(tmp_path: Path) -> None:
+    with serve_script("features.py", tmp_path, args=["slow"], env={"SERVEKIT_DEBUG_ERRORS": "1"}) as server:
+        failed = httpx.post(f"{server.url}/predict", json={"fail": True}, timeout=30)
+        assert failed.status_code == 500
+        assert failed.json() == {"detail": "ValueError: predict failed on purpose"}
+    assert "Traceback" in server.log()  # logged either way
 
 
 def test_crashed_worker_fails_in_flight_with_503_and_restarts(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from servekit.errors import ServerError
+from servekit.errors import INTERNAL_ERROR, ServerError
 from servekit.openai import (
     DONE,
     AudioContent,
@@ -248,9 +248,9 @@ async def _server_sent_events(
     except OpenAIError as error:
         logger.warning("chat completion stream failed after its first byte: %s", error.message)
         yield error.sse_event()
-    except Exception as error:
+    except Exception:
         logger.exception("chat completion stream failed after its first byte")
-        yield OpenAIError(500, f"Internal server error: {type(error).__name__}: {error}").sse_event()
+        yield OpenAIError(500, INTERNAL_ERROR).sse_event()
     finally:
         await rest.aclose()
     yield DONE

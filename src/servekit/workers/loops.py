@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException
 
 from servekit.api import LitAPI
 from servekit.callbacks import CallbackRunner, EventTypes
-from servekit.errors import ServerError
+from servekit.errors import ServerError, internal_error_detail
 from servekit.transport import Encoding, Kind
 from servekit.workers.hooks import (
     Hook,
@@ -30,15 +30,17 @@ from servekit.workers.inbox import Inbox, Job
 logger = logging.getLogger(__name__)
 
 
-def error_of(exc: BaseException) -> tuple[int, Any]:
-    """Status code and JSON-able detail for an exception raised by a user hook."""
+def error_of(exc: BaseException, show_details: bool = False) -> tuple[int, Any]:
+    """Status code and JSON-able detail for an exception raised by a user hook: errors raised on
+    purpose keep their detail; any other exception is a 500 whose detail hides it (see
+    ``internal_error_detail``)."""
     if isinstance(exc, ServerError):
         return exc.status_code, exc.detail
     if isinstance(exc, HTTPException):
         return exc.status_code, exc.detail
     if isinstance(exc, ValidationError):
         return 422, validation_error_detail(exc)
-    return 500, f"{type(exc).__name__}: {exc}"
+    return 500, internal_error_detail(exc, show_details)
 
 
 class RequestProcessor:
@@ -244,7 +246,7 @@ class RequestProcessor:
     def _reply_error(self, job: Job, exc: BaseException) -> None:
         if isinstance(exc, KeyboardInterrupt | SystemExit):
             raise exc
-        status, detail = error_of(exc)
+        status, detail = error_of(exc, self.api._debug_errors)
         if status >= 500:
             logger.error("request %s failed", job.key, exc_info=exc)
         try:

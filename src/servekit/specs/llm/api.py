@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from servekit.api import LitAPI
+from servekit.errors import internal_error_detail
 from servekit.openai.errors import OpenAIError, invalid, openai_error
 from servekit.specs.llm.config import ServeConfig
 from servekit.specs.llm.ops import Op
@@ -60,7 +61,7 @@ class LLMServerAPI(LitAPI):
             mapped = openai_error(error, getattr(op.body, "param_name", None))
             if mapped is None:
                 logger.exception("%s request failed", op.kind)
-                mapped = OpenAIError(500, f"{type(error).__name__}: {error}")
+                mapped = OpenAIError(500, internal_error_detail(error, self._debug_errors))
             rt.counters.count_error(mapped.status_code)
             raise mapped from None
         finally:
