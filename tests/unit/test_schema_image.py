@@ -61,3 +61,11 @@ def test_image_output_serialises_a_pil_image_as_base64_png() -> None:
     assert image.getpixel((0, 0)) == (0, 0, 255)
     with pytest.raises(PydanticSerializationError, match="Expected a PIL Image"):
         ImageOutput(image="not an image").model_dump_json()
+
+
+def test_ls_schema_image_is_reachable_from_the_package_alone() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, servekit as ls; ls.schema.image.ImageInput; assert 'PIL' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
