@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import inspect
 import logging
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
+
+from servekit.api_checks import TimedInit, check_async_hooks, check_batch_hooks, check_loop
 
 if TYPE_CHECKING:
     from servekit.specs.base import LitSpec
@@ -13,7 +16,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-class LitAPI:
+class LitAPI(metaclass=TimedInit):
     """Subclass and override ``setup``, ``decode_request``, ``predict`` and ``encode_response``.
 
     Settings may be passed here (``LitAPI(max_batch_size=8, stream=True, ...)``) or, as older
@@ -30,6 +33,7 @@ class LitAPI:
     _log_sink: Callable[[str, Any], None] | None = None
     _report_unhealthy: Callable[[str], None] | None = None
     request_timeout: float | None = None
+    enable_async: bool = False
 
     def __init__(
         self,
@@ -47,6 +51,13 @@ class LitAPI:
         self.stream = stream
         if spec is not None:
             self.spec = spec
+        check_loop(loop)
+        self.enable_async = enable_async
+        if enable_async:
+            check_async_hooks(self)
+        message = check_batch_hooks(self)
+        if message is not None:
+            warnings.warn(message, UserWarning, stacklevel=3)
 
     # ---------------------------------------------------------------- settings
     @property
