@@ -1,5 +1,7 @@
 """servekit: a high-throughput serving engine for AI models (LitServe-compatible API)."""
 
+import importlib
+
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -18,6 +20,10 @@ def __getattr__(name: str) -> object:
     # The OpenAI specs pull in their pydantic models: imported on first use only.
     if name in ("OpenAISpec", "OpenAIEmbeddingSpec", "OpenAIImageSpec"):
         return getattr(specs, name)
+    # The ready-made APIs (``ls.examples``, and ``ls.test_examples`` as LitServe names them): imported
+    # on first use, and they import their model libraries (NumPy, PyTorch) only when they run.
+    if name in ("examples", "test_examples"):
+        return importlib.import_module(f"servekit.{name}")
     raise AttributeError(f"module 'servekit' has no attribute {name!r}")
 
 
@@ -34,5 +40,7 @@ __all__ = [
     "Response",
     "ServerError",
     "__version__",
+    "examples",
     "specs",
+    "test_examples",
 ]
