@@ -19,8 +19,13 @@ from servekit.api import LitAPI
 from servekit.api_checks import check_loop
 from servekit.callbacks import Callback, CallbackRunner, EventTypes
 from servekit.http.app import FrontConfig, Middleware
-from servekit.loggers import Logger
-from servekit.server_checks import check_api_server_worker_type, check_model_metadata, check_num_api_servers
+from servekit.loggers import Logger, LoggerHub
+from servekit.server_checks import (
+    check_api_server_worker_type,
+    check_model_metadata,
+    check_mounts_for_fronts,
+    check_num_api_servers,
+)
 from servekit.sizes import parse_size
 from servekit.specs.base import LitSpec
 from servekit.transport import Endpoints
@@ -147,6 +152,7 @@ class LitServer:
             raise ValueError(f"port must be in 1..65535, got {port}")
         num_fronts = check_num_api_servers(num_api_servers)
         check_api_server_worker_type(api_server_worker_type)
+        check_mounts_for_fronts(self._logger_mounts(), num_fronts)
         plans, workers_by_api = self._plan_workers()
         if generate_client_file:
             from servekit.client_gen import write_client_file
@@ -158,6 +164,7 @@ class LitServer:
         front_config = self._front_config(endpoints, workers_by_api)
         listener = _bind(host, port)
         fatal: list[BaseException] = []
+        hub = LoggerHub(self.loggers, endpoints.logger_inbox()) if self.loggers else None
 
         def on_fatal(error: BaseException) -> None:
             fatal.append(error)
@@ -171,10 +178,12 @@ class LitServer:
             log_level,
             on_fatal,
             self.restart_workers,
-            self.loggers,
+            hub is not None,
         )
         self.callbacks.trigger_event(EventTypes.ON_SERVER_START, litserver=self)
         try:
+            if hub is not None:
+                hub.start()
             supervisor.start()
             logger.info(
                 "servekit listening on http://%s:%d (%d inference worker%s on %s)",
@@ -199,6 +208,8 @@ class LitServer:
                 )
         finally:
             supervisor.stop()
+            if hub is not None:
+                hub.stop()
             listener.close()
             shutil.rmtree(directory, ignore_errors=True)
             _wait_for_children()
@@ -222,6 +233,10 @@ class LitServer:
             workers_by_api.append(indices)
         return plans, workers_by_api
 
+    def _logger_mounts(self) -> list[tuple[str, Any]]:
+        """The ASGI apps the loggers asked to serve (``Logger.mount``)."""
+        return [mount for sink in self.loggers for mount in sink.mounts]
+
     def _front_config(self, endpoints: Endpoints, workers_by_api: list[list[int]]) -> FrontConfig:
         return FrontConfig(
             apis=self.lit_apis,
@@ -236,6 +251,7 @@ class LitServer:
             callbacks=self.callbacks,
             api_key=self.api_key,
             disable_openapi_url=self.disable_openapi_url,
+            mounts=self._logger_mounts(),
         )
 
     def _info(self) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -38,3 +39,18 @@ def check_api_server_worker_type(worker_type: str | None) -> None:
     raise ValueError(
         f"Invalid value for api_server_worker_type: {worker_type!r}. Must be 'process' or 'thread'"
     )
+
+
+def check_mounts_for_fronts(mounts: list[tuple[str, Any]], num_fronts: int) -> None:
+    """Several HTTP fronts run in processes of their own: the apps loggers mount are copied there."""
+    if num_fronts == 1 or not mounts:
+        return
+    for path, app in mounts:
+        try:
+            pickle.dumps(app)
+        except Exception as error:
+            raise ValueError(
+                f"the app a logger mounted at {path!r} cannot be copied into the {num_fronts} HTTP front "
+                f"processes (num_api_servers={num_fronts}): {error}. Serve it with num_api_servers=1, "
+                "or mount an app that can be pickled (a module-level ASGI app)"
+            ) from None

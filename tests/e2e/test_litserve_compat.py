@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -71,3 +72,25 @@ def test_openai_spec_with_async_predict_and_async_encode_response(tmp_path: Path
     ):
         assert _chat(client, server.url, "hi", stream=False)["choices"][0]["message"]["content"] == "async hi"
         assert _streamed_text(_chat(client, server.url, "there", stream=True)) == "async there"
+
+
+def test_a_logger_holding_a_lock_runs_in_the_main_process_and_mounts_its_app(tmp_path: Path) -> None:
+    with serve_script("litserve_loggers.py", tmp_path) as server, httpx.Client(timeout=30) as client:
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            outputs = list(
+                pool.map(
+                    lambda i: client.post(f"{server.url}/predict", json={"input": i}).json(), range(1, 9)
+                )
+            )
+        assert outputs == [{"output": 2 * i} for i in range(1, 9)]
+        metrics: dict[str, Any] = {}
+        waiter = threading.Event()
+        for _ in range(400):  # the pairs reach the logger asynchronously (bounded: 20 s)
+            metrics = client.get(f"{server.url}/metrics", follow_redirects=True).json()
+            if metrics["totals"].get("inputs") == sum(range(1, 9)):
+                break
+            waiter.wait(0.05)
+        assert metrics["totals"] == {"inputs": sum(range(1, 9))}
+        # One logger, in the main process, saw the pairs of whichever workers served the requests.
+        assert metrics["pid"] == server.process.pid
+        assert 1 <= metrics["worker_pids"] <= 2
