@@ -25,6 +25,7 @@ from servekit.server_checks import (
     check_model_metadata,
     check_mounts_for_fronts,
     check_num_api_servers,
+    check_track_requests,
 )
 from servekit.sizes import parse_size
 from servekit.specs.base import LitSpec
@@ -74,6 +75,7 @@ class LitServer:
                 raise TypeError(f"expected LitAPI instances, got {type(api).__name__}")
         check_loop(loop)
         check_model_metadata(model_metadata)
+        check_track_requests(track_requests)
         if unused:
             warnings.warn(f"LitServer ignores unknown arguments: {', '.join(sorted(unused))}", stacklevel=2)
         legacy = {

@@ -54,3 +54,12 @@ def check_mounts_for_fronts(mounts: list[tuple[str, Any]], num_fronts: int) -> N
                 f"processes (num_api_servers={num_fronts}): {error}. Serve it with num_api_servers=1, "
                 "or mount an app that can be pickled (a module-level ASGI app)"
             ) from None
+
+
+def check_track_requests(track_requests: bool) -> None:
+    """LitServe's ``track_requests`` counts in-flight requests for its callbacks; servekit does not."""
+    if track_requests:
+        raise ValueError(
+            "track_requests=True is not supported: servekit does not count active requests for callbacks "
+            "(on_request gets the request only); drop the argument or pass track_requests=False"
+        )

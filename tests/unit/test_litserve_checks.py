@@ -109,6 +109,12 @@ def test_custom_loops_are_refused_clearly() -> None:
     ls.LitServer(SimpleLitAPI(loop="auto"), accelerator="cpu", loop="auto")
 
 
+def test_track_requests_is_refused_clearly() -> None:
+    with pytest.raises(ValueError, match="track_requests=True is not supported"):
+        ls.LitServer(SimpleLitAPI(), accelerator="cpu", track_requests=True)
+    assert not ls.LitServer(SimpleLitAPI(), accelerator="cpu", track_requests=False).track_requests
+
+
 def test_fast_queue_is_accepted() -> None:
     # servekit's transport is always ZeroMQ: LitServe's switch to it is accepted either way.
     for fast_queue in (True, False):
