@@ -1,5 +1,7 @@
 """servekit: a high-throughput serving engine for AI models (LitServe-compatible API)."""
 
+import importlib
+
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -22,9 +24,9 @@ def __getattr__(name: str) -> object:
         from servekit import debug
 
         return getattr(debug, name)
-    if name in ("mcp", "schema"):
-        import importlib
-
+    # ``ls.mcp``, ``ls.schema``, and the ready-made APIs (``ls.examples``, and ``ls.test_examples`` as
+    # LitServe names them): imported on first use; the APIs import NumPy/PyTorch only when they run.
+    if name in ("mcp", "schema", "examples", "test_examples"):
         return importlib.import_module(f"servekit.{name}")
     raise AttributeError(f"module 'servekit' has no attribute {name!r}")
 
@@ -42,9 +44,11 @@ __all__ = [
     "Response",
     "ServerError",
     "__version__",
+    "examples",
     "mcp",
     "schema",
     "set_trace",
     "set_trace_if_debug",
     "specs",
+    "test_examples",
 ]

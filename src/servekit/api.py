@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import inspect
 import logging
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
+
+from servekit.api_checks import TimedInit, check_async_hooks, check_batch_hooks, check_loop
 
 if TYPE_CHECKING:
     from servekit.mcp import MCP
@@ -14,7 +17,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-class LitAPI:
+class LitAPI(metaclass=TimedInit):
     """Subclass and override ``setup``, ``decode_request``, ``predict`` and ``encode_response``.
 
     Settings may be passed here (``LitAPI(max_batch_size=8, stream=True, ...)``) or, as older
@@ -33,6 +36,7 @@ class LitAPI:
     request_timeout: float | None = None
     mcp: MCP | None = None
     _debug_errors: bool = False  # set by LitServer: 500 bodies show the exception
+    enable_async: bool = False
 
     def __init__(
         self,
@@ -52,6 +56,13 @@ class LitAPI:
         self.stream = stream
         if spec is not None:
             self.spec = spec
+        check_loop(loop)
+        self.enable_async = enable_async
+        if enable_async:
+            check_async_hooks(self)
+        message = check_batch_hooks(self)
+        if message is not None:
+            warnings.warn(message, UserWarning, stacklevel=3)
 
     # ---------------------------------------------------------------- settings
     @property

@@ -25,7 +25,8 @@ class SimpleLitAPI(LitAPI):
 
 
 class SimpleBatchedAPI(LitAPI):
-    """Squares a batch of inputs at once with NumPy (run with ``max_batch_size`` > 1)."""
+    """Squares a batch of inputs at once with NumPy. Batches by default (``max_batch_size=4``), so
+    that a subclass's ``predict(x_batch, context)`` sees a batch even under a plain ``LitServer(api)``."""
 
     def __init__(self, max_batch_size: int = 4, batch_timeout: float = 0.01, **kwargs: Any) -> None:
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, **kwargs)
@@ -36,13 +37,13 @@ class SimpleBatchedAPI(LitAPI):
     def decode_request(self, request: Any, **kwargs: Any) -> Any:
         import numpy as np
 
-        return np.asarray(request["input"], dtype=np.float64)
+        return np.asarray(request["input"])
 
     def predict(self, x: Any, **kwargs: Any) -> Any:
         return self.model(x)
 
     def encode_response(self, output: Any, **kwargs: Any) -> Any:
-        return {"output": float(output)}
+        return {"output": output}  # NumPy values are sent as JSON numbers (or lists)
 
 
 class SimpleStreamAPI(LitAPI):
@@ -68,26 +69,27 @@ class SimpleStreamAPI(LitAPI):
 
 
 class SimpleTorchAPI(LitAPI):
-    """A tiny PyTorch model (``nn.Linear``) on the worker's device."""
+    """A PyTorch ``Linear(1, 1)`` with weight 2 and bias 1 on the worker's device: 4.0 -> 9.0."""
 
     def setup(self, device: str) -> None:
         import torch
 
-        torch.manual_seed(0)
-        self.device_name = device
-        self.model = torch.nn.Sequential(torch.nn.Linear(1, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1))
-        self.model.to(device).eval()
+        model = torch.nn.Linear(1, 1)
+        with torch.no_grad():
+            model.weight.fill_(2.0)
+            model.bias.fill_(1.0)
+        self.model = model.to(device).eval()
 
     def decode_request(self, request: Any, **kwargs: Any) -> Any:
         import torch
 
-        return torch.tensor([[float(request["input"])]], device=self.device_name)
+        return torch.tensor([float(request["input"])], device=self.device)
 
     def predict(self, x: Any, **kwargs: Any) -> Any:
         import torch
 
         with torch.inference_mode():
-            return self.model(x)
+            return self.model(x[None, :])  # the model takes a batch dimension
 
     def encode_response(self, output: Any, **kwargs: Any) -> Any:
-        return {"output": float(output.squeeze().item())}
+        return {"output": float(output)}

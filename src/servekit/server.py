@@ -11,20 +11,28 @@ import socket
 import tempfile
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from multiprocessing import resource_tracker
 from typing import Any, Literal
 
 from servekit.api import LitAPI
+from servekit.api_checks import check_loop
 from servekit.callbacks import Callback, CallbackRunner, EventTypes
 from servekit.errors import DEBUG_ERRORS_ENV
 from servekit.http.app import FrontConfig, Middleware
-from servekit.loggers import Logger
+from servekit.loggers import Logger, LoggerHub
 from servekit.mcp import mcp_tools
+from servekit.server_checks import (
+    check_api_server_worker_type,
+    check_model_metadata,
+    check_mounts_for_fronts,
+    check_num_api_servers,
+    check_track_requests,
+)
 from servekit.sizes import parse_size
 from servekit.specs.base import LitSpec
 from servekit.transport import Endpoints
-from servekit.workers.devices import device_slots, resolve_accelerator
+from servekit.workers.devices import device_slots, resolve_accelerator, workers_per_api
 from servekit.workers.supervisor import Supervisor, WorkerPlan
 
 logger = logging.getLogger(__name__)
@@ -38,13 +46,13 @@ class LitServer:
         lit_api: LitAPI | Sequence[LitAPI],
         accelerator: Literal["auto", "cpu", "cuda", "gpu", "mps"] = "auto",
         devices: int | Literal["auto"] | list[int] = "auto",
-        workers_per_device: int = 1,
+        workers_per_device: int | Sequence[int] | Mapping[str, int] = 1,
         timeout: float | bool = 30,
         healthcheck_path: str = "/health",
         info_path: str = "/info",
         model_metadata: dict[str, Any] | None = None,
         spec: LitSpec | None = None,
-        max_payload_size: int | str | None = None,
+        max_payload_size: int | float | str | None = None,
         track_requests: bool = False,
         callbacks: Callback | list[Callback] | None = None,
         middlewares: list[Middleware] | None = None,
@@ -59,6 +67,7 @@ class LitServer:
         batch_timeout: float | None = None,
         stream: bool | None = None,
         api_path: str | None = None,
+        loop: Any = None,
         **unused: Any,
     ) -> None:
         apis = [lit_api] if isinstance(lit_api, LitAPI) else list(lit_api)
@@ -67,6 +76,9 @@ class LitServer:
         for api in apis:
             if not isinstance(api, LitAPI):
                 raise TypeError(f"expected LitAPI instances, got {type(api).__name__}")
+        check_loop(loop)
+        check_model_metadata(model_metadata)
+        check_track_requests(track_requests)
         if unused:
             warnings.warn(f"LitServer ignores unknown arguments: {', '.join(sorted(unused))}", stacklevel=2)
         legacy = {
@@ -101,7 +113,8 @@ class LitServer:
         self.accelerator = resolve_accelerator(accelerator)
         self.devices = devices
         self.workers_per_device = workers_per_device
-        self.slots = device_slots(self.accelerator, devices, workers_per_device)
+        # Devices are checked when the server runs: servers can be built and inspected anywhere.
+        self._workers_per_api = workers_per_api(workers_per_device, [api.api_path for api in apis])
         self.healthcheck_path = healthcheck_path
         self.info_path = info_path
         self.model_metadata = model_metadata
@@ -148,7 +161,10 @@ class LitServer:
         port = int(port)
         if not 0 < port < 65536:
             raise ValueError(f"port must be in 1..65535, got {port}")
-        num_fronts = num_api_servers or 1
+        num_fronts = check_num_api_servers(num_api_servers)
+        check_api_server_worker_type(api_server_worker_type)
+        check_mounts_for_fronts(self._logger_mounts(), num_fronts)
+        plans, workers_by_api = self._plan_workers()
         if generate_client_file:
             from servekit.client_gen import write_client_file
 
@@ -156,10 +172,10 @@ class LitServer:
 
         directory = tempfile.mkdtemp(prefix="servekit-")
         endpoints = Endpoints(directory)
-        plans, workers_by_api = self._plan_workers()
         front_config = self._front_config(endpoints, workers_by_api)
         listener = _bind(host, port)
         fatal: list[BaseException] = []
+        hub = LoggerHub(self.loggers, endpoints.logger_inbox()) if self.loggers else None
 
         def on_fatal(error: BaseException) -> None:
             fatal.append(error)
@@ -173,10 +189,12 @@ class LitServer:
             log_level,
             on_fatal,
             self.restart_workers,
-            self.loggers,
+            hub is not None,
         )
         self.callbacks.trigger_event(EventTypes.ON_SERVER_START, litserver=self)
         try:
+            if hub is not None:
+                hub.start()
             supervisor.start()
             logger.info(
                 "servekit listening on http://%s:%d (%d inference worker%s on %s)",
@@ -201,6 +219,8 @@ class LitServer:
                 )
         finally:
             supervisor.stop()
+            if hub is not None:
+                hub.stop()
             listener.close()
             shutil.rmtree(directory, ignore_errors=True)
             _wait_for_children()
@@ -216,13 +236,17 @@ class LitServer:
     def _plan_workers(self) -> tuple[list[WorkerPlan], list[list[int]]]:
         plans: list[WorkerPlan] = []
         workers_by_api: list[list[int]] = []
-        for api in self.lit_apis:
+        for api, workers_per_device in zip(self.lit_apis, self._workers_per_api, strict=True):
             indices = []
-            for slot in self.slots:
+            for slot in device_slots(self.accelerator, self.devices, workers_per_device):
                 indices.append(len(plans))
                 plans.append(WorkerPlan(len(plans), api, slot))
             workers_by_api.append(indices)
         return plans, workers_by_api
+
+    def _logger_mounts(self) -> list[tuple[str, Any]]:
+        """The ASGI apps the loggers asked to serve (``Logger.mount``)."""
+        return [mount for sink in self.loggers for mount in sink.mounts]
 
     def _front_config(self, endpoints: Endpoints, workers_by_api: list[list[int]]) -> FrontConfig:
         return FrontConfig(
@@ -238,6 +262,7 @@ class LitServer:
             callbacks=self.callbacks,
             api_key=self.api_key,
             disable_openapi_url=self.disable_openapi_url,
+            mounts=self._logger_mounts(),
         )
 
     def _info(self) -> dict[str, Any]:

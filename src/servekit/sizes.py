@@ -6,19 +6,25 @@ MiB = 1024**2, and so on; a bare ``K``/``M``/``G``/``T`` is the SI prefix too. C
 
 from __future__ import annotations
 
+import math
 import re
 
 _PREFIXES = "kmgt"
 _SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(?:([kmgt])(i)?)?b?")
 
 
-def parse_size(value: int | str) -> int:
-    """Bytes of ``value``: an int as it is, or text such as ``"64KB"``, ``"1.5GiB"``, ``"100"``.
+def parse_size(value: int | float | str) -> int:
+    """Bytes of ``value``: a whole number as it is (``50e6`` too, as LitServe accepts), or text such as
+    ``"64KB"``, ``"1.5GiB"``, ``"100"``.
 
     Raises ``ValueError`` naming the accepted forms for anything else (negative, empty, ``"2XB"``).
     """
-    if isinstance(value, bool) or not isinstance(value, int | str):
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise ValueError(f"a size must be a number of bytes or text such as '512MiB', got {value!r}")
+    if isinstance(value, float):
+        if not math.isfinite(value) or value < 0 or not value.is_integer():
+            raise ValueError(f"a size must be a whole, non-negative number of bytes, got {value!r}")
+        return int(value)
     if isinstance(value, int):
         if value < 0:
             raise ValueError(f"a size cannot be negative, got {value}")

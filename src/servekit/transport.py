@@ -126,6 +126,10 @@ class Endpoints:
     def front_inbox(self, front_index: int) -> str:
         return f"ipc://{os.path.join(self.directory, f'f{front_index}')}"
 
+    def logger_inbox(self) -> str:
+        """Where the main process receives the workers' ``LitAPI.log`` pairs."""
+        return f"ipc://{os.path.join(self.directory, 'log')}"
+
 
 def encode(message: Message) -> bytes:
     if isinstance(message, Reply):

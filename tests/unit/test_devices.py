@@ -26,8 +26,11 @@ def test_auto_without_gpus_is_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(devices, "cuda_device_count", lambda: 0)
     monkeypatch.setattr(devices, "mps_available", lambda: False)
     assert resolve_accelerator("auto") == "cpu"
+    assert resolve_accelerator("cuda") == "cuda"  # kept: the error comes when the server runs
     with pytest.raises(ValueError, match="no CUDA device"):
-        resolve_accelerator("cuda")
+        device_slots("cuda", "auto", 1)
+    with pytest.raises(ValueError, match="MPS is not available"):
+        device_slots("mps", "auto", 1)
     with pytest.raises(ValueError, match="accelerator must be one of"):
         resolve_accelerator("tpu")
 

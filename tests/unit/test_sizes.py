@@ -24,13 +24,17 @@ from servekit.sizes import parse_size
         ("1TiB", 1 << 40),
         (" 8 KiB ", 8192),
         (4096, 4096),
+        (50e6, 50_000_000),  # LitServer(api, max_payload_size=50e6), as LitServe users write it
     ],
 )
 def test_sizes(text: str | int, expected: int) -> None:
     assert parse_size(text) == expected
 
 
-@pytest.mark.parametrize("garbage", ["", "lots", "2XB", "-1KB", "1.2.3MB", "KB", "1 KiBB", -5, True, 1.5])
+@pytest.mark.parametrize(
+    "garbage",
+    ["", "lots", "2XB", "-1KB", "1.2.3MB", "KB", "1 KiBB", -5, True, 1.5, -1e3, float("inf"), float("nan")],
+)
 def test_garbage_is_refused_naming_the_accepted_forms(garbage: object) -> None:
     with pytest.raises(ValueError, match="size"):
         parse_size(garbage)  # type: ignore[arg-type]
@@ -41,10 +45,11 @@ def test_every_size_setting_uses_it() -> None:
     from servekit.examples import SimpleLitAPI
     from servekit.llm import EngineConfig, EngineConfigError
 
-    def payload_limit(size: str) -> int | None:
+    def payload_limit(size: str | float) -> int | None:
         return ls.LitServer(SimpleLitAPI(), accelerator="cpu", max_payload_size=size).max_payload_size
 
     assert (payload_limit("64KB"), payload_limit("64KiB")) == (64_000, 65_536)
+    assert payload_limit(50e6) == 50_000_000
     with pytest.raises(ValueError, match="not a size"):
         payload_limit("big")
     assert EngineConfig(kv_cache_memory="512KB").kv_cache_memory == 512_000

@@ -49,6 +49,7 @@ class FrontConfig:
     callbacks: CallbackRunner = field(default_factory=CallbackRunner)
     api_key: str | None = None
     disable_openapi_url: bool = False
+    mounts: list[tuple[str, Any]] = field(default_factory=list)  # (path, ASGI app), from loggers
 
 
 class _APIFront(FrontHandle):
@@ -267,6 +268,9 @@ def build_app(config: FrontConfig, dispatcher: Dispatcher) -> FastAPI:
         body = dict(config.info)
         body["workers"] = dispatcher.worker_states()
         return JSONResponse(body)
+
+    for path, mounted in config.mounts:
+        app.mount(path, mounted)
 
     if config.max_payload_size is not None:
         app.add_middleware(MaxBodySizeMiddleware, max_size=config.max_payload_size)

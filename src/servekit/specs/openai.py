@@ -71,11 +71,17 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _ENCODE_RESPONSE_MUST_YIELD = """\
-{api}.encode_response must be a generator when the API uses OpenAISpec: it receives predict's output
-and yields one message per chunk, for example
+{api}.encode_response must be a generator when the API uses OpenAISpec (encode_response is not a
+generator): it receives predict's output and yields one message per chunk, for example
 
     def encode_response(self, output):
         for text in output:
+            yield ChatMessage(role="assistant", content=text)
+
+or, with an async predict, an async generator:
+
+    async def encode_response(self, output):
+        async for text in output:
             yield ChatMessage(role="assistant", content=text)
 """
 
@@ -98,7 +104,8 @@ class OpenAISpec(OpenAIBaseSpec):
         from servekit.api import LitAPI
 
         encode = type(lit_api).encode_response
-        if encode is not LitAPI.encode_response and not inspect.isgeneratorfunction(encode):
+        yields = inspect.isgeneratorfunction(encode) or inspect.isasyncgenfunction(encode)
+        if encode is not LitAPI.encode_response and not yields:
             raise ValueError(_ENCODE_RESPONSE_MUST_YIELD.format(api=type(lit_api).__name__))
 
     def routes(self) -> list[tuple[str, Callable[..., Any], list[str]]]:

@@ -7,6 +7,7 @@ import platform
 import shutil
 import subprocess
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
@@ -38,17 +39,51 @@ def mps_available() -> bool:
 
 
 def resolve_accelerator(accelerator: str) -> str:
-    if accelerator not in ACCELERATORS:
+    """The accelerator ``auto``/``gpu`` stand for here. An explicit ``cuda`` or ``mps`` is kept even on
+    a machine without one (as LitServe does, so that servers can be built and inspected anywhere):
+    ``device_slots`` fails when the server runs."""
+    if not isinstance(accelerator, str) or accelerator.lower() not in ACCELERATORS:
         raise ValueError(f"accelerator must be one of {', '.join(ACCELERATORS)}, got {accelerator!r}")
+    accelerator = accelerator.lower()
     if accelerator == "gpu":
         accelerator = "cuda" if cuda_device_count() else ("mps" if mps_available() else "cuda")
     if accelerator == "auto":
         if cuda_device_count():
             return "cuda"
         return "mps" if mps_available() else "cpu"
-    if accelerator == "cuda" and cuda_device_count() == 0:
-        raise ValueError("accelerator='cuda' but no CUDA device is visible")
     return accelerator
+
+
+def workers_per_api(
+    workers_per_device: int | Sequence[int] | Mapping[str, int], api_paths: list[str]
+) -> list[int]:
+    """Workers per device for each API, in API order: one number for all, a list in API order, or a
+    mapping from api_path to number (APIs it leaves out get 1)."""
+    if isinstance(workers_per_device, Mapping):
+        unknown = sorted(set(workers_per_device) - set(api_paths))
+        if unknown:
+            raise ValueError(
+                f"workers_per_device names unknown api_path values {unknown}; the APIs are {api_paths}"
+            )
+        counts = [workers_per_device.get(path, 1) for path in api_paths]
+    elif isinstance(workers_per_device, list | tuple):
+        if len(workers_per_device) != len(api_paths):
+            raise ValueError(
+                f"workers_per_device list length must match the number of APIs ({len(api_paths)}: "
+                f"{api_paths}), got {len(workers_per_device)}"
+            )
+        counts = list(workers_per_device)
+    elif isinstance(workers_per_device, int) and not isinstance(workers_per_device, bool):
+        counts = [workers_per_device] * len(api_paths)
+    else:
+        raise TypeError(
+            "workers_per_device must be an int, a list of ints (one per API, in order) or a mapping "
+            f"of api_path -> int, got {workers_per_device!r}"
+        )
+    for count in counts:
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"workers_per_device values must be integers of at least 1, got {count!r}")
+    return counts
 
 
 @dataclass(frozen=True)
@@ -66,6 +101,12 @@ def device_slots(
     if workers_per_device < 1:
         raise ValueError(f"workers_per_device must be at least 1, got {workers_per_device}")
     accelerator = resolve_accelerator(accelerator)
+    if accelerator == "cuda" and cuda_device_count() == 0:
+        raise ValueError("accelerator='cuda' but no CUDA device is visible: use accelerator='cpu' or 'auto'")
+    if accelerator == "mps" and not mps_available():
+        raise ValueError(
+            "accelerator='mps' but MPS is not available (Apple silicon only): use 'cpu' or 'auto'"
+        )
     if accelerator == "cpu":
         count = 1 if devices == "auto" else (len(devices) if isinstance(devices, list) else int(devices))
         if count < 1:

@@ -29,6 +29,12 @@ from servekit.workers.inbox import Inbox, Job
 
 logger = logging.getLogger(__name__)
 
+_BATCHED_STREAM_SHAPE = (
+    "with max_batch_size > 1 and stream=True, encode_response receives the batched stream (each step a "
+    "list with one output per request) and must yield, at each step, a list with one encoded item per "
+    "request of the batch; got {got}"
+)
+
 
 def error_of(exc: BaseException, show_details: bool = False) -> tuple[int, Any]:
     """Status code and JSON-able detail for an exception raised by a user hook: errors raised on
@@ -64,6 +70,7 @@ class RequestProcessor:
                 self.encode = Hook(
                     lambda output, context: spec.encode_response(output, context_kwargs=context)
                 )
+        self.encode_overridden = type(api).encode_response is not LitAPI.encode_response
         self.batch_hook = Hook(api.batch)
         self.unbatch_hook = Hook(api.unbatch)
         self.request_model = first_argument_model(api.decode_request)
@@ -150,41 +157,77 @@ class RequestProcessor:
             self.inbox.finished(job.key)
 
     def run_stream_batch(self) -> None:
+        """LitServe's batched-streaming contract: ``predict`` gets the batch and yields one output per
+        request at each step; ``unbatch`` turns that stream into a stream of per-request lists; a
+        user's ``encode_response`` gets that whole stream (and the list of contexts) and yields, at
+        each step, one encoded item per request. Each request's items go to its client with the same
+        credit-based flow control as a single stream."""
         decoded = self._decode_batch()
         if not decoded:
             return
+        jobs = [job for job, _, _ in decoded]
         contexts = [context for _, _, context in decoded]
-        active = [True] * len(decoded)
+        active = [True] * len(jobs)
         predictions: Iterator[Any] | None = None
+        steps: Iterator[list[Any]] | None = None
+        for job in jobs:
+            self.inbox.open_stream(job.key)
         try:
             batch = self.batch_hook([x for _, x, _ in decoded], contexts)
             self._event(EventTypes.BEFORE_PREDICT)
             predictions = self.predict(batch, contexts)
-            for step_outputs in self.unbatch_hook(predictions, contexts):
-                for i, ((job, _, context), y) in enumerate(zip(decoded, step_outputs, strict=False)):
-                    if not active[i]:
-                        continue
-                    if self.inbox.is_cancelled(job.key):
-                        active[i] = False
-                        continue
-                    for item in self.encode(iter([y]), context):
-                        self.inbox.reply(job.front, Kind.CHUNK, job.rid, 200, self._stream_bytes(job, item))
+            steps = self._encoded_steps(self.unbatch_hook(predictions, contexts), contexts)
+            for step in steps:
+                if len(step) != len(jobs):
+                    raise ServerError(
+                        500, _BATCHED_STREAM_SHAPE.format(got=f"{len(step)} items for {len(jobs)}")
+                    )
+                for i, (job, items) in enumerate(zip(jobs, step, strict=True)):
+                    if active[i]:
+                        active[i] = self._send_items(job, items)
                 if not any(active):
-                    break
+                    logger.debug("every stream of the batch was cancelled by the fronts")
+                    return
             self._event(EventTypes.AFTER_PREDICT)
-            for i, (job, _, _) in enumerate(decoded):
+            for i, job in enumerate(jobs):
                 if active[i]:
                     self.inbox.reply(job.front, Kind.END, job.rid, 200, b"")
         except BaseException as exc:
-            for i, (job, _, _) in enumerate(decoded):
+            for i, job in enumerate(jobs):
                 if active[i]:
                     self._reply_error(job, exc)
         finally:
-            close = getattr(predictions, "close", None)
-            if close is not None:
-                close()
-            for job, _, _ in decoded:
+            for generator in (steps, predictions):
+                close = getattr(generator, "close", None)
+                if close is not None:
+                    close()
+            for job in jobs:
                 self.inbox.finished(job.key)
+
+    def _encoded_steps(self, unbatched: Any, contexts: list[dict[str, Any]]) -> Iterator[list[Any]]:
+        """Each step of a batched stream as one list of items per request.
+
+        A user's ``encode_response`` encodes the whole batched stream (LitServe's contract: each item
+        it yields holds one encoded value per request). Without one, each request's value is encoded
+        on its own by the default (the spec's, if any), which may yield several items for it."""
+        if self.encode_overridden:
+            for step in self.encode(unbatched, contexts):
+                if not isinstance(step, list | tuple):
+                    raise ServerError(500, _BATCHED_STREAM_SHAPE.format(got=type(step).__name__))
+                yield [[item] for item in step]
+            return
+        for step in unbatched:
+            yield [list(self.encode(iter([y]), context)) for y, context in zip(step, contexts, strict=False)]
+
+    def _send_items(self, job: Job, items: list[Any]) -> bool:
+        """Send a request's items of one step; False once its stream is cancelled."""
+        for item in items:
+            if self.inbox.is_cancelled(job.key) or not self.inbox.send_chunk(
+                job, self._stream_bytes(job, item)
+            ):
+                logger.debug("stream %s cancelled by the front", job.key)
+                return False
+        return True
 
     # --------------------------------------------------------------- helpers
     def _decode_batch(self) -> list[tuple[Job, Any, dict[str, Any]]]:

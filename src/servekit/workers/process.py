@@ -19,7 +19,7 @@ import zmq
 
 from servekit.api import LitAPI
 from servekit.callbacks import CallbackRunner, EventTypes
-from servekit.loggers import Logger, LoggerSink
+from servekit.loggers import LogSender
 from servekit.transport import Endpoints
 
 logger = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ class WorkerAssignment:
     callbacks: CallbackRunner
     status: Connection
     log_level: str
-    loggers: list[Logger]
+    has_loggers: bool  # whether LitAPI.log sends to the main process's loggers
 
 
 def _die_with_parent() -> None:
@@ -87,8 +87,8 @@ def worker_main(assignment: WorkerAssignment) -> None:
 
     fronts = [assignment.endpoints.front_inbox(i) for i in range(assignment.num_fronts)]
     inbox = Inbox(context, assignment.endpoints.worker_inbox(assignment.index), fronts)
-    if assignment.loggers:
-        api._log_sink = LoggerSink(assignment.loggers)
+    if assignment.has_loggers:
+        api._log_sink = LogSender(context, assignment.endpoints.logger_inbox())
     api._report_unhealthy = _status_reporter(assignment.status)
     try:
         api.device = assignment.device

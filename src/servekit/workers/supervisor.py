@@ -17,7 +17,6 @@ import zmq
 from servekit.api import LitAPI
 from servekit.callbacks import CallbackRunner
 from servekit.errors import WorkerSetupError
-from servekit.loggers import Logger
 from servekit.transport import Endpoints, WorkerDown, encode
 from servekit.workers.devices import DeviceSlot
 from servekit.workers.process import (
@@ -65,7 +64,7 @@ class Supervisor:
         log_level: str,
         on_fatal: Callable[[BaseException], None],
         restart_workers: bool = True,
-        loggers: list[Logger] | None = None,
+        has_loggers: bool = False,
     ) -> None:
         self._states = [_WorkerState(plan) for plan in plans]
         self._endpoints = endpoints
@@ -74,7 +73,7 @@ class Supervisor:
         self._log_level = log_level
         self._on_fatal = on_fatal
         self._restart_workers = restart_workers
-        self._loggers = loggers or []
+        self._has_loggers = has_loggers
         self._mp = multiprocessing.get_context("spawn")
         self._stopping = threading.Event()
         self._wake_reader, self._wake_writer = self._mp.Pipe(duplex=False)
@@ -137,7 +136,7 @@ class Supervisor:
             callbacks=self._callbacks,
             status=writer,
             log_level=self._log_level,
-            loggers=self._loggers,
+            has_loggers=self._has_loggers,
         )
         process = self._mp.Process(
             target=worker_main, args=(assignment,), name=f"servekit-worker-{plan.index}"

@@ -42,7 +42,8 @@ class CustomBatchAPI(ls.LitAPI):
 
 
 class StreamBatchAPI(ls.LitAPI):
-    """Batched streaming: predict gets the batch and yields one list per step (an item per request)."""
+    """Batched streaming: predict gets the batch and yields one list per step (an item per request);
+    encode_response gets that stream and yields one list of encoded items per step (LitServe's contract)."""
 
     def setup(self, device):
         pass
@@ -54,9 +55,9 @@ class StreamBatchAPI(ls.LitAPI):
         for i in range(3):
             yield [f"{t}{i}/{len(texts)}" for t in texts]
 
-    def encode_response(self, outputs):
-        for output in outputs:
-            yield {"output": output}
+    def encode_response(self, output_stream):
+        for outputs in output_stream:
+            yield [{"output": output} for output in outputs]
 
 
 if __name__ == "__main__":
