@@ -21,7 +21,7 @@ from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from servekit.errors import ServerError
 from servekit.openai.chat import ChatCompletionRequest
 from servekit.openai.completions import CompletionRequest
-from servekit.openai.errors import OpenAIError, invalid
+from servekit.openai.errors import OpenAIError, detail_message, invalid
 from servekit.openai.sse import DONE, new_id, sse_event
 from servekit.specs.base import LitSpec, until_disconnected
 from servekit.specs.llm.config import ServeConfig
@@ -287,7 +287,9 @@ class LLMServerSpec(LitSpec):
         failed = [a for a in answers if a.error is not None]
         if failed:
             flushed = [str(a.worker) for a in answers if a.error is None]
-            reasons = "; ".join(f"worker {a.worker}: {_message(a.error)}" for a in failed)
+            reasons = "; ".join(
+                f"worker {a.worker}: {detail_message(a.error.detail)}" for a in failed if a.error
+            )
             raise OpenAIError(
                 400, f"{reasons} (flushed: {', '.join(flushed) or 'none'})", code="flush_failed"
             )
@@ -336,11 +338,6 @@ class LLMServerSpec(LitSpec):
 
 def _session_key(session_id: int) -> str:
     return f"interactive-session-{session_id}"
-
-
-def _message(error: ServerError | None) -> str:
-    detail = None if error is None else error.detail
-    return str(detail.get("message", detail)) if isinstance(detail, dict) else str(detail)
 
 
 def _json(value: Any) -> Response:
