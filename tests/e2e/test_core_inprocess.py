@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -67,13 +68,19 @@ def test_test_client_starts_and_stops_real_workers() -> None:
     assert "/predict" in [getattr(route, "path", None) for route in server.app.routes]
     pids: set[int] = set()
     with wrap_litserve_start(server) as started, TestClient(started.app) as client:
-        assert client.get("/health").text == "ok"  # the lifespan waited for both workers
         assert client.get("/").text == "litserve running"
+        # As in LitServe, startup does not wait for setup: requests made meanwhile wait for a worker.
         for value in range(4):
             reply = client.post("/predict", json={"input": float(value)})
             assert reply.status_code == 200
             assert reply.json()["output"] == value**2
             pids.add(reply.json()["pid"])
+        waiter = threading.Event()
+        for _ in range(600):  # bounded: 30 s for both workers to finish setup
+            if client.get("/health").text == "ok":
+                break
+            waiter.wait(0.05)
+        assert client.get("/health").text == "ok"
     assert os.getpid() not in pids  # predict ran in worker processes
     _assert_nothing_left(server, pids)
     # The app can be entered again: its lifespan starts fresh workers.
@@ -102,12 +109,12 @@ def test_asgi_transport_streams_through_the_lifespan() -> None:
     _assert_nothing_left(server, set())
 
 
-def test_failed_setup_fails_the_startup_and_leaves_nothing() -> None:
+def test_failed_setup_fails_requests_then_the_lifespan_and_leaves_nothing() -> None:
     server = ls.LitServer(BrokenSetupAPI(), accelerator="cpu", devices=1, timeout=30)
     with (
         wrap_litserve_start(server),
         pytest.raises(WorkerSetupError, match="no model here"),
-        TestClient(server.app),
+        TestClient(server.app) as client,
     ):
-        pass
+        assert client.post("/predict", json={"input": 1.0}).status_code == 503
     _assert_nothing_left(server, set())

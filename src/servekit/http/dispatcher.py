@@ -77,12 +77,10 @@ class Dispatcher:
         self._affinity: dict[str, int] = {}  # affinity key -> worker index
         self._ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._all_ready: asyncio.Event | None = None
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._all_ready = asyncio.Event()
         # A dispatcher can be started again after close (an in-process app's second lifespan).
         self._workers, self._by_api = {}, []
         self._affinity.clear()
@@ -126,11 +124,6 @@ class Dispatcher:
     # ---------------------------------------------------------------- state
     def ready(self) -> bool:
         return all(w.state == _READY for w in self._workers.values())
-
-    async def wait_ready(self) -> None:
-        """Return once every worker has announced itself ready (call after ``start``)."""
-        assert self._all_ready is not None
-        await self._all_ready.wait()
 
     def worker_states(self) -> dict[int, str]:
         names = {_STARTING: "starting", _READY: "ready", _DEAD: "dead"}
@@ -335,8 +328,6 @@ class Dispatcher:
         worker = self._current(message.worker, message.generation)
         if worker is not None:
             worker.state = _READY
-            if self._all_ready is not None and self.ready():
-                self._all_ready.set()
 
     def _worker_down(self, message: WorkerDown) -> None:
         worker = self._current(message.worker, message.generation)
