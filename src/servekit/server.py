@@ -4,23 +4,23 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import multiprocessing
 import os
-import shutil
+import secrets
 import socket
-import tempfile
 import threading
 import warnings
 from collections.abc import Mapping, Sequence
-from multiprocessing import resource_tracker
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from servekit.api import LitAPI
 from servekit.api_checks import check_loop
 from servekit.callbacks import Callback, CallbackRunner, EventTypes
 from servekit.errors import DEBUG_ERRORS_ENV
-from servekit.http.app import FrontConfig, Middleware
-from servekit.loggers import Logger, LoggerHub
+from servekit.http.app import FrontConfig, Middleware, build_app
+from servekit.http.compression import gzip_middleware
+from servekit.http.dispatcher import Dispatcher
+from servekit.log_setup import LogSettings
+from servekit.loggers import Logger
 from servekit.mcp import mcp_tools
 from servekit.server_checks import (
     check_api_server_worker_type,
@@ -31,9 +31,12 @@ from servekit.server_checks import (
 )
 from servekit.sizes import parse_size
 from servekit.specs.base import LitSpec
-from servekit.transport import Endpoints
 from servekit.workers.devices import device_slots, resolve_accelerator, workers_per_api
-from servekit.workers.supervisor import Supervisor, WorkerPlan
+from servekit.workers.pool import WorkerPool
+from servekit.workers.supervisor import WorkerPlan
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +65,8 @@ class LitServer:
         restart_workers: bool = True,
         api_key: str | None = None,
         debug_errors: bool | None = None,
+        enable_shutdown_api: bool = False,
+        shutdown_path: str = "/shutdown",
         # Older LitServe code passes these here rather than to LitAPI.
         max_batch_size: int | None = None,
         batch_timeout: float | None = None,
@@ -107,7 +112,9 @@ class LitServer:
             if api.spec is not None:
                 api.spec.pre_setup(api)
             api.validate()
-        self._check_paths(apis, healthcheck_path, info_path)
+        if enable_shutdown_api and not shutdown_path.startswith("/"):
+            raise ValueError(f"shutdown_path must start with '/', got {shutdown_path!r}")
+        self._check_paths(apis, healthcheck_path, info_path, shutdown_path if enable_shutdown_api else None)
         mcp_tools(apis)  # an API that cannot be an MCP tool fails here, not in the front
         self.lit_apis = apis
         self.accelerator = resolve_accelerator(accelerator)
@@ -120,22 +127,63 @@ class LitServer:
         self.model_metadata = model_metadata
         self.max_payload_size = None if max_payload_size is None else parse_size(max_payload_size)
         self.callbacks = CallbackRunner(callbacks)
-        self.middlewares = list(middlewares or [])
+        # As in LitServe, the default middleware (gzip for large responses) is listed with the user's.
+        self.middlewares = [*(middlewares or []), gzip_middleware()]
         self.disable_openapi_url = disable_openapi_url
         self.restart_workers = restart_workers
         self.track_requests = track_requests
         # Without the argument, the key is LitServe's env var, read here: it is passed on as an argument.
         self.api_key = (api_key if api_key is not None else os.environ.get("LIT_SERVER_API_KEY")) or None
         self.loggers = _as_loggers(loggers)
+        self.enable_shutdown_api = enable_shutdown_api
+        self.shutdown_path = shutdown_path
+        self._shutdown_api_key = _shutdown_api_key() if enable_shutdown_api else None
+        self._pool: WorkerPool | None = None
+        self._workers_by_api: list[list[int]] = []
+        self._app: FastAPI | None = None
         self._stop_requested = threading.Event()
         self._uvicorn_servers: list[Any] = []
 
+    @property
+    def app(self) -> FastAPI:
+        """The ASGI app. Served by ``run()``; usable in-process too (Starlette's ``TestClient``, httpx's
+        ``ASGITransport`` with a lifespan manager): its lifespan then starts the inference workers
+        (real processes), waits until they are ready, and stops them at its end."""
+        if self._app is None:
+            in_process_logs = LogSettings(os.environ.get("SERVEKIT_LOG_LEVEL", "info").lower())
+            workers = self._workers()
+            dispatcher = Dispatcher(0, workers.endpoints, self._workers_by_api)
+            self._app = build_app(
+                self._front_config(),
+                dispatcher,
+                workers=workers,
+                log_settings=in_process_logs,
+                on_shutdown=self._request_stop,
+            )
+        return self._app
+
+    def _workers(self) -> WorkerPool:
+        """The inference workers, planned on first use: the devices are checked then, not when the
+        server is built."""
+        if self._pool is None:
+            plans, self._workers_by_api = self._plan_workers()
+            self._pool = WorkerPool(plans, self.callbacks, self.restart_workers, self.loggers)
+        return self._pool
+
+    def _stop_workers(self) -> None:
+        if self._pool is not None:
+            self._pool.stop()
+
     @staticmethod
-    def _check_paths(apis: list[LitAPI], healthcheck_path: str, info_path: str) -> None:
+    def _check_paths(
+        apis: list[LitAPI], healthcheck_path: str, info_path: str, shutdown_path: str | None
+    ) -> None:
         for path in (healthcheck_path, info_path):
             if not path.startswith("/"):
                 raise ValueError(f"paths must start with '/', got {path!r}")
         taken = {healthcheck_path: "the health check", info_path: "the info route"}
+        if shutdown_path is not None:
+            taken[shutdown_path] = "the shutdown API"
         for api in apis:
             paths = [e.path for e in api.spec.endpoints] if api.spec is not None else [api.api_path]
             for path in paths:
@@ -154,54 +202,52 @@ class LitServer:
         log_level: str = "info",
         generate_client_file: bool = True,
         api_server_worker_type: str | None = None,
+        pretty_logs: bool = False,
         **uvicorn_kwargs: Any,
     ) -> None:
-        log_level = os.environ.get("SERVEKIT_LOG_LEVEL", log_level).lower()
-        logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        """Serve until SIGINT/SIGTERM or the shutdown API. ``pretty_logs`` renders every process's
+        logs with rich (``pip install rich``)."""
+        log_settings = LogSettings(os.environ.get("SERVEKIT_LOG_LEVEL", log_level).lower(), pretty_logs)
+        log_settings.apply()
         port = int(port)
         if not 0 < port < 65536:
             raise ValueError(f"port must be in 1..65535, got {port}")
         num_fronts = check_num_api_servers(num_api_servers)
         check_api_server_worker_type(api_server_worker_type)
         check_mounts_for_fronts(self._logger_mounts(), num_fronts)
-        plans, workers_by_api = self._plan_workers()
+        workers = self._workers()
         if generate_client_file:
             from servekit.client_gen import write_client_file
 
             write_client_file(self.lit_apis[0], port)
 
-        directory = tempfile.mkdtemp(prefix="servekit-")
-        endpoints = Endpoints(directory)
-        front_config = self._front_config(endpoints, workers_by_api)
+        if self._shutdown_api_key is not None:
+            logger.info(
+                "shut the server down with: curl -X POST http://localhost:%d%s "
+                "-H 'Authorization: Bearer <LIT_SHUTDOWN_API_KEY>'",
+                port,
+                self.shutdown_path,
+            )
+        front_config = self._front_config()
+        app = self.app if num_fronts == 1 else None
         listener = _bind(host, port)
         fatal: list[BaseException] = []
-        hub = LoggerHub(self.loggers, endpoints.logger_inbox()) if self.loggers else None
 
         def on_fatal(error: BaseException) -> None:
             fatal.append(error)
             self._request_stop()
 
-        supervisor = Supervisor(
-            plans,
-            endpoints,
-            num_fronts,
-            self.callbacks,
-            log_level,
-            on_fatal,
-            self.restart_workers,
-            hub is not None,
-        )
+        self._stop_requested.clear()
         self.callbacks.trigger_event(EventTypes.ON_SERVER_START, litserver=self)
         try:
-            if hub is not None:
-                hub.start()
-            supervisor.start()
+            workers.start(num_fronts, log_settings, on_fatal)
+            num_workers = len(workers.plans)
             logger.info(
                 "servekit listening on http://%s:%d (%d inference worker%s on %s)",
                 host,
                 port,
-                len(plans),
-                "s" if len(plans) != 1 else "",
+                num_workers,
+                "s" if num_workers != 1 else "",
                 self.accelerator,
             )
             from servekit.http.front import serve_fronts
@@ -210,20 +256,18 @@ class LitServer:
             with contextlib.suppress(KeyboardInterrupt):
                 serve_fronts(
                     front_config,
+                    app,
                     listener,
                     num_fronts,
-                    log_level,
+                    log_settings,
                     uvicorn_kwargs,
                     self._uvicorn_servers,
                     self._stop_requested,
                 )
         finally:
-            supervisor.stop()
-            if hub is not None:
-                hub.stop()
+            workers.stop()
             listener.close()
-            shutil.rmtree(directory, ignore_errors=True)
-            _wait_for_children()
+            self._uvicorn_servers.clear()
             self.callbacks.trigger_event(EventTypes.ON_SERVER_END, litserver=self)
         if fatal:
             raise fatal[0]
@@ -248,11 +292,12 @@ class LitServer:
         """The ASGI apps the loggers asked to serve (``Logger.mount``)."""
         return [mount for sink in self.loggers for mount in sink.mounts]
 
-    def _front_config(self, endpoints: Endpoints, workers_by_api: list[list[int]]) -> FrontConfig:
+    def _front_config(self) -> FrontConfig:
+        workers = self._workers()
         return FrontConfig(
             apis=self.lit_apis,
-            workers_by_api=workers_by_api,
-            endpoints=endpoints,
+            workers_by_api=self._workers_by_api,
+            endpoints=workers.endpoints,
             timeout=self.timeout,
             healthcheck_path=self.healthcheck_path,
             info_path=self.info_path,
@@ -263,6 +308,9 @@ class LitServer:
             api_key=self.api_key,
             disable_openapi_url=self.disable_openapi_url,
             mounts=self._logger_mounts(),
+            enable_shutdown_api=self.enable_shutdown_api,
+            shutdown_path=self.shutdown_path,
+            shutdown_api_key=self._shutdown_api_key,
         )
 
     def _info(self) -> dict[str, Any]:
@@ -299,18 +347,14 @@ def _as_loggers(loggers: Any) -> list[Logger]:
     return items
 
 
-def _wait_for_children(timeout: float = 10.0) -> None:
-    """Return only once every process this server started has exited: the workers and fronts
-    (stopped already), and multiprocessing's resource tracker, which otherwise outlives the server
-    by a moment (it exits when it notices its pipe closed)."""
-    for child in multiprocessing.active_children():
-        child.join(timeout)
-        if child.is_alive():
-            child.kill()
-            child.join(timeout)
-    stop_tracker = getattr(resource_tracker._resource_tracker, "_stop", None)  # private, Python 3.8+
-    if stop_tracker is not None:
-        stop_tracker()
+def _shutdown_api_key() -> str:
+    """LitServe's ``LIT_SHUTDOWN_API_KEY``; without it, a key made up now and logged once."""
+    key = os.environ.get("LIT_SHUTDOWN_API_KEY")
+    if key:
+        return key
+    key = secrets.token_urlsafe(32)
+    logger.warning("the shutdown API is enabled but LIT_SHUTDOWN_API_KEY is not set; its key is: %s", key)
+    return key
 
 
 def _bind(host: str, port: int) -> socket.socket:

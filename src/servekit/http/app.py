@@ -20,13 +20,16 @@ from starlette.routing import Route
 from servekit.api import LitAPI
 from servekit.callbacks import CallbackRunner, EventTypes
 from servekit.errors import ServerError
-from servekit.http.auth import APIKeyCheck
+from servekit.http.auth import APIKeyCheck, ShutdownKeyCheck
 from servekit.http.dispatcher import Dispatcher
 from servekit.http.forms import read_form
+from servekit.http.lifespan import serving
 from servekit.http.limits import MaxBodySizeMiddleware
+from servekit.log_setup import LogSettings
 from servekit.mcp import MCP_PATH, mcp_tools
 from servekit.specs.base import FrontHandle, LitSpec, wait_for_disconnect
 from servekit.transport import Encoding, Endpoints
+from servekit.workers.pool import WorkerPool
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +53,9 @@ class FrontConfig:
     api_key: str | None = None
     disable_openapi_url: bool = False
     mounts: list[tuple[str, Any]] = field(default_factory=list)  # (path, ASGI app), from loggers
+    enable_shutdown_api: bool = False
+    shutdown_path: str = "/shutdown"
+    shutdown_api_key: str | None = None
 
 
 class _APIFront(FrontHandle):
@@ -171,19 +177,24 @@ def _check_content_type(request: Request) -> None:
         )
 
 
-def build_app(config: FrontConfig, dispatcher: Dispatcher) -> FastAPI:
+def build_app(
+    config: FrontConfig,
+    dispatcher: Dispatcher,
+    *,
+    workers: WorkerPool | None = None,
+    log_settings: LogSettings | None = None,
+    on_shutdown: Callable[[], None] | None = None,
+) -> FastAPI:
+    """The app of one front. Its lifespan starts ``workers`` if they are not running yet (in-process
+    use), with ``log_settings``; the shutdown API, if enabled, calls ``on_shutdown``."""
     lifespans: list[Callable[[], AbstractAsyncContextManager[None]]] = []
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        dispatcher.start()
-        try:
-            async with AsyncExitStack() as stack:
-                for extra in lifespans:
-                    await stack.enter_async_context(extra())
-                yield
-        finally:
-            dispatcher.close()
+        async with serving(dispatcher, workers, log_settings or LogSettings()), AsyncExitStack() as stack:
+            for extra in lifespans:
+                await stack.enter_async_context(extra())
+            yield
 
     app = FastAPI(
         title="servekit",
@@ -272,6 +283,14 @@ def build_app(config: FrontConfig, dispatcher: Dispatcher) -> FastAPI:
     for path, mounted in config.mounts:
         app.mount(path, mounted)
 
+    # LitServe's root: a running server says so (behind the API key, as /info is).
+    @app.get("/", dependencies=info_dependencies, response_class=PlainTextResponse)
+    async def root() -> Response:
+        return PlainTextResponse("litserve running")
+
+    if config.enable_shutdown_api and on_shutdown is not None:
+        _add_shutdown_route(app, config, on_shutdown)
+
     if config.max_payload_size is not None:
         app.add_middleware(MaxBodySizeMiddleware, max_size=config.max_payload_size)
     for middleware in config.middlewares:
@@ -281,6 +300,16 @@ def build_app(config: FrontConfig, dispatcher: Dispatcher) -> FastAPI:
         else:
             app.add_middleware(middleware)  # type: ignore[arg-type]
     return app
+
+
+def _add_shutdown_route(app: FastAPI, config: FrontConfig, on_shutdown: Callable[[], None]) -> None:
+    assert config.shutdown_api_key is not None
+    key_check = ShutdownKeyCheck(config.shutdown_api_key)
+
+    @app.post(config.shutdown_path, dependencies=[Depends(key_check)], response_class=PlainTextResponse)
+    async def shutdown() -> Response:
+        on_shutdown()
+        return PlainTextResponse("Server is initiating graceful shutdown.")
 
 
 def _plain_endpoint(

@@ -81,6 +81,9 @@ class Dispatcher:
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        # A dispatcher can be started again after close (an in-process app's second lifespan).
+        self._workers, self._by_api = {}, []
+        self._affinity.clear()
         self._context = zmq.Context()
         self._inbox = self._context.socket(zmq.PULL)
         self._inbox.setsockopt(zmq.LINGER, 0)

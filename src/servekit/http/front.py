@@ -7,13 +7,16 @@ import multiprocessing
 import signal
 import socket
 import threading
+from multiprocessing.synchronize import Event as ProcessEvent
 from types import FrameType
 from typing import Any
 
 import uvicorn
+from fastapi import FastAPI
 
 from servekit.http.app import FrontConfig, build_app
 from servekit.http.dispatcher import Dispatcher
+from servekit.log_setup import LogSettings
 
 logger = logging.getLogger(__name__)
 
@@ -29,54 +32,64 @@ class _Server(uvicorn.Server):
         self._captured_signals.clear()
 
 
-def _uvicorn_server(
-    config: FrontConfig, front_index: int, log_level: str, extra: dict[str, Any]
-) -> uvicorn.Server:
-    dispatcher = Dispatcher(front_index, config.endpoints, config.workers_by_api)
-    app = build_app(config, dispatcher)
+def _uvicorn_server(app: FastAPI, log_settings: LogSettings, extra: dict[str, Any]) -> uvicorn.Server:
     options: dict[str, Any] = {
-        "log_level": log_level,
-        "access_log": log_level in ("debug", "info"),
+        "log_level": log_settings.level,
+        "access_log": log_settings.level in ("debug", "info"),
         "loop": "uvloop",
         "http": "httptools",
         "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_S,
         "backlog": 2048,
     }
+    if log_settings.pretty:
+        options["log_config"] = None  # uvicorn's records go to the (rich) root handler
     options.update(extra)
     return _Server(uvicorn.Config(app, **options))
 
 
 def _front_process_main(
-    config: FrontConfig, front_index: int, listener: socket.socket, log_level: str, extra: dict[str, Any]
+    config: FrontConfig,
+    front_index: int,
+    listener: socket.socket,
+    log_settings: LogSettings,
+    extra: dict[str, Any],
+    shutdown_requested: ProcessEvent,
 ) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process turns Ctrl+C into SIGTERM for us
-    logging.basicConfig(level=log_level.upper())
-    server = _uvicorn_server(config, front_index, log_level, extra)
-    server.run(sockets=[listener])
+    log_settings.apply()
+    dispatcher = Dispatcher(front_index, config.endpoints, config.workers_by_api)
+    app = build_app(config, dispatcher, on_shutdown=shutdown_requested.set)
+    _uvicorn_server(app, log_settings, extra).run(sockets=[listener])
 
 
 def serve_fronts(
     config: FrontConfig,
+    app: FastAPI | None,
     listener: socket.socket,
     num_fronts: int,
-    log_level: str,
+    log_settings: LogSettings,
     extra: dict[str, Any],
     servers: list[Any],
     stop_requested: threading.Event,
 ) -> None:
-    """Serve until SIGINT/SIGTERM (or a fatal worker error sets ``stop_requested``)."""
+    """Serve until SIGINT/SIGTERM, the shutdown API, or a fatal worker error sets ``stop_requested``.
+
+    One front serves ``app`` in this process; several fronts each build theirs from ``config``.
+    """
     if num_fronts == 1:
-        server = _uvicorn_server(config, 0, log_level, extra)
+        assert app is not None
+        server = _uvicorn_server(app, log_settings, extra)
         servers.append(server)
         if stop_requested.is_set():
             return
         server.run(sockets=[listener])
         return
     mp = multiprocessing.get_context("spawn")
+    shutdown_requested = mp.Event()
     processes = [
         mp.Process(
             target=_front_process_main,
-            args=(config, index, listener, log_level, extra),
+            args=(config, index, listener, log_settings, extra, shutdown_requested),
             name=f"servekit-front-{index}",
         )
         for index in range(num_fronts)
@@ -90,6 +103,9 @@ def serve_fronts(
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         while not stop_requested.wait(0.5):
+            if shutdown_requested.is_set():
+                logger.info("shutdown requested through the shutdown API")
+                break
             if not all(p.is_alive() for p in processes):
                 logger.error("an HTTP front process exited; shutting down")
                 break

@@ -19,6 +19,7 @@ import zmq
 
 from servekit.api import LitAPI
 from servekit.callbacks import CallbackRunner, EventTypes
+from servekit.log_setup import LogSettings
 from servekit.loggers import LogSender
 from servekit.transport import Endpoints
 
@@ -41,7 +42,7 @@ class WorkerAssignment:
     num_fronts: int
     callbacks: CallbackRunner
     status: Connection
-    log_level: str
+    log_settings: LogSettings
     has_loggers: bool  # whether LitAPI.log sends to the main process's loggers
 
 
@@ -72,10 +73,7 @@ def worker_main(assignment: WorkerAssignment) -> None:
     _die_with_parent()
     # Ctrl+C reaches the whole process group; the main process drives a graceful shutdown.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(
-        level=assignment.log_level.upper(),
-        format="%(asctime)s %(levelname)s [worker %(process)d] %(message)s",
-    )
+    assignment.log_settings.apply("%(asctime)s %(levelname)s [worker %(process)d] %(message)s")
     os.environ["SERVEKIT_WORKER_ID"] = str(assignment.index)
     os.environ["LITSERVE_WORKER_ID"] = str(assignment.index)
     api = assignment.api

@@ -17,6 +17,7 @@ import zmq
 from servekit.api import LitAPI
 from servekit.callbacks import CallbackRunner
 from servekit.errors import WorkerSetupError
+from servekit.log_setup import LogSettings
 from servekit.transport import Endpoints, WorkerDown, encode
 from servekit.workers.devices import DeviceSlot
 from servekit.workers.process import (
@@ -61,7 +62,7 @@ class Supervisor:
         endpoints: Endpoints,
         num_fronts: int,
         callbacks: CallbackRunner,
-        log_level: str,
+        log_settings: LogSettings,
         on_fatal: Callable[[BaseException], None],
         restart_workers: bool = True,
         has_loggers: bool = False,
@@ -70,7 +71,7 @@ class Supervisor:
         self._endpoints = endpoints
         self._num_fronts = num_fronts
         self._callbacks = callbacks
-        self._log_level = log_level
+        self._log_settings = log_settings
         self._on_fatal = on_fatal
         self._restart_workers = restart_workers
         self._has_loggers = has_loggers
@@ -135,7 +136,7 @@ class Supervisor:
             num_fronts=self._num_fronts,
             callbacks=self._callbacks,
             status=writer,
-            log_level=self._log_level,
+            log_settings=self._log_settings,
             has_loggers=self._has_loggers,
         )
         process = self._mp.Process(

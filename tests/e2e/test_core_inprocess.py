@@ -1,0 +1,120 @@
+"""An API tested in-process through ``LitServer.app``: no port, but real worker processes."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+import servekit as ls
+from servekit.errors import WorkerSetupError
+from servekit.testing import wrap_litserve_start
+from servekit.utils import wrap_litserve_start as wrap_from_utils
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class SquareAPI(ls.LitAPI):
+    def setup(self, device: str) -> None:
+        self.model = lambda x: x**2
+
+    def decode_request(self, request: Any) -> Any:
+        return request["input"]
+
+    def predict(self, x: Any) -> Any:
+        return self.model(x)
+
+    def encode_response(self, output: Any) -> Any:
+        return {"output": output, "pid": os.getpid()}
+
+
+class WordsAPI(ls.LitAPI):
+    def setup(self, device: str) -> None:
+        pass
+
+    def decode_request(self, request: Any) -> Any:
+        return request["prompt"]
+
+    def predict(self, prompt: Any) -> Any:
+        yield from prompt.split()
+
+    def encode_response(self, outputs: Any) -> Any:
+        for word in outputs:
+            yield {"word": word}
+
+
+class BrokenSetupAPI(SquareAPI):
+    def setup(self, device: str) -> None:
+        raise RuntimeError("no model here")
+
+
+def _assert_nothing_left(server: ls.LitServer, pids: set[int]) -> None:
+    assert multiprocessing.active_children() == []
+    assert not Path(server._workers().endpoints.directory).exists()
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_test_client_starts_and_stops_real_workers() -> None:
+    server = ls.LitServer(SquareAPI(), accelerator="cpu", devices=1, workers_per_device=2, timeout=30)
+    assert "/predict" in [getattr(route, "path", None) for route in server.app.routes]
+    pids: set[int] = set()
+    with wrap_litserve_start(server) as started, TestClient(started.app) as client:
+        assert client.get("/").text == "litserve running"
+        # As in LitServe, startup does not wait for setup: requests made meanwhile wait for a worker.
+        for value in range(4):
+            reply = client.post("/predict", json={"input": float(value)})
+            assert reply.status_code == 200
+            assert reply.json()["output"] == value**2
+            pids.add(reply.json()["pid"])
+        waiter = threading.Event()
+        for _ in range(600):  # bounded: 30 s for both workers to finish setup
+            if client.get("/health").text == "ok":
+                break
+            waiter.wait(0.05)
+        assert client.get("/health").text == "ok"
+    assert os.getpid() not in pids  # predict ran in worker processes
+    _assert_nothing_left(server, pids)
+    # The app can be entered again: its lifespan starts fresh workers.
+    with wrap_from_utils(server), TestClient(server.app) as client:
+        again = client.post("/predict", json={"input": 3.0}).json()
+    assert again["output"] == 9.0
+    assert again["pid"] not in pids
+    _assert_nothing_left(server, {again["pid"]})
+
+
+def test_asgi_transport_streams_through_the_lifespan() -> None:
+    server = ls.LitServer(WordsAPI(stream=True), accelerator="cpu", devices=1, timeout=30)
+
+    async def scenario() -> list[str]:
+        app = server.app
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client,
+            client.stream("POST", "/predict", json={"prompt": "servekit streams words"}) as reply,
+        ):
+            assert reply.status_code == 200
+            return [line async for line in reply.aiter_lines() if line]
+
+    lines = asyncio.run(scenario())
+    assert lines == ['{"word":"servekit"}', '{"word":"streams"}', '{"word":"words"}']
+    _assert_nothing_left(server, set())
+
+
+def test_failed_setup_fails_requests_then_the_lifespan_and_leaves_nothing() -> None:
+    server = ls.LitServer(BrokenSetupAPI(), accelerator="cpu", devices=1, timeout=30)
+    with (
+        wrap_litserve_start(server),
+        pytest.raises(WorkerSetupError, match="no model here"),
+        TestClient(server.app) as client,
+    ):
+        assert client.post("/predict", json={"input": 1.0}).status_code == 503
+    _assert_nothing_left(server, set())
