@@ -1,6 +1,7 @@
 """servekit: a high-throughput serving engine for AI models (LitServe-compatible API)."""
 
 import importlib
+from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -10,13 +11,20 @@ from servekit.api import LitAPI
 from servekit.callbacks import Callback
 from servekit.errors import ServerError
 from servekit.loggers import Logger
-from servekit.server import LitServer
 from servekit.specs import LitSpec
+
+if TYPE_CHECKING:
+    from servekit.server import LitServer
 
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> object:
+    # The HTTP server (FastAPI) is imported on first use: inference workers never need it.
+    if name == "LitServer":
+        from servekit.server import LitServer
+
+        return LitServer
     # The OpenAI specs pull in their pydantic models: imported on first use only.
     if name in ("OpenAISpec", "OpenAIEmbeddingSpec", "OpenAIImageSpec"):
         return getattr(specs, name)

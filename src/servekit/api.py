@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from servekit.api_checks import TimedInit, check_async_hooks, check_batch_hooks, check_loop
+from servekit.json_values import jsonable
 
 if TYPE_CHECKING:
     from servekit.mcp import MCP
@@ -169,6 +171,16 @@ class LitAPI(metaclass=TimedInit):
             return self._spec.encode_response(output, **kwargs)
         return output
 
+    def format_encoded_response(self, data: Any) -> Any:
+        """How one item of a stream is framed for the client; override it for another framing (say,
+        ``f"data: {json.dumps(data)}\\n\\n"``). Dicts and pydantic models become JSON lines; strings
+        and bytes are sent as they are; anything else is sent as a JSON line too."""
+        if isinstance(data, dict):
+            return json.dumps(data, default=jsonable) + "\n"
+        if hasattr(data, "model_dump_json") and callable(data.model_dump_json):
+            return data.model_dump_json() + "\n"
+        return data
+
     def health(self) -> bool:
         """Extra health check, called by ``/health`` in the HTTP front process."""
         return True
@@ -190,6 +202,15 @@ class LitAPI(metaclass=TimedInit):
         self._log_sink(key, value)
 
     # ------------------------------------------------------------- validation
+    def pre_setup(self, spec: LitSpec | None = None) -> None:
+        """Get ready to be served (``LitServer`` calls it; LitServe's name): attach ``spec`` if given,
+        let the spec adapt the API, then check the hooks against the settings."""
+        if spec is not None:
+            self.spec = spec
+        if self._spec is not None:
+            self._spec.pre_setup(self)
+        self.validate()
+
     def validate(self) -> None:
         """Check the hooks against the settings before any worker starts."""
         predict = type(self).predict

@@ -109,9 +109,7 @@ class LitServer:
         for api in apis:
             api.request_timeout = self.timeout
             api._debug_errors = self.debug_errors
-            if api.spec is not None:
-                api.spec.pre_setup(api)
-            api.validate()
+            api.pre_setup()
         if enable_shutdown_api and not shutdown_path.startswith("/"):
             raise ValueError(f"shutdown_path must start with '/', got {shutdown_path!r}")
         self._check_paths(apis, healthcheck_path, info_path, shutdown_path if enable_shutdown_api else None)

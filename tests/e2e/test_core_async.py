@@ -28,9 +28,9 @@ def test_async_stream_and_disconnect(tmp_path: Path) -> None:
     marker = tmp_path / "closed"
     with serve_script("async_api.py", tmp_path, args=["stream"]) as server:
         lines = httpx.post(f"{server.url}/predict", json={"n": 3}, timeout=30).text.splitlines()
-        assert lines == ['{"output":0}', '{"output":1}', '{"output":2}']
+        assert lines == ['{"output": 0}', '{"output": 1}', '{"output": 2}']
         with requests.post(
             f"{server.url}/predict", json={"n": 10**9, "closed_marker": str(marker)}, stream=True, timeout=30
         ) as response:
-            assert next(response.iter_lines()) == b'{"output":0}'
+            assert next(response.iter_lines()) == b'{"output": 0}'
         assert wait_for_text(marker) == "closed"

@@ -107,8 +107,8 @@ def test_batched_streaming_gives_each_request_its_own_stream(tmp_path: Path) -> 
             pool.map(lambda t: client.post(f"{server.url}/stream", json={"text": t}).text, ["a", "b"])
         )
     # Both requests ran in one batch of 2; each stream carries only its own items.
-    assert replies[0].splitlines() == ['{"output":"a0/2"}', '{"output":"a1/2"}', '{"output":"a2/2"}']
-    assert replies[1].splitlines() == ['{"output":"b0/2"}', '{"output":"b1/2"}', '{"output":"b2/2"}']
+    assert replies[0].splitlines() == ['{"output": "a0/2"}', '{"output": "a1/2"}', '{"output": "a2/2"}']
+    assert replies[1].splitlines() == ['{"output": "b0/2"}', '{"output": "b1/2"}', '{"output": "b2/2"}']
 
 
 def test_batch_window_closes_at_timeout_for_a_lone_request(tmp_path: Path) -> None:
@@ -137,10 +137,10 @@ def test_streaming_items_arrive_as_produced(tmp_path: Path) -> None:
             release = writer[0]
             assert response.headers["content-type"].startswith("application/x-ndjson")
             lines = response.iter_lines()
-            assert next(lines) == b'{"output":0}'
+            assert next(lines) == b'{"output": 0}'
             for i in range(1, 3):
                 release.write(b"x")  # the server produces item i only after this byte
-                assert next(lines) == f'{{"output":{i}}}'.encode()
+                assert next(lines) == f'{{"output": {i}}}'.encode()
             release.close()
             assert list(lines) == []
 
@@ -152,13 +152,13 @@ def test_streaming_disconnect_closes_the_generator(tmp_path: Path) -> None:
             f"{server.url}/predict", json={"n": 10**9, "closed_marker": str(marker)}, stream=True, timeout=30
         ) as response:
             lines = response.iter_lines()
-            assert next(lines) == b'{"output":0}'
+            assert next(lines) == b'{"output": 0}'
         # The worker notices the cancellation and closes predict's generator, which writes the marker.
         assert wait_for_text(marker) == "closed"
         # The worker is free again for the next request.
         assert httpx.post(f"{server.url}/predict", json={"n": 2}, timeout=10).text.splitlines() == [
-            '{"output":0}',
-            '{"output":1}',
+            '{"output": 0}',
+            '{"output": 1}',
         ]
 
 

@@ -50,6 +50,13 @@ class WordsAPI(ls.LitAPI):
             yield {"word": word}
 
 
+class ServerSentWordsAPI(WordsAPI):
+    """Frames its stream as server-sent events by overriding LitServe's ``format_encoded_response``."""
+
+    def format_encoded_response(self, data: Any) -> Any:
+        return f"data: {data['word']}\n\n"
+
+
 class BrokenSetupAPI(SquareAPI):
     def setup(self, device: str) -> None:
         raise RuntimeError("no model here")
@@ -105,7 +112,7 @@ def test_asgi_transport_streams_through_the_lifespan() -> None:
             return [line async for line in reply.aiter_lines() if line]
 
     lines = asyncio.run(scenario())
-    assert lines == ['{"word":"servekit"}', '{"word":"streams"}', '{"word":"words"}']
+    assert lines == ['{"word": "servekit"}', '{"word": "streams"}', '{"word": "words"}']  # as LitServe writes
     _assert_nothing_left(server, set())
 
 
@@ -118,3 +125,11 @@ def test_failed_setup_fails_requests_then_the_lifespan_and_leaves_nothing() -> N
     ):
         assert client.post("/predict", json={"input": 1.0}).status_code == 503
     _assert_nothing_left(server, set())
+
+
+def test_format_encoded_response_frames_each_streamed_item() -> None:
+    server = ls.LitServer(ServerSentWordsAPI(stream=True), accelerator="cpu", devices=1, timeout=30)
+    with wrap_litserve_start(server) as s, TestClient(s.app) as client:
+        reply = client.post("/predict", json={"prompt": "one two three"})
+        assert reply.status_code == 200
+        assert reply.text == "data: one\n\ndata: two\n\ndata: three\n\n"

@@ -50,7 +50,7 @@ def test_ready_made_examples_and_generated_client(tmp_path: Path) -> None:
         assert httpx.post(f"{server.url}/simple", json={"input": 4.0}).json() == {"output": 16.0}
         assert httpx.post(f"{server.url}/batched", json={"input": 3.0}).json() == {"output": 9.0}
         lines = httpx.post(f"{server.url}/stream", json={"input": "hi"}).text.splitlines()
-        assert lines == ['{"output":"0: hi"}', '{"output":"1: hi"}', '{"output":"2: hi"}']
+        assert lines == ['{"output": "0: hi"}', '{"output": "1: hi"}', '{"output": "2: hi"}']
         assert isinstance(httpx.post(f"{server.url}/torch", json={"input": 1.0}).json()["output"], float)
         client_file = tmp_path / "client.py"
         assert client_file.exists()

@@ -41,9 +41,9 @@ def test_large_responses_are_gzipped_and_streams_are_not(tmp_path: Path) -> None
             assert reply.status_code == 200
             assert "content-encoding" not in reply.headers
             lines = reply.iter_lines()
-            assert next(lines) == '{"step":"first"}'
+            assert next(lines) == '{"step": "first"}'
             marker.write_text("yes")
-            assert [line for line in lines if line] == ['{"step":"after-marker"}']
+            assert [line for line in lines if line] == ['{"step": "after-marker"}']
 
 
 @pytest.mark.parametrize("fronts", ["1", "2"])

@@ -463,7 +463,7 @@ def _check_batched_context(url: str) -> None:
 def _check_batched_stream(url: str) -> None:
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         replies = list(pool.map(lambda x: _post(url, "/predict", {"input": x}).text, [5.0, 6.0]))
-    assert replies == ['{"output":5.0}\n', '{"output":6.0}\n']
+    assert replies == ['{"output": 5.0}\n', '{"output": 6.0}\n']
 
 
 def _check_usage(url: str) -> None:
@@ -491,7 +491,7 @@ SERVERS: dict[str, tuple[str, Callable[[str], None]]] = {
         STREAM,
         lambda url: _expect(
             _post(url, "/predict", {"input": 1.0}).text.splitlines(),
-            [f'{{"output":{float(i)}}}' for i in range(10)],
+            [f'{{"output": {float(i)}}}' for i in range(10)],
         ),
     ),
     "pydantic": (

@@ -208,6 +208,10 @@ def test_errors(server: RunningServer, client: openai.OpenAI) -> None:
     assert not_json.status_code == 400
     empty = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": []})
     assert empty.status_code == 400 and empty.json()["error"]["param"] == "messages"
+    # 0 is valid on the wire (a LitServer OpenAISpec passes it to the user's model); the engine refuses it.
+    for field in ("max_tokens", "max_completion_tokens"):
+        zero = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": MESSAGES, field: 0})
+        assert zero.status_code == 400 and zero.json()["error"]["param"] == field
 
 
 def test_context_limit_finishes_with_length(client: openai.OpenAI) -> None:

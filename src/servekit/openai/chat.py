@@ -28,8 +28,9 @@ class ChatCompletionRequest(SamplingFields):
 
     messages: list[ChatMessage] = Field(min_length=1)
     temperature: float | None = Field(0.7, ge=0, le=2)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    # 0 is a valid value on the wire; the engine, which cannot generate 0 tokens, refuses it itself.
+    max_tokens: int | None = Field(None, ge=0)
+    max_completion_tokens: int | None = Field(None, ge=0)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[Tool] | None = None
@@ -59,7 +60,13 @@ class ChatCompletionRequest(SamplingFields):
             logprobs = self.top_logprobs or 0
         elif self.top_logprobs:
             raise invalid("top_logprobs needs logprobs set to true", "top_logprobs")
-        return self._sampling_params(self.max_completion_tokens or self.max_tokens, logprobs)
+        limit = self.max_tokens if self.max_completion_tokens is None else self.max_completion_tokens
+        return self._sampling_params(limit, logprobs)
+
+    def param_name(self, engine_param: str) -> str:
+        if engine_param == "max_tokens" and self.max_completion_tokens is not None:
+            return "max_completion_tokens"
+        return super().param_name(engine_param)
 
 
 FinishReason = Literal["stop", "length", "tool_calls", "content_filter", "function_call"]

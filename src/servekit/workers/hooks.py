@@ -11,6 +11,7 @@ import orjson
 from pydantic import BaseModel, ValidationError
 
 from servekit.errors import ServerError
+from servekit.json_values import jsonable
 
 
 def accepts_context(hook: Callable[..., Any]) -> bool:
@@ -87,20 +88,10 @@ def parse_json_body(body: bytes, model: type[BaseModel] | None) -> Any:
         raise ServerError(400, f"Request body is not valid JSON: {error}") from None
 
 
-def _default(value: Any) -> Any:
-    if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
-    if hasattr(value, "tolist"):  # torch tensors, numpy scalars
-        return value.tolist()
-    if isinstance(value, set | frozenset | tuple):
-        return list(value)
-    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
-
-
 def to_json(value: Any) -> bytes:
     if isinstance(value, BaseModel):
         return value.model_dump_json().encode()
-    return orjson.dumps(value, default=_default, option=orjson.OPT_SERIALIZE_NUMPY)
+    return orjson.dumps(value, default=jsonable, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 def validate_output(value: Any, model: type[BaseModel] | None) -> Any:
@@ -113,7 +104,7 @@ def validate_output(value: Any, model: type[BaseModel] | None) -> Any:
 
 
 def stream_item_bytes(item: Any) -> bytes:
-    """One streamed item as the client sees it: JSON lines for structured values."""
+    """One streamed item, as ``LitAPI.format_encoded_response`` framed it, as the client sees it."""
     if isinstance(item, bytes):
         return item
     if isinstance(item, str):

@@ -283,7 +283,7 @@ class RequestProcessor:
 
     def _stream_bytes(self, job: Job, item: Any) -> bytes:
         if self.api.spec is None:
-            return stream_item_bytes(item)
+            return stream_item_bytes(self.api.format_encoded_response(item))
         return to_json(item)  # specs frame the items themselves
 
     def _reply_error(self, job: Job, exc: BaseException) -> None:
