@@ -57,6 +57,52 @@ class ServerSentWordsAPI(WordsAPI):
         return f"data: {data['word']}\n\n"
 
 
+class BatchedWordsAPI(WordsAPI):
+    """LitServe's batched streaming: one output per request at each step."""
+
+    def predict(self, prompts: Any) -> Any:
+        for i in range(2):
+            yield [f"{p}{i}" for p in prompts]
+
+    def encode_response(self, steps: Any) -> Any:
+        for outputs in steps:
+            yield [{"word": o} for o in outputs]
+
+
+class AsyncWordsAPI(WordsAPI):
+    async def predict(self, prompt: Any) -> Any:
+        for word in prompt.split():
+            yield word
+
+
+class AsyncSquareAPI(SquareAPI):
+    async def predict(self, x: Any) -> Any:
+        return x * x
+
+
+class EventLog(ls.Callback):
+    """Appends the name of every predict/encode event a worker fires to a file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def _write(self, name: str) -> None:
+        with open(self.path, "a") as f:
+            f.write(name + "\n")
+
+    def on_before_predict(self, *args: Any, **kwargs: Any) -> None:
+        self._write("before_predict")
+
+    def on_after_predict(self, *args: Any, **kwargs: Any) -> None:
+        self._write("after_predict")
+
+    def on_before_encode_response(self, *args: Any, **kwargs: Any) -> None:
+        self._write("before_encode_response")
+
+    def on_after_encode_response(self, *args: Any, **kwargs: Any) -> None:
+        self._write("after_encode_response")
+
+
 class BrokenSetupAPI(SquareAPI):
     def setup(self, device: str) -> None:
         raise RuntimeError("no model here")
@@ -133,3 +179,26 @@ def test_format_encoded_response_frames_each_streamed_item() -> None:
         reply = client.post("/predict", json={"prompt": "one two three"})
         assert reply.status_code == 200
         assert reply.text == "data: one\n\ndata: two\n\ndata: three\n\n"
+
+
+@pytest.mark.parametrize(
+    ("make_api", "body"),
+    [
+        (lambda: WordsAPI(stream=True), {"prompt": "a b"}),
+        (lambda: BatchedWordsAPI(stream=True, max_batch_size=2, batch_timeout=0.01), {"prompt": "a"}),
+        (lambda: AsyncWordsAPI(stream=True, enable_async=True), {"prompt": "a b"}),
+        (lambda: AsyncSquareAPI(enable_async=True), {"input": 3}),
+    ],
+    ids=["stream", "batched-stream", "async-stream", "async"],
+)
+def test_every_loop_fires_the_predict_and_encode_callbacks(make_api: Any, body: Any, tmp_path: Path) -> None:
+    log = tmp_path / "events"
+    server = ls.LitServer(make_api(), accelerator="cpu", devices=1, callbacks=[EventLog(str(log))])
+    with wrap_litserve_start(server) as s, TestClient(s.app) as client:
+        assert client.post("/predict", json=body).status_code == 200
+    events = log.read_text().split()
+    assert sorted(events) == sorted(
+        ["before_predict", "after_predict", "before_encode_response", "after_encode_response"]
+    )
+    assert events.index("before_predict") < events.index("after_predict")
+    assert events.index("before_encode_response") < events.index("after_encode_response")

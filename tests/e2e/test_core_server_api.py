@@ -71,7 +71,7 @@ def test_shutdown_api_is_off_by_default_and_its_path_is_checked() -> None:
     assert not ls.LitServer(SquareAPI(), accelerator="cpu").enable_shutdown_api
     with pytest.raises(ValueError, match="shutdown_path must start with '/'"):
         ls.LitServer(SquareAPI(), accelerator="cpu", enable_shutdown_api=True, shutdown_path="stop")
-    with pytest.raises(ValueError, match="already used by the shutdown API"):
+    with pytest.raises(ValueError, match="already in use by the shutdown API"):
         ls.LitServer(SquareAPI(api_path="/shutdown"), accelerator="cpu", enable_shutdown_api=True)
 
 

@@ -126,3 +126,19 @@ def test_predict_returning_plain_lists_without_usage(tmp_path: Path) -> None:
         assert reply.usage.prompt_tokens == 0
         with pytest.raises(openai.BadRequestError, match="does not support 'dimensions'"):
             client.embeddings.create(model="toy-embed", input="a", dimensions=4)
+
+
+def test_batched_requests_reach_a_litserve_style_encode_response(tmp_path: Path) -> None:
+    env = {"EMBED_API": "litserve", "BATCH": "4", "BATCH_TIMEOUT": "2"}
+    with serve_script("openai_embedding.py", tmp_path, env=env) as server:
+        client = client_for(server.url)
+        requests = [["one"], ["two", "three"], ["four"], ["five", "six", "seven"]]
+
+        def embed(inputs: list[str]) -> list[np.ndarray]:
+            reply = client.embeddings.create(model="toy-embed", input=inputs)
+            return [np.asarray(d.embedding, dtype=np.float32) for d in reply.data]
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            replies = list(pool.map(embed, requests))
+        for inputs, vectors in zip(requests, replies, strict=True):
+            assert [v.tolist() for v in vectors] == [toy_vector(text).tolist() for text in inputs]

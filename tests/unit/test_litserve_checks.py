@@ -167,3 +167,27 @@ def test_cuda_without_gpus_fails_when_the_server_runs(
     with pytest.raises(ValueError, match="no CUDA device is visible"):
         server.run(host="127.0.0.1", port=8000)
     assert not (tmp_path / "client.py").exists()
+
+
+class YieldingEmbedAPI(SimpleLitAPI):
+    def predict(self, x):  # type: ignore[no-untyped-def]
+        yield x
+
+
+class YieldingEncodeEmbedAPI(SimpleLitAPI):
+    def encode_response(self, output):  # type: ignore[no-untyped-def]
+        yield {"embeddings": output}
+
+
+def test_messages_carry_litserve_phrases() -> None:
+    """Messages a LitServe user may search for (or match in their own tests) say what LitServe's say."""
+    with pytest.raises(
+        ValueError, match="api_path /predict of SimpleLitAPI is already in use by SimpleLitAPI"
+    ):
+        ls.LitServer([SimpleLitAPI(), SimpleLitAPI()])
+    with pytest.raises(ValueError, match="You are using yield in your predict method"):
+        ls.LitServer(YieldingEmbedAPI(spec=ls.OpenAIEmbeddingSpec()))
+    with pytest.raises(ValueError, match="You are using yield in your encode_response method"):
+        ls.LitServer(YieldingEncodeEmbedAPI(spec=ls.OpenAIEmbeddingSpec()))
+    with pytest.warns(UserWarning, match="Custom API path detected"):
+        ls.LitServer(SimpleLitAPI(api_path="/v2/embeddings", spec=ls.OpenAIEmbeddingSpec()))

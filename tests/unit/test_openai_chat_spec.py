@@ -56,16 +56,15 @@ def test_request_keeps_unknown_fields_and_parses_content_parts() -> None:
         }
     )
     assert request.model_extra == {"some_vendor_field": {"x": 1}}
-    messages = OpenAISpec().decode_request(request)
-    assert messages == [
-        {
-            "role": "user",
-            "content": [
-                {"type": "text", "text": "what is this?"},
-                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA", "detail": "auto"}},
-            ],
-        }
-    ]
+    decoded = OpenAISpec().decode_request(request)
+    assert decoded is request  # LitServe 0.2.17: predict gets the ChatCompletionRequest itself
+    assert decoded.messages[0].model_dump(mode="json", exclude_none=True) == {
+        "role": "user",
+        "content": [
+            {"type": "text", "text": "what is this?"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA", "detail": "auto"}},
+        ],
+    }
     context: dict[str, Any] = {}
     OpenAISpec().populate_context(context, request)
     assert context["seed"] == 3 and context["temperature"] == 0.7 and "messages" not in context
@@ -85,13 +84,20 @@ def test_request_keeps_unknown_fields_and_parses_content_parts() -> None:
 )
 def test_every_predict_output_shape(output: Any, content: str | None) -> None:
     spec = OpenAISpec()
-    assert list(spec.encode_response(output)) == [{"role": "assistant", "content": content}]
+    if not isinstance(output, list):  # a returned list is a list of messages (below)
+        assert list(spec.encode_response(output)) == [{"role": "assistant", "content": content}]
 
     def generator() -> Iterator[Any]:
         yield output
         yield output
 
     assert [m["content"] for m in spec.encode_response(generator())] == [content, content]
+
+
+def test_a_list_is_one_message_per_item_as_in_litserve() -> None:
+    words = ["This", "is", "a", "LLM", "generated", "text"]
+    assert [m["content"] for m in OpenAISpec().encode_response(words)] == words
+    assert [m["content"] for m in OpenAISpec().encode_response(("a", {"content": "b"}))] == ["a", "b"]
 
 
 def test_malformed_output_is_an_error() -> None:
@@ -216,7 +222,7 @@ def test_custom_api_path_replaces_the_default() -> None:
 
     spec = OpenAISpec()
     api = Chat(api_path="/chat", spec=spec)
-    with pytest.warns(UserWarning, match="custom path"):
+    with pytest.warns(UserWarning, match="Custom API path detected"):
         spec.pre_setup(api)
     assert "/chat" in [e.path for e in spec.endpoints]
     assert api.api_path == "/chat"

@@ -51,6 +51,12 @@ def test_batch_flattens_and_unbatch_splits_vectors_and_token_counts() -> None:
     assert [o["prompt_tokens"] for o in outputs] == [3, 3, 15]
     assert [len(o["embeddings"]) for o in outputs] == [2, 1, 3]
     np.testing.assert_array_equal(outputs[1]["embeddings"], [[4.0, 5.0]])
+    # Without per-input token counts each request gets its vectors alone, as a LitServe
+    # encode_response (``{"embeddings": output}``) expects them.
+    spec.batch(["a", ["b", "c"]])
+    plain = spec.unbatch(vectors[:3].tolist())
+    np.testing.assert_array_equal(plain[0], [[0.0, 1.0]])
+    np.testing.assert_array_equal(plain[1], [[2.0, 3.0], [4.0, 5.0]])
     spec.batch([["a"], ["b"]])
     with pytest.raises(ValueError, match="3 vectors for a batch of 2"):
         spec.unbatch(np.zeros((3, 2)))

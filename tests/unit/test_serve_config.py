@@ -71,6 +71,7 @@ VLLM_NAMES = [
     ("REASONING_PARSER", "think", "reasoning_parser", "think"),
     ("DISABLE_LOG_REQUESTS", "true", "disable_log_requests", True),
     ("GPU_MEMORY_UTILIZATION", "0.9", "gpu_memory_utilization", 0.9),
+    ("SERVEKIT_DEBUG_ERRORS", "1", "debug_errors", True),
 ]
 
 

@@ -71,8 +71,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _ENCODE_RESPONSE_MUST_YIELD = """\
-{api}.encode_response must be a generator when the API uses OpenAISpec (encode_response is not a
-generator): it receives predict's output and yields one message per chunk, for example
+{api}.encode_response must be a generator when the API uses OpenAISpec
+(encode_response is not a generator; it is neither a generator nor an async generator): it receives predict's output and yields one message per chunk,
+for example
 
     def encode_response(self, output):
         for text in output:
@@ -121,16 +122,16 @@ class OpenAISpec(OpenAIBaseSpec):
             context.update(request.model_dump(exclude={"messages"}))
 
     def decode_request(self, request: Any, context_kwargs: dict[str, Any] | None = None) -> Any:
-        """The messages, as dicts (``content`` is a string or a list of content parts)."""
-        if isinstance(request, ChatCompletionRequest):
-            return [message.model_dump(mode="json", exclude_none=True) for message in request.messages]
+        """The ``ChatCompletionRequest`` itself, as in LitServe: ``predict`` reads ``request.messages``
+        (and any other field)."""
         return request
 
     def encode_response(
         self, output: Any, context_kwargs: dict[str, Any] | None = None
     ) -> Iterator[dict[str, Any]]:
-        """One message per item predict yielded; a predict that returns yields a single message."""
-        if isinstance(output, Iterator):
+        """One message per item of predict's output (a generator, a list or a tuple); a single string,
+        dict, ``ChatMessage`` or ``None`` that predict returned is one message."""
+        if isinstance(output, Iterator | list | tuple):
             for item in output:
                 yield self.encode_message(item)
         else:

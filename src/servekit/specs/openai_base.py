@@ -45,7 +45,7 @@ class OpenAIBaseSpec(LitSpec):
         custom_path = getattr(lit_api, "_api_path", _DEFAULT_LIT_API_PATH)
         if custom_path not in (_DEFAULT_LIT_API_PATH, self.default_api_path):
             warnings.warn(
-                f"{type(self).__name__} is served at the custom path {custom_path!r}; OpenAI clients "
+                f"Custom API path detected: {type(self).__name__} is served at {custom_path!r}; OpenAI clients "
                 f"call {self.default_api_path!r}, so they need a base URL that maps to it.",
                 stacklevel=3,
             )

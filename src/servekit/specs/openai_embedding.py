@@ -90,11 +90,14 @@ class OpenAIEmbeddingSpec(OpenAIBaseSpec):
             self.model_name = type(lit_api).__name__
         if inspect.isgeneratorfunction(type(lit_api).predict):
             raise ValueError(
-                f"{type(lit_api).__name__}.predict yields, but embeddings are not streamed: "
-                "return one vector per input instead (e.g. a 2-D array)"
+                f"You are using yield in your predict method ({type(lit_api).__name__}), but embeddings "
+                "are not streamed: return one vector per input instead (e.g. a 2-D array)"
             )
         if inspect.isgeneratorfunction(type(lit_api).encode_response):
-            raise ValueError(f"{type(lit_api).__name__}.encode_response must return, not yield")
+            raise ValueError(
+                f"You are using yield in your encode_response method ({type(lit_api).__name__}): "
+                "with OpenAIEmbeddingSpec it must return the embeddings, not yield them"
+            )
 
     def routes(self) -> list[tuple[str, Callable[..., Any], list[str]]]:
         return [(self.api_path or self.default_api_path, self.embeddings, ["POST"])]
@@ -129,11 +132,17 @@ class OpenAIEmbeddingSpec(OpenAIBaseSpec):
         if len(matrix) != sum(sizes):
             raise ValueError(f"predict returned {len(matrix)} vectors for a batch of {sum(sizes)} inputs")
         per_input_tokens = isinstance(prompt_tokens, list | tuple | np.ndarray)
-        outputs = []
+        # Each request gets its rows in the shape predict gave the batch: the vectors alone, or with
+        # their token counts when predict counted per input; its encode_response takes them from there.
+        outputs: list[Any] = []
         start = 0
         for size in sizes:
-            tokens = _token_total(prompt_tokens[start : start + size]) if per_input_tokens else 0
-            outputs.append({"embeddings": matrix[start : start + size], "prompt_tokens": tokens})
+            rows = matrix[start : start + size]
+            if per_input_tokens:
+                tokens = _token_total(prompt_tokens[start : start + size])
+                outputs.append({"embeddings": rows, "prompt_tokens": tokens})
+            else:
+                outputs.append(rows)
             start += size
         return outputs
 
@@ -170,7 +179,7 @@ class OpenAIEmbeddingSpec(OpenAIBaseSpec):
                     if encoded is not None
                     else as_float32_matrix(result["embeddings"])
                 )
-            except ValueError as error:
+            except (ValueError, TypeError) as error:
                 raise OpenAIError(500, f"Malformed embeddings from the API: {error}") from None
             matrix = self._resize(matrix, request.dimensions)
             if request.encoding_format == "base64":

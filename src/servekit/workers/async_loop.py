@@ -111,7 +111,9 @@ class AsyncRequestProcessor(RequestProcessor):
             else:
                 y = await _maybe_await(self.predict(x, context))
                 self._event(EventTypes.AFTER_PREDICT)
+                self._event(EventTypes.BEFORE_ENCODE_RESPONSE)
                 output = await _maybe_await(self.encode(y, context))
+                self._event(EventTypes.AFTER_ENCODE_RESPONSE)
                 self._reply_encoded(job, output)
         except asyncio.CancelledError:
             logger.debug("request %s cancelled by the front", job.key)
@@ -120,6 +122,7 @@ class AsyncRequestProcessor(RequestProcessor):
 
     async def _stream(self, job: Job, x: Any, context: dict[str, Any]) -> None:
         predictions = self.predict(x, context)
+        self._event(EventTypes.BEFORE_ENCODE_RESPONSE)
         items: Any = self.encode(predictions, context) if self._encode_is_async_gen else predictions
         credit = self._credits[job.key] = _Credit(STREAM_WINDOW)
         try:
@@ -133,6 +136,7 @@ class AsyncRequestProcessor(RequestProcessor):
                     self.inbox.reply(job.front, Kind.CHUNK, job.rid, 200, self._stream_bytes(job, item))
                     await asyncio.sleep(0)  # let other requests and cancellations in between items
             self._event(EventTypes.AFTER_PREDICT)
+            self._event(EventTypes.AFTER_ENCODE_RESPONSE)
             self.inbox.reply(job.front, Kind.END, job.rid, 200, b"")
         finally:
             self._credits.pop(job.key, None)

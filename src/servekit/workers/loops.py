@@ -138,6 +138,8 @@ class RequestProcessor:
             x = self._decode(job, context)
             self._event(EventTypes.BEFORE_PREDICT)
             predictions = self.predict(x, context)
+            # Streams interleave predicting and encoding: both spans cover the whole stream.
+            self._event(EventTypes.BEFORE_ENCODE_RESPONSE)
             encoded = self.encode(predictions, context)
             for item in encoded:
                 if self.inbox.is_cancelled(job.key) or not self.inbox.send_chunk(
@@ -146,6 +148,7 @@ class RequestProcessor:
                     logger.debug("stream %s cancelled by the front", job.key)
                     return
             self._event(EventTypes.AFTER_PREDICT)
+            self._event(EventTypes.AFTER_ENCODE_RESPONSE)
             self.inbox.reply(job.front, Kind.END, job.rid, 200, b"")
         except BaseException as exc:
             self._reply_error(job, exc)
@@ -176,6 +179,7 @@ class RequestProcessor:
             batch = self.batch_hook([x for _, x, _ in decoded], contexts)
             self._event(EventTypes.BEFORE_PREDICT)
             predictions = self.predict(batch, contexts)
+            self._event(EventTypes.BEFORE_ENCODE_RESPONSE)
             steps = self._encoded_steps(self.unbatch_hook(predictions, contexts), contexts)
             for step in steps:
                 if len(step) != len(jobs):
@@ -189,6 +193,7 @@ class RequestProcessor:
                     logger.debug("every stream of the batch was cancelled by the fronts")
                     return
             self._event(EventTypes.AFTER_PREDICT)
+            self._event(EventTypes.AFTER_ENCODE_RESPONSE)
             for i, job in enumerate(jobs):
                 if active[i]:
                     self.inbox.reply(job.front, Kind.END, job.rid, 200, b"")

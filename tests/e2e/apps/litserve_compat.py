@@ -15,7 +15,7 @@ class PerRequestBatchedChat(ls.LitAPI):
     def predict(self, batch):
         for word in ("echo", ":"):
             yield [word] * len(batch)
-        yield [f" {messages[-1]['content']}" for messages in batch]
+        yield [f" {request.messages[-1].content}" for request in batch]
 
 
 class AsyncChat(ls.LitAPI):

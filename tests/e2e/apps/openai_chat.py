@@ -5,18 +5,18 @@ import servekit as ls
 from servekit.specs.openai import ChatCompletionRequest, ChatMessage, FunctionCall, ToolCall
 
 
-def last_text(messages):
-    content = messages[-1]["content"]
+def last_text(request):
+    content = request.messages[-1].content
     if isinstance(content, str):
         return content
-    return " ".join(part["text"] for part in content if part["type"] == "text")
+    return " ".join(part.text for part in content if part.type == "text")
 
 
-def image_urls(messages):
+def image_urls(request):
     urls = []
-    for message in messages:
-        if isinstance(message["content"], list):
-            urls += [part["image_url"]["url"] for part in message["content"] if part["type"] == "image_url"]
+    for message in request.messages:
+        if isinstance(message.content, list):
+            urls += [part.image_url.url for part in message.content if part.type == "image_url"]
     return urls
 
 
@@ -26,8 +26,8 @@ class EchoChatAPI(ls.LitAPI):
     def setup(self, device):
         self.ready = True
 
-    def predict(self, messages, context):
-        text = last_text(messages)
+    def predict(self, request, context):
+        text = last_text(request)
         if text == "capital":
             yield "Canberra"
         elif text == "dict":
@@ -44,9 +44,9 @@ class EchoChatAPI(ls.LitAPI):
         elif text == "context":
             yield f"temperature={context['temperature']} max_tokens={context['max_tokens']} n={context['n']}"
         elif text == "images":
-            yield "images: " + " ".join(image_urls(messages))
+            yield "images: " + " ".join(image_urls(request))
         elif text == "roles":
-            yield ",".join(m["role"] for m in messages)
+            yield ",".join(m.role for m in request.messages)
         elif text == "fail":
             raise ValueError("predict failed on purpose")
         elif text == "fail-later":
@@ -74,10 +74,10 @@ class PlainReturnAPI(ls.LitAPI):
     def setup(self, device):
         pass
 
-    def predict(self, messages):
+    def predict(self, request):
         return {
             "role": "assistant",
-            "content": f"returned: {last_text(messages)}",
+            "content": f"returned: {last_text(request)}",
             "prompt_tokens": 5,
             "completion_tokens": 2,
         }

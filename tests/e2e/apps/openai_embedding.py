@@ -42,9 +42,18 @@ class ListEmbeddingAPI(ls.LitAPI):
         return [toy_vector(x).tolist() for x in inputs]
 
 
+class LitServeEncodeAPI(ListEmbeddingAPI):
+    """encode_response as LitServe's examples write it: it wraps the vectors of its request."""
+
+    def encode_response(self, output):
+        return {"embeddings": output}
+
+
 if __name__ == "__main__":
     batch = int(os.environ.get("BATCH", "1"))
-    api_class = ListEmbeddingAPI if os.environ.get("EMBED_API") == "list" else ToyEmbeddingAPI
+    api_class = {"list": ListEmbeddingAPI, "litserve": LitServeEncodeAPI}.get(
+        os.environ.get("EMBED_API", ""), ToyEmbeddingAPI
+    )
     api = api_class(
         max_batch_size=batch,
         batch_timeout=float(os.environ.get("BATCH_TIMEOUT", "0")),

@@ -50,6 +50,9 @@ class ServeConfig:
         "return <think>...</think> text as reasoning_content: think, deepseek_r1, qwen3",
         env=("REASONING_PARSER",),
     )
+    debug_errors: bool = setting(
+        False, "show the exception (type: message) in 500 bodies instead of 'Internal server error'"
+    )
     disable_log_requests: bool = setting(False, "do not log each request", env=("DISABLE_LOG_REQUESTS",))
     gpu_memory_utilization: float | None = setting(
         None, "accepted for vLLM compatibility; ignored on CPU", env=("GPU_MEMORY_UTILIZATION",)
