@@ -95,6 +95,17 @@ def test_invalid_requests_and_failures(tmp_path: Path) -> None:
         assert httpx.post(url, json={"model": "m", "input": "ok"}, timeout=10).status_code == 200
 
 
+def _embed_concurrently(client: openai.OpenAI, requests: list[list[str]]) -> list[list[np.ndarray]]:
+    """Each request sent at once from its own thread, as concurrent clients do."""
+
+    def embed(inputs: list[str]) -> list[np.ndarray]:
+        reply = client.embeddings.create(model="toy-embed", input=inputs)
+        return [np.asarray(d.embedding, dtype=np.float32) for d in reply.data]
+
+    with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
+        return list(pool.map(embed, requests))
+
+
 def test_dynamic_batching_puts_many_requests_in_one_predict(tmp_path: Path) -> None:
     log = tmp_path / "batches.log"
     env = {"BATCH": "8", "BATCH_TIMEOUT": "5", "BATCH_LOG": str(log)}
@@ -102,12 +113,7 @@ def test_dynamic_batching_puts_many_requests_in_one_predict(tmp_path: Path) -> N
         client = client_for(server.url)
         requests = [[f"sentence {i} part {j}" for j in range(i % 3 + 1)] for i in range(8)]
 
-        def embed(inputs: list[str]) -> list[np.ndarray]:
-            reply = client.embeddings.create(model="toy-embed", input=inputs)
-            return [np.asarray(d.embedding, dtype=np.float32) for d in reply.data]
-
-        with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            replies = list(pool.map(embed, requests))
+        replies = _embed_concurrently(client, requests)
         for inputs, vectors in zip(requests, replies, strict=True):
             assert len(vectors) == len(inputs)
             for text, vector in zip(inputs, vectors, strict=True):
@@ -134,11 +140,6 @@ def test_batched_requests_reach_a_litserve_style_encode_response(tmp_path: Path)
         client = client_for(server.url)
         requests = [["one"], ["two", "three"], ["four"], ["five", "six", "seven"]]
 
-        def embed(inputs: list[str]) -> list[np.ndarray]:
-            reply = client.embeddings.create(model="toy-embed", input=inputs)
-            return [np.asarray(d.embedding, dtype=np.float32) for d in reply.data]
-
-        with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            replies = list(pool.map(embed, requests))
+        replies = _embed_concurrently(client, requests)
         for inputs, vectors in zip(requests, replies, strict=True):
             assert [v.tolist() for v in vectors] == [toy_vector(text).tolist() for text in inputs]
