@@ -54,14 +54,14 @@ class SimpleStreamAPI(LitAPI):
         super().__init__(**kwargs)
 
     def setup(self, device: str) -> None:
-        self.model = None
+        self.model = lambda i, x: f"{i}: {x}"
 
     def decode_request(self, request: Any, **kwargs: Any) -> Any:
-        return str(request["input"])
+        return request["input"]
 
     def predict(self, x: Any, **kwargs: Any) -> Iterator[str]:
         for i in range(3):
-            yield f"{i}: {x}"
+            yield self.model(i, x)
 
     def encode_response(self, output: Iterator[Any], **kwargs: Any) -> Iterator[dict[str, Any]]:
         for item in output:

@@ -187,7 +187,7 @@ class LitServer:
             for path in paths:
                 if path in taken:
                     raise ValueError(
-                        f"api_path {path} of {type(api).__name__} is already in use by {taken[path]}"
+                        f"api_path {path} is already in use by {taken[path]}: {type(api).__name__} needs another path"
                     )
                 taken[path] = type(api).__name__
 

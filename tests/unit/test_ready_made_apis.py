@@ -61,6 +61,7 @@ def test_simple_apis_without_a_server() -> None:
     assert simple.predict(4) == 16
     stream = ls.test_examples.SimpleStreamAPI()
     stream.setup("cpu")
+    assert stream.decode_request({"input": 4}) == 4
     assert list(stream.predict(stream.decode_request({"input": 4}))) == ["0: 4", "1: 4", "2: 4"]
     assert list(stream.encode_response(["0: 4"])) == [{"output": "0: 4"}]
     batched = ls.test_examples.SimpleBatchedAPI(max_batch_size=2)

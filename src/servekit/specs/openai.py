@@ -156,7 +156,7 @@ class OpenAISpec(OpenAIBaseSpec):
                 ]
             return message
         raise ValueError(
-            "Malformed output from predict: expected a string, {'content': ...}, "
+            "Malformed output from LitAPI.predict: expected a string, {'content': ...}, "
             f"{{'role': ..., 'content': ...}} or a list of such messages, got {output!r}"
         )
 
