@@ -21,7 +21,7 @@ from servekit.http.compression import gzip_middleware
 from servekit.http.dispatcher import Dispatcher
 from servekit.log_setup import LogSettings
 from servekit.loggers import Logger
-from servekit.mcp import mcp_tools
+from servekit.mcp import MCP_PATH, mcp_tools
 from servekit.server_checks import (
     check_api_server_worker_type,
     check_model_metadata,
@@ -182,6 +182,8 @@ class LitServer:
         taken = {healthcheck_path: "the health check", info_path: "the info route"}
         if shutdown_path is not None:
             taken[shutdown_path] = "the shutdown API"
+        if any(getattr(api, "mcp", None) is not None for api in apis):
+            taken.update(dict.fromkeys((MCP_PATH, MCP_PATH.rstrip("/")), "the MCP endpoint"))
         for api in apis:
             paths = [e.path for e in api.spec.endpoints] if api.spec is not None else [api.api_path]
             for path in paths:

@@ -181,9 +181,7 @@ class YieldingEncodeEmbedAPI(SimpleLitAPI):
 
 def test_messages_carry_litserve_phrases() -> None:
     """Messages a LitServe user may search for (or match in their own tests) say what LitServe's say."""
-    with pytest.raises(
-        ValueError, match="api_path /predict is already in use by SimpleLitAPI"
-    ):
+    with pytest.raises(ValueError, match="api_path /predict is already in use by SimpleLitAPI"):
         ls.LitServer([SimpleLitAPI(), SimpleLitAPI()])
     with pytest.raises(ValueError, match="You are using yield in your predict method"):
         ls.LitServer(YieldingEmbedAPI(spec=ls.OpenAIEmbeddingSpec()))

@@ -81,3 +81,11 @@ def test_tool_name_description_and_validation() -> None:
 def test_importing_servekit_does_not_import_the_mcp_package() -> None:
     code = "import sys, servekit as ls; ls.mcp.MCP; assert 'mcp' not in sys.modules, 'mcp imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_an_api_path_on_the_mcp_endpoint_is_refused() -> None:
+    tool = PointAPI(mcp=ls.mcp.MCP(description="d"))
+    for path in ("/mcp", "/mcp/"):
+        with pytest.raises(ValueError, match="already in use by the MCP endpoint"):
+            ls.LitServer([tool, PointAPI(api_path=path)])
+    ls.LitServer(PointAPI(api_path="/mcp"))  # without an MCP tool the path is free
