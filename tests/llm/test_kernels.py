@@ -12,6 +12,7 @@ import torch
 
 from servekit.llm import kernels
 from servekit.llm.attention import build_attention_metadata, paged_attention
+from servekit.llm.kernels import attention_simd_lanes, cpu_flags, load_library
 from servekit.llm.kernels.elementwise import add_rms_norm, silu_mul
 from servekit.llm.kernels.int8 import dequantize, quantize_rows
 
@@ -78,7 +79,8 @@ def attend(
 )
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "head_dim", "window"),
-    [(9, 3, 64, None), (4, 4, 32, None), (8, 2, 16, 7), (6, 2, 24, None)],  # 24: not a multiple of 16
+    # 24: AVX2's 8 lanes but not AVX-512's 16; 20: neither (the portable loop)
+    [(9, 3, 64, None), (4, 4, 32, None), (8, 2, 16, 7), (6, 2, 24, None), (4, 2, 20, None)],
 )
 def test_decode_kernel_matches_the_pytorch_path(
     dtype: torch.dtype,
@@ -182,3 +184,16 @@ def test_elementwise_kernels_match_pytorch(dtype: torch.dtype, atol: float) -> N
         atol=atol,
         rtol=atol,
     )
+
+
+def test_the_attention_kernel_uses_the_widest_vectors_this_cpu_has() -> None:
+    if load_library() is None:
+        pytest.skip("no C compiler here")
+    flags = cpu_flags()
+    if "avx512f" in flags:
+        expected = 16
+    elif {"avx2", "fma", "f16c"} <= flags:
+        expected = 8
+    else:
+        expected = 1
+    assert attention_simd_lanes() == expected

@@ -45,6 +45,19 @@ def kernels_available(*dtypes: torch.dtype) -> bool:
     return all(dtype in DTYPE_CODES for dtype in dtypes) and load_library() is not None
 
 
+def attention_simd_lanes() -> int:
+    """The float32 lanes of the attention kernel's vector path on this CPU (16: AVX-512, 8: AVX2 +
+    FMA + F16C, 1: the portable loop; 0: no kernels)."""
+    library = load_library()
+    return 0 if library is None else int(library.attention_simd_lanes())
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as /proc/cpuinfo names them (empty where it cannot be read)."""
+    signature = _cpu_signature()
+    return set(signature.split(":", 1)[1].split()) if ":" in signature else set()
+
+
 def kernels_enabled() -> bool:
     return os.environ.get("SERVEKIT_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
 
@@ -104,7 +117,9 @@ _SIGNATURES: dict[str, list[type]] = {
     "add_rms_norm": [_POINTER, _POINTER, _POINTER, _POINTER, _INT64, _INT64, ctypes.c_float, _INT],
     # gate_up [rows, 2 * cols], out [rows, cols], rows, cols, dtype
     "silu_mul": [_POINTER, _POINTER, _INT64, _INT64, _INT],
+    "attention_simd_lanes": [],
 }
+_RETURNS_INT = ("paged_decode_attention", "attention_simd_lanes")
 
 
 @functools.cache
@@ -144,6 +159,6 @@ def load_library() -> ctypes.CDLL | None:
         return None
     for name, argtypes in _SIGNATURES.items():
         function = getattr(library, name)
-        function.restype = ctypes.c_int if name == "paged_decode_attention" else None
+        function.restype = ctypes.c_int if name in _RETURNS_INT else None
         function.argtypes = argtypes
     return library

@@ -49,25 +49,60 @@ static inline int64_t row_offset(const job_t *job, int32_t block, int part, int 
 }
 
 
-#ifdef __AVX512F__
+/* One vector of float32 lanes, chosen by the CPU this library is compiled on (-march=native, cached
+ * per CPU): AVX-512 (16 lanes), else AVX2 + FMA + F16C (8 lanes), else the portable loop only. */
+#if defined(__AVX512F__)
 #include <immintrin.h>
-
-/* 16 consecutive elements of a row as float32 lanes. */
-static inline __m512 load16(const void *base, int64_t offset, int dtype) {
+#define LANES 16
+typedef __m512 vec_t;
+static inline vec_t vload(const void *base, int64_t offset, int dtype) {
     if (dtype == DTYPE_F32) return _mm512_loadu_ps((const float *)base + offset);
     __m256i half = _mm256_loadu_si256((const __m256i *)((const uint16_t *)base + offset));
     if (dtype == DTYPE_BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
     return _mm512_cvtph_ps(half);
 }
+static inline float vsum(vec_t v) { return _mm512_reduce_add_ps(v); }
+#define vset1 _mm512_set1_ps
+#define vzero _mm512_setzero_ps
+#define vmul _mm512_mul_ps
+#define vfmadd _mm512_fmadd_ps
+#define vstore _mm512_storeu_ps
+#define HAVE_SIMD 1
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define LANES 8
+typedef __m256 vec_t;
+static inline vec_t vload(const void *base, int64_t offset, int dtype) {
+    if (dtype == DTYPE_F32) return _mm256_loadu_ps((const float *)base + offset);
+    __m128i half = _mm_loadu_si128((const __m128i *)((const uint16_t *)base + offset));
+    if (dtype == DTYPE_BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+    return _mm256_cvtph_ps(half);
+}
+static inline float vsum(vec_t v) {
+    __m128 sum = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
+    sum = _mm_add_ss(sum, _mm_shuffle_ps(sum, sum, 1));
+    return _mm_cvtss_f32(sum);
+}
+#define vset1 _mm256_set1_ps
+#define vzero _mm256_setzero_ps
+#define vmul _mm256_mul_ps
+#define vfmadd _mm256_fmadd_ps
+#define vstore _mm256_storeu_ps
+#define HAVE_SIMD 1
+#else
+#define HAVE_SIMD 0
+#endif
 
-#define MAX_CHUNKS 16 /* head_dim up to 256 */
+#if HAVE_SIMD
+#define MAX_CHUNKS (256 / LANES) /* head_dim up to 256 */
 
-/* The same computation as the portable loop in run_job, for head_dim a multiple of 16, in AVX-512.
- * Keys are walked block by block (no division per key) and each key or value is loaded once for all
- * the query heads of its group. */
-static void run_unit_avx512(const job_t *job, int s, int h, float *scores) {
+/* The same computation as the portable loop in run_job, for head_dim a multiple of LANES, in the
+ * widest vectors the CPU has. Keys are walked block by block (no division per key) and each key or
+ * value is loaded once for all the query heads of its group. */
+static void run_unit_simd(const job_t *job, int s, int h, float *scores) {
     const int group = job->num_heads / job->num_kv_heads;
-    const int d = job->head_dim, chunks = d / 16, bs = job->block_size;
+    const int d = job->head_dim, chunks = d / LANES, bs = job->block_size;
     const int len = job->context_lens[s];
     int first = 0;
     if (job->sliding_window > 0 && len > job->sliding_window) first = len - job->sliding_window;
@@ -75,12 +110,12 @@ static void run_unit_avx512(const job_t *job, int s, int h, float *scores) {
     const int32_t *table = job->block_tables + (int64_t)s * job->max_blocks;
     const int64_t q_offset = ((int64_t)s * job->num_heads + (int64_t)h * group) * d;
     const int dtype = job->dtype, kv_dtype = job->kv_dtype;
-    const __m512 scale = _mm512_set1_ps(job->scale);
-    __m512 q[group * chunks], acc[group * chunks], row[MAX_CHUNKS];
+    const vec_t scale = vset1(job->scale);
+    vec_t q[group * chunks], acc[group * chunks], row[MAX_CHUNKS];
     for (int g = 0; g < group; g++)
         for (int c = 0; c < chunks; c++) {
-            q[g * chunks + c] = _mm512_mul_ps(load16(job->query, q_offset + (int64_t)g * d + 16 * c, dtype), scale);
-            acc[g * chunks + c] = _mm512_setzero_ps();
+            q[g * chunks + c] = vmul(vload(job->query, q_offset + (int64_t)g * d + LANES * c, dtype), scale);
+            acc[g * chunks + c] = vzero();
         }
     float total[group], peak[group];
     for (int g = 0; g < group; g++) peak[g] = -INFINITY, total[g] = 0.0f;
@@ -92,20 +127,20 @@ static void run_unit_avx512(const job_t *job, int s, int h, float *scores) {
                 const int to = b == (len - 1) / bs ? (len - 1) % bs + 1 : bs;
                 int64_t base = row_offset(job, table[b], pass, h, from);
                 for (int o = from; o < to; o++, index++, base += d) {
-                    for (int c = 0; c < chunks; c++) row[c] = load16(job->cache, base + 16 * c, kv_dtype);
+                    for (int c = 0; c < chunks; c++) row[c] = vload(job->cache, base + LANES * c, kv_dtype);
                     if (pass == 0) {
                         for (int g = 0; g < group; g++) {
-                            __m512 dot = _mm512_mul_ps(q[g * chunks], row[0]);
-                            for (int c = 1; c < chunks; c++) dot = _mm512_fmadd_ps(q[g * chunks + c], row[c], dot);
-                            const float score = _mm512_reduce_add_ps(dot);
+                            vec_t dot = vmul(q[g * chunks], row[0]);
+                            for (int c = 1; c < chunks; c++) dot = vfmadd(q[g * chunks + c], row[c], dot);
+                            const float score = vsum(dot);
                             scores[(int64_t)g * n + index] = score;
                             peak[g] = score > peak[g] ? score : peak[g];
                         }
                     } else {
                         for (int g = 0; g < group; g++) {
-                            const __m512 weight = _mm512_set1_ps(scores[(int64_t)g * n + index]);
+                            const vec_t weight = vset1(scores[(int64_t)g * n + index]);
                             for (int c = 0; c < chunks; c++)
-                                acc[g * chunks + c] = _mm512_fmadd_ps(weight, row[c], acc[g * chunks + c]);
+                                acc[g * chunks + c] = vfmadd(weight, row[c], acc[g * chunks + c]);
                         }
                     }
                 }
@@ -121,16 +156,19 @@ static void run_unit_avx512(const job_t *job, int s, int h, float *scores) {
             }
         }
     }
-    float out[MAX_CHUNKS * 16];
+    float out[MAX_CHUNKS * LANES];
     for (int g = 0; g < group; g++) {
-        const __m512 inv = _mm512_set1_ps(n > 0 ? 1.0f / total[g] : 0.0f);
-        for (int c = 0; c < chunks; c++) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(acc[g * chunks + c], inv));
+        const vec_t inv = vset1(n > 0 ? 1.0f / total[g] : 0.0f);
+        for (int c = 0; c < chunks; c++) vstore(out + LANES * c, vmul(acc[g * chunks + c], inv));
         store_row(job->out, q_offset + (int64_t)g * d, out, d, dtype);
     }
 }
-#define HAVE_AVX512 1
+#endif
+
+#ifndef LANES
+#define LANES_OR_ONE 1
 #else
-#define HAVE_AVX512 0
+#define LANES_OR_ONE LANES
 #endif
 
 /* The work unit is one (sequence, KV head) pair; thread t takes units t, t + n, t + 2n, ... */
@@ -151,13 +189,13 @@ static void *run_job(void *arg) {
         return NULL;
     }
     const int units = job->num_seqs * job->num_kv_heads;
-    const int vectorised = HAVE_AVX512 && d % 16 == 0 && d <= 256;
+    const int vectorised = HAVE_SIMD && d % LANES_OR_ONE == 0 && d <= 256;
     for (int unit = job->thread_index; unit < units; unit += job->num_threads) {
         const int s = unit / job->num_kv_heads;
         const int h = unit % job->num_kv_heads;
-#if HAVE_AVX512
+#if HAVE_SIMD
         if (vectorised) {
-            run_unit_avx512(job, s, h, scores);
+            run_unit_simd(job, s, h, scores);
             continue;
         }
 #endif
@@ -213,6 +251,9 @@ static void *run_job(void *arg) {
     free(scores), free(q), free(acc), free(row);
     return NULL;
 }
+
+/* The float32 lanes of the vector path this build runs (1: the portable loop only). */
+int attention_simd_lanes(void) { return HAVE_SIMD ? LANES_OR_ONE : 1; }
 
 /* Returns 0 on success, -1 when scratch memory could not be had.
  * Built with OpenMP, the threads are those of the process's OpenMP runtime: loaded after PyTorch,
