@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import os
 import platform
 import subprocess
@@ -100,8 +101,8 @@ def main() -> None:
             times = {}
             for _ in range(2):  # alternate the two builds
                 for name, library in (("portable", portable), ("native", native)):
-                    t = best_time(lambda lib=library: run(lib, inputs, heads, kv_heads, head_dim, args.threads),
-                                  args.repeats, calls)  # fmt: skip
+                    call = functools.partial(run, library, inputs, heads, kv_heads, head_dim, args.threads)
+                    t = best_time(call, args.repeats, calls)
                     times[name] = min(times.get(name, t), t)
             native_out = inputs[4].clone()
             run(portable, inputs, heads, kv_heads, head_dim, args.threads)
