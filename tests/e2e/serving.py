@@ -95,6 +95,7 @@ def serve_command(
     health_headers: dict[str, str] | None = None,
     health_path: str = "/health",
     port: int | None = None,
+    startup_timeout: float = STARTUP_TIMEOUT_S,
 ) -> Iterator[RunningServer]:
     """Run ``command`` (``{port}`` in it is replaced by a free port, also in env PORT) in its own
     session; yield once ``health_path`` answers 200; stop it and everything it started afterwards."""
@@ -120,7 +121,7 @@ def serve_command(
     server = RunningServer(process, f"http://127.0.0.1:{port}", log_path)
     try:
         if wait:
-            wait_healthy(server.url, process, STARTUP_TIMEOUT_S, health_headers, health_path)
+            wait_healthy(server.url, process, startup_timeout, health_headers, health_path)
         yield server
     except BaseException:
         sys.stderr.write(server.log())

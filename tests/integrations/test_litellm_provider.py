@@ -21,7 +21,7 @@ from tests.e2e.serving import RunningServer, serve_script
 from tests.e2e.test_client_serve import TOOLS
 from tests.integrations.conftest import API_KEY, MODEL
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = pytest.mark.timeout(600)
 
 MESSAGES = [{"role": "user", "content": "Tell me a story about a fox."}]
 

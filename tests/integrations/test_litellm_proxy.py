@@ -4,7 +4,9 @@ servekit servers: chat (streaming or not), embeddings, images, and overload stat
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +22,7 @@ from tests.e2e.apps.openai_embedding import toy_vector
 from tests.e2e.serving import REPO, RunningServer, serve_command, serve_script
 from tests.integrations.conftest import API_KEY, MODEL
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(600)
 
 CONFIG = REPO / "deploy" / "litellm" / "config.yaml"
 MASTER_KEY = "sk-proxy-master"
@@ -51,20 +53,29 @@ def proxy(server: RunningServer, tmp_path_factory: pytest.TempPathFactory) -> It
         config["model_list"].append(
             {"model_name": "status", "litellm_params": {"model": "servekit/status", "api_base": status.url}}
         )
-        path = work / "config.yaml"
-        path.write_text(yaml.safe_dump(config))
         env = {
-            "LITELLM_LOCAL_MODEL_COST_MAP": "True",
-            "LITELLM_MASTER_KEY": MASTER_KEY,
             "SERVEKIT_API_BASE": f"{server.url}/v1",
             "SERVEKIT_API_KEY": API_KEY,
             "SERVEKIT_EMBEDDINGS_API_BASE": embedder.url,
             "SERVEKIT_IMAGES_API_BASE": painter.url,
         }
-        litellm_cli = str(Path(sys.executable).parent / "litellm")
-        command = [litellm_cli, "--config", str(path), "--host", "127.0.0.1", "--port", "{port}"]
-        with serve_command(command, work, env=env, health_path="/health/liveliness") as running:
+        with litellm_proxy(config, work, env) as running:
             yield running
+
+
+@contextlib.contextmanager
+def litellm_proxy(config: dict[str, Any], work: Path, env: dict[str, str]) -> Iterator[RunningServer]:
+    """The real proxy CLI with ``config`` (written into ``work``), on 127.0.0.1, offline."""
+    path = work / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_MASTER_KEY": MASTER_KEY, **env}
+    litellm_cli = str(Path(sys.executable).parent / "litellm")
+    command = [litellm_cli, "--config", str(path), "--host", "127.0.0.1", "--port", "{port}"]
+    # Importing litellm's proxy takes a while on a loaded machine: a longer bound than for servekit.
+    with serve_command(
+        command, work, env=env, health_path="/health/liveliness", startup_timeout=180
+    ) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -124,3 +135,22 @@ def test_overload_statuses_stay_429_and_503(proxy: RunningServer, status: int) -
     reply = httpx.post(f"{proxy.url}/chat/completions", json=body, headers=AUTH, timeout=120)
     assert reply.status_code == status, reply.text
     assert f"status:{status}" in reply.json()["error"]["message"]
+
+
+def test_a_local_custom_handler_file(server: RunningServer, tmp_path: Path) -> None:
+    shutil.copy(CONFIG.parent / "custom_handler.py", tmp_path)  # next to the config, as LiteLLM looks for it
+    config = {
+        "model_list": [{"model_name": "tiny", "litellm_params": {"model": f"servekit/{MODEL}"}}],
+        "litellm_settings": {
+            "custom_provider_map": [{"provider": "servekit", "custom_handler": "custom_handler.handler"}]
+        },
+        "general_settings": {"master_key": "os.environ/LITELLM_MASTER_KEY"},
+    }
+    env = {"SERVEKIT_API_BASE": server.url, "SERVEKIT_API_KEY": API_KEY}  # the handler's defaults
+    with litellm_proxy(config, tmp_path, env) as proxy:
+        body = {"model": "tiny", "messages": MESSAGES, **SAMPLING}
+        reply = httpx.post(f"{proxy.url}/chat/completions", json=body, headers=AUTH, timeout=120)
+        assert reply.status_code == 200, reply.text
+        direct = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+        expected = direct.chat.completions.create(model=MODEL, messages=MESSAGES, **SAMPLING)  # type: ignore[call-overload]
+        assert reply.json()["choices"][0]["message"]["content"] == expected.choices[0].message.content

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,11 +19,11 @@ import pytest
 
 from servekit.integrations.runpod import Worker
 from servekit.integrations.runpod_config import WorkerConfig
-from servekit.settings import SettingError
+from servekit.settings import SettingError, setting_values
 from tests.e2e.serving import REPO, RunningServer, serve_command
 from tests.integrations.conftest import MODEL
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = pytest.mark.timeout(600)
 
 ENGINE = {"num_threads": 1, "max_model_len": 512}
 PROMPT = "Once upon a time"
@@ -306,3 +307,12 @@ def test_local_api_server_runsync_run_status_stream(api: RunningServer, worker: 
     streamed = post(f"/stream/{job['id']}")
     outputs = [part["output"] for part in streamed["stream"]]
     assert [len(out["choices"][0]["tokens"]) for out in outputs] == [1, 3, 9, 7]
+
+
+def test_base_path_holds_the_hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_CACHE", "")  # unset, and restored after the test
+    config = WorkerConfig.from_env({"BASE_PATH": str(tmp_path), "HF_TOKEN": "hf_secret"})
+    config.prepare_environment()
+    assert os.environ["HF_HUB_CACHE"] == str(tmp_path / "huggingface-cache" / "hub")
+    assert (tmp_path / "huggingface-cache" / "hub").is_dir()
+    assert setting_values(config.worker)["hf_token"] == "***"
