@@ -316,3 +316,24 @@ def test_base_path_holds_the_hub_cache(tmp_path: Path, monkeypatch: pytest.Monke
     assert os.environ["HF_HUB_CACHE"] == str(tmp_path / "huggingface-cache" / "hub")
     assert (tmp_path / "huggingface-cache" / "hub").is_dir()
     assert setting_values(config.worker)["hf_token"] == "***"
+
+
+def test_hub_model_in_base_path_with_a_tokenizer_revision(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.llm.test_loaders_hub import COMMIT, make_hub_cache
+
+    monkeypatch.setenv("HF_HUB_CACHE", "")  # unset, and restored after the test
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    snapshot = make_hub_cache(tmp_path / "huggingface-cache" / "hub", "tiny-org/tiny-llama", tiny_model)
+    env = {"BASE_PATH": str(tmp_path), "MODEL_NAME": "tiny-org/tiny-llama", "TOKENIZER_REVISION": COMMIT}
+    config = WorkerConfig.from_env(env, **ENGINE)
+    hub_worker = Worker(config)
+    try:
+        assert config.serve.engine.tokenizer == str(snapshot)
+        [output] = run(hub_worker, {"prompt": PROMPT, "sampling_params": GREEDY})
+        assert output["usage"]["output"] == 6
+    finally:
+        hub_worker.shutdown()
+    with pytest.raises(FileNotFoundError, match="revision"):
+        WorkerConfig.from_env({**env, "TOKENIZER_REVISION": "f" * 40}).prepare_environment()
