@@ -48,14 +48,18 @@ class RunningServer:
 
 
 def wait_healthy(
-    url: str, process: subprocess.Popen[str], timeout: float, headers: dict[str, str] | None = None
+    url: str,
+    process: subprocess.Popen[str],
+    timeout: float,
+    headers: dict[str, str] | None = None,
+    path: str = "/health",
 ) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"server exited with code {process.returncode} before it was healthy")
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/health", timeout=2, headers=headers).status_code == 200:
+            if httpx.get(f"{url}{path}", timeout=2, headers=headers).status_code == 200:
                 return
         time.sleep(0.1)  # polling an external process's readiness, bounded by the deadline
     raise TimeoutError(f"server at {url} not healthy after {timeout}s")
@@ -72,7 +76,30 @@ def serve_script(
 ) -> Iterator[RunningServer]:
     """Run ``script`` (a file in tests/e2e/apps or a path) with PORT set; yield once /health is 200."""
     path = Path(script) if os.path.isabs(str(script)) else APPS / script
-    port = free_port()
+    with serve_command(
+        [sys.executable, str(path), *(args or [])],
+        tmp_path,
+        env=env,
+        wait=wait,
+        health_headers=health_headers,
+    ) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def serve_command(
+    command: list[str],
+    tmp_path: Path,
+    env: dict[str, str] | None = None,
+    wait: bool = True,
+    health_headers: dict[str, str] | None = None,
+    health_path: str = "/health",
+    port: int | None = None,
+    startup_timeout: float = STARTUP_TIMEOUT_S,
+) -> Iterator[RunningServer]:
+    """Run ``command`` (``{port}`` in it is replaced by a free port, also in env PORT) in its own
+    session; yield once ``health_path`` answers 200; stop it and everything it started afterwards."""
+    port = free_port() if port is None else port
     full_env = {
         **os.environ,
         "PORT": str(port),
@@ -83,7 +110,7 @@ def serve_script(
     log_path = tmp_path / f"server-{port}.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen(
-            [sys.executable, str(path), *(args or [])],
+            [part.replace("{port}", str(port)) for part in command],
             cwd=tmp_path,
             env=full_env,
             stdout=log,
@@ -94,7 +121,7 @@ def serve_script(
     server = RunningServer(process, f"http://127.0.0.1:{port}", log_path)
     try:
         if wait:
-            wait_healthy(server.url, process, STARTUP_TIMEOUT_S, health_headers)
+            wait_healthy(server.url, process, startup_timeout, health_headers, health_path)
         yield server
     except BaseException:
         sys.stderr.write(server.log())

@@ -185,25 +185,14 @@ class LLMServerSpec(LitSpec):
         body.request_id = body.request_id or new_id("cmpl")
         return await self._run("completion", body, bool(body.stream), request, tags=[body.request_id])
 
-    def _model_card(self, info: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "id": info["model_name"],
-            "object": "model",
-            "created": info.get("created", 0),
-            "owned_by": "servekit",
-            "root": info.get("model_path") or info["model_name"],
-            "parent": None,
-            "max_model_len": info["max_model_len"],
-        }
-
     async def list_models(self, request: Request) -> Response:
         info = await self._info()
-        return _json({"object": "list", "data": [self._model_card(info)]})
+        return _json({"object": "list", "data": [model_card(info)]})
 
     async def get_model(self, request: Request) -> Response:
         model_id = request.path_params["model_id"]
         await self._check_model(model_id)
-        return _json(self._model_card(await self._info()))
+        return _json(model_card(await self._info()))
 
     async def embeddings(self, request: Request) -> Response:
         info = await self._info()
@@ -334,6 +323,19 @@ class LLMServerSpec(LitSpec):
         return PlainTextResponse(
             render_metrics(stats, info["model_name"]), media_type="text/plain; version=0.0.4"
         )
+
+
+def model_card(info: dict[str, Any]) -> dict[str, Any]:
+    """A model's entry in ``GET /v1/models``, from the worker's ``model_info``."""
+    return {
+        "id": info["model_name"],
+        "object": "model",
+        "created": info.get("created", 0),
+        "owned_by": "servekit",
+        "root": info.get("model_path") or info["model_name"],
+        "parent": None,
+        "max_model_len": info["max_model_len"],
+    }
 
 
 def _session_key(session_id: int) -> str:
