@@ -11,8 +11,8 @@ class StatusAPI(ls.LitAPI):
     def setup(self, device):
         pass
 
-    def predict(self, messages):
-        text = messages[-1]["content"]
+    def predict(self, request):
+        text = request.messages[-1].content
         if text.startswith("status:"):
             raise HTTPException(status_code=int(text.split(":", 1)[1]), detail=f"answered {text} on purpose")
         yield "ok"
