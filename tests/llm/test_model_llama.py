@@ -80,8 +80,8 @@ def test_dynamic_rope_only_changes_beyond_the_trained_context() -> None:
 
 
 def test_unknown_rope_type_is_rejected() -> None:
-    with pytest.raises(ValueError, match="unsupported rope_scaling type 'longrope'"):
-        rope_frequencies(tiny_config(rope_scaling={"rope_type": "longrope", "factor": 2.0}), 64)
+    with pytest.raises(ValueError, match="unsupported rope_scaling type 'made-up'"):
+        rope_frequencies(tiny_config(rope_scaling={"rope_type": "made-up", "factor": 2.0}), 64)
 
 
 def test_rotary_tables_grow_on_demand() -> None:

@@ -1,4 +1,4 @@
-"""Which model implementation serves which ``ModelConfig.architecture``."""
+"""Which model implementation serves which architecture, and how its HF config reads."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import torch
 from servekit.llm.attention import AttentionMetadata
 from servekit.llm.kv_cache import PagedKVCache
 from servekit.llm.model_config import ModelConfig
-from servekit.llm.models.llama import LlamaForCausalLM
+from servekit.llm.models import llama
+from servekit.llm.models.family import Family
 
 
 class CausalLM(Protocol):
@@ -36,35 +37,29 @@ class CausalLMFactory(Protocol):
     ) -> CausalLM: ...
 
 
-_ARCHITECTURES: dict[str, CausalLMFactory] = {
-    "llama": LlamaForCausalLM,
-    "mistral": LlamaForCausalLM,
-    "qwen2": LlamaForCausalLM,
-    "qwen3": LlamaForCausalLM,
-    "smollm2": LlamaForCausalLM,
+FAMILIES: dict[str, Family] = {
+    **llama.FAMILIES,
 }
 
 # Hugging Face `architectures` class names, accepted as well as `model_type` names.
-_CLASS_NAMES = {
-    "llamaforcausallm": "llama",
-    "mistralforcausallm": "mistral",
-    "qwen2forcausallm": "qwen2",
-    "qwen3forcausallm": "qwen3",
-}
+_CLASS_NAMES = {name.lower(): model_type for model_type, f in FAMILIES.items() for name in f.hf_classes}
 
 
 def supported_architectures() -> list[str]:
-    return sorted(_ARCHITECTURES)
+    return sorted(FAMILIES)
+
+
+def family_of(architecture: str, *, what: str = "model architecture") -> Family:
+    """The family of ``architecture`` (a ``model_type`` such as "qwen2", or an HF class name)."""
+    key = architecture.lower()
+    key = _CLASS_NAMES.get(key, key)
+    try:
+        return FAMILIES[key]
+    except KeyError:
+        supported = ", ".join(supported_architectures())
+        raise ValueError(f"unsupported {what} {architecture!r} (supported: {supported})") from None
 
 
 def get_model_class(architecture: str) -> CausalLMFactory:
     """The implementation for ``architecture`` (a ``model_type`` such as "qwen2", or an HF class name)."""
-    key = architecture.lower()
-    key = _CLASS_NAMES.get(key, key)
-    try:
-        return _ARCHITECTURES[key]
-    except KeyError:
-        supported = ", ".join(supported_architectures())
-        raise ValueError(
-            f"unsupported model architecture {architecture!r} (supported: {supported})"
-        ) from None
+    return family_of(architecture).model
