@@ -10,7 +10,7 @@ import torch
 from servekit.llm.attention import AttentionMetadata
 from servekit.llm.kv_cache import PagedKVCache
 from servekit.llm.model_config import ModelConfig
-from servekit.llm.models import llama
+from servekit.llm.models import gemma, gpt2, llama, moe_families, neox
 from servekit.llm.models.family import Family
 
 
@@ -39,6 +39,10 @@ class CausalLMFactory(Protocol):
 
 FAMILIES: dict[str, Family] = {
     **llama.FAMILIES,
+    **gpt2.FAMILIES,
+    **neox.FAMILIES,
+    **gemma.FAMILIES,
+    **moe_families.FAMILIES,
 }
 
 # Hugging Face `architectures` class names, accepted as well as `model_type` names.

@@ -28,7 +28,7 @@ class NameMap:
     layer: Mapping[str, str]
     top: Mapping[str, str]
     ignored: re.Pattern[str] = field(
-        default=re.compile(r"(rotary_emb\.inv_freq|\.masked_bias|\.attn\.bias)$")
+        default=re.compile(r"(rotary_emb\.inv_freq|\.masked_bias|\.attn\.bias|\.attention\.bias)$")
     )
 
     def canonical(self, name: str) -> str | None:
