@@ -47,6 +47,24 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "moe_intermediate_size": 32,
         "shared_expert_intermediate_size": 48,
     },
+    "phi3": {
+        **LLAMA_LIKE,
+        "original_max_position_embeddings": 64,
+        "rope_scaling": {
+            "rope_type": "longrope",
+            "short_factor": [1.0 + i / 8 for i in range(8)],
+            "long_factor": [2.0] * 8,
+        },
+    },
+    "starcoder2": {**LLAMA_LIKE, "sliding_window": 6},
+    "olmo2": LLAMA_LIKE,
+    "gptj": {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 256, "rotary_dim": 8},
+    "glm4": {**LLAMA_LIKE, "partial_rotary_factor": 0.5},
+    "opt": {**SMALL, "ffn_dim": 96, "word_embed_proj_dim": 64},
+    "bloom": {"hidden_size": 64, "n_layer": 2, "n_head": 4},
+    "mpt": {"d_model": 64, "n_layers": 2, "n_heads": 4, "max_seq_len": 256, "expansion_ratio": 2},
+    "falcon": {**SMALL, "multi_query": True, "parallel_attn": True, "bias": False},
+    "falcon-new": {**SMALL, "new_decoder_architecture": True, "num_kv_heads": 2, "bias": True},
     "qwen3_moe": {
         **LLAMA_LIKE,
         "num_experts": 4,
@@ -64,8 +82,10 @@ def _one_thread() -> None:
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
-    model_type: str = request.param
-    directory = build_family_checkpoint(tmp_path_factory.mktemp(model_type), model_type, FAMILIES[model_type])
+    model_type: str = request.param.split("-")[0]
+    directory = build_family_checkpoint(
+        tmp_path_factory.mktemp(model_type), model_type, FAMILIES[request.param]
+    )
     reference = transformers.AutoModelForCausalLM.from_pretrained(
         str(directory), attn_implementation="eager", dtype=torch.float32
     ).eval()
@@ -86,7 +106,7 @@ def shuffled_tables(num_blocks: int, block_size: int, lengths: list[int], seed: 
 def test_logits_match_transformers(family: tuple[Path, Any]) -> None:
     directory, reference = family
     source = load_model_source(str(directory))
-    runner = ModelRunner(source.config, source.iter_weights(), block_size=4, num_blocks=64)
+    runner = ModelRunner(source.config, source.iter_weights(), block_size=4, num_blocks=64, max_model_len=64)
     rng = random.Random(0)
     vocab = source.config.vocab_size
     first = [rng.randrange(vocab) for _ in range(21)]
@@ -122,7 +142,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
 
 def run(source: ModelSource, prompts: list[str], **settings: Any) -> tuple[list[list[int]], Any]:
-    config: dict[str, Any] = {"max_model_len": 128, "block_size": 8, "num_kv_blocks": 64}
+    config: dict[str, Any] = {"max_model_len": 64, "block_size": 8, "num_kv_blocks": 64}
     config.update(settings)
     engine = LLMEngine(EngineConfig(**config), source=source)
     for index, prompt in enumerate(prompts):

@@ -313,7 +313,12 @@ def build_family_checkpoint(tmp_dir: Path, model_type: str, config: dict[str, An
     bos_id, eos_id = tokenizer.token_to_id(BOS_TOKEN), tokenizer.token_to_id(EOS_TOKEN)
     vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
     hf_config = AutoConfig.for_model(
-        model_type, vocab_size=vocab_size, bos_token_id=bos_id, eos_token_id=eos_id, **config
+        model_type,
+        vocab_size=vocab_size,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        pad_token_id=bos_id,
+        **config,
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)

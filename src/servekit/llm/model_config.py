@@ -58,6 +58,7 @@ class ModelConfig:
     positions: str = "rope"  # "rope", "learned" (an embedding table) or "alibi"
     position_offset: int = 0  # learned positions start at this row (OPT: 2)
     rotary_dim: int | None = None  # rotate only the first rotary_dim dims of each head (None: all)
+    embedding_norm: bool = False  # a norm right after the embeddings (BLOOM)
     embedding_scale: float | None = None  # embeddings are multiplied by it (Gemma: sqrt(hidden))
     attention_scale: float | None = None  # None: head_dim ** -0.5
     attn_softcap: float | None = None  # Gemma 2
@@ -66,6 +67,7 @@ class ModelConfig:
     local_rope_theta: float | None = None  # rope base of the sliding-window layers (Gemma 3)
     lm_head_bias: bool = False
     moe: MoEConfig | None = None
+    family_options: dict[str, Any] = field(default_factory=dict)  # knobs only one family reads
 
     @property
     def eager_attention(self) -> bool:

@@ -95,22 +95,32 @@ def model_config_from_hf(
         vocab_size=int(config["vocab_size"]),
         hidden_size=hidden_size,
         intermediate_size=int(
-            first_of(config, "intermediate_size", "n_inner", "ffn_dim", default=4 * hidden_size)
+            first_of(
+                config, "intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size", default=4 * hidden_size
+            )
         ),
         num_hidden_layers=int(first_of(config, "num_hidden_layers", "n_layer", "num_layers", "n_layers")),
         num_attention_heads=num_heads,
-        num_key_value_heads=int(config.get("num_key_value_heads") or num_heads),
+        num_key_value_heads=int(first_of(config, "num_key_value_heads", "num_kv_heads", default=num_heads)),
         head_dim=int(head_dim),
         max_position_embeddings=int(
             first_of(config, "max_position_embeddings", "n_positions", "max_seq_len", default=2048)
         ),
         rms_norm_eps=float(
-            first_of(config, "rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps", "norm_eps", default=1e-6)
+            first_of(
+                config,
+                "rms_norm_eps",
+                "layer_norm_epsilon",
+                "layer_norm_eps",
+                "norm_eps",
+                "norm_epsilon",
+                default=1e-6,
+            )
         ),
         rope_theta=rope_theta,
         rope_scaling=rope_scaling,
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-        hidden_act=str(first_of(config, "hidden_act", "activation_function", default="silu")),
+        hidden_act=str(first_of(config, "hidden_act", "activation_function", "activation", default="silu")),
         torch_dtype=str(config.get("torch_dtype") or config.get("dtype") or "float32"),
         bos_token_id=None if bos is None else int(bos),
         eos_token_ids=eos_ids,

@@ -30,7 +30,7 @@ from servekit.llm.models.layers import DenseMLP, Norm, Projection, activation
 from servekit.llm.models.linear import make_linear
 from servekit.llm.models.moe import SparseMoE
 from servekit.llm.models.rotary import RotaryEmbedding
-from servekit.llm.models.weights import NameMap, Tensors, expected_names
+from servekit.llm.models.weights import NameMap, Tensors, expected_names, split_fused_qkv, split_rows
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,9 @@ class DecoderLM:
 
     names: NameMap
     norm_offset = 0.0  # added to every norm weight on load (Gemma stores w for a (1 + w) scale)
+    # How a fused ``qkv`` tensor is laid out (``weights.split_fused_qkv``); a fused ``gate_up`` is
+    # always the gate rows, then the up rows.
+    qkv_layout = "rows"
 
     def __init__(
         self,
@@ -82,12 +85,16 @@ class DecoderLM:
             if config.local_rope_theta is not None:
                 local = dataclasses.replace(config, rope_theta=config.local_rope_theta, rope_scaling=None)
                 self.rotaries.append(RotaryEmbedding(local, max_model_len=max_model_len, dtype=dtype))
-        slopes = alibi_slopes(config.num_attention_heads) if config.positions == "alibi" else None
+        slopes = self.alibi_slopes() if config.positions == "alibi" else None
         self.options = AttentionOptions(config.attention_scale, config.attn_softcap, slopes)
         self.embed: torch.Tensor | None = None
         self.pos_embed: torch.Tensor | None = None
         self.final_norm: Norm | None = None
+        self.embed_norm: Norm | None = None
         self.lm_head: Projection | None = None
+
+    def alibi_slopes(self) -> torch.Tensor:
+        return alibi_slopes(self.config.num_attention_heads)
 
     # ------------------------------------------------------------------ loading
 
@@ -96,7 +103,15 @@ class DecoderLM:
         canonical = self.names.canonical(name)
         if canonical is None:
             raise ValueError(f"unexpected weight {name!r} for a {self.config.architecture} model")
-        yield canonical, tensor
+        config = self.config
+        if ".qkv." in canonical:
+            heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+            yield from split_fused_qkv(canonical, tensor, self.qkv_layout, heads, kv_heads, config.head_dim)
+        elif ".gate_up." in canonical:
+            half = tensor.shape[0] // 2
+            yield from split_rows(canonical, tensor, {"gate": half, "up": half})
+        else:
+            yield canonical, tensor
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Read checkpoint-named tensors, check them against the config and build the layers."""
@@ -212,6 +227,7 @@ class DecoderLM:
         self.embed = store.pop("embed.weight")
         self.pos_embed = store.pop("pos_embed.weight", None)
         self.final_norm = self._norm(store, "final_norm")
+        self.embed_norm = self._norm(store, "embed_norm")
         if config.tie_word_embeddings:
             self.lm_head = make_linear(
                 self.embed, None, quantization=self.quantization, pack=self.pack_weights
@@ -281,6 +297,8 @@ class DecoderLM:
             hidden = hidden * torch.tensor(config.embedding_scale, dtype=hidden.dtype)
         if self.pos_embed is not None:
             hidden = hidden + F.embedding(positions + config.position_offset, self.pos_embed)
+        if self.embed_norm is not None:
+            hidden = self.embed_norm(hidden)
         rotary = [r.cos_sin(positions, max_position) for r in self.rotaries]
         pending: torch.Tensor | None = None  # the previous layer's output, added at this layer's norm
         for index, block in enumerate(self.blocks):

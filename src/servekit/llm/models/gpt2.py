@@ -15,7 +15,7 @@ import torch
 from servekit.llm.model_config import ModelConfig
 from servekit.llm.models.decoder import DecoderLM
 from servekit.llm.models.family import Family
-from servekit.llm.models.weights import NameMap, Tensors, split_rows
+from servekit.llm.models.weights import NameMap, Tensors
 
 GPT2_NAMES = NameMap(
     "transformer.h.",
@@ -41,16 +41,9 @@ class GPT2ForCausalLM(DecoderLM):
     conv1d = True  # weights stored [in, out]
 
     def map_weight(self, name: str, tensor: torch.Tensor) -> Tensors:
-        for canonical, part in super().map_weight(name, tensor):
-            if self.conv1d and part.dim() == 2 and canonical.startswith("layers."):
-                part = part.t()
-            if ".qkv." in canonical:
-                config = self.config
-                q_rows = config.num_attention_heads * config.head_dim
-                kv_rows = config.num_key_value_heads * config.head_dim
-                yield from split_rows(canonical, part, {"q": q_rows, "k": kv_rows, "v": kv_rows})
-            else:
-                yield canonical, part
+        if self.conv1d and tensor.dim() == 2 and name.startswith(self.names.layer_prefix):
+            tensor = tensor.t()
+        return super().map_weight(name, tensor)
 
 
 class GPTBigCodeForCausalLM(GPT2ForCausalLM):

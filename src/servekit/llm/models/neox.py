@@ -10,13 +10,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import torch
-
 from servekit.llm.model_config import ModelConfig
 from servekit.llm.models.decoder import DecoderLM
 from servekit.llm.models.family import Family, set_partial_rotary
 from servekit.llm.models.llama import LLAMA_NAMES
-from servekit.llm.models.weights import NameMap, Tensors
+from servekit.llm.models.weights import NameMap
 
 NEOX_NAMES = NameMap(
     "gpt_neox.layers.",
@@ -32,24 +30,9 @@ NEOX_NAMES = NameMap(
 )
 
 
-def split_heads_qkv(name: str, tensor: torch.Tensor, num_heads: int) -> Tensors:
-    """A ``[heads, 3, head_dim]``-row fused q/k/v (NeoX, BLOOM) as separate q, k, v."""
-    prefix = name.rpartition(".")[0].rpartition(".")[0]
-    kind = name.rpartition(".")[2]
-    per_head = tensor.reshape(num_heads, 3, -1, *tensor.shape[1:])
-    for index, part in enumerate(("q", "k", "v")):
-        yield f"{prefix}.{part}.{kind}", per_head[:, index].reshape(-1, *tensor.shape[1:])
-
-
 class GPTNeoXForCausalLM(DecoderLM):
     names = NEOX_NAMES
-
-    def map_weight(self, name: str, tensor: torch.Tensor) -> Tensors:
-        for canonical, part in super().map_weight(name, tensor):
-            if ".qkv." in canonical:
-                yield from split_heads_qkv(canonical, part, self.config.num_attention_heads)
-            else:
-                yield canonical, part
+    qkv_layout = "heads"
 
 
 PHI_NAMES = NameMap(

@@ -10,7 +10,20 @@ import torch
 from servekit.llm.attention import AttentionMetadata
 from servekit.llm.kv_cache import PagedKVCache
 from servekit.llm.model_config import ModelConfig
-from servekit.llm.models import gemma, gpt2, llama, moe_families, neox
+from servekit.llm.models import (
+    bloom,
+    falcon,
+    gemma,
+    gpt2,
+    gptj,
+    llama,
+    moe_families,
+    neox,
+    olmo2,
+    opt,
+    phi3,
+    starcoder2,
+)
 from servekit.llm.models.family import Family
 
 
@@ -43,6 +56,13 @@ FAMILIES: dict[str, Family] = {
     **neox.FAMILIES,
     **gemma.FAMILIES,
     **moe_families.FAMILIES,
+    **phi3.FAMILIES,
+    **starcoder2.FAMILIES,
+    **olmo2.FAMILIES,
+    **gptj.FAMILIES,
+    **opt.FAMILIES,
+    **bloom.FAMILIES,
+    **falcon.FAMILIES,
 }
 
 # Hugging Face `architectures` class names, accepted as well as `model_type` names.

@@ -173,3 +173,13 @@ class RotaryEmbedding:
         rotated = x[..., :rotary_dim]
         rotated = torch.addcmul(rotated * cos, rotated.roll(rotary_dim // 2, -1), sin)
         return torch.cat((rotated, x[..., rotary_dim:]), dim=-1)
+
+
+def interleaved_to_half(weight: torch.Tensor, num_heads: int, rotary_dim: int) -> torch.Tensor:
+    """Rows of a q or k projection reordered from interleaved rotary pairs (GPT-J, GLM: dims 2i and
+    2i + 1 rotate together) to the rotate-half layout used here (dims i and i + rotary_dim / 2).
+    q and k get the same permutation, so their dot products, and attention, are unchanged."""
+    head_dim = weight.shape[0] // num_heads
+    order = [*range(0, rotary_dim, 2), *range(1, rotary_dim, 2), *range(rotary_dim, head_dim)]
+    per_head = weight.reshape(num_heads, head_dim, *weight.shape[1:])
+    return per_head[:, order].reshape(weight.shape)

@@ -86,6 +86,8 @@ def expected_names(config: ModelConfig) -> tuple[set[str], set[str]]:
         (required if config.lm_head_bias else optional).add("lm_head.bias")
     if config.positions == "learned":
         required.add("pos_embed.weight")
+    if config.embedding_norm:
+        norm_names.append("embed_norm")
     for index in range(config.num_hidden_layers):
         prefix = f"layers.{index}."
         norms: list[str] = []
@@ -119,3 +121,30 @@ def expected_names(config: ModelConfig) -> tuple[set[str], set[str]]:
         required.add(f"{norm}.weight")
         (required if config.norm_bias else optional).add(f"{norm}.bias")
     return required, optional
+
+
+def split_fused_qkv(
+    name: str, tensor: torch.Tensor, layout: str, heads: int, kv_heads: int, head_dim: int
+) -> Tensors:
+    """``layers.{i}.qkv.*`` as ``q``, ``k``, ``v``. Layouts: "rows" (every q row, then k, then v),
+    "heads" (``[heads, 3, head_dim]``: NeoX, BLOOM), "grouped" (``[kv_heads, group + 2, head_dim]``:
+    each KV head's query heads, then its key and value: Falcon's new layout, InternLM2)."""
+    if layout == "rows":
+        yield from split_rows(
+            name, tensor, {"q": heads * head_dim, "k": kv_heads * head_dim, "v": kv_heads * head_dim}
+        )
+        return
+    prefix, _, kind = name.rpartition(".")
+    prefix = prefix.rpartition(".")[0]
+    rest = tensor.shape[1:]
+    if layout == "heads":
+        per_head = tensor.reshape(heads, 3, head_dim, *rest)
+        parts = [per_head[:, index] for index in range(3)]
+    elif layout == "grouped":
+        group = heads // kv_heads
+        grouped = tensor.reshape(kv_heads, group + 2, head_dim, *rest)
+        parts = [grouped[:, :group], grouped[:, group], grouped[:, group + 1]]
+    else:
+        raise ValueError(f"unknown fused qkv layout {layout!r}")
+    for part, values in zip(("q", "k", "v"), parts, strict=True):
+        yield f"{prefix}.{part}.{kind}", values.reshape(-1, *rest)
