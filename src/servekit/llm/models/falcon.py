@@ -65,6 +65,5 @@ FAMILIES = {
         configure,
         ("FalconForCausalLM",),
         "old and new decoder layouts, MQA/GQA",
-        gguf=True,
     ),
 }

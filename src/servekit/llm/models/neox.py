@@ -103,6 +103,5 @@ FAMILIES = {
         configure_stablelm,
         ("StableLmForCausalLM",),
         "Llama layout + LayerNorm, partial rotary",
-        gguf=True,
     ),
 }

@@ -33,7 +33,5 @@ def configure(raw: Mapping[str, Any], config: ModelConfig) -> None:
 
 
 FAMILIES = {
-    "phi3": Family(
-        FusedLlamaForCausalLM, configure, ("Phi3ForCausalLM",), "fused qkv and gate_up, LongRoPE", gguf=True
-    ),
+    "phi3": Family(FusedLlamaForCausalLM, configure, ("Phi3ForCausalLM",), "fused qkv and gate_up, LongRoPE"),
 }

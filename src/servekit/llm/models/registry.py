@@ -87,3 +87,18 @@ def family_of(architecture: str, *, what: str = "model architecture") -> Family:
 def get_model_class(architecture: str) -> CausalLMFactory:
     """The implementation for ``architecture`` (a ``model_type`` such as "qwen2", or an HF class name)."""
     return family_of(architecture).model
+
+
+def architectures_table() -> str:
+    """The supported architectures as an aligned text table (``servekit models``)."""
+    rows = [("model_type", "HF class", "GGUF", "what is special")]
+    for model_type in supported_architectures():
+        family = FAMILIES[model_type]
+        rows.append(
+            (model_type, ", ".join(family.hf_classes) or "-", "yes" if family.gguf else "-", family.summary)
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths, strict=True)) + "  " + row[3]
+        for row in rows
+    )

@@ -41,6 +41,5 @@ FAMILIES = {
         configure,
         ("Starcoder2ForCausalLM",),
         "LayerNorm, GELU MLP, GQA, biases",
-        gguf=True,
     ),
 }
