@@ -22,6 +22,7 @@ from servekit.llm.models import (
     olmo2,
     opt,
     phi3,
+    remote_code,
     starcoder2,
 )
 from servekit.llm.models.family import Family
@@ -63,6 +64,7 @@ FAMILIES: dict[str, Family] = {
     **opt.FAMILIES,
     **bloom.FAMILIES,
     **falcon.FAMILIES,
+    **remote_code.FAMILIES,
 }
 
 # Hugging Face `architectures` class names, accepted as well as `model_type` names.
