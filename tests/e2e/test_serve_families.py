@@ -11,22 +11,14 @@ import openai
 import pytest
 
 from tests.e2e.serving import RunningServer, serve_script
+from tests.llm.tiny_models import LLAMA_LIKE
 
 pytestmark = pytest.mark.timeout(240)
 
 SERVER_ENV = {"SERVEKIT_NUM_THREADS": "1", "SERVEKIT_MAX_MODEL_LEN": "128"}
 FAMILIES = {
     "gpt2": {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 256},
-    "mixtral": {
-        "hidden_size": 64,
-        "intermediate_size": 96,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 256,
-        "num_local_experts": 4,
-        "num_experts_per_tok": 2,
-    },
+    "mixtral": {**LLAMA_LIKE, "num_local_experts": 4, "num_experts_per_tok": 2},
 }
 
 

@@ -17,13 +17,12 @@ import torch
 from servekit.llm import EngineConfig, LLMEngine, SamplingParams
 from servekit.llm.loaders import ModelSource, load_model_source
 from servekit.llm.model_runner import ForwardBatch, ModelRunner
-from tests.llm.tiny_models import build_family_checkpoint
+from tests.llm.tiny_models import LLAMA_LIKE, build_family_checkpoint
 
 transformers = pytest.importorskip("transformers")
 
 ATOL = 1e-4
 SMALL = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 256}
-LLAMA_LIKE = {**SMALL, "intermediate_size": 96, "num_key_value_heads": 2}
 
 FAMILIES: dict[str, dict[str, Any]] = {
     "gpt2": {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 256},

@@ -78,6 +78,7 @@ FAMILIES = {
         configure_gemma2,
         ("Gemma2ForCausalLM",),
         "Gemma + sandwich norms, soft-capping, sliding/global layers",
+        gguf=True,
     ),
     "gemma3_text": Family(
         Gemma2ForCausalLM,

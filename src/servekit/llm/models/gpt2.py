@@ -70,6 +70,7 @@ FAMILIES = {
         configure,
         ("GPT2LMHeadModel",),
         "LayerNorm, learned positions, Conv1D weights",
+        gguf=True,
     ),
     "gpt_bigcode": Family(
         GPTBigCodeForCausalLM, configure, ("GPTBigCodeForCausalLM",), "GPT-2 layout, multi-query attention"

@@ -103,5 +103,6 @@ FAMILIES = {
         configure_stablelm,
         ("StableLmForCausalLM",),
         "Llama layout + LayerNorm, partial rotary",
+        gguf=True,
     ),
 }

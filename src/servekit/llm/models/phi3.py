@@ -33,5 +33,7 @@ def configure(raw: Mapping[str, Any], config: ModelConfig) -> None:
 
 
 FAMILIES = {
-    "phi3": Family(FusedLlamaForCausalLM, configure, ("Phi3ForCausalLM",), "fused qkv and gate_up, LongRoPE"),
+    "phi3": Family(
+        FusedLlamaForCausalLM, configure, ("Phi3ForCausalLM",), "fused qkv and gate_up, LongRoPE", gguf=True
+    ),
 }

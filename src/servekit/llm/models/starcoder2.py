@@ -41,5 +41,6 @@ FAMILIES = {
         configure,
         ("Starcoder2ForCausalLM",),
         "LayerNorm, GELU MLP, GQA, biases",
+        gguf=True,
     ),
 }
