@@ -16,11 +16,12 @@ import dataclasses
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
-from servekit.llm.attention import AttentionMetadata, AttentionOptions, paged_attention
+from servekit.llm.attention import AttentionMetadata, AttentionOptions
 from servekit.llm.kernels import kernels_available
 from servekit.llm.kernels.elementwise import add_rms_norm
 from servekit.llm.kv_cache import PagedKVCache
@@ -30,9 +31,23 @@ from servekit.llm.models.layers import DenseMLP, Norm, Projection, activation
 from servekit.llm.models.linear import make_linear
 from servekit.llm.models.moe import SparseMoE
 from servekit.llm.models.rotary import RotaryEmbedding
+from servekit.llm.models.self_attention import CosSin, SelfAttention
 from servekit.llm.models.weights import NameMap, Tensors, expected_names, split_fused_qkv, split_rows
 
 logger = logging.getLogger(__name__)
+
+
+class Attention(Protocol):
+    """A layer's attention over the paged cache (``SelfAttention``, or ``mla.LatentAttention``)."""
+
+    def __call__(
+        self,
+        normed: torch.Tensor,
+        rotary: CosSin | None,
+        layer_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        options: AttentionOptions,
+    ) -> torch.Tensor: ...
 
 
 @dataclass
@@ -40,10 +55,7 @@ class Block:
     """One layer ready to run."""
 
     attn_norm: Norm | None
-    qkv: Projection
-    q_norm: Norm | None
-    k_norm: Norm | None
-    o: Projection
+    attention: Attention
     mlp_norm: Norm | None
     mlp: DenseMLP | SparseMoE
     post_attn_norm: Norm | None
@@ -175,6 +187,19 @@ class DecoderLM:
         rms = self.config.norm == "rms" or name.endswith(("q_norm", "k_norm"))
         return Norm(weight, bias, self.config.rms_norm_eps, rms=rms and bias is None)
 
+    def _attention(self, store: dict[str, torch.Tensor], prefix: str) -> Attention:
+        config = self.config
+        return SelfAttention(
+            qkv=self._linear(store, f"{prefix}q", f"{prefix}k", f"{prefix}v"),
+            o=self._linear(store, f"{prefix}o"),
+            q_norm=self._norm(store, f"{prefix}q_norm"),
+            k_norm=self._norm(store, f"{prefix}k_norm"),
+            num_heads=config.num_attention_heads,
+            num_kv_heads=config.num_key_value_heads,
+            head_dim=config.head_dim,
+            norm_per_head=config.qk_norm_per_head,
+        )
+
     def _mlp(self, store: dict[str, torch.Tensor], prefix: str) -> DenseMLP:
         gated = f"{prefix}gate.weight" in store
         up = (
@@ -212,10 +237,7 @@ class DecoderLM:
             self.blocks.append(
                 Block(
                     attn_norm=self._norm(store, f"{prefix}attn_norm"),
-                    qkv=self._linear(store, f"{prefix}q", f"{prefix}k", f"{prefix}v"),
-                    q_norm=self._norm(store, f"{prefix}q_norm"),
-                    k_norm=self._norm(store, f"{prefix}k_norm"),
-                    o=self._linear(store, f"{prefix}o"),
+                    attention=self._attention(store, prefix),
                     mlp_norm=self._norm(store, f"{prefix}mlp_norm"),
                     mlp=mlp,
                     post_attn_norm=self._norm(store, f"{prefix}post_attn_norm"),
@@ -253,32 +275,13 @@ class DecoderLM:
         block: Block,
         index: int,
         normed: torch.Tensor,
-        rotary: list[tuple[torch.Tensor, torch.Tensor]],
+        rotary: list[CosSin],
         kv_cache: PagedKVCache,
         attention: AttentionMetadata,
     ) -> torch.Tensor:
-        config = self.config
-        tokens = normed.shape[0]
-        heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        qkv = block.qkv(normed)
-        q_width, kv_width = heads * head_dim, kv_heads * head_dim
-        query = qkv[:, :q_width]
-        key = qkv[:, q_width : q_width + kv_width]
-        value = qkv[:, q_width + kv_width :].view(tokens, kv_heads, head_dim)
-        if block.q_norm is not None and block.k_norm is not None and not config.qk_norm_per_head:
-            query, key = block.q_norm(query), block.k_norm(key)
-        query = query.reshape(tokens, heads, head_dim)
-        key = key.reshape(tokens, kv_heads, head_dim)
-        if block.q_norm is not None and block.k_norm is not None and config.qk_norm_per_head:
-            query, key = block.q_norm(query), block.k_norm(key)
-        if block.rotary >= 0:
-            cos, sin = rotary[block.rotary]
-            query = RotaryEmbedding.apply(query, cos, sin)
-            key = RotaryEmbedding.apply(key, cos, sin)
-        attended = paged_attention(
-            query, key, value, kv_cache.layer(index), attention.for_window(block.window), self.options
-        )
-        return block.o(attended)
+        cos_sin = rotary[block.rotary] if block.rotary >= 0 else None
+        metadata = attention.for_window(block.window)
+        return block.attention(normed, cos_sin, kv_cache.layer(index), metadata, self.options)
 
     def forward(
         self,
