@@ -24,6 +24,19 @@ transformers = pytest.importorskip("transformers")
 ATOL = 1e-4
 SMALL = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 256}
 
+MLA = {
+    **LLAMA_LIKE,
+    "num_key_value_heads": 4,
+    "kv_lora_rank": 16,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 8,
+    "v_head_dim": 12,
+    "moe_intermediate_size": 16,
+    "n_routed_experts": 4,
+    "num_experts_per_tok": 2,
+    "n_shared_experts": 1,
+    "first_k_dense_replace": 1,
+}
 FAMILIES: dict[str, dict[str, Any]] = {
     "gpt2": {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 256},
     "gpt_bigcode": {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 256, "multi_query": True},
@@ -64,6 +77,15 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "mpt": {"d_model": 64, "n_layers": 2, "n_heads": 4, "max_seq_len": 256, "expansion_ratio": 2},
     "falcon": {**SMALL, "multi_query": True, "parallel_attn": True, "bias": False},
     "falcon-new": {**SMALL, "new_decoder_architecture": True, "num_kv_heads": 2, "bias": True},
+    "deepseek_v2": {
+        **MLA,
+        "q_lora_rank": None,
+        "topk_method": "group_limited_greedy",
+        "n_group": 2,
+        "topk_group": 1,
+        "routed_scaling_factor": 1.5,
+    },
+    "deepseek_v3": {**MLA, "q_lora_rank": 24, "n_group": 2, "topk_group": 1},
     "qwen3_moe": {
         **LLAMA_LIKE,
         "num_experts": 4,

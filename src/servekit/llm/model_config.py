@@ -17,6 +17,12 @@ class MoEConfig:
     shared_intermediate_size: int = 0  # an always-on shared expert (Qwen2-MoE); 0: none
     shared_expert_gate: bool = False  # the shared expert's output is scaled by sigmoid(x @ gate)
     dense_layers: list[int] = field(default_factory=list)  # layers that keep a dense MLP
+    scoring: str = "softmax"  # or "sigmoid" (DeepSeek-V3)
+    num_groups: int = 1  # experts come in groups; only the best `top_groups` groups are eligible
+    top_groups: int = 1
+    group_score: str = "max"  # a group's score: its best expert ("max") or its best two ("top2")
+    score_bias: bool = False  # a learnt bias added to scores for choosing experts only (DeepSeek-V3)
+    routed_scaling: float = 1.0  # the routed experts' weights are multiplied by it
 
 
 @dataclass

@@ -25,7 +25,7 @@ from servekit.llm.attention import AttentionMetadata, AttentionOptions
 from servekit.llm.kernels import kernels_available
 from servekit.llm.kernels.elementwise import add_rms_norm
 from servekit.llm.kv_cache import PagedKVCache
-from servekit.llm.model_config import ModelConfig
+from servekit.llm.model_config import ModelConfig, MoEConfig
 from servekit.llm.models.alibi import alibi_slopes
 from servekit.llm.models.layers import DenseMLP, Norm, Projection, activation
 from servekit.llm.models.linear import make_linear
@@ -105,6 +105,14 @@ class DecoderLM:
         self.embed_norm: Norm | None = None
         self.lm_head: Projection | None = None
 
+    def attention_weights(self) -> dict[str, bool]:
+        """Each layer's attention projections and norms (``.weight`` names) -> whether biased."""
+        biased = self.config.attention_bias
+        names = {"q": biased, "k": biased, "v": biased, "o": self.config.o_bias}
+        if self.config.qk_norm:
+            names.update(q_norm=self.config.norm_bias, k_norm=self.config.norm_bias)
+        return names
+
     def alibi_slopes(self) -> torch.Tensor:
         return alibi_slopes(self.config.num_attention_heads)
 
@@ -130,7 +138,7 @@ class DecoderLM:
         if self.blocks:
             raise RuntimeError("weights are already loaded")
         config = self.config
-        required, optional = expected_names(config)
+        required, optional = expected_names(config, self.attention_weights())
         store: dict[str, torch.Tensor] = {}
         for name, tensor in weights:
             if self.names.ignored.search(name):
@@ -151,13 +159,12 @@ class DecoderLM:
 
     def _check_shapes(self, store: dict[str, torch.Tensor]) -> None:
         config = self.config
-        expected = {
-            "embed.weight": (config.vocab_size, config.hidden_size),
-            "layers.0.q.weight": (config.num_attention_heads * config.head_dim, config.hidden_size),
-            "layers.0.k.weight": (config.num_key_value_heads * config.head_dim, config.hidden_size),
-        }
+        expected = {"embed.weight": (config.vocab_size, config.hidden_size)}
+        if "layers.0.k.weight" in store:
+            expected["layers.0.q.weight"] = (config.num_attention_heads * config.head_dim, config.hidden_size)
+            expected["layers.0.k.weight"] = (config.num_key_value_heads * config.head_dim, config.hidden_size)
         for name, shape in expected.items():
-            if tuple(store[name].shape) != shape:
+            if name in store and tuple(store[name].shape) != shape:
                 raise ValueError(
                     f"weight {name!r} has shape {tuple(store[name].shape)}, which does not fit the config"
                 )
@@ -200,6 +207,17 @@ class DecoderLM:
             norm_per_head=config.qk_norm_per_head,
         )
 
+    def _moe(self, store: dict[str, torch.Tensor], prefix: str, moe: MoEConfig) -> SparseMoE:
+        score_bias = store.pop(f"{prefix}router.e_score_correction_bias", None)
+        return SparseMoE(
+            router=self._linear(store, f"{prefix}router"),
+            experts=[self._mlp(store, f"{prefix}experts.{e}.") for e in range(moe.num_experts)],
+            config=moe,
+            shared=self._mlp(store, f"{prefix}shared.") if moe.shared_intermediate_size else None,
+            shared_gate=self._linear(store, f"{prefix}shared_gate") if moe.shared_expert_gate else None,
+            score_bias=None if score_bias is None else score_bias.float(),
+        )
+
     def _mlp(self, store: dict[str, torch.Tensor], prefix: str) -> DenseMLP:
         gated = f"{prefix}gate.weight" in store
         up = (
@@ -219,16 +237,7 @@ class DecoderLM:
             if moe is None or index in moe.dense_layers:
                 mlp = self._mlp(store, prefix)
             else:
-                mlp = SparseMoE(
-                    router=self._linear(store, f"{prefix}router"),
-                    experts=[self._mlp(store, f"{prefix}experts.{e}.") for e in range(moe.num_experts)],
-                    top_k=moe.top_k,
-                    normalize_top_k=moe.normalize_top_k,
-                    shared=self._mlp(store, f"{prefix}shared.") if moe.shared_intermediate_size else None,
-                    shared_gate=self._linear(store, f"{prefix}shared_gate")
-                    if moe.shared_expert_gate
-                    else None,
-                )
+                mlp = self._moe(store, prefix, moe)
             window = config.window_of(index)
             rotary = -1
             if self.rotaries:

@@ -12,6 +12,7 @@ from servekit.llm.kv_cache import PagedKVCache
 from servekit.llm.model_config import ModelConfig
 from servekit.llm.models import (
     bloom,
+    deepseek,
     falcon,
     gemma,
     gpt2,
@@ -65,6 +66,7 @@ FAMILIES: dict[str, Family] = {
     **bloom.FAMILIES,
     **falcon.FAMILIES,
     **remote_code.FAMILIES,
+    **deepseek.FAMILIES,
 }
 
 # Hugging Face `architectures` class names, accepted as well as `model_type` names.

@@ -44,7 +44,7 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any], max_positi
     return torch.where(in_band, blended, scaled)
 
 
-def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     if scale <= 1:
         return 1.0
     return 0.1 * mscale * math.log(scale) + 1.0
@@ -62,11 +62,11 @@ def _yarn_inv_freq(
         mscale = scaling.get("mscale")
         mscale_all_dim = scaling.get("mscale_all_dim")
         if mscale and mscale_all_dim:
-            attention_factor = _yarn_mscale(factor, float(mscale)) / _yarn_mscale(
+            attention_factor = yarn_mscale(factor, float(mscale)) / yarn_mscale(
                 factor, float(mscale_all_dim)
             )
         else:
-            attention_factor = _yarn_mscale(factor)
+            attention_factor = yarn_mscale(factor)
 
     def correction_dim(num_rotations: float) -> float:
         return (dim * math.log(original / (num_rotations * 2 * math.pi))) / (2 * math.log(base))

@@ -75,9 +75,10 @@ def split_rows(name: str, tensor: torch.Tensor, parts: Mapping[str, int]) -> Ten
         start += rows
 
 
-def expected_names(config: ModelConfig) -> tuple[set[str], set[str]]:
-    """``(required, optional)`` canonical names for ``config``: optional ones are biases a
-    checkpoint may carry beyond what the config says (they are loaded when present)."""
+def expected_names(config: ModelConfig, attention: Mapping[str, bool]) -> tuple[set[str], set[str]]:
+    """``(required, optional)`` canonical names for ``config`` (``attention``: each layer's attention
+    weights -> biased): optional ones are biases a checkpoint may carry beyond what the config says
+    (they are loaded when present)."""
     required = {"embed.weight", "final_norm.weight"}
     optional: set[str] = set()
     norm_names = ["final_norm"]
@@ -97,11 +98,8 @@ def expected_names(config: ModelConfig) -> tuple[set[str], set[str]]:
             norms.append("mlp_norm")
         if config.sandwich_norms or config.residual == "post":
             norms += ["post_attn_norm", "post_mlp_norm"]
-        if config.qk_norm:
-            norms += ["q_norm", "k_norm"]
         norm_names += [prefix + n for n in norms]
-        linears = {"q": config.attention_bias, "k": config.attention_bias, "v": config.attention_bias}
-        linears["o"] = config.o_bias
+        linears = dict(attention)
         moe = config.moe
         if moe is None or index in moe.dense_layers:
             mlp = ["gate", "up", "down"] if config.mlp == "gated" else ["up", "down"]
@@ -114,6 +112,8 @@ def expected_names(config: ModelConfig) -> tuple[set[str], set[str]]:
                 linears.update({f"shared.{p}": False for p in ("gate", "up", "down")})
             if moe.shared_expert_gate:
                 linears["shared_gate"] = False
+            if moe.score_bias:
+                required.add(f"{prefix}router.e_score_correction_bias")
         for linear, biased in linears.items():
             required.add(f"{prefix}{linear}.weight")
             (required if biased else optional).add(f"{prefix}{linear}.bias")
