@@ -24,6 +24,7 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "starcoder2": ("starcoder2", LLAMA_LIKE),
     "stablelm": ("stablelm", {**LLAMA_LIKE, "partial_rotary_factor": 0.25}),
     "phi3": ("phi3", LLAMA_LIKE),
+    "bloom": ("bloom", {"hidden_size": 64, "n_layer": 2, "n_head": 4}),
     "gemma2": ("gemma2", {**LLAMA_LIKE, "head_dim": 16, "sliding_window": 5, "query_pre_attn_scalar": 16}),
 }
 CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
@@ -37,7 +38,7 @@ def write_gguf(directory: Path, out: Path, arch: str) -> None:
     head_dim = getattr(model, "head_dim", None) or hidden // heads
     writer = gguf.GGUFWriter(str(out), arch)
     writer.add_block_count(model.num_hidden_layers)
-    writer.add_context_length(model.max_position_embeddings)
+    writer.add_context_length(getattr(model, "max_position_embeddings", None) or 2048)
     writer.add_embedding_length(hidden)
     writer.add_feed_forward_length(
         getattr(model, "intermediate_size", None) or getattr(model, "n_inner", None) or 4 * hidden
@@ -54,7 +55,7 @@ def write_gguf(directory: Path, out: Path, arch: str) -> None:
             or getattr(model, "norm_epsilon", None)
             or model.layer_norm_eps
         )
-    if arch != "gpt2":
+    if arch not in ("gpt2", "bloom"):
         rope = model.rope_parameters
         writer.add_rope_freq_base(rope["rope_theta"])
         writer.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
@@ -70,6 +71,12 @@ def write_gguf(directory: Path, out: Path, arch: str) -> None:
         array = value.astype(np.float32)
         if arch == "gpt2" and name.endswith(CONV1D):
             array = np.ascontiguousarray(array.T)
+        if arch == "bloom" and ".query_key_value." in name:  # per-head [heads, 3, d] -> q, k, v rows
+            array = np.ascontiguousarray(
+                array.reshape(heads, 3, head_dim, -1).swapaxes(0, 1).reshape(array.shape)
+            )
+        if arch == "bloom":
+            name = name.removeprefix("transformer.")
         if arch == "gemma2" and name.endswith("norm.weight"):
             array = array + 1.0  # llama.cpp's Gemma graphs scale by the stored weight
         target = names.get_name(name, try_suffixes=(".weight", ".bias"))

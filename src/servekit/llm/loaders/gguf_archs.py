@@ -24,6 +24,7 @@ GGUF_MODEL_TYPES = {
     "stablelm": "stablelm",
     "phi3": "phi3",
     "gemma2": "gemma2",
+    "bloom": "bloom",
 }
 # GPT-2 stores these as Conv1D ([in, out]); llama.cpp writes them as linears ([out, in]).
 _CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
@@ -103,11 +104,13 @@ def hf_name_of(gguf_name: str, architecture: str, config: ModelConfig, rows: int
     if base.startswith("rope_factors"):
         return None
     names = family_of(config.architecture).model.names
-    known = [
-        f"{c}.{suffix}"
+    # llama.cpp's BLOOM converter strips the "transformer." prefix before looking names up.
+    candidates = [
+        f"{prefix}{c}.{suffix}"
         for c in _inverse_names(architecture, config.num_hidden_layers).get(base, ())
-        if names.canonical(f"{c}.{suffix}") is not None
+        for prefix in ("", "transformer.")
     ]
+    known = [name for name in candidates if names.canonical(name) is not None]
     if not known:
         raise ValueError(f"unknown GGUF tensor {gguf_name!r} for a {architecture} model")
     fused_rows = {
@@ -122,9 +125,14 @@ def hf_name_of(gguf_name: str, architecture: str, config: ModelConfig, rows: int
 
 
 def to_hf_layout(name: str, tensor: torch.Tensor, config: ModelConfig) -> torch.Tensor:
-    """Undo what llama.cpp's converter changed: GPT-2's Conv1D transposes, Gemma's (1 + w) norms."""
+    """Undo what llama.cpp's converter changed: GPT-2's Conv1D transposes, Gemma's (1 + w) norms,
+    BLOOM's q/k/v regrouped from per-head ``[heads, 3, head_dim]`` rows to q, k, v rows."""
     if config.architecture == "gpt2" and name.endswith(_CONV1D):
         return tensor.t().contiguous()
+    if config.architecture == "bloom" and ".query_key_value." in name:
+        rest = tensor.shape[1:]
+        per_part = tensor.reshape(3, config.num_attention_heads, config.head_dim, *rest)
+        return per_part.transpose(0, 1).reshape(tensor.shape).contiguous()
     if config.architecture == "gemma2" and name.endswith("norm.weight"):
         return tensor - 1.0
     return tensor

@@ -94,6 +94,7 @@ FAMILIES = {
         configure_bloom,
         ("BloomForCausalLM",),
         "ALiBi, embedding LayerNorm, per-head fused qkv",
+        gguf=True,
     ),
     "mpt": Family(MptForCausalLM, configure_mpt, ("MptForCausalLM",), "ALiBi, no biases, fused qkv"),
 }

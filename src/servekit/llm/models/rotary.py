@@ -62,9 +62,7 @@ def _yarn_inv_freq(
         mscale = scaling.get("mscale")
         mscale_all_dim = scaling.get("mscale_all_dim")
         if mscale and mscale_all_dim:
-            attention_factor = yarn_mscale(factor, float(mscale)) / yarn_mscale(
-                factor, float(mscale_all_dim)
-            )
+            attention_factor = yarn_mscale(factor, float(mscale)) / yarn_mscale(factor, float(mscale_all_dim))
         else:
             attention_factor = yarn_mscale(factor)
 
