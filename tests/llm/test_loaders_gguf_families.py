@@ -4,6 +4,7 @@ they give transformers' logits for the checkpoint they were converted from."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,40 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "stablelm": ("stablelm", {**LLAMA_LIKE, "partial_rotary_factor": 0.25}),
     "phi3": ("phi3", LLAMA_LIKE),
     "bloom": ("bloom", {"hidden_size": 64, "n_layer": 2, "n_head": 4}),
+    "qwen2_moe": (
+        "qwen2moe",
+        {
+            **LLAMA_LIKE,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "shared_expert_intermediate_size": 48,
+        },
+    ),
+    "falcon": ("falcon", {**LLAMA_LIKE, "multi_query": True, "bias": False}),
+    "falcon-new": (
+        "falcon",
+        {**LLAMA_LIKE, "new_decoder_architecture": True, "num_kv_heads": 2, "bias": True},
+    ),
     "gemma2": ("gemma2", {**LLAMA_LIKE, "head_dim": 16, "sliding_window": 5, "query_pre_attn_scalar": 16}),
 }
 CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
+
+
+def stack_experts(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per-expert tensors stacked into one ``[experts, rows, cols]`` tensor per layer and projection,
+    under the name gguf's table knows (``...mlp.experts.gate_proj.weight``), as llama.cpp does."""
+    out: dict[str, np.ndarray] = {}
+    grouped: dict[str, dict[int, np.ndarray]] = {}
+    for name, value in tensors.items():
+        match = re.match(r"^(.*\.experts)\.(\d+)\.(\w+)\.weight$", name)
+        if match is None:
+            out[name] = value
+        else:
+            grouped.setdefault(f"{match.group(1)}.{match.group(3)}.weight", {})[int(match.group(2))] = value
+    for name, experts in grouped.items():
+        out[name] = np.stack([experts[e] for e in sorted(experts)])
+    return out
 
 
 def write_gguf(directory: Path, out: Path, arch: str) -> None:
@@ -35,6 +67,9 @@ def write_gguf(directory: Path, out: Path, arch: str) -> None:
 
     model = transformers.AutoConfig.from_pretrained(str(directory))
     heads, hidden = model.num_attention_heads, model.hidden_size
+    kv_heads = getattr(model, "num_kv_heads", None) or getattr(model, "num_key_value_heads", None) or heads
+    if arch == "falcon" and not model.new_decoder_architecture:
+        kv_heads = 1 if model.multi_query else heads
     head_dim = getattr(model, "head_dim", None) or hidden // heads
     writer = gguf.GGUFWriter(str(out), arch)
     writer.add_block_count(model.num_hidden_layers)
@@ -44,10 +79,15 @@ def write_gguf(directory: Path, out: Path, arch: str) -> None:
         getattr(model, "intermediate_size", None) or getattr(model, "n_inner", None) or 4 * hidden
     )
     writer.add_head_count(heads)
-    writer.add_head_count_kv(getattr(model, "num_key_value_heads", heads))
+    writer.add_head_count_kv(kv_heads)
     writer.add_key_length(head_dim)
     writer.add_vocab_size(model.vocab_size)
-    if arch in ("phi3", "gemma2"):
+    if arch == "qwen2moe":
+        writer.add_expert_count(model.num_experts)
+        writer.add_expert_used_count(model.num_experts_per_tok)
+        writer.add_expert_feed_forward_length(model.moe_intermediate_size)
+        writer.add_expert_shared_feed_forward_length(model.shared_expert_intermediate_size)
+    if arch in ("phi3", "gemma2", "qwen2moe"):
         writer.add_layer_norm_rms_eps(model.rms_norm_eps)
     else:
         writer.add_layer_norm_eps(
@@ -67,10 +107,22 @@ def write_gguf(directory: Path, out: Path, arch: str) -> None:
     names = gguf.get_tensor_name_map(
         next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch), model.num_hidden_layers
     )
-    for name, value in sorted(load_file(str(directory / "model.safetensors")).items()):
+    tensors = stack_experts(load_file(str(directory / "model.safetensors")))
+    for name, value in sorted(tensors.items()):
         array = value.astype(np.float32)
+        if name.endswith("shared_expert_gate.weight"):
+            array = array.reshape(-1)  # llama.cpp stores Qwen2-MoE's [1, hidden] gate as [hidden]
         if arch == "gpt2" and name.endswith(CONV1D):
             array = np.ascontiguousarray(array.T)
+        if arch == "falcon" and ".query_key_value." in name:  # grouped per KV head -> q, k, v rows
+            grouped = array.reshape(kv_heads, heads // kv_heads + 2, head_dim, -1)
+            array = np.concatenate(
+                [
+                    grouped[:, :-2].reshape(-1, *array.shape[1:]),
+                    grouped[:, -2].reshape(-1, *array.shape[1:]),
+                    grouped[:, -1].reshape(-1, *array.shape[1:]),
+                ]
+            )
         if arch == "bloom" and ".query_key_value." in name:  # per-head [heads, 3, d] -> q, k, v rows
             array = np.ascontiguousarray(
                 array.reshape(heads, 3, head_dim, -1).swapaxes(0, 1).reshape(array.shape)
@@ -92,12 +144,12 @@ def write_gguf(directory: Path, out: Path, arch: str) -> None:
 def test_gguf_family_gives_transformers_logits(family: str, tmp_path: Path) -> None:
     torch.set_num_threads(1)
     arch, config = FAMILIES[family]
-    directory = build_family_checkpoint(tmp_path / "hf", family, config)
+    directory = build_family_checkpoint(tmp_path / "hf", family.split("-")[0], config)
     file = tmp_path / f"{family}.gguf"
     write_gguf(directory, file, arch)
 
     source = load_model_source(str(file))
-    assert source.config.architecture == family
+    assert source.config.architecture == family.split("-")[0]
     hf_source = load_model_source(str(directory))
     prompt = "The quick brown fox jumps over the lazy dog."
     ids = source.tokenizer.encode(prompt)

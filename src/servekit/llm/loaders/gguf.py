@@ -18,7 +18,7 @@ import torch
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as BackendTokenizer
 
-from servekit.llm.loaders.gguf_archs import GGUF_MODEL_TYPES, hf_config_from_gguf, hf_name_of, to_hf_layout
+from servekit.llm.loaders.gguf_archs import GGUF_MODEL_TYPES, hf_config_from_gguf, hf_tensors
 from servekit.llm.model_config import ModelConfig
 from servekit.llm.tokenizer import Tokenizer, read_tokenizer_config
 
@@ -210,12 +210,12 @@ def iter_gguf_weights(
     )
     for tensor in tensors:
         if architecture in GGUF_MODEL_TYPES:
-            name = hf_name_of(tensor.name, architecture, config, int(tensor.shape[-1]))
-        else:
-            name = hf_tensor_name(tensor.name)
+            yield from hf_tensors(tensor.name, dequantize_tensor(tensor), architecture, config)
+            continue
+        name = hf_tensor_name(tensor.name)
         if name is None:
             continue
-        weight = to_hf_layout(name, dequantize_tensor(tensor), config)
+        weight = dequantize_tensor(tensor)
         if permuted and ".self_attn.q_proj." in name:
             weight = unpermute_rows(weight, config.num_attention_heads)
         elif permuted and ".self_attn.k_proj." in name:

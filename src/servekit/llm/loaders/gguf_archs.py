@@ -9,9 +9,12 @@ changes llama.cpp's converter makes to some tensors are undone (``to_hf_layout``
 from __future__ import annotations
 
 import functools
+import re
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from servekit.llm.models.weights import Tensors
 
 if TYPE_CHECKING:
     from servekit.llm.loaders.gguf import GGUFMetadata
@@ -25,7 +28,10 @@ GGUF_MODEL_TYPES = {
     "phi3": "phi3",
     "gemma2": "gemma2",
     "bloom": "bloom",
+    "qwen2moe": "qwen2_moe",
+    "falcon": "falcon",
 }
+_EXPERTS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
 # GPT-2 stores these as Conv1D ([in, out]); llama.cpp writes them as linears ([out, in]).
 _CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
 
@@ -75,6 +81,26 @@ def hf_config_from_gguf(meta: GGUFMetadata, tensor_names: set[str]) -> dict[str,
             layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)],
             hidden_activation="gelu_pytorch_tanh",
         )
+    if model_type == "qwen2_moe":
+        config.update(
+            num_experts=int(meta.arch("expert_count")),
+            num_experts_per_tok=int(meta.arch("expert_used_count")),
+            moe_intermediate_size=int(meta.arch("expert_feed_forward_length")),
+            shared_expert_intermediate_size=int(meta.arch("expert_shared_feed_forward_length", 0)),
+            qkv_bias="blk.0.attn_q.bias" in tensor_names,
+        )
+    if model_type == "falcon":
+        kv_heads = config["num_key_value_heads"]
+        two_norms = "blk.0.attn_norm_2.weight" in tensor_names
+        config.update(
+            new_decoder_architecture=two_norms or kv_heads not in (1, heads),
+            num_ln_in_parallel_attn=2 if two_norms else 1,
+            multi_query=kv_heads == 1,
+            num_kv_heads=kv_heads,
+            parallel_attn=True,
+            bias="blk.0.attn_qkv.bias" in tensor_names,
+            ffn_hidden_size=config["intermediate_size"],
+        )
     if model_type == "gpt2":
         config["activation_function"] = "gelu_new"
     if model_type == "starcoder2":
@@ -117,6 +143,9 @@ def hf_name_of(gguf_name: str, architecture: str, config: ModelConfig, rows: int
         ".qkv.": (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim,
         ".gate_up.": 2 * config.intermediate_size,
     }
+    if config.architecture == "falcon" and config.residual == "parallel":
+        # llama.cpp files Falcon's two-norm layers' ln_mlp as attn_norm (and ln_attn as attn_norm_2).
+        known.sort(key=lambda name: ".ln_mlp." not in name)
     for name in known:
         canonical = str(names.canonical(name))
         if any(part in canonical and rows == size for part, size in fused_rows.items()):
@@ -124,11 +153,39 @@ def hf_name_of(gguf_name: str, architecture: str, config: ModelConfig, rows: int
     return next((n for n in known if not any(p in str(names.canonical(n)) for p in fused_rows)), known[0])
 
 
+def hf_tensors(gguf_name: str, tensor: torch.Tensor, architecture: str, config: ModelConfig) -> Tensors:
+    """The HF-named tensors of one GGUF tensor: one, or one per expert for llama.cpp's stacked
+    ``ffn_*_exps`` ``[experts, rows, cols]`` tensors."""
+    match = re.match(r"^blk\.(\d+)\.(ffn_(?:gate|up|down)_exps)\.weight$", gguf_name)
+    if match is not None:
+        layer, kind = match.groups()
+        for expert in range(tensor.shape[0]):
+            yield f"model.layers.{layer}.mlp.experts.{expert}.{_EXPERTS[kind]}.weight", tensor[expert]
+        return
+    name = hf_name_of(gguf_name, architecture, config, int(tensor.shape[0]))
+    if name is None:
+        return
+    if name.endswith("shared_expert_gate.weight") and tensor.dim() == 1:
+        tensor = tensor.unsqueeze(0)  # llama.cpp keeps Qwen2-MoE's [1, hidden] gate as [hidden]
+    yield name, to_hf_layout(name, tensor, config)
+
+
 def to_hf_layout(name: str, tensor: torch.Tensor, config: ModelConfig) -> torch.Tensor:
     """Undo what llama.cpp's converter changed: GPT-2's Conv1D transposes, Gemma's (1 + w) norms,
-    BLOOM's q/k/v regrouped from per-head ``[heads, 3, head_dim]`` rows to q, k, v rows."""
+    BLOOM's and Falcon's fused q/k/v regrouped into plain q, k, v rows."""
     if config.architecture == "gpt2" and name.endswith(_CONV1D):
         return tensor.t().contiguous()
+    if config.architecture == "falcon" and ".query_key_value." in name:
+        # llama.cpp writes all q rows, then k, then v; Falcon stores them grouped per KV head.
+        heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        rest = tensor.shape[1:]
+        q, k, v = tensor.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim])
+        parts = (
+            q.reshape(kv_heads, heads // kv_heads, head_dim, *rest),
+            k.reshape(kv_heads, 1, head_dim, *rest),
+            v.reshape(kv_heads, 1, head_dim, *rest),
+        )
+        return torch.cat(parts, dim=1).reshape(tensor.shape)
     if config.architecture == "bloom" and ".query_key_value." in name:
         rest = tensor.shape[1:]
         per_part = tensor.reshape(3, config.num_attention_heads, config.head_dim, *rest)

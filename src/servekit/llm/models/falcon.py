@@ -65,5 +65,6 @@ FAMILIES = {
         configure,
         ("FalconForCausalLM",),
         "old and new decoder layouts, MQA/GQA",
+        gguf=True,
     ),
 }

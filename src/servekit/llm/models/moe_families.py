@@ -90,6 +90,7 @@ FAMILIES = {
         configure_qwen_moe,
         ("Qwen2MoeForCausalLM",),
         "sparse MoE + gated shared expert",
+        gguf=True,
     ),
     "qwen3_moe": Family(
         QwenMoeForCausalLM, configure_qwen_moe, ("Qwen3MoeForCausalLM",), "sparse MoE, q/k norms"
