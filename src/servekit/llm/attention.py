@@ -194,7 +194,7 @@ def _eager_attention(
         ).view(1, 1, 1, -1)
     if mask is not None:
         scores = scores + mask
-    return torch.matmul(torch.softmax(scores, dim=-1), values)
+    return torch.matmul(torch.softmax(scores.float(), dim=-1).to(values.dtype), values)
 
 
 def paged_attention(
