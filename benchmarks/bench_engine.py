@@ -120,12 +120,9 @@ def hf_model(source: ModelSource, dtype: torch.dtype) -> Any:
     return model.to(dtype).eval()
 
 
-def run_transformers(
-    source: ModelSource, prompts: list[list[int]], max_tokens: int, dtype: torch.dtype
-) -> tuple[Result, list[list[int]]]:
-    model = hf_model(source, dtype)
+def static_generate(model: Any, prompts: list[list[int]], max_tokens: int, pad: int) -> tuple[float, Any]:
+    """transformers ``generate`` on ``prompts`` as one left-padded batch: (seconds, new token ids)."""
     width = max(len(p) for p in prompts)
-    pad = source.tokenizer.pad_token_id or 0
     input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     kwargs: dict[str, Any] = {
@@ -139,7 +136,14 @@ def run_transformers(
         started = time.perf_counter()
         out = model.generate(input_ids, attention_mask=mask, **kwargs)
         seconds = time.perf_counter() - started
-    generated = out[:, width:]
+    return seconds, out[:, width:]
+
+
+def run_transformers(
+    source: ModelSource, prompts: list[list[int]], max_tokens: int, dtype: torch.dtype
+) -> tuple[Result, list[list[int]]]:
+    model = hf_model(source, dtype)
+    seconds, generated = static_generate(model, prompts, max_tokens, source.tokenizer.pad_token_id or 0)
     name = f"transformers generate {str(dtype).removeprefix('torch.')} (static batch {len(prompts)})"
     del model
     gc.collect()

@@ -36,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     client.add_argument("--model", default=None, help="model id (default: the server's first model)")
     client.add_argument("--system", default=None, help="system prompt that starts the conversation")
+    commands.add_parser(
+        "models",
+        help="list the model architectures `servekit serve` runs",
+        description="The architectures (HF model_type) servekit's LLM engine implements, and which load from GGUF.",
+    )
     dockerize = commands.add_parser(
         "dockerize",
         help="write a Dockerfile (and requirements.txt) for a server script",
@@ -69,6 +74,13 @@ def run_dockerize(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_models() -> int:
+    from servekit.llm.models.registry import architectures_table
+
+    print(architectures_table())
+    return 0
+
+
 def run_client(args: argparse.Namespace) -> int:
     import os
 
@@ -86,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_client(args)
     if args.command == "dockerize":
         return run_dockerize(args)
+    if args.command == "models":
+        return run_models()
     if args.command == "hello":
         import servekit as ls
         from servekit.examples import SimpleLitAPI

@@ -14,7 +14,7 @@ import torch
 
 from servekit.llm.loaders import default_model_path, load_model_source
 from servekit.llm.loaders.gguf import hf_tensor_name, unpermute_rows
-from tests.llm.tiny_models import SAMPLE_TEXTS, build_tiny_checkpoint, reference_tokenizer
+from tests.llm.tiny_models import SAMPLE_TEXTS, add_gguf_tokenizer, build_tiny_checkpoint, reference_tokenizer
 
 torch.set_num_threads(1)
 
@@ -59,8 +59,6 @@ def write_gguf(directory: Path, out: Path, arch: str) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 
     config = json.loads((directory / "config.json").read_text())
-    tokenizer_json = json.loads((directory / "tokenizer.json").read_text())
-    tokenizer_config = json.loads((directory / "tokenizer_config.json").read_text())
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     writer = gguf.GGUFWriter(str(out), arch)
     writer.add_block_count(config["num_hidden_layers"])
@@ -72,22 +70,8 @@ def write_gguf(directory: Path, out: Path, arch: str) -> dict[str, np.ndarray]:
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_rope_freq_base(config["rope_parameters"]["rope_theta"])
     writer.add_vocab_size(config["vocab_size"])
-    vocab: dict[str, int] = dict(tokenizer_json["model"]["vocab"])
-    for added in tokenizer_json["added_tokens"]:
-        vocab[added["content"]] = added["id"]
-    tokens = sorted(vocab, key=vocab.__getitem__)
-    special = {a["content"] for a in tokenizer_json["added_tokens"] if a["special"]}
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt2")
-    writer.add_token_list(tokens)
-    writer.add_token_types([3 if t in special else 1 for t in tokens])
-    writer.add_token_merges(
-        [m if isinstance(m, str) else " ".join(m) for m in tokenizer_json["model"]["merges"]]
-    )
-    writer.add_bos_token_id(vocab[tokenizer_config["bos_token"]])
-    writer.add_eos_token_id(vocab[tokenizer_config["eos_token"]])
-    writer.add_add_bos_token(False)
-    writer.add_chat_template(tokenizer_config["chat_template"])
+    add_gguf_tokenizer(writer, directory)
+    writer.add_chat_template(json.loads((directory / "tokenizer_config.json").read_text())["chat_template"])
 
     expected: dict[str, np.ndarray] = {}
     weights = load_file(str(directory / "model.safetensors"))

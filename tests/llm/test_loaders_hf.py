@@ -140,8 +140,8 @@ def test_config_translation_of_legacy_and_v5_keys() -> None:
     assert model_config_from_hf(mistral).sliding_window == 4096
     qwen2 = dict(smollm2_like, model_type="qwen2", sliding_window=4096, use_sliding_window=False)
     assert model_config_from_hf(qwen2).sliding_window is None
-    with pytest.raises(ValueError, match="unsupported model_type"):
-        model_config_from_hf(dict(smollm2_like, model_type="gpt2"))
+    with pytest.raises(ValueError, match=r"unsupported model_type 'rwkv'.*supported: .*gpt2.*llama"):
+        model_config_from_hf(dict(smollm2_like, model_type="rwkv"))
 
 
 def test_unknown_path_is_a_clear_error(tmp_path: Path) -> None:

@@ -306,6 +306,6 @@ def test_invalid_batches_and_weights_are_rejected() -> None:
     weights["model.layers.0.self_attn.q_proj.weight"] = torch.zeros(3, 3)
     with pytest.raises(ValueError, match="does not fit"):
         ModelRunner(config, weights.items(), num_blocks=4)
-    unknown = ModelConfig(**{**config.__dict__, "architecture": "gpt2"})
+    unknown = ModelConfig(**{**config.__dict__, "architecture": "rwkv"})
     with pytest.raises(ValueError, match="unsupported model architecture"):
         ModelRunner(unknown, model.state_dict().items(), num_blocks=4)

@@ -300,3 +300,69 @@ def reference_tokenizer(directory: Path) -> Any:
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast.from_pretrained(str(directory))
+
+
+# Llama-shaped sizes in transformers' common naming, for the tiny checkpoints of most families.
+LLAMA_LIKE: dict[str, Any] = {
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+}
+
+
+def build_family_checkpoint(tmp_dir: Path, model_type: str, config: dict[str, Any], *, seed: int = 0) -> Path:
+    """A tiny random checkpoint of any ``transformers`` family (``config``: its config kwargs, in
+    that family's naming), with the byte-level tokenizer; 1-D weights (norms) are drawn around 1."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    tmp_dir = Path(tmp_dir)
+    tokenizer = train_bytelevel_tokenizer()
+    save_tokenizer(tokenizer, tmp_dir, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN, pad_token=BOS_TOKEN)
+    bos_id, eos_id = tokenizer.token_to_id(BOS_TOKEN), tokenizer.token_to_id(EOS_TOKEN)
+    vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+    hf_config = AutoConfig.for_model(
+        model_type,
+        vocab_size=vocab_size,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        pad_token_id=bos_id,
+        **config,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(seed)
+        for name, param in model.named_parameters():
+            if param.dim() == 1 and name.endswith("weight"):
+                param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=generator))
+            else:
+                param.copy_(0.08 * torch.randn(param.shape, generator=generator))
+    model.generation_config = GenerationConfig(
+        bos_token_id=bos_id, eos_token_id=[eos_id, bos_id], pad_token_id=bos_id
+    )
+    model.save_pretrained(str(tmp_dir))
+    return tmp_dir
+
+
+def add_gguf_tokenizer(writer: Any, directory: Path) -> None:
+    """The checkpoint's byte-level BPE as llama.cpp writes a "gpt2" tokenizer into a GGUF file."""
+    tokenizer_json = json.loads((directory / "tokenizer.json").read_text())
+    tokenizer_config = json.loads((directory / "tokenizer_config.json").read_text())
+    vocab: dict[str, int] = dict(tokenizer_json["model"]["vocab"])
+    for added in tokenizer_json["added_tokens"]:
+        vocab[added["content"]] = added["id"]
+    tokens = sorted(vocab, key=vocab.__getitem__)
+    special = {a["content"] for a in tokenizer_json["added_tokens"] if a["special"]}
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if t in special else 1 for t in tokens])
+    writer.add_token_merges(
+        [m if isinstance(m, str) else " ".join(m) for m in tokenizer_json["model"]["merges"]]
+    )
+    writer.add_bos_token_id(vocab[tokenizer_config["bos_token"]])
+    writer.add_eos_token_id(vocab[tokenizer_config["eos_token"]])
+    writer.add_add_bos_token(False)

@@ -12,12 +12,17 @@ built once per step and shared by all layers; ``paged_attention`` runs per layer
   repeated keys);
 * each prefill chunk is attended on its own: straight over its fresh keys/values with a causal mask
   when nothing is cached before it, else over its gathered blocks with an offset causal mask.
+
+Families that soft-cap attention scores (Gemma 2) or add ALiBi biases (BLOOM, MPT) take an eager
+PyTorch path (scores, cap, bias, mask, softmax), for decode rows too: the C kernel lacks both, so the
+runner builds such models' metadata without it. Models whose layers use different sliding windows
+(Gemma 2/3) get one metadata per window, built once per step (``AttentionMetadata.for_window``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +38,7 @@ class PrefillChunk:
     num_tokens: int
     block_ids: torch.Tensor | None  # blocks covering its whole context; None when nothing is cached before it
     mask: torch.Tensor | None  # [num_tokens, len(block_ids) * block_size] additive (0 / -inf); None: causal
+    start: int = 0  # position of its first token
 
 
 @dataclass
@@ -52,6 +58,14 @@ class AttentionMetadata:
     decode_tables: torch.Tensor | None = None
     decode_lens: torch.Tensor | None = None
     sliding_window: int | None = None
+    # The same step's metadata for the other sliding windows some layers use, keyed by window.
+    variants: dict[int | None, AttentionMetadata] = field(default_factory=dict)
+
+    def for_window(self, window: int | None) -> AttentionMetadata:
+        """The metadata of layers attending within ``window`` tokens (None: the whole context)."""
+        if window == self.sliding_window:
+            return self
+        return self.variants[window]
 
 
 def build_attention_metadata(
@@ -108,7 +122,7 @@ def build_attention_metadata(
     for table, start, length in zip(prefill_block_tables, prefill_starts, prefill_lens, strict=True):
         window_applies = sliding_window is not None and start + length > sliding_window
         if start == 0 and not window_applies:
-            prefills.append(PrefillChunk(offset, length, None, None))
+            prefills.append(PrefillChunk(offset, length, None, None, start))
         else:
             num_blocks = (start + length + block_size - 1) // block_size
             block_ids = torch.tensor(list(table[:num_blocks]), dtype=torch.long)
@@ -117,7 +131,7 @@ def build_attention_metadata(
             mask = key_positions <= query_positions
             if sliding_window is not None:
                 mask &= key_positions > query_positions - sliding_window
-            prefills.append(PrefillChunk(offset, length, block_ids, _additive(mask, dtype)))
+            prefills.append(PrefillChunk(offset, length, block_ids, _additive(mask, dtype), start))
         offset += length
     return AttentionMetadata(
         write_blocks=torch.div(slot_mapping, block_size, rounding_mode="floor"),
@@ -139,12 +153,57 @@ def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.masked_fill_(~visible, float("-inf"))
 
 
+@dataclass(frozen=True)
+class AttentionOptions:
+    """How a layer scores queries against keys, beyond plain scaled dot products."""
+
+    scale: float | None = None  # None: head_dim ** -0.5
+    softcap: float | None = None  # scores -> softcap * tanh(scores / softcap) (Gemma 2)
+    alibi_slopes: torch.Tensor | None = None  # [num_heads]: scores += slope * key position (BLOOM, MPT)
+
+    @property
+    def eager(self) -> bool:
+        return self.softcap is not None or self.alibi_slopes is not None
+
+
+PLAIN = AttentionOptions()
+
+
+def _eager_attention(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor | None,
+    options: AttentionOptions,
+    key_positions: torch.Tensor,
+) -> torch.Tensor:
+    """Attention written out, for what SDPA cannot express; ``queries [b, heads, q, dim]``, ``keys``
+    and ``values [b, kv_heads, k, dim]`` (repeated here to the query heads), ``mask`` additive."""
+    group = queries.shape[1] // keys.shape[1]
+    if group > 1:
+        keys = keys.repeat_interleave(group, dim=1)
+        values = values.repeat_interleave(group, dim=1)
+    scale = options.scale if options.scale is not None else queries.shape[-1] ** -0.5
+    scores = torch.matmul(queries, keys.transpose(-1, -2)) * scale
+    if options.softcap is not None:
+        scores = torch.tanh(scores / options.softcap) * options.softcap
+    if options.alibi_slopes is not None:
+        # softmax ignores a per-row constant, so slope * key position equals slope * (key - query).
+        scores = scores + options.alibi_slopes.to(scores.dtype).view(1, -1, 1, 1) * key_positions.to(
+            scores.dtype
+        ).view(1, 1, 1, -1)
+    if mask is not None:
+        scores = scores + mask
+    return torch.matmul(torch.softmax(scores.float(), dim=-1).to(values.dtype), values)
+
+
 def paged_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
     layer_cache: torch.Tensor,
     metadata: AttentionMetadata,
+    options: AttentionOptions = PLAIN,
 ) -> torch.Tensor:
     """Write the new keys/values into the cache and attend; returns ``[num_tokens, heads * head_dim]``.
 
@@ -170,13 +229,14 @@ def paged_attention(
     outputs: list[torch.Tensor] = []
     num_decode = metadata.num_decode
     if num_decode and metadata.decode_lens is not None:
-        assert metadata.decode_tables is not None
+        assert metadata.decode_tables is not None and not options.eager
         out = paged_decode_attention(
             query[:num_decode],
             layer_cache,
             metadata.decode_tables,
             metadata.decode_lens,
             sliding_window=metadata.sliding_window,
+            scale=options.scale,
         )
         outputs.append(out)
     elif num_decode:
@@ -192,8 +252,20 @@ def paged_attention(
             .to(query.dtype)
             for part in (0, 1)
         )
-        queries = query[:num_decode].view(num_decode, num_kv_heads, group, head_dim)
-        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=metadata.decode_mask)
+        if options.eager:
+            out = _eager_attention(
+                query[:num_decode].unsqueeze(2),
+                keys,
+                values,
+                metadata.decode_mask,
+                options,
+                torch.arange(metadata.decode_key_len),
+            )
+        else:
+            queries = query[:num_decode].view(num_decode, num_kv_heads, group, head_dim)
+            out = F.scaled_dot_product_attention(
+                queries, keys, values, attn_mask=metadata.decode_mask, scale=options.scale
+            )
         outputs.append(out.reshape(num_decode, num_heads * head_dim))
 
     for chunk in metadata.prefills:
@@ -202,16 +274,29 @@ def paged_attention(
         if chunk.block_ids is None:
             keys = key[rows].transpose(0, 1).unsqueeze(0)
             values = value[rows].transpose(0, 1).unsqueeze(0)
-            out = F.scaled_dot_product_attention(queries, keys, values, is_causal=True, enable_gqa=group > 1)
+            if options.eager:
+                causal = _additive(
+                    torch.ones(chunk.num_tokens, chunk.num_tokens, dtype=torch.bool).tril_(), query.dtype
+                )
+                key_positions = torch.arange(chunk.start, chunk.start + chunk.num_tokens)
+                out = _eager_attention(queries, keys, values, causal, options, key_positions)
+            else:
+                out = F.scaled_dot_product_attention(
+                    queries, keys, values, is_causal=True, enable_gqa=group > 1, scale=options.scale
+                )
         else:
             context = layer_cache.index_select(0, chunk.block_ids)  # [blocks, 2, kv_heads, block_size, dim]
             keys, values = (
                 context[:, part].transpose(0, 1).reshape(1, num_kv_heads, -1, head_dim).to(query.dtype)
                 for part in (0, 1)
             )
-            out = F.scaled_dot_product_attention(
-                queries, keys, values, attn_mask=chunk.mask, enable_gqa=group > 1
-            )
+            if options.eager:
+                key_positions = torch.arange(keys.shape[2])
+                out = _eager_attention(queries, keys, values, chunk.mask, options, key_positions)
+            else:
+                out = F.scaled_dot_product_attention(
+                    queries, keys, values, attn_mask=chunk.mask, enable_gqa=group > 1, scale=options.scale
+                )
         outputs.append(out[0].transpose(0, 1).reshape(chunk.num_tokens, num_heads * head_dim))
 
     if len(outputs) == 1:

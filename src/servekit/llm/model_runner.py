@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from servekit.llm.attention import build_attention_metadata
+from servekit.llm.attention import AttentionMetadata, build_attention_metadata
 from servekit.llm.kernels import kernels_available
 from servekit.llm.kv_cache import (
     DEFAULT_KV_CACHE_MEMORY_BYTES,
@@ -88,7 +88,10 @@ class ModelRunner:
             if num_blocks <= 0:
                 raise ValueError(f"kv_cache_memory_bytes={budget} is too small for even one KV block")
         self.num_blocks = num_blocks
-        self.decode_kernel = kernels_available(dtype, self.kv_cache_dtype)
+        # The C decode kernel cannot soft-cap or add ALiBi biases: such models attend in PyTorch.
+        self.decode_kernel = kernels_available(dtype, self.kv_cache_dtype) and not config.eager_attention
+        # Every sliding window a layer uses (None: full attention), the first layer's first.
+        self.windows = list(dict.fromkeys(config.window_of(i) for i in range(config.num_hidden_layers)))
         self.kv_cache = PagedKVCache(
             num_layers=config.num_hidden_layers,
             num_blocks=num_blocks,
@@ -145,18 +148,24 @@ class ModelRunner:
             positions.extend(span)
             slots.extend(table[p // block_size] * block_size + p % block_size for p in span)
 
-        metadata = build_attention_metadata(
-            block_size=block_size,
-            decode_block_tables=[batch.block_tables[i] for i in decode],
-            decode_context_lens=[batch.start_positions[i] + 1 for i in decode],
-            prefill_block_tables=[batch.block_tables[i] for i in prefill],
-            prefill_starts=[batch.start_positions[i] for i in prefill],
-            prefill_lens=[len(batch.token_ids[i]) for i in prefill],
-            slot_mapping=torch.tensor(slots, dtype=torch.long),
-            dtype=self.dtype,
-            sliding_window=self.config.sliding_window,
-            decode_kernel=self.decode_kernel,
-        )
+        def metadata_for(window: int | None) -> AttentionMetadata:
+            return build_attention_metadata(
+                block_size=block_size,
+                decode_block_tables=[batch.block_tables[i] for i in decode],
+                decode_context_lens=[batch.start_positions[i] + 1 for i in decode],
+                prefill_block_tables=[batch.block_tables[i] for i in prefill],
+                prefill_starts=[batch.start_positions[i] for i in prefill],
+                prefill_lens=[len(batch.token_ids[i]) for i in prefill],
+                slot_mapping=slot_mapping,
+                dtype=self.dtype,
+                sliding_window=window,
+                decode_kernel=self.decode_kernel,
+            )
+
+        slot_mapping = torch.tensor(slots, dtype=torch.long)
+        metadata = metadata_for(self.windows[0])
+        for window in self.windows[1:]:
+            metadata.variants[window] = metadata_for(window)
 
         # Rows of the hidden states to turn into logits, in the caller's sequence order.
         logit_rows: list[int] = []

@@ -14,6 +14,7 @@ def paged_decode_attention(
     context_lens: torch.Tensor,
     *,
     sliding_window: int | None = None,
+    scale: float | None = None,
     num_threads: int | None = None,
 ) -> torch.Tensor:
     """One query token per sequence over its cached context; returns ``[num_seqs, heads * head_dim]``.
@@ -53,7 +54,7 @@ def paged_decode_attention(
         sliding_window or 0,
         DTYPE_CODES[query.dtype],
         DTYPE_CODES[layer_cache.dtype],
-        head_dim**-0.5,
+        head_dim**-0.5 if scale is None else scale,
         num_threads or torch.get_num_threads(),
     )
     if status != 0:

@@ -18,6 +18,7 @@ import torch
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as BackendTokenizer
 
+from servekit.llm.loaders.gguf_archs import GGUF_MODEL_TYPES, hf_config_from_gguf, hf_tensors
 from servekit.llm.model_config import ModelConfig
 from servekit.llm.tokenizer import Tokenizer, read_tokenizer_config
 
@@ -95,10 +96,15 @@ class GGUFMetadata:
 
 def model_config_from_gguf(meta: GGUFMetadata, tensor_names: set[str]) -> ModelConfig:
     arch = meta.architecture
+    if arch in GGUF_MODEL_TYPES:
+        from servekit.llm.loaders.hf import model_config_from_hf
+
+        config = model_config_from_hf(hf_config_from_gguf(meta, tensor_names))
+        config.torch_dtype = "float16" if int(meta.get("general.file_type", 0)) == 1 else "float32"
+        return config
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(
-            f"unsupported GGUF architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
+        supported = ", ".join(sorted((*SUPPORTED_ARCHITECTURES, *GGUF_MODEL_TYPES)))
+        raise ValueError(f"unsupported GGUF architecture {arch!r}; supported: {supported}")
     hidden = int(meta.arch("embedding_length"))
     heads = int(meta.arch("attention.head_count"))
     kv_heads = int(meta.arch("attention.head_count_kv", heads))
@@ -195,6 +201,7 @@ def iter_gguf_weights(
     from tqdm import tqdm
 
     permuted = config.architecture == "llama"
+    architecture = str(reader.fields["general.architecture"].contents())
     tensors = tqdm(
         reader.tensors,
         desc=f"Loading {path.name}",
@@ -202,6 +209,9 @@ def iter_gguf_weights(
         disable=None if show_progress else True,
     )
     for tensor in tensors:
+        if architecture in GGUF_MODEL_TYPES:
+            yield from hf_tensors(tensor.name, dequantize_tensor(tensor), architecture, config)
+            continue
         name = hf_tensor_name(tensor.name)
         if name is None:
             continue

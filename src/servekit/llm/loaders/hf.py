@@ -18,7 +18,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 INDEX_FILE = "model.safetensors.index.json"
 # Buffers some checkpoints store that are recomputed by the model, never loaded.
 IGNORED_WEIGHT_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -61,49 +60,74 @@ def rope_settings(config: Mapping[str, Any]) -> tuple[float, dict[str, Any] | No
     return float(theta if theta is not None else 10000.0), scaling
 
 
+def first_of(config: Mapping[str, Any], *keys: str, default: Any = None) -> Any:
+    """The value of the first of ``keys`` present (and not null) in ``config``: families name the
+    same hyper-parameter differently (``hidden_size``, ``n_embd``, ``d_model``)."""
+    for key in keys:
+        if config.get(key) is not None:
+            return config[key]
+    if default is None:
+        raise KeyError(f"config.json has none of {', '.join(keys)}")
+    return default
+
+
 def model_config_from_hf(
     config: Mapping[str, Any], generation_config: Mapping[str, Any] | None = None
 ) -> ModelConfig:
-    """Translate a transformers config.json (Llama, Mistral, Qwen2, Qwen3 and alikes) to ``ModelConfig``."""
+    """Translate a transformers config.json to ``ModelConfig``: the fields every family has here,
+    then the family's own (``servekit.llm.models.registry``)."""
+    from servekit.llm.models.registry import family_of
+
     model_type = str(config.get("model_type", ""))
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"unsupported model_type {model_type!r} in config.json; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
-    hidden_size = int(config["hidden_size"])
-    num_heads = int(config["num_attention_heads"])
+    family = family_of(model_type, what="model_type")
+    hidden_size = int(first_of(config, "hidden_size", "n_embd", "d_model"))
+    num_heads = int(first_of(config, "num_attention_heads", "n_head", "num_heads", "n_heads"))
     head_dim = config.get("head_dim") or hidden_size // num_heads
     rope_theta, rope_scaling = rope_settings(config)
     sliding_window = config.get("sliding_window")
-    if model_type in ("qwen2", "qwen3") and not config.get("use_sliding_window", False):
-        sliding_window = None
     eos_ids = eos_ids_of((generation_config or {}).get("eos_token_id"))
     for token_id in eos_ids_of(config.get("eos_token_id")):
         if token_id not in eos_ids:
             eos_ids.append(token_id)
     bos = (generation_config or {}).get("bos_token_id", config.get("bos_token_id"))
-    return ModelConfig(
+    model_config = ModelConfig(
         architecture=model_type,
         vocab_size=int(config["vocab_size"]),
         hidden_size=hidden_size,
-        intermediate_size=int(config["intermediate_size"]),
-        num_hidden_layers=int(config["num_hidden_layers"]),
+        intermediate_size=int(
+            first_of(
+                config, "intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size", default=4 * hidden_size
+            )
+        ),
+        num_hidden_layers=int(first_of(config, "num_hidden_layers", "n_layer", "num_layers", "n_layers")),
         num_attention_heads=num_heads,
-        num_key_value_heads=int(config.get("num_key_value_heads") or num_heads),
+        num_key_value_heads=int(first_of(config, "num_key_value_heads", "num_kv_heads", default=num_heads)),
         head_dim=int(head_dim),
-        max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
-        rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+        max_position_embeddings=int(
+            first_of(config, "max_position_embeddings", "n_positions", "max_seq_len", default=2048)
+        ),
+        rms_norm_eps=float(
+            first_of(
+                config,
+                "rms_norm_eps",
+                "layer_norm_epsilon",
+                "layer_norm_eps",
+                "norm_eps",
+                "norm_epsilon",
+                default=1e-6,
+            )
+        ),
         rope_theta=rope_theta,
         rope_scaling=rope_scaling,
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-        attention_bias=model_type == "qwen2" or bool(config.get("attention_bias", False)),
-        qk_norm=model_type == "qwen3",
-        hidden_act=str(config.get("hidden_act", "silu")),
+        hidden_act=str(first_of(config, "hidden_act", "activation_function", "activation", default="silu")),
         torch_dtype=str(config.get("torch_dtype") or config.get("dtype") or "float32"),
         bos_token_id=None if bos is None else int(bos),
         eos_token_ids=eos_ids,
         sliding_window=None if sliding_window is None else int(sliding_window),
     )
+    family.configure(config, model_config)
+    return model_config
 
 
 def safetensors_files(directory: Path) -> list[Path]:
@@ -184,8 +208,11 @@ def load_hf_directory(
     generation_file = directory / "generation_config.json"
     generation_config = read_json(generation_file) if generation_file.is_file() else {}
     config = model_config_from_hf(config_json, generation_config)
-    if not config.tie_word_embeddings and "lm_head.weight" not in weight_names(directory):
-        logger.info("%s has no lm_head.weight: using tied embeddings", directory)
+    from servekit.llm.models.registry import family_of
+
+    lm_head = family_of(config.architecture).model.names.checkpoint_name("lm_head.weight")
+    if not config.tie_word_embeddings and lm_head not in weight_names(directory):
+        logger.info("%s has no %s: using tied embeddings", directory, lm_head)
         config.tie_word_embeddings = True
 
     tokenizer_dir = Path(tokenizer_path) if tokenizer_path is not None else directory

@@ -1,4 +1,4 @@
-"""Which model implementation serves which ``ModelConfig.architecture``."""
+"""Which model implementation serves which architecture, and how its HF config reads."""
 
 from __future__ import annotations
 
@@ -10,7 +10,23 @@ import torch
 from servekit.llm.attention import AttentionMetadata
 from servekit.llm.kv_cache import PagedKVCache
 from servekit.llm.model_config import ModelConfig
-from servekit.llm.models.llama import LlamaForCausalLM
+from servekit.llm.models import (
+    bloom,
+    deepseek,
+    falcon,
+    gemma,
+    gpt2,
+    gptj,
+    llama,
+    moe_families,
+    neox,
+    olmo2,
+    opt,
+    phi3,
+    remote_code,
+    starcoder2,
+)
+from servekit.llm.models.family import Family
 
 
 class CausalLM(Protocol):
@@ -36,35 +52,57 @@ class CausalLMFactory(Protocol):
     ) -> CausalLM: ...
 
 
-_ARCHITECTURES: dict[str, CausalLMFactory] = {
-    "llama": LlamaForCausalLM,
-    "mistral": LlamaForCausalLM,
-    "qwen2": LlamaForCausalLM,
-    "qwen3": LlamaForCausalLM,
-    "smollm2": LlamaForCausalLM,
+FAMILIES: dict[str, Family] = {
+    **llama.FAMILIES,
+    **gpt2.FAMILIES,
+    **neox.FAMILIES,
+    **gemma.FAMILIES,
+    **moe_families.FAMILIES,
+    **phi3.FAMILIES,
+    **starcoder2.FAMILIES,
+    **olmo2.FAMILIES,
+    **gptj.FAMILIES,
+    **opt.FAMILIES,
+    **bloom.FAMILIES,
+    **falcon.FAMILIES,
+    **remote_code.FAMILIES,
+    **deepseek.FAMILIES,
 }
 
 # Hugging Face `architectures` class names, accepted as well as `model_type` names.
-_CLASS_NAMES = {
-    "llamaforcausallm": "llama",
-    "mistralforcausallm": "mistral",
-    "qwen2forcausallm": "qwen2",
-    "qwen3forcausallm": "qwen3",
-}
+_CLASS_NAMES = {name.lower(): model_type for model_type, f in FAMILIES.items() for name in f.hf_classes}
 
 
 def supported_architectures() -> list[str]:
-    return sorted(_ARCHITECTURES)
+    return sorted(FAMILIES)
+
+
+def family_of(architecture: str, *, what: str = "model architecture") -> Family:
+    """The family of ``architecture`` (a ``model_type`` such as "qwen2", or an HF class name)."""
+    key = architecture.lower()
+    key = _CLASS_NAMES.get(key, key)
+    try:
+        return FAMILIES[key]
+    except KeyError:
+        supported = ", ".join(supported_architectures())
+        raise ValueError(f"unsupported {what} {architecture!r} (supported: {supported})") from None
 
 
 def get_model_class(architecture: str) -> CausalLMFactory:
     """The implementation for ``architecture`` (a ``model_type`` such as "qwen2", or an HF class name)."""
-    key = architecture.lower()
-    key = _CLASS_NAMES.get(key, key)
-    try:
-        return _ARCHITECTURES[key]
-    except KeyError:
-        supported = ", ".join(supported_architectures())
-        raise ValueError(
-            f"unsupported model architecture {architecture!r} (supported: {supported})"
-        ) from None
+    return family_of(architecture).model
+
+
+def architectures_table() -> str:
+    """The supported architectures as an aligned text table (``servekit models``)."""
+    rows = [("model_type", "HF class", "GGUF", "what is special")]
+    for model_type in supported_architectures():
+        family = FAMILIES[model_type]
+        rows.append(
+            (model_type, ", ".join(family.hf_classes) or "-", "yes" if family.gguf else "-", family.summary)
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths, strict=True)) + "  " + row[3]
+        for row in rows
+    )

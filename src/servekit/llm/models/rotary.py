@@ -1,7 +1,9 @@
 """Rotary position embeddings (the "rotate half" form Hugging Face Llama checkpoints use).
 
-Supports the ``rope_scaling`` kinds found in Llama-family configs: none/"default", "linear",
-"dynamic" (NTK, fixed at the longest context the runner serves), "llama3" and "yarn".
+Supports the ``rope_scaling`` kinds found in decoder configs: none/"default", "linear",
+"dynamic" (NTK, fixed at the longest context the runner serves), "llama3", "yarn" and "longrope"
+(Phi-3: the long factors when the runner serves more than the original context, else the short ones).
+Partial rotary (GPT-NeoX, Phi, StableLM) rotates the first ``rotary_dim`` dims of each head.
 The cos/sin tables are computed once in float32, cast to the model dtype, and grown on demand.
 """
 
@@ -42,7 +44,7 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any], max_positi
     return torch.where(in_band, blended, scaled)
 
 
-def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     if scale <= 1:
         return 1.0
     return 0.1 * mscale * math.log(scale) + 1.0
@@ -60,11 +62,9 @@ def _yarn_inv_freq(
         mscale = scaling.get("mscale")
         mscale_all_dim = scaling.get("mscale_all_dim")
         if mscale and mscale_all_dim:
-            attention_factor = _yarn_mscale(factor, float(mscale)) / _yarn_mscale(
-                factor, float(mscale_all_dim)
-            )
+            attention_factor = yarn_mscale(factor, float(mscale)) / yarn_mscale(factor, float(mscale_all_dim))
         else:
-            attention_factor = _yarn_mscale(factor)
+            attention_factor = yarn_mscale(factor)
 
     def correction_dim(num_rotations: float) -> float:
         return (dim * math.log(original / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
@@ -85,10 +85,31 @@ def _yarn_inv_freq(
     return inv_freq, float(attention_factor)
 
 
-def rope_frequencies(config: ModelConfig, max_model_len: int) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies ``[head_dim // 2]`` (float32) and the factor applied to cos/sin."""
-    dim = config.head_dim
-    base = float(config.rope_theta)
+def _longrope_inv_freq(
+    base: float, dim: int, scaling: dict[str, Any], max_positions: int, max_model_len: int
+) -> tuple[torch.Tensor, float]:
+    original = int(scaling.get("original_max_position_embeddings") or max_positions)
+    factor = max_positions / original
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    ext_factors = torch.tensor(
+        scaling["long_factor"] if max_model_len > original else scaling["short_factor"], dtype=torch.float32
+    )
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim
+    return 1.0 / (ext_factors * base**exponents), float(attention_factor)
+
+
+def rotary_dim_of(config: ModelConfig) -> int:
+    return config.head_dim if config.rotary_dim is None else config.rotary_dim
+
+
+def rope_frequencies(
+    config: ModelConfig, max_model_len: int, *, base: float | None = None
+) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies ``[rotary_dim // 2]`` (float32) and the factor applied to cos/sin."""
+    dim = rotary_dim_of(config)
+    base = float(config.rope_theta if base is None else base)
     scaling = config.rope_scaling or {}
     kind = _rope_kind(config.rope_scaling)
     if kind == "default":
@@ -105,18 +126,23 @@ def rope_frequencies(config: ModelConfig, max_model_len: int) -> tuple[torch.Ten
         return _llama3_inv_freq(_base_inv_freq(base, dim), scaling, config.max_position_embeddings), 1.0
     if kind == "yarn":
         return _yarn_inv_freq(base, dim, scaling, config.max_position_embeddings)
+    if kind == "longrope":
+        return _longrope_inv_freq(base, dim, scaling, config.max_position_embeddings, max_model_len)
     raise ValueError(f"unsupported rope_scaling type {kind!r}")
 
 
 class RotaryEmbedding:
     """Cos/sin tables indexed by position, applied in place of a ``[tokens, heads, head_dim]`` view."""
 
-    def __init__(self, config: ModelConfig, *, max_model_len: int, dtype: torch.dtype) -> None:
+    def __init__(
+        self, config: ModelConfig, *, max_model_len: int, dtype: torch.dtype, base: float | None = None
+    ) -> None:
         self.head_dim = config.head_dim
+        self.rotary_dim = rotary_dim_of(config)
         self.dtype = dtype
-        self.inv_freq, self.attention_scaling = rope_frequencies(config, max_model_len)
-        self._cos = torch.empty(0, self.head_dim, dtype=dtype)
-        self._sin = torch.empty(0, self.head_dim, dtype=dtype)
+        self.inv_freq, self.attention_scaling = rope_frequencies(config, max_model_len, base=base)
+        self._cos = torch.empty(0, self.rotary_dim, dtype=dtype)
+        self._sin = torch.empty(0, self.rotary_dim, dtype=dtype)
         self._grow(min(max_model_len, 4096))
 
     def _grow(self, length: int) -> None:
@@ -129,7 +155,7 @@ class RotaryEmbedding:
         self._sin = torch.cat((-sin, sin), dim=-1)
 
     def cos_sin(self, positions: torch.Tensor, max_position: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[tokens, 1, head_dim]`` cos and signed sin for ``positions`` (maximum ``max_position``)."""
+        """``[tokens, 1, rotary_dim]`` cos and signed sin for ``positions`` (maximum ``max_position``)."""
         if max_position >= self._cos.shape[0]:
             self._grow(max(max_position + 1, 2 * self._cos.shape[0]))
         cos = self._cos.index_select(0, positions).unsqueeze(1)
@@ -139,4 +165,19 @@ class RotaryEmbedding:
     @staticmethod
     def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotate ``x`` (``[tokens, heads, head_dim]``); returns a new contiguous tensor."""
-        return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
+        rotary_dim = cos.shape[-1]
+        if rotary_dim == x.shape[-1]:
+            return torch.addcmul(x * cos, x.roll(rotary_dim // 2, -1), sin)
+        rotated = x[..., :rotary_dim]
+        rotated = torch.addcmul(rotated * cos, rotated.roll(rotary_dim // 2, -1), sin)
+        return torch.cat((rotated, x[..., rotary_dim:]), dim=-1)
+
+
+def interleaved_to_half(weight: torch.Tensor, num_heads: int, rotary_dim: int) -> torch.Tensor:
+    """Rows of a q or k projection reordered from interleaved rotary pairs (GPT-J, GLM: dims 2i and
+    2i + 1 rotate together) to the rotate-half layout used here (dims i and i + rotary_dim / 2).
+    q and k get the same permutation, so their dot products, and attention, are unchanged."""
+    head_dim = weight.shape[0] // num_heads
+    order = [*range(0, rotary_dim, 2), *range(1, rotary_dim, 2), *range(rotary_dim, head_dim)]
+    per_head = weight.reshape(num_heads, head_dim, *weight.shape[1:])
+    return per_head[:, order].reshape(weight.shape)

@@ -1,0 +1,349 @@
+"""The decoder every family runs: embeddings, a stack of attention + MLP layers, final norm, head.
+
+A family is this class plus a ``NameMap`` (its checkpoint names) and, when its checkpoints store
+tensors fused, transposed or permuted, a ``map_weight`` override; how layers are wired (norm kind,
+pre/parallel/post residuals, sandwich norms, gated or plain MLP, MoE, positions, soft-capping,
+per-layer sliding windows) is read from ``ModelConfig``.
+
+Loading fuses q/k/v into one projection and gate/up into another, then hands them to oneDNN
+pre-packed (``servekit.llm.models.linear``). The model works on a flattened batch (``[num_tokens]``
+ids and positions) and reads/writes the paged KV cache through ``servekit.llm.attention``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from servekit.llm.attention import AttentionMetadata, AttentionOptions
+from servekit.llm.kernels import kernels_available
+from servekit.llm.kernels.elementwise import add_rms_norm
+from servekit.llm.kv_cache import PagedKVCache
+from servekit.llm.model_config import ModelConfig, MoEConfig
+from servekit.llm.models.alibi import alibi_slopes
+from servekit.llm.models.layers import DenseMLP, Norm, Projection, activation
+from servekit.llm.models.linear import make_linear
+from servekit.llm.models.moe import SparseMoE
+from servekit.llm.models.rotary import RotaryEmbedding
+from servekit.llm.models.self_attention import CosSin, SelfAttention
+from servekit.llm.models.weights import NameMap, Tensors, expected_names, split_fused_qkv, split_rows
+
+logger = logging.getLogger(__name__)
+
+
+class Attention(Protocol):
+    """A layer's attention over the paged cache (``SelfAttention``, or ``mla.LatentAttention``)."""
+
+    def __call__(
+        self,
+        normed: torch.Tensor,
+        rotary: CosSin | None,
+        layer_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        options: AttentionOptions,
+    ) -> torch.Tensor: ...
+
+
+@dataclass
+class Block:
+    """One layer ready to run."""
+
+    attn_norm: Norm | None
+    attention: Attention
+    mlp_norm: Norm | None
+    mlp: DenseMLP | SparseMoE
+    post_attn_norm: Norm | None
+    post_mlp_norm: Norm | None
+    window: int | None
+    rotary: int  # index into DecoderLM.rotaries (-1: no rotary)
+
+
+class DecoderLM:
+    """Decoder-only transformer, inference only; subclasses name their checkpoint layout."""
+
+    names: NameMap
+    norm_offset = 0.0  # added to every norm weight on load (Gemma stores w for a (1 + w) scale)
+    # How a fused ``qkv`` tensor is laid out (``weights.split_fused_qkv``); a fused ``gate_up`` is
+    # always the gate rows, then the up rows.
+    qkv_layout = "rows"
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        dtype: torch.dtype = torch.float32,
+        max_model_len: int,
+        pack_weights: bool = True,
+        quantization: str | None = None,
+    ) -> None:
+        if config.num_attention_heads % config.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        self.config = config
+        self.dtype = dtype
+        self.act = activation(config.hidden_act)
+        self.pack_weights = pack_weights
+        self.quantization = quantization
+        self.fused_elementwise = kernels_available(dtype)
+        self.blocks: list[Block] = []
+        self.rotaries: list[RotaryEmbedding] = []
+        if config.positions == "rope":
+            self.rotaries.append(RotaryEmbedding(config, max_model_len=max_model_len, dtype=dtype))
+            if config.local_rope_theta is not None:
+                local = dataclasses.replace(config, rope_theta=config.local_rope_theta, rope_scaling=None)
+                self.rotaries.append(RotaryEmbedding(local, max_model_len=max_model_len, dtype=dtype))
+        slopes = self.alibi_slopes() if config.positions == "alibi" else None
+        self.options = AttentionOptions(config.attention_scale, config.attn_softcap, slopes)
+        self.embed: torch.Tensor | None = None
+        self.pos_embed: torch.Tensor | None = None
+        self.final_norm: Norm | None = None
+        self.embed_norm: Norm | None = None
+        self.lm_head: Projection | None = None
+
+    def attention_weights(self) -> dict[str, bool]:
+        """Each layer's attention projections and norms (``.weight`` names) -> whether biased."""
+        biased = self.config.attention_bias
+        names = {"q": biased, "k": biased, "v": biased, "o": self.config.o_bias}
+        if self.config.qk_norm:
+            names.update(q_norm=self.config.norm_bias, k_norm=self.config.norm_bias)
+        return names
+
+    def alibi_slopes(self) -> torch.Tensor:
+        return alibi_slopes(self.config.num_attention_heads)
+
+    # ------------------------------------------------------------------ loading
+
+    def map_weight(self, name: str, tensor: torch.Tensor) -> Tensors:
+        """Canonical ``(name, tensor)`` pairs for one checkpoint tensor (see ``weights``)."""
+        canonical = self.names.canonical(name)
+        if canonical is None:
+            raise ValueError(f"unexpected weight {name!r} for a {self.config.architecture} model")
+        config = self.config
+        if ".qkv." in canonical:
+            heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+            yield from split_fused_qkv(canonical, tensor, self.qkv_layout, heads, kv_heads, config.head_dim)
+        elif ".gate_up." in canonical:
+            half = tensor.shape[0] // 2
+            yield from split_rows(canonical, tensor, {"gate": half, "up": half})
+        else:
+            yield canonical, tensor
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Read checkpoint-named tensors, check them against the config and build the layers."""
+        if self.blocks:
+            raise RuntimeError("weights are already loaded")
+        config = self.config
+        required, optional = expected_names(config, self.attention_weights())
+        store: dict[str, torch.Tensor] = {}
+        for name, tensor in weights:
+            if self.names.ignored.search(name):
+                continue
+            if config.tie_word_embeddings and self.names.canonical(name) == "lm_head.weight":
+                logger.debug("ignoring %s: embeddings are tied", name)
+                continue
+            for canonical, part in self.map_weight(name, tensor):
+                if canonical not in required and canonical not in optional:
+                    raise ValueError(f"unexpected weight {name!r} for a {config.architecture} model")
+                store[canonical] = part.to(self.dtype)
+        missing = sorted(self.names.checkpoint_name(n) for n in required - store.keys())
+        if missing:
+            shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+            raise ValueError(f"checkpoint is missing {len(missing)} weight(s): {shown}")
+        self._check_shapes(store)
+        self._build(store)
+
+    def _check_shapes(self, store: dict[str, torch.Tensor]) -> None:
+        config = self.config
+        expected = {"embed.weight": (config.vocab_size, config.hidden_size)}
+        if "layers.0.k.weight" in store:
+            expected["layers.0.q.weight"] = (config.num_attention_heads * config.head_dim, config.hidden_size)
+            expected["layers.0.k.weight"] = (config.num_key_value_heads * config.head_dim, config.hidden_size)
+        for name, shape in expected.items():
+            if name in store and tuple(store[name].shape) != shape:
+                raise ValueError(
+                    f"weight {name!r} has shape {tuple(store[name].shape)}, which does not fit the config"
+                )
+
+    def _linear(self, store: dict[str, torch.Tensor], *names: str) -> Projection:
+        """One projection over the rows of ``names`` (fused when several), biases zero-filled."""
+        weights = [store.pop(f"{n}.weight") for n in names]
+        biases = [store.pop(f"{n}.bias", None) for n in names]
+        weight = weights[0] if len(weights) == 1 else torch.cat(weights)
+        bias: torch.Tensor | None = None
+        if any(b is not None for b in biases):
+            bias = torch.cat(
+                [
+                    torch.zeros(w.shape[0], dtype=w.dtype) if b is None else b
+                    for w, b in zip(weights, biases, strict=True)
+                ]
+            )
+        return make_linear(weight, bias, quantization=self.quantization, pack=self.pack_weights)
+
+    def _norm(self, store: dict[str, torch.Tensor], name: str) -> Norm | None:
+        weight = store.pop(f"{name}.weight", None)
+        if weight is None:
+            return None
+        if self.norm_offset:
+            weight = weight + self.norm_offset
+        bias = store.pop(f"{name}.bias", None)
+        rms = self.config.norm == "rms" or name.endswith(("q_norm", "k_norm"))
+        return Norm(weight, bias, self.config.rms_norm_eps, rms=rms and bias is None)
+
+    def _attention(self, store: dict[str, torch.Tensor], prefix: str) -> Attention:
+        config = self.config
+        return SelfAttention(
+            qkv=self._linear(store, f"{prefix}q", f"{prefix}k", f"{prefix}v"),
+            o=self._linear(store, f"{prefix}o"),
+            q_norm=self._norm(store, f"{prefix}q_norm"),
+            k_norm=self._norm(store, f"{prefix}k_norm"),
+            num_heads=config.num_attention_heads,
+            num_kv_heads=config.num_key_value_heads,
+            head_dim=config.head_dim,
+            norm_per_head=config.qk_norm_per_head,
+        )
+
+    def _moe(self, store: dict[str, torch.Tensor], prefix: str, moe: MoEConfig) -> SparseMoE:
+        score_bias = store.pop(f"{prefix}router.e_score_correction_bias", None)
+        return SparseMoE(
+            router=self._linear(store, f"{prefix}router"),
+            experts=[self._mlp(store, f"{prefix}experts.{e}.") for e in range(moe.num_experts)],
+            config=moe,
+            shared=self._mlp(store, f"{prefix}shared.") if moe.shared_intermediate_size else None,
+            shared_gate=self._linear(store, f"{prefix}shared_gate") if moe.shared_expert_gate else None,
+            score_bias=None if score_bias is None else score_bias.float(),
+        )
+
+    def _mlp(self, store: dict[str, torch.Tensor], prefix: str) -> DenseMLP:
+        gated = f"{prefix}gate.weight" in store
+        up = (
+            self._linear(store, f"{prefix}gate", f"{prefix}up")
+            if gated
+            else self._linear(store, f"{prefix}up")
+        )
+        down = self._linear(store, f"{prefix}down")
+        return DenseMLP(up, down, self.act, gated, fused_silu=self.fused_elementwise)
+
+    def _build(self, store: dict[str, torch.Tensor]) -> None:
+        config = self.config
+        for index in range(config.num_hidden_layers):
+            prefix = f"layers.{index}."
+            moe = config.moe
+            mlp: DenseMLP | SparseMoE
+            if moe is None or index in moe.dense_layers:
+                mlp = self._mlp(store, prefix)
+            else:
+                mlp = self._moe(store, prefix, moe)
+            window = config.window_of(index)
+            rotary = -1
+            if self.rotaries:
+                local = len(self.rotaries) > 1 and window is not None
+                rotary = 1 if local else 0
+            self.blocks.append(
+                Block(
+                    attn_norm=self._norm(store, f"{prefix}attn_norm"),
+                    attention=self._attention(store, prefix),
+                    mlp_norm=self._norm(store, f"{prefix}mlp_norm"),
+                    mlp=mlp,
+                    post_attn_norm=self._norm(store, f"{prefix}post_attn_norm"),
+                    post_mlp_norm=self._norm(store, f"{prefix}post_mlp_norm"),
+                    window=window,
+                    rotary=rotary,
+                )
+            )
+        self.embed = store.pop("embed.weight")
+        self.pos_embed = store.pop("pos_embed.weight", None)
+        self.final_norm = self._norm(store, "final_norm")
+        self.embed_norm = self._norm(store, "embed_norm")
+        if config.tie_word_embeddings:
+            self.lm_head = make_linear(
+                self.embed, None, quantization=self.quantization, pack=self.pack_weights
+            )
+        else:
+            self.lm_head = self._linear(store, "lm_head")
+
+    # ------------------------------------------------------------------ forward
+
+    def _add_norm(
+        self, hidden: torch.Tensor, pending: torch.Tensor | None, norm: Norm | None
+    ) -> torch.Tensor:
+        """``hidden += pending`` then ``norm(hidden)``, in one C pass for RMSNorm when possible."""
+        assert norm is not None
+        if norm.rms and self.fused_elementwise and hidden.device.type == "cpu":
+            return add_rms_norm(hidden, pending, norm.weight, norm.eps, fused=True)
+        if pending is not None:
+            hidden.add_(pending)
+        return norm(hidden)
+
+    def _attend(
+        self,
+        block: Block,
+        index: int,
+        normed: torch.Tensor,
+        rotary: list[CosSin],
+        kv_cache: PagedKVCache,
+        attention: AttentionMetadata,
+    ) -> torch.Tensor:
+        cos_sin = rotary[block.rotary] if block.rotary >= 0 else None
+        metadata = attention.for_window(block.window)
+        return block.attention(normed, cos_sin, kv_cache.layer(index), metadata, self.options)
+
+    def forward(
+        self,
+        token_ids: torch.Tensor,
+        positions: torch.Tensor,
+        max_position: int,
+        kv_cache: PagedKVCache,
+        attention: AttentionMetadata,
+    ) -> torch.Tensor:
+        """Hidden states ``[num_tokens, hidden]`` after the last layer (before the final norm)."""
+        if not self.blocks or self.embed is None:
+            raise RuntimeError("load_weights must be called before forward")
+        config = self.config
+        hidden = F.embedding(token_ids, self.embed)
+        if config.embedding_scale is not None:
+            hidden = hidden * torch.tensor(config.embedding_scale, dtype=hidden.dtype)
+        if self.pos_embed is not None:
+            hidden = hidden + F.embedding(positions + config.position_offset, self.pos_embed)
+        if self.embed_norm is not None:
+            hidden = self.embed_norm(hidden)
+        rotary = [r.cos_sin(positions, max_position) for r in self.rotaries]
+        pending: torch.Tensor | None = None  # the previous layer's output, added at this layer's norm
+        for index, block in enumerate(self.blocks):
+            if config.residual == "pre":
+                normed = self._add_norm(hidden, pending, block.attn_norm)
+                attended = self._attend(block, index, normed, rotary, kv_cache, attention)
+                if block.post_attn_norm is not None:
+                    attended = block.post_attn_norm(attended)
+                normed = self._add_norm(hidden, attended, block.mlp_norm)
+                pending = block.mlp(normed)
+                if block.post_mlp_norm is not None:
+                    pending = block.post_mlp_norm(pending)
+            elif config.residual == "post":
+                if pending is not None:
+                    hidden.add_(pending)
+                assert block.post_attn_norm is not None and block.post_mlp_norm is not None
+                attended = self._attend(block, index, hidden, rotary, kv_cache, attention)
+                hidden.add_(block.post_attn_norm(attended))
+                pending = block.post_mlp_norm(block.mlp(hidden))
+            else:  # parallel: attention and MLP both read the layer's input
+                normed = self._add_norm(hidden, pending, block.attn_norm)
+                mlp_in = normed if block.mlp_norm is None else block.mlp_norm(hidden)
+                pending = self._attend(block, index, normed, rotary, kv_cache, attention)
+                pending = pending + block.mlp(mlp_in)
+        if pending is not None:
+            hidden.add_(pending)
+        return hidden
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits ``[rows, vocab]`` for the given rows of last-layer hidden states."""
+        assert self.lm_head is not None and self.final_norm is not None, "load_weights must be called first"
+        logits = self.lm_head(self.final_norm(hidden)).float()
+        cap = self.config.final_softcap
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits

@@ -1,0 +1,55 @@
+"""The attention block over the paged KV cache: fused q/k/v projection, q/k norms, rotary, paged
+attention, output projection."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from servekit.llm.attention import AttentionMetadata, AttentionOptions, paged_attention
+from servekit.llm.models.layers import Norm, Projection
+from servekit.llm.models.rotary import RotaryEmbedding
+
+CosSin = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class SelfAttention:
+    qkv: Projection  # [q | k | v] rows
+    o: Projection
+    q_norm: Norm | None
+    k_norm: Norm | None
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    norm_per_head: bool = True  # q/k norms over each head (Qwen3) or over all heads (OLMo 2)
+
+    def __call__(
+        self,
+        normed: torch.Tensor,
+        rotary: CosSin | None,
+        layer_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        options: AttentionOptions,
+    ) -> torch.Tensor:
+        tokens = normed.shape[0]
+        heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv(normed)
+        q_width, kv_width = heads * head_dim, kv_heads * head_dim
+        query = qkv[:, :q_width]
+        key = qkv[:, q_width : q_width + kv_width]
+        value = qkv[:, q_width + kv_width :].view(tokens, kv_heads, head_dim)
+        normed_qk = self.q_norm is not None and self.k_norm is not None
+        if normed_qk and not self.norm_per_head:
+            assert self.q_norm is not None and self.k_norm is not None
+            query, key = self.q_norm(query), self.k_norm(key)
+        query = query.reshape(tokens, heads, head_dim)
+        key = key.reshape(tokens, kv_heads, head_dim)
+        if normed_qk and self.norm_per_head:
+            assert self.q_norm is not None and self.k_norm is not None
+            query, key = self.q_norm(query), self.k_norm(key)
+        if rotary is not None:
+            query = RotaryEmbedding.apply(query, *rotary)
+            key = RotaryEmbedding.apply(key, *rotary)
+        return self.o(paged_attention(query, key, value, layer_cache, metadata, options))
