@@ -12,14 +12,17 @@ from servekit.llm import EngineConfig, SamplingParams
 from servekit.llm.config import EngineConfigError, resolve_kv_cache_dtype, resolve_quantization
 from servekit.llm.loaders import ModelSource, load_model_source
 from servekit.llm.model_runner import ForwardBatch, ModelRunner
+from servekit.llm.models import linear
 from servekit.llm.models.linear import Int8Linear
 from tests.llm.test_engine import PROMPTS, SYSTEM, make_engine, run_all
 from tests.llm.tiny_models import build_tiny_checkpoint
 
 
 @pytest.fixture(autouse=True)
-def _one_thread() -> None:
+def _one_thread_and_int8_on_any_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests check int8's arithmetic, which runs (slowly) on CPUs without an int8 unit too."""
     torch.set_num_threads(1)
+    monkeypatch.setenv(linear.INT8_ANY_CPU_ENV, "1")
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +104,30 @@ def test_quantization_and_kv_cache_dtype_settings() -> None:
         EngineConfig(kv_cache_dtype="int4")
     assert error.value.name == "kv_cache_dtype"
     assert EngineConfig.from_env({"SERVEKIT_QUANTIZATION": "int8"}).quantization == "int8"
+
+
+@pytest.mark.parametrize(
+    ("flags", "unit"),
+    [
+        ({"avx2", "fma"}, None),
+        ({"avx2", "avx512f", "avx512_vnni"}, "avx512_vnni"),
+        ({"amx_int8"}, "amx_int8"),
+    ],
+)
+def test_int8_is_chosen_only_on_cpus_with_an_int8_unit(
+    monkeypatch: pytest.MonkeyPatch, flags: set[str], unit: str | None
+) -> None:
+    monkeypatch.delenv(linear.INT8_ANY_CPU_ENV)
+    monkeypatch.setattr(linear, "cpu_flags", lambda: flags)
+    assert linear.int8_dot_product_unit() == unit
+    if unit is None:
+        assert resolve_quantization("auto", "Q4_1") is None  # never a slowdown by default
+        with pytest.raises(EngineConfigError, match="int8 dot-product unit") as error:
+            resolve_quantization("int8", None)
+        assert error.value.name == "quantization"
+    else:
+        assert resolve_quantization("auto", "Q4_1") == "int8"
+        assert resolve_quantization("int8", None) == "int8"
 
 
 def test_auto_quantization_follows_the_checkpoint(source: ModelSource) -> None:

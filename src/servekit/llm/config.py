@@ -219,6 +219,13 @@ def resolve_quantization(name: str | None, checkpoint_quantization: str | None) 
 
     from servekit.llm.models.linear import int8_matmul_available
 
+    if name == "int8" and not int8_matmul_available():
+        raise EngineConfigError(
+            "quantization=int8 needs a CPU with an int8 dot-product unit (AVX-512 VNNI, AVX-VNNI or "
+            "AMX; Arm: i8mm or dotprod), which this one lacks: int8 matmuls would run many times slower "
+            "than the exact float32 path. Leave quantization unset (exact) on this machine.",
+            "quantization",
+        )
     if name != "auto":
         return name
     if checkpoint_quantization and not torch.cuda.is_available() and int8_matmul_available():
