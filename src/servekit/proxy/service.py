@@ -1,0 +1,198 @@
+"""The proxy's state and what changes it: the registry (persisted), the strategy, the shared HTTP pool,
+the metrics, and the active health checks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from typing import Any
+
+import httpx
+
+from servekit.proxy.config import ProxyConfig
+from servekit.proxy.health import NodeHealth
+from servekit.proxy.metrics import ProxyMetrics
+from servekit.proxy.registry import Node, Registry
+from servekit.proxy.sessions import SessionRing
+from servekit.proxy.state import load_state, save_state
+from servekit.proxy.strategies import make_strategy
+
+logger = logging.getLogger(__name__)
+
+LOAD_METRICS = (":num_requests_running", ":num_requests_waiting")
+
+
+class NodeUnreachable(Exception):
+    """A node could not be asked for its models."""
+
+
+def node_headers(node: Node) -> dict[str, str]:
+    return {"Authorization": f"Bearer {node.api_key}"} if node.api_key else {}
+
+
+def parse_load(text: str) -> int:
+    """Running + waiting requests from a node's Prometheus text (servekit's or vLLM's names); samples
+    with a ``worker`` label are per worker and already in the total."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("#") or "worker=" in line:
+            continue
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name.endswith(LOAD_METRICS):
+            with contextlib.suppress(ValueError, IndexError):
+                total += float(line.rsplit(" ", 1)[1])
+    return int(total)
+
+
+class Proxy:
+    def __init__(self, config: ProxyConfig, rng: random.Random | None = None) -> None:
+        self.config = config
+        self.registry = Registry()
+        self.strategy = make_strategy(config.routing_strategy, rng)
+        self.interactive_ring = SessionRing()  # interactive sessions live on one node: always that one
+        self.metrics = ProxyMetrics()
+        timeout = httpx.Timeout(connect=5.0, read=config.request_timeout, write=30.0, pool=None)
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+        self.client = httpx.AsyncClient(timeout=timeout, limits=limits, follow_redirects=False)
+        self._checker: asyncio.Task[None] | None = None
+        self._scrape_load = config.routing_strategy in (
+            "least_load",
+            "power_of_two",
+            "cache_aware",
+            "session",
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        """Register the state file's nodes and the configured ones, then check them in the background.
+        They serve once their health checks pass."""
+        known = load_state(self.config.state_file) if self.config.state_file else []
+        for node in known:
+            self._register(node)
+        for url in self.config.nodes:
+            if url not in self.registry:
+                self._register(Node(url))
+        self._save()
+        self._checker = asyncio.create_task(self._check_forever(), name="servekit-proxy-health")
+
+    async def close(self) -> None:
+        if self._checker is not None:
+            self._checker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checker
+        await self.client.aclose()
+
+    # ------------------------------------------------------------------ registry
+    def _register(self, node: Node) -> Node:
+        if node.url not in self.registry:
+            node.health = NodeHealth(
+                self.config.circuit_breaker_failures, self.config.circuit_breaker_cooldown
+            )
+        return self.registry.add(node)
+
+    async def add_node(
+        self, url: str, models: list[str] | None, speed: float | None, api_key: str | None
+    ) -> Node:
+        """Register a node; its models are asked from its ``/v1/models`` when not given. A node that
+        answers is healthy at once (it just proved it); the health checks take over from there."""
+        probe = Node(url, api_key=api_key)
+        found = models if models else await self.discover_models(probe)
+        node = self._register(Node(url, models=found, speed=speed, api_key=api_key))
+        if not node.health.healthy:
+            node.health.check_succeeded()
+            node.health.check_succeeded()
+        self._save()
+        logger.info("node %s added (models: %s)", url, ", ".join(found) or "none")
+        return node
+
+    def remove_node(self, url: str) -> Node | None:
+        node = self.registry.remove(url)
+        if node is not None:
+            self.strategy.forget(url)
+            self.interactive_ring.forget(url)
+            self._save()
+            logger.info("node %s removed", url)
+        return node
+
+    def _save(self) -> None:
+        if self.config.state_file:
+            save_state(self.config.state_file, self.registry)
+
+    async def discover_models(self, node: Node) -> list[str]:
+        try:
+            response = await self.client.get(
+                f"{node.url}/v1/models",
+                headers=node_headers(node),
+                timeout=self.config.health_check_timeout * 5,
+            )
+            response.raise_for_status()
+            return [str(item["id"]) for item in response.json()["data"]]
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as error:
+            raise NodeUnreachable(f"cannot list the models of {node.url}: {error}") from None
+
+    # ------------------------------------------------------------------ health checks
+    async def check(self, node: Node) -> None:
+        """One active check: ``/health`` (and the node's load from ``/metrics`` when routing uses it)."""
+        try:
+            response = await self.client.get(
+                f"{node.url}/health", headers=node_headers(node), timeout=self.config.health_check_timeout
+            )
+            passed = response.status_code == 200
+        except httpx.HTTPError:
+            passed = False
+        if not passed:
+            if node.health.check_failed():
+                logger.warning("node %s is unhealthy", node.url)
+            return
+        if not node.models:
+            with contextlib.suppress(NodeUnreachable):
+                node.models = await self.discover_models(node)
+                self._save()
+        if node.health.check_succeeded():
+            logger.info("node %s is healthy", node.url)
+        if self._scrape_load:
+            with contextlib.suppress(httpx.HTTPError):
+                metrics = await self.client.get(
+                    f"{node.url}/metrics",
+                    headers=node_headers(node),
+                    timeout=self.config.health_check_timeout,
+                )
+                if metrics.status_code == 200:
+                    node.reported_load = parse_load(metrics.text)
+
+    async def _check_forever(self) -> None:
+        while True:
+            nodes = list(self.registry)
+            await asyncio.gather(*(self.check(node) for node in nodes))
+            await asyncio.sleep(self.config.health_check_interval)  # the check period, not a wait for state
+
+    # ------------------------------------------------------------------ broadcasting
+    async def broadcast(
+        self, method: str, path: str, body: bytes, headers: dict[str, str]
+    ) -> list[dict[str, Any]]:
+        """Send one request to every node; each node's answer (status and JSON body, or the error)."""
+
+        async def one(node: Node) -> dict[str, Any]:
+            try:
+                response = await self.client.request(
+                    method,
+                    f"{node.url}{path}",
+                    content=body or None,
+                    headers={**headers, **node_headers(node)},
+                )
+            except httpx.HTTPError as error:
+                return {"url": node.url, "status": 502, "error": f"{type(error).__name__}: {error}"}
+            try:
+                answer: Any = response.json()
+            except ValueError:
+                answer = response.text
+            return {"url": node.url, "status": response.status_code, "body": answer}
+
+        return list(await asyncio.gather(*(one(node) for node in self.registry)))
+
+    @staticmethod
+    def now() -> float:
+        return time.monotonic()
