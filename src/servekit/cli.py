@@ -7,7 +7,7 @@ import logging
 import sys
 
 from servekit.proxy.command import add_proxy_arguments, run_proxy_command
-from servekit.specs.llm.command import add_serve_arguments, run_serve
+from servekit.specs.llm.command import add_serve_arguments, resolve_serve_config
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,13 @@ def run_client(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
-        return run_serve(args)
+        config = resolve_serve_config(args)
+        if config is None:
+            return 2
+        from servekit.proxy.scaleout import serve_scaled
+
+        serve_scaled(config, vars(args))
+        return 0
     if args.command == "proxy":
         return run_proxy_command(args)
     if args.command == "client":

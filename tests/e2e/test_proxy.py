@@ -2,44 +2,23 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.e2e.fake_node import FakeNode, running_node
-from tests.e2e.serving import RunningServer, serve_script
+from tests.e2e.proxying import admitted, proxy_process, wait_for
+from tests.e2e.serving import RunningServer
 
 pytestmark = pytest.mark.timeout(120)
 
-FAST_CHECKS = ["--health-check-interval", "0.1", "--health-check-timeout", "0.5"]
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(httpx.HTTPError):
-            if predicate():
-                return
-        time.sleep(0.05)  # polling the proxy's public state, bounded
-    raise AssertionError("condition not met in time")
-
-
 def healthy_nodes(proxy: RunningServer, headers: dict[str, str] | None = None) -> int:
-    status = httpx.get(f"{proxy.url}/nodes/status", headers=headers, timeout=5).json()
-    return sum(1 for node in status.values() if node["admits_requests"])
-
-
-@contextlib.contextmanager
-def proxy_process(tmp_path: Path, *args: str) -> Iterator[RunningServer]:
-    with serve_script("proxy.py", tmp_path, args=[*FAST_CHECKS, *args], wait=False) as proxy:
-        wait_for(lambda: httpx.get(f"{proxy.url}/metrics", timeout=2).status_code in (200, 401))
-        yield proxy
+    return len(admitted(proxy.url, headers))
 
 
 def test_routes_streams_and_request_ids(tmp_path: Path) -> None:

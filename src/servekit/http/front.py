@@ -7,26 +7,17 @@ import multiprocessing
 import signal
 import socket
 import threading
-from types import FrameType
 from typing import Any
 
 import uvicorn
 
 from servekit.http.app import FrontConfig, build_app
 from servekit.http.dispatcher import Dispatcher
+from servekit.http.graceful import GracefulServer
 
 logger = logging.getLogger(__name__)
 
 GRACEFUL_SHUTDOWN_S = 30
-
-
-class _Server(uvicorn.Server):
-    """uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown, which would kill the process
-    before the workers are stopped; a signal here means "shut down cleanly", and that is all."""
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        super().handle_exit(sig, frame)
-        self._captured_signals.clear()
 
 
 def _uvicorn_server(
@@ -43,7 +34,7 @@ def _uvicorn_server(
         "backlog": 2048,
     }
     options.update(extra)
-    return _Server(uvicorn.Config(app, **options))
+    return GracefulServer(uvicorn.Config(app, **options))
 
 
 def _front_process_main(

@@ -37,6 +37,7 @@ def run_proxy(config: ProxyConfig) -> None:
     """Serve the proxy until SIGINT/SIGTERM."""
     import uvicorn
 
+    from servekit.http.graceful import GracefulServer
     from servekit.proxy.app import build_app
 
     level = config.log_level.lower()
@@ -49,7 +50,7 @@ def run_proxy(config: ProxyConfig) -> None:
         len(config.nodes),
         "" if len(config.nodes) == 1 else "s",
     )
-    uvicorn.run(
+    options = uvicorn.Config(
         build_app(config),
         host=config.host,
         port=config.port,
@@ -60,3 +61,4 @@ def run_proxy(config: ProxyConfig) -> None:
         timeout_graceful_shutdown=30,
         backlog=2048,
     )
+    GracefulServer(options).run()

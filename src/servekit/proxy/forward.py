@@ -284,5 +284,5 @@ class _Exchange:
 
 def _node_failed(error: Exception) -> OpenAIError:
     return OpenAIError(
-        502, f"The node serving this request failed: {type(error).__name__}", code="node_failed"
+        503, f"The node serving this request failed: {type(error).__name__}", code="node_failed"
     )

@@ -23,14 +23,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         add_arguments(parser.add_argument_group(f"{title} settings"), config_class, positional=POSITIONAL)
 
 
-def run_serve(args: argparse.Namespace) -> int:
+def resolve_serve_config(args: argparse.Namespace) -> ServeConfig | None:
+    """The configuration of ``servekit serve``, or None after saying what is wrong (exit code 2)."""
     try:
-        config = ServeConfig.resolve(vars(args))
+        return ServeConfig.resolve(vars(args))
     except SettingError as error:  # a bad flag or env value: say which, no traceback
         print(f"servekit serve: error: {error}", file=sys.stderr)
-        return 2
-    serve(config)
-    return 0
+        return None
 
 
 def serve(config: ServeConfig, **run_kwargs: Any) -> None:

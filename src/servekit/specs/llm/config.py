@@ -51,6 +51,16 @@ class ServeConfig:
         env=("REASONING_PARSER",),
     )
     disable_log_requests: bool = setting(False, "do not log each request", env=("DISABLE_LOG_REQUESTS",))
+    replicas: int = setting(
+        1, "engine replicas on this machine, each a server on its own 127.0.0.1 port, behind one proxy"
+    )
+    proxy_url: str | None = setting(
+        None, "register with this servekit proxy once serving, deregister on shutdown"
+    )
+    proxy_api_key: str | None = setting(None, "the proxy's API key, for --proxy-url", secret=True)
+    advertise_url: str | None = setting(
+        None, "the URL the proxy reaches this server at (default: http://HOST:PORT)"
+    )
     gpu_memory_utilization: float | None = setting(
         None, "accepted for vLLM compatibility; ignored on CPU", env=("GPU_MEMORY_UTILIZATION",)
     )
@@ -62,6 +72,14 @@ class ServeConfig:
             raise ServeConfigError(f"port must be in 1..65535, got {self.port}", "port")
         if self.workers < 1:
             raise ServeConfigError(f"workers must be at least 1, got {self.workers}", "workers")
+        if self.replicas < 1:
+            raise ServeConfigError(f"replicas must be at least 1, got {self.replicas}", "replicas")
+        if self.replicas > 1 and self.proxy_url:
+            raise ServeConfigError(
+                "proxy_url cannot be combined with replicas > 1: the replicas' own proxy serves them; "
+                "register that proxy's port elsewhere instead",
+                "proxy_url",
+            )
         if self.request_timeout is not None and self.request_timeout <= 0:
             raise ServeConfigError(
                 f"request_timeout must be positive, got {self.request_timeout}", "request_timeout"
