@@ -208,3 +208,60 @@ def test_registry_api_and_state_file(tmp_path: Path) -> None:
                 "removed"
             ]
             assert httpx.get(f"{proxy.url}/nodes/status", timeout=5).json() == {}
+
+
+def test_dead_node_is_retried_elsewhere_and_its_circuit_opens(tmp_path: Path) -> None:
+    # Health checks a minute apart: only requests can find out that a node died.
+    slow_checks = ["--health-check-interval", "60", "--circuit-breaker-failures", "2"]
+    args = ["--no-state-file", "--routing-strategy", "round_robin", *slow_checks]
+    with running_node(FakeNode()) as good, proxy_process(tmp_path, *args) as proxy:
+        with running_node(FakeNode()) as doomed:
+            for node in (good, doomed):
+                assert (
+                    httpx.post(f"{proxy.url}/nodes/add", json={"url": node.url}, timeout=10).status_code
+                    == 200
+                )
+            assert len(admitted(proxy.url)) == 2
+        for _ in range(6):
+            reply = httpx.post(f"{proxy.url}/v1/chat/completions", json=CHAT, timeout=10)
+            assert reply.status_code == 200
+            assert reply.json()["node"] == good.port
+        assert admitted(proxy.url) == [good.url]
+        status = httpx.get(f"{proxy.url}/nodes/status", timeout=5).json()
+        assert status[doomed.url]["circuit"] == "open"
+        metrics = httpx.get(f"{proxy.url}/metrics", timeout=5).text
+        assert f'servekit_proxy:node_circuit_state{{node="{doomed.url}"}} 2.0' in metrics
+        assert f'servekit_proxy:node_retries_total{{node="{doomed.url}"}} 2.0' in metrics
+
+
+def test_sessions_stay_on_their_node(tmp_path: Path) -> None:
+    with (
+        running_node(FakeNode()) as a,
+        running_node(FakeNode()) as b,
+        running_node(FakeNode()) as c,
+        proxy_process(
+            tmp_path,
+            "--no-state-file",
+            "--routing-strategy",
+            "session",
+            "--node",
+            a.url,
+            "--node",
+            b.url,
+            "--node",
+            c.url,
+        ) as proxy,
+    ):
+        wait_for(lambda: healthy_nodes(proxy) == 3)
+
+        def node_of(path: str, body: dict[str, object], headers: dict[str, str] | None = None) -> int:
+            reply = httpx.post(f"{proxy.url}{path}", json=body, headers=headers, timeout=10)
+            assert reply.status_code == 200
+            return int(reply.json()["node"])
+
+        for session in ("alpha", "beta", "gamma"):
+            by_header = {node_of("/v1/chat/completions", CHAT, {"X-Session-Id": session}) for _ in range(5)}
+            by_user = {node_of("/v1/chat/completions", {**CHAT, "user": session}) for _ in range(5)}
+            assert len(by_header) == 1 and by_header == by_user
+            interactive = {"prompt": "hi", "session_id": session, "interactive_mode": True}
+            assert len({node_of("/v1/chat/interactive", interactive) for _ in range(5)}) == 1
