@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Callable, Sequence
 
 import httpx
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.types import Message, Receive, Scope, Send
 
 from servekit.openai.errors import OpenAIError, json_object
@@ -91,7 +91,10 @@ class Forward:
         arrived = time.perf_counter()
         request = Request(scope, receive)
         request_id = request.headers.get(REQUEST_ID) or uuid.uuid4().hex
-        body = await request.body()
+        try:
+            body = await request.body()
+        except ClientDisconnect:
+            return
         try:
             route = route_of(json_object(body), request.headers)
         except OpenAIError as error:

@@ -166,7 +166,13 @@ class Proxy:
     async def _check_forever(self) -> None:
         while True:
             nodes = list(self.registry)
-            await asyncio.gather(*(self.check(node) for node in nodes))
+            for node, result in zip(
+                nodes,
+                await asyncio.gather(*(self.check(node) for node in nodes), return_exceptions=True),
+                strict=True,
+            ):
+                if isinstance(result, Exception):  # a bug must not stop the checks of every node
+                    logger.error("health check of %s failed", node.url, exc_info=result)
             await asyncio.sleep(self.config.health_check_interval)  # the check period, not a wait for state
 
     # ------------------------------------------------------------------ broadcasting
