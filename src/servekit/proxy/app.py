@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
-import httpx
 import orjson
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -24,7 +23,7 @@ from servekit.prometheus import CONTENT_TYPE
 from servekit.proxy.config import ProxyConfig, ProxyConfigError, normalize_url
 from servekit.proxy.forward import REQUEST_ID, Forward
 from servekit.proxy.registry import Node
-from servekit.proxy.service import NodeUnreachable, Proxy, node_headers
+from servekit.proxy.service import HTTP_ERRORS, NodeUnreachable, Proxy
 from servekit.proxy.strategies import Route
 
 logger = logging.getLogger(__name__)
@@ -139,12 +138,10 @@ class NodesAPI:
     async def _terminate(self, node: Node) -> dict[str, Any]:
         """Deregister the node and ask it to stop (LMDeploy's ``/terminate``), reporting its answer."""
         self.proxy.remove_node(node.url)
+        status: int | None
         try:
-            answer = await self.proxy.client.get(
-                f"{node.url}/terminate", headers=node_headers(node), timeout=5
-            )
-            status: int | None = answer.status_code
-        except httpx.HTTPError:
+            status, _ = await self.proxy.fetch("GET", node, "/terminate", timeout=5)
+        except HTTP_ERRORS:
             status = None
         return {"url": node.url, "removed": True, "terminate_status": status}
 

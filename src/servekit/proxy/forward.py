@@ -11,7 +11,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 
-import httpx
+import aiohttp
 from starlette.requests import ClientDisconnect, Request
 from starlette.types import Message, Receive, Scope, Send
 
@@ -19,13 +19,13 @@ from servekit.openai.errors import OpenAIError, json_object
 from servekit.openai.sse import DONE
 from servekit.proxy.registry import Node
 from servekit.proxy.requests import route_of
-from servekit.proxy.service import Proxy, node_headers
+from servekit.proxy.service import HTTP_ERRORS, Proxy, node_headers
 from servekit.proxy.strategies import Route
 
 logger = logging.getLogger(__name__)
 
 REQUEST_ID = "x-request-id"
-# Never forwarded: hop-by-hop headers, the proxy's own credentials, what httpx sets itself.
+# Never forwarded: hop-by-hop headers, the proxy's own credentials, what the client library sets itself.
 _DROP_REQUEST = frozenset(
     {
         "connection",
@@ -46,6 +46,8 @@ _DROP_RESPONSE = frozenset(
     {"connection", "keep-alive", "transfer-encoding", "upgrade", "trailer", "content-length", REQUEST_ID}
 )
 _STREAM_TYPES = ("text/event-stream", "application/x-ndjson")
+# Failures where the request certainly never reached the node: safe to send elsewhere.
+_CONNECT_ERRORS = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
 BACKOFF_S = 0.05
 MAX_BACKOFF_S = 1.0
 
@@ -195,38 +197,41 @@ class _Exchange:
         node.health.request_started(proxy.now())
         started = time.perf_counter()
         failed: bool | None = None  # None: the client left before we knew
+        response: aiohttp.ClientResponse | None = None
         try:
-            upstream = proxy.client.build_request(
-                self.request.method,
-                self._url(node),
-                content=self.body,
-                headers={**self.headers, **node_headers(node)},
-            )
             try:
-                response = await proxy.client.send(upstream, stream=True)
-            except (httpx.ConnectError, httpx.ConnectTimeout) as error:
+                response = await proxy.session.request(
+                    self.request.method,
+                    self._url(node),
+                    data=self.body,
+                    headers={**self.headers, **node_headers(node)},
+                    allow_redirects=False,
+                )
+            except _CONNECT_ERRORS as error:
                 failed = True
                 logger.warning("request %s: cannot connect to %s: %s", self.request_id, node.url, error)
                 return _Outcome.RETRY
-            except httpx.HTTPError as error:
+            except HTTP_ERRORS as error:
                 failed = True
-                logger.warning("request %s: %s failed: %s", self.request_id, node.url, error)
+                logger.warning("request %s: %s failed: %r", self.request_id, node.url, error)
                 await send_error(self.send, _node_failed(error), self.request_id)
                 return _Outcome.DONE
-            try:
-                failed = response.status_code >= 500
-                headers = self._response_headers(response)
-                if response.status_code == 503 and not last:
-                    self.last_503 = (503, headers, await response.aread())
-                    return _Outcome.RETRY
-                if response.headers.get("content-type", "").startswith(_STREAM_TYPES):
-                    failed = await self._stream(node, response, headers) or failed
-                else:
-                    failed = await self._whole(node, response, headers) or failed
-                return _Outcome.DONE
-            finally:
-                await response.aclose()
+            failed = response.status >= 500
+            headers = self._response_headers(response)
+            if response.status == 503 and not last:
+                with contextlib.suppress(*HTTP_ERRORS):
+                    self.last_503 = (503, headers, await response.read())
+                return _Outcome.RETRY
+            if response.headers.get("Content-Type", "").startswith(_STREAM_TYPES):
+                failed = await self._stream(node, response, headers) or failed
+            else:
+                failed = await self._whole(node, response, headers) or failed
+            return _Outcome.DONE
         finally:
+            if response is not None:
+                # Closing (not releasing) drops the connection when the body was not read to its end:
+                # the node sees a disconnect and aborts the request.
+                response.close()
             node.in_flight -= 1
             elapsed = time.perf_counter() - started
             if failed is None:
@@ -239,40 +244,44 @@ class _Exchange:
                 node.latencies.append(elapsed)
                 counters.latency.observe(elapsed)
 
-    def _response_headers(self, response: httpx.Response) -> list[tuple[bytes, bytes]]:
+    def _response_headers(self, response: aiohttp.ClientResponse) -> list[tuple[bytes, bytes]]:
         headers = [
-            (k, v) for k, v in response.headers.raw if k.decode("latin-1").lower() not in _DROP_RESPONSE
+            (k, v) for k, v in response.raw_headers if k.decode("latin-1").lower() not in _DROP_RESPONSE
         ]
         headers.append((REQUEST_ID.encode(), self.request_id.encode()))
         return headers
 
-    async def _whole(self, node: Node, response: httpx.Response, headers: list[tuple[bytes, bytes]]) -> bool:
-        """Read the whole answer, then send it: a node failing halfway gets a real 502. True if it failed."""
+    async def _whole(
+        self, node: Node, response: aiohttp.ClientResponse, headers: list[tuple[bytes, bytes]]
+    ) -> bool:
+        """Read the whole answer, then send it: a node failing halfway gets a real 503. True if it failed."""
         try:
-            content = await response.aread()
-        except httpx.HTTPError as error:
+            content = await response.read()
+        except HTTP_ERRORS as error:
             await send_error(self.send, _node_failed(error), self.request_id)
             return True
         self._first_byte()
         headers.append((b"content-length", str(len(content)).encode()))
-        await self.send(_start(response.status_code, headers))
+        await self.send(_start(response.status, headers))
         await self.send(_body(content))
         return False
 
-    async def _stream(self, node: Node, response: httpx.Response, headers: list[tuple[bytes, bytes]]) -> bool:
+    async def _stream(
+        self, node: Node, response: aiohttp.ClientResponse, headers: list[tuple[bytes, bytes]]
+    ) -> bool:
         """Pass the stream on chunk by chunk; a node failing after the first byte ends an SSE stream with
         an error event and ``[DONE]``. True if it failed."""
-        await self.send(_start(response.status_code, headers))
+        await self.send(_start(response.status, headers))
         first = True
         try:
-            async for chunk in response.aiter_raw():
+            async for chunk in response.content.iter_any():
                 if first:
                     self._first_byte()
                     first = False
                 await self.send(_body(chunk, more=True))
-        except httpx.HTTPError as error:
-            logger.warning("request %s: %s failed mid-stream: %s", self.request_id, node.url, error)
-            if response.headers.get("content-type", "").startswith("text/event-stream"):
+        except HTTP_ERRORS as error:
+            logger.warning("request %s: %s failed mid-stream: %r", self.request_id, node.url, error)
+            if response.headers.get("Content-Type", "").startswith("text/event-stream"):
                 await self.send(_body(_node_failed(error).sse_event() + DONE, more=True))
             await self.send(_body(b""))
             return True

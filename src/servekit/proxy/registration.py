@@ -4,17 +4,36 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import socket
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
-
-import httpx
 
 logger = logging.getLogger(__name__)
 
 POLL_S = 0.2
 MAX_BACKOFF_S = 5.0
+
+
+def _call(
+    method: str, url: str, headers: dict[str, str], body: object = None, timeout: float = 5
+) -> tuple[int, str]:
+    """One blocking request (the standard library's client: this runs once, in its own thread); the status
+    and the body text. Raises ``OSError`` (``URLError`` included) when the server cannot be reached."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json", **headers}
+    )
+    try:
+        # Straight to the server: HTTP(S)_PROXY variables are for the way out, not for this network.
+        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with direct.open(request, timeout=timeout) as response:
+            return int(response.status), response.read().decode(errors="replace")
+    except urllib.error.HTTPError as error:
+        return int(error.code), error.read().decode(errors="replace")
 
 
 def advertised_url(host: str, port: int) -> str:
@@ -54,21 +73,18 @@ class ProxyRegistration:
         if not self.registered.is_set():
             return
         try:
-            response = httpx.post(
-                f"{self.proxy_url}/nodes/remove",
-                json={"url": self.node_url},
-                headers=self.proxy_headers,
-                timeout=5,
+            status, _ = _call(
+                "POST", f"{self.proxy_url}/nodes/remove", self.proxy_headers, {"url": self.node_url}
             )
-            logger.info("deregistered from the proxy %s (%d)", self.proxy_url, response.status_code)
-        except httpx.HTTPError as error:
+            logger.info("deregistered from the proxy %s (%d)", self.proxy_url, status)
+        except OSError as error:
             logger.warning("could not deregister from the proxy %s: %s", self.proxy_url, error)
 
     def _healthy(self) -> bool:
         headers = {"Authorization": f"Bearer {self.node_api_key}"} if self.node_api_key else {}
         try:
-            return httpx.get(f"{self.node_url}/health", headers=headers, timeout=2).status_code == 200
-        except httpx.HTTPError:
+            return _call("GET", f"{self.node_url}/health", headers, timeout=2)[0] == 200
+        except OSError:
             return False
 
     def _register(self) -> None:
@@ -81,15 +97,15 @@ class ProxyRegistration:
             body["api_key"] = self.node_api_key
         while not self._stop.is_set():
             try:
-                response = httpx.post(
-                    f"{self.proxy_url}/nodes/add", json=body, headers=self.proxy_headers, timeout=30
+                status, text = _call(
+                    "POST", f"{self.proxy_url}/nodes/add", self.proxy_headers, body, timeout=30
                 )
-                if response.status_code == 200:
+                if status == 200:
                     self.registered.set()
                     logger.info("registered with the proxy %s as %s", self.proxy_url, self.node_url)
                     return
-                logger.warning("the proxy %s refused the registration: %s", self.proxy_url, response.text)
-            except httpx.HTTPError as error:
+                logger.warning("the proxy %s refused the registration: %s", self.proxy_url, text)
+            except OSError as error:
                 logger.warning("cannot reach the proxy %s: %s", self.proxy_url, error)
             self._stop.wait(backoff)  # retrying an unreachable proxy, with backoff
             backoff = min(backoff * 2, MAX_BACKOFF_S)
