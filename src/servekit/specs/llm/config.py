@@ -13,6 +13,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from servekit.llm.config import EngineConfig
 from servekit.settings import SettingError, read_settings, setting, setting_values, with_origin
@@ -74,6 +75,11 @@ class ServeConfig:
             raise ServeConfigError(f"workers must be at least 1, got {self.workers}", "workers")
         if self.replicas < 1:
             raise ServeConfigError(f"replicas must be at least 1, got {self.replicas}", "replicas")
+        for name in ("proxy_url", "advertise_url"):
+            url = getattr(self, name)
+            parts = urlsplit(url) if url else None
+            if parts is not None and (parts.scheme not in ("http", "https") or not parts.netloc):
+                raise ServeConfigError(f"{name} must be an http:// or https:// URL, got {url!r}", name)
         if self.replicas > 1 and self.proxy_url:
             raise ServeConfigError(
                 "proxy_url cannot be combined with replicas > 1: the replicas' own proxy serves them; "
