@@ -46,8 +46,10 @@ _DROP_RESPONSE = frozenset(
     {"connection", "keep-alive", "transfer-encoding", "upgrade", "trailer", "content-length", REQUEST_ID}
 )
 _STREAM_TYPES = ("text/event-stream", "application/x-ndjson")
-# Failures where the request certainly never reached the node: safe to send elsewhere.
-_CONNECT_ERRORS = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
+# Failures before any byte of an answer: the connection was refused, timed out, or was reset or closed
+# (a pooled keep-alive connection to a node that died). The client has seen nothing, and a node that
+# dropped the connection kept nothing of the request: it is sent to another node.
+_CONNECT_ERRORS = (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError, aiohttp.ConnectionTimeoutError)
 BACKOFF_S = 0.05
 MAX_BACKOFF_S = 1.0
 

@@ -18,7 +18,7 @@ POLL_S = 0.2
 MAX_BACKOFF_S = 5.0
 
 
-def _call(
+def call_json(
     method: str, url: str, headers: dict[str, str], body: object = None, timeout: float = 5
 ) -> tuple[int, str]:
     """One blocking request (the standard library's client: this runs once, in its own thread); the status
@@ -73,7 +73,7 @@ class ProxyRegistration:
         if not self.registered.is_set():
             return
         try:
-            status, _ = _call(
+            status, _ = call_json(
                 "POST", f"{self.proxy_url}/nodes/remove", self.proxy_headers, {"url": self.node_url}
             )
             logger.info("deregistered from the proxy %s (%d)", self.proxy_url, status)
@@ -83,7 +83,7 @@ class ProxyRegistration:
     def _healthy(self) -> bool:
         headers = {"Authorization": f"Bearer {self.node_api_key}"} if self.node_api_key else {}
         try:
-            return _call("GET", f"{self.node_url}/health", headers, timeout=2)[0] == 200
+            return call_json("GET", f"{self.node_url}/health", headers, timeout=2)[0] == 200
         except OSError:
             return False
 
@@ -97,7 +97,7 @@ class ProxyRegistration:
             body["api_key"] = self.node_api_key
         while not self._stop.is_set():
             try:
-                status, text = _call(
+                status, text = call_json(
                     "POST", f"{self.proxy_url}/nodes/add", self.proxy_headers, body, timeout=30
                 )
                 if status == 200:

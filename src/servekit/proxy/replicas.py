@@ -27,6 +27,7 @@ STOP_TIMEOUT_S = 40.0
 # Settings each replica gets from its parent rather than from the command line.
 _NOT_PASSED = frozenset(
     {"model", "host", "port", "replicas", "proxy_url", "proxy_api_key", "advertise_url", "api_key"}
+    | {"ray_address", "num_cpus_per_replica", "num_gpus_per_replica"}
 )
 _PR_SET_PDEATHSIG = 1
 
@@ -56,7 +57,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child, before exec: Linux sends it SIGTERM when the parent dies, so a killed parent
     leaves no replica behind."""
     with contextlib.suppress(OSError, AttributeError):
@@ -93,7 +94,7 @@ class ReplicaSet:
     def _spawn(self, replica: Replica) -> None:
         command = [sys.executable, "-m", "servekit.cli", "serve", *self.flags]
         command += ["--host", "127.0.0.1", "--port", str(replica.port), "--replicas", "1"]
-        preexec = _die_with_parent if sys.platform.startswith("linux") else None
+        preexec = die_with_parent if sys.platform.startswith("linux") else None
         # Its own session: a Ctrl+C in the terminal reaches the parent, which stops the replicas itself
         # (a replica must not be seen dying of the same signal and restarted).
         replica.process = subprocess.Popen(command, env=self.env, start_new_session=True, preexec_fn=preexec)

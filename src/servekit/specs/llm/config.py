@@ -55,6 +55,11 @@ class ServeConfig:
     replicas: int = setting(
         1, "engine replicas on this machine, each a server on its own 127.0.0.1 port, behind one proxy"
     )
+    ray_address: str | None = setting(
+        None, "place the replicas as actors on this Ray cluster (auto, ray://host:10001, or local)"
+    )
+    num_cpus_per_replica: float = setting(1.0, "CPUs Ray reserves for each replica (with --ray-address)")
+    num_gpus_per_replica: float = setting(0.0, "GPUs Ray reserves for each replica (with --ray-address)")
     proxy_url: str | None = setting(
         None, "register with this servekit proxy once serving, deregister on shutdown"
     )
@@ -80,6 +85,13 @@ class ServeConfig:
             parts = urlsplit(url) if url else None
             if parts is not None and (parts.scheme not in ("http", "https") or not parts.netloc):
                 raise ServeConfigError(f"{name} must be an http:// or https:// URL, got {url!r}", name)
+        if self.num_cpus_per_replica < 0 or self.num_gpus_per_replica < 0:
+            raise ServeConfigError("num_cpus/num_gpus_per_replica cannot be negative", "num_cpus_per_replica")
+        if self.ray_address and self.proxy_url:
+            raise ServeConfigError(
+                "proxy_url cannot be combined with ray_address: the replicas' own proxy serves them",
+                "proxy_url",
+            )
         if self.replicas > 1 and self.proxy_url:
             raise ServeConfigError(
                 "proxy_url cannot be combined with replicas > 1: the replicas' own proxy serves them; "

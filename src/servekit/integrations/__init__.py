@@ -1,0 +1,1 @@
+"""servekit with other systems: replicas on a Ray cluster (``ray``)."""
