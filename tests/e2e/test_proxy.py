@@ -199,6 +199,13 @@ def test_registry_api_and_state_file(tmp_path: Path) -> None:
                 == 404
             )
             assert [n["url"] for n in json.loads(state.read_text())["nodes"]] == [b.url]
+            # models given: nothing proved the node is up, its health checks admit it
+            given = {"url": a.url, "status": {"models": ["m1"]}}
+            assert (
+                httpx.post(f"{proxy.url}/nodes/add", json=given, headers=auth, timeout=10).status_code == 200
+            )
+            wait_for(lambda: a.url in admitted(proxy.url, auth))
+            httpx.post(f"{proxy.url}/nodes/remove", json={"url": a.url}, headers=auth, timeout=5)
         # reloaded at start: the node comes back, with its key, once its checks pass
         with proxy_process(tmp_path, "--state-file", str(state)) as proxy:
             wait_for(lambda: healthy_nodes(proxy) == 1)

@@ -168,7 +168,9 @@ class _Exchange:
             if previous is not None:
                 proxy.metrics.node(previous.url).retries += 1
                 await asyncio.sleep(min(BACKOFF_S * 2 ** (attempt - 1), MAX_BACKOFF_S))  # backoff
-                nodes = proxy.registry.candidates(model, proxy.now(), exclude=tried) or nodes
+                nodes = proxy.registry.candidates(model, proxy.now(), exclude=tried)
+                if not nodes:
+                    break
             node = self.choose(nodes, self.route)
             tried.add(node.url)
             last = attempt == proxy.config.max_attempts - 1

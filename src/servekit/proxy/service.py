@@ -116,11 +116,12 @@ class Proxy:
         self, url: str, models: list[str] | None, speed: float | None, api_key: str | None
     ) -> Node:
         """Register a node; its models are asked from its ``/v1/models`` when not given. A node that
-        answers is healthy at once (it just proved it); the health checks take over from there."""
+        answered is healthy at once (it just proved it); one registered with its models given waits for
+        its health checks."""
         probe = Node(url, api_key=api_key)
         found = models if models else await self.discover_models(probe)
         node = self._register(Node(url, models=found, speed=speed, api_key=api_key))
-        if not node.health.healthy:
+        if not models and not node.health.healthy:
             node.health.check_succeeded()
             node.health.check_succeeded()
         self._save()
