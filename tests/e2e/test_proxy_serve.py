@@ -19,7 +19,7 @@ from tests.e2e.proxying import FAST_CHECKS, admitted, proxy_process, wait_for
 from tests.e2e.serving import RunningServer, serve_script
 from tests.e2e.test_serve_tiny import MESSAGES, SERVER_ENV, metrics, tiny_model
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(600)
 
 __all__ = ["tiny_model"]  # the fixture, shared with test_serve_tiny
 
@@ -77,7 +77,7 @@ def test_nodes_register_serve_through_the_proxy_and_deregister(tiny_model: Path,
         wait_for(
             lambda: all(n["unfinished"] == 0 for n in httpx.get(f"{proxy.url}/nodes/status").json().values())
         )
-        second.stop()
+        assert second.stop(timeout=120) == 0  # a clean shutdown deregisters
         assert list(httpx.get(f"{proxy.url}/nodes/status", timeout=5).json()) == [first.url]
         assert client.chat.completions.create(**kwargs).choices[0].message.content  # type: ignore[call-overload]
 
@@ -153,5 +153,6 @@ def test_replicas_survive_a_killed_replica(tiny_model: Path, tmp_path: Path) -> 
         )
         wait_for(lambda: len(admitted(parent.url)) == 2, timeout=90)
         replicas = replica_processes(parent.process.pid)
-    assert parent.process.returncode == 0
+        # SIGTERM: the proxy drains, then each replica shuts down gracefully (slow on a busy machine)
+        assert parent.stop(timeout=150) == 0
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in replicas.values())

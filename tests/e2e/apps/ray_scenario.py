@@ -29,13 +29,21 @@ from tests.e2e.serving import free_port  # noqa: E402
 MESSAGES = [{"role": "user", "content": "Tell me a story about a fox."}]
 
 
-def servers_on(ports: set[int]) -> list[psutil.Process]:
+def servers_of(root: int, ports: set[int]) -> list[psutil.Process]:
+    """The replicas' `servekit serve` processes among ``root``'s descendants (Ray's workers are), by port."""
     found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        argv = proc.info["cmdline"] or []
-        if "serve" in argv and "--port" in argv and int(argv[argv.index("--port") + 1]) in ports:
-            found.append(proc)
+    for proc in psutil.Process(root).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            argv = proc.cmdline()
+            if "serve" in argv and "--port" in argv and int(argv[argv.index("--port") + 1]) in ports:
+                found.append(proc)
     return found
+
+
+def gone(proc: psutil.Process) -> bool:
+    with contextlib.suppress(psutil.Error):
+        return not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
+    return True
 
 
 def port_of(url: str) -> int:
@@ -72,25 +80,26 @@ def main() -> int:
         server = subprocess.Popen(
             command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
-    seen: set[int] = set()
+    seen: list[psutil.Process] = []
     try:
         wait_for(lambda: len(admitted(url)) == 2, timeout=240)
         first = admitted(url)
-        seen |= {port_of(u) for u in first}
+        seen += servers_of(server.pid, {port_of(u) for u in first})
+        assert len(seen) == 2, seen
         assert all(u.startswith("http://127.0.0.1:") for u in first), first
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
         kwargs = {"model": "tiny-llama", "messages": MESSAGES, "max_tokens": 4, "temperature": 0}
         for _ in range(4):
             assert client.chat.completions.create(**kwargs).choices[0].message.content  # type: ignore[call-overload]
         victim = first[0]
-        (process,) = servers_on({port_of(victim)})
+        (process,) = servers_of(server.pid, {port_of(victim)})
         process.kill()
         for _ in range(4):  # the survivor serves meanwhile (a request on the victim is retried)
             assert client.chat.completions.create(**kwargs).choices[0].message.content  # type: ignore[call-overload]
         # Ray restarts the actor; its new server registers, the dead address is gone
         wait_for(lambda: len(admitted(url)) == 2 and victim not in admitted(url), timeout=240)
         assert victim not in httpx.get(f"{url}/nodes/status", timeout=5).json()
-        seen |= {port_of(u) for u in admitted(url)}
+        seen += servers_of(server.pid, {port_of(u) for u in admitted(url)})
         assert client.chat.completions.create(**kwargs).choices[0].message.content  # type: ignore[call-overload]
     finally:
         server.send_signal(signal.SIGTERM)
@@ -101,9 +110,9 @@ def main() -> int:
             raise
     assert code == 0, code
     deadline = time.monotonic() + 30
-    while servers_on(seen) and time.monotonic() < deadline:
+    while not all(gone(p) for p in seen) and time.monotonic() < deadline:
         time.sleep(0.2)  # replicas exiting after their actors were stopped, bounded
-    assert not servers_on(seen), [p.pid for p in servers_on(seen)]
+    assert all(gone(p) for p in seen), [p.pid for p in seen if not gone(p)]
     with contextlib.suppress(OSError):
         print("ray scenario: ok")
     return 0
