@@ -6,7 +6,8 @@ import argparse
 import logging
 import sys
 
-from servekit.specs.llm.command import add_serve_arguments, run_serve
+from servekit.proxy.command import add_proxy_arguments, run_proxy_command
+from servekit.specs.llm.command import add_serve_arguments, resolve_serve_config
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +25,14 @@ def build_parser() -> argparse.ArgumentParser:
         "Every flag can also be set with the env var named in its help.",
     )
     add_serve_arguments(serve)
+    proxy = commands.add_parser(
+        "proxy",
+        help="distribute requests over many servers (nodes) behind one OpenAI-compatible endpoint",
+        description="One endpoint in front of many servekit serve nodes: OpenAI and native routes, "
+        "LMDeploy's node registry (/nodes/...), routing strategies, health checks, retries. "
+        "Every flag can also be set with the env var named in its help.",
+    )
+    add_proxy_arguments(proxy)
     client = commands.add_parser(
         "client",
         help="chat with a served LLM in the terminal (streams replies, keeps the conversation)",
@@ -93,7 +102,15 @@ def run_client(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
-        return run_serve(args)
+        config = resolve_serve_config(args)
+        if config is None:
+            return 2
+        from servekit.proxy.scaleout import serve_scaled
+
+        serve_scaled(config, vars(args))
+        return 0
+    if args.command == "proxy":
+        return run_proxy_command(args)
     if args.command == "client":
         return run_client(args)
     if args.command == "dockerize":

@@ -2,10 +2,13 @@
 
 A field declared with ``setting(...)`` is read from, in this order: a command-line flag, ``SERVEKIT_<NAME>``,
 the other env names it lists (the vLLM serverless worker's, such as ``MAX_MODEL_LEN``), else its default.
+A dataclass may set a class attribute ``ENV_PREFIX`` to read ``<ENV_PREFIX><NAME>`` instead
+(``servekit proxy``'s settings are ``SERVEKIT_PROXY_<NAME>``).
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import types
 import typing
@@ -48,10 +51,11 @@ class Setting:
     optional: bool
     default: Any
     info: SettingInfo
+    prefix: str = ENV_PREFIX
 
     @property
     def env_names(self) -> tuple[str, ...]:
-        return (ENV_PREFIX + self.name.upper(), *self.info.env)
+        return (self.prefix + self.name.upper(), *self.info.env)
 
     @property
     def flag(self) -> str:
@@ -88,6 +92,7 @@ class Setting:
 def settings_of(cls: type) -> tuple[Setting, ...]:
     """The settings a dataclass declares, in declaration order."""
     hints = typing.get_type_hints(cls)
+    prefix = getattr(cls, "ENV_PREFIX", ENV_PREFIX)
     declared = []
     for f in dataclasses.fields(cls):
         info = f.metadata.get(_METADATA_KEY)
@@ -96,7 +101,7 @@ def settings_of(cls: type) -> tuple[Setting, ...]:
         hint = hints[f.name]
         options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
         kinds = tuple(o for o in options if o is not type(None))
-        declared.append(Setting(f.name, kinds, len(kinds) < len(options), f.default, info))
+        declared.append(Setting(f.name, kinds, len(kinds) < len(options), f.default, info, prefix))
     return tuple(declared)
 
 
@@ -148,3 +153,25 @@ def setting_values(config: object) -> dict[str, Any]:
 def one_of(choices: Sequence[str]) -> str:
     """``("a", "b", "c")`` -> ``"a, b or c"``, for error messages."""
     return ", ".join(choices[:-1]) + " or " + choices[-1] if len(choices) > 1 else "".join(choices)
+
+
+def add_arguments(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    config_class: type,
+    positional: str | None = None,
+    repeated: tuple[str, ...] = (),
+) -> None:
+    """One flag per setting of ``config_class`` (``positional`` names the one that is an argument;
+    ``repeated`` the flags that may be given several times). Every default is None so that env vars can
+    fill what is not given; values are parsed later, by ``read_settings``."""
+    for s in settings_of(config_class):
+        default = "" if s.default is None else f"default: {s.default}; "
+        help_text = f"{s.info.help} ({default}env: {', '.join(s.env_names)})"
+        if s.name == positional:
+            parser.add_argument(s.name, nargs="?", default=None, help=help_text)
+        elif s.is_bool:
+            parser.add_argument(s.flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif s.name in repeated:
+            parser.add_argument(s.flag, action="append", default=None, help=help_text, metavar=s.name.upper())
+        else:
+            parser.add_argument(s.flag, default=None, help=help_text, metavar=s.name.upper())

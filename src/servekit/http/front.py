@@ -8,7 +8,6 @@ import signal
 import socket
 import threading
 from multiprocessing.synchronize import Event as ProcessEvent
-from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -16,20 +15,12 @@ from fastapi import FastAPI
 
 from servekit.http.app import FrontConfig, build_app
 from servekit.http.dispatcher import Dispatcher
+from servekit.http.graceful import GracefulServer
 from servekit.log_setup import LogSettings
 
 logger = logging.getLogger(__name__)
 
 GRACEFUL_SHUTDOWN_S = 30
-
-
-class _Server(uvicorn.Server):
-    """uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown, which would kill the process
-    before the workers are stopped; a signal here means "shut down cleanly", and that is all."""
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        super().handle_exit(sig, frame)
-        self._captured_signals.clear()
 
 
 def _uvicorn_server(app: FastAPI, log_settings: LogSettings, extra: dict[str, Any]) -> uvicorn.Server:
@@ -44,7 +35,7 @@ def _uvicorn_server(app: FastAPI, log_settings: LogSettings, extra: dict[str, An
     if log_settings.pretty:
         options["log_config"] = None  # uvicorn's records go to the (rich) root handler
     options.update(extra)
-    return _Server(uvicorn.Config(app, **options))
+    return GracefulServer(uvicorn.Config(app, **options))
 
 
 def _front_process_main(

@@ -1,5 +1,6 @@
-"""Integrations of servekit with other tools: a LiteLLM provider (``servekit.integrations.litellm``)
-and a RunPod serverless worker (``servekit.integrations.runpod``).
+"""Integrations of servekit with other tools: a LiteLLM provider (``servekit.integrations.litellm``),
+a RunPod serverless worker (``servekit.integrations.runpod``) and replicas on a Ray cluster
+(``servekit.integrations.ray``).
 
-Importing this package imports nothing else; each module imports its tool (litellm, runpod) itself.
+Importing this package imports nothing else; each module imports its tool (litellm, runpod, ray) itself.
 """

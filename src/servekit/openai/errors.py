@@ -111,6 +111,17 @@ def invalid(message: str, param: str | None, code: str = "invalid_value") -> Ope
     return OpenAIError(400, message, param=param, code=code)
 
 
+def json_object(body: bytes) -> dict[str, Any]:
+    """A request body that must be a JSON object; 400 for anything else."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as error:
+        raise OpenAIError(400, f"The request body is not valid JSON: {error}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise OpenAIError(400, "The request body must be a JSON object", code="invalid_json")
+    return data
+
+
 def openai_error(error: BaseException, rename: Callable[[str], str] | None = None) -> OpenAIError | None:
     """The client-facing error for ``error``, or None when it is a server bug (a 500).
 

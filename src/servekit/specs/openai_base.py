@@ -7,13 +7,12 @@ import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import orjson
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 
 from servekit.errors import ServerError
-from servekit.openai.errors import OpenAIError
+from servekit.openai.errors import OpenAIError, json_object
 from servekit.specs.base import LitSpec
 
 if TYPE_CHECKING:
@@ -75,13 +74,7 @@ class OpenAIBaseSpec(LitSpec):
 
 async def read_json_body(http_request: Request, model: type[ModelT]) -> ModelT:
     """Parse and validate the request body; every failure is a 400 naming what is wrong."""
-    body = await http_request.body()
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as error:
-        raise OpenAIError(400, f"The request body is not valid JSON: {error}", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise OpenAIError(400, "The request body must be a JSON object", code="invalid_json")
+    data = json_object(await http_request.body())
     try:
         return model.model_validate(data)
     except ValidationError as error:

@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from servekit.llm.config import EngineConfig
-from servekit.settings import SettingError, settings_of
+from servekit.settings import SettingError, add_arguments
 from servekit.specs.llm.config import ServeConfig
 
 logger = logging.getLogger(__name__)
@@ -20,28 +20,16 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per setting of ``EngineConfig`` and ``ServeConfig``; every default is None so that env
     vars can fill what is not given. Values are parsed later, by the settings' own parser."""
     for title, config_class in (("engine", EngineConfig), ("server", ServeConfig)):
-        group = parser.add_argument_group(f"{title} settings")
-        for setting in settings_of(config_class):
-            default = "" if setting.default is None else f"default: {setting.default}; "
-            help_text = f"{setting.info.help} ({default}env: {', '.join(setting.env_names)})"
-            if setting.name == POSITIONAL:
-                group.add_argument(setting.name, nargs="?", default=None, help=help_text)
-            elif setting.is_bool:
-                group.add_argument(
-                    setting.flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
-                )
-            else:
-                group.add_argument(setting.flag, default=None, help=help_text, metavar=setting.name.upper())
+        add_arguments(parser.add_argument_group(f"{title} settings"), config_class, positional=POSITIONAL)
 
 
-def run_serve(args: argparse.Namespace) -> int:
+def resolve_serve_config(args: argparse.Namespace) -> ServeConfig | None:
+    """The configuration of ``servekit serve``, or None after saying what is wrong (exit code 2)."""
     try:
-        config = ServeConfig.resolve(vars(args))
+        return ServeConfig.resolve(vars(args))
     except SettingError as error:  # a bad flag or env value: say which, no traceback
         print(f"servekit serve: error: {error}", file=sys.stderr)
-        return 2
-    serve(config)
-    return 0
+        return None
 
 
 def serve(config: ServeConfig, **run_kwargs: Any) -> None:

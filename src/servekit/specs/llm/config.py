@@ -13,6 +13,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from servekit.llm.config import EngineConfig
 from servekit.settings import SettingError, read_settings, setting, setting_values, with_origin
@@ -54,6 +55,21 @@ class ServeConfig:
         False, "show the exception (type: message) in 500 bodies instead of 'Internal server error'"
     )
     disable_log_requests: bool = setting(False, "do not log each request", env=("DISABLE_LOG_REQUESTS",))
+    replicas: int = setting(
+        1, "engine replicas on this machine, each a server on its own 127.0.0.1 port, behind one proxy"
+    )
+    ray_address: str | None = setting(
+        None, "place the replicas as actors on this Ray cluster (auto, ray://host:10001, or local)"
+    )
+    num_cpus_per_replica: float = setting(1.0, "CPUs Ray reserves for each replica (with --ray-address)")
+    num_gpus_per_replica: float = setting(0.0, "GPUs Ray reserves for each replica (with --ray-address)")
+    proxy_url: str | None = setting(
+        None, "register with this servekit proxy once serving, deregister on shutdown"
+    )
+    proxy_api_key: str | None = setting(None, "the proxy's API key, for --proxy-url", secret=True)
+    advertise_url: str | None = setting(
+        None, "the URL the proxy reaches this server at (default: http://HOST:PORT)"
+    )
     gpu_memory_utilization: float | None = setting(
         None, "accepted for vLLM compatibility; ignored on CPU", env=("GPU_MEMORY_UTILIZATION",)
     )
@@ -65,6 +81,26 @@ class ServeConfig:
             raise ServeConfigError(f"port must be in 1..65535, got {self.port}", "port")
         if self.workers < 1:
             raise ServeConfigError(f"workers must be at least 1, got {self.workers}", "workers")
+        if self.replicas < 1:
+            raise ServeConfigError(f"replicas must be at least 1, got {self.replicas}", "replicas")
+        for name in ("proxy_url", "advertise_url"):
+            url = getattr(self, name)
+            parts = urlsplit(url) if url else None
+            if parts is not None and (parts.scheme not in ("http", "https") or not parts.netloc):
+                raise ServeConfigError(f"{name} must be an http:// or https:// URL, got {url!r}", name)
+        if self.num_cpus_per_replica < 0 or self.num_gpus_per_replica < 0:
+            raise ServeConfigError("num_cpus/num_gpus_per_replica cannot be negative", "num_cpus_per_replica")
+        if self.ray_address and self.proxy_url:
+            raise ServeConfigError(
+                "proxy_url cannot be combined with ray_address: the replicas' own proxy serves them",
+                "proxy_url",
+            )
+        if self.replicas > 1 and self.proxy_url:
+            raise ServeConfigError(
+                "proxy_url cannot be combined with replicas > 1: the replicas' own proxy serves them; "
+                "register that proxy's port elsewhere instead",
+                "proxy_url",
+            )
         if self.request_timeout is not None and self.request_timeout <= 0:
             raise ServeConfigError(
                 f"request_timeout must be positive, got {self.request_timeout}", "request_timeout"

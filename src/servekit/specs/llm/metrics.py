@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from servekit.llm.outputs import RequestOutput
+from servekit.prometheus import PrometheusWriter
 
 
 @dataclass
@@ -93,27 +94,9 @@ def merge_worker_stats(per_worker: Sequence[tuple[int, dict[str, Any]]]) -> dict
     }
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-class _Writer:
+class _Writer(PrometheusWriter):
     def __init__(self, model: str) -> None:
-        self.lines: list[str] = []
-        self.model = _escape(model)
-
-    def metric(
-        self, name: str, kind: str, help_text: str, samples: list[tuple[dict[str, str], float]]
-    ) -> None:
-        self.lines.append(f"# HELP {name} {help_text}")
-        self.lines.append(f"# TYPE {name} {kind}")
-        for labels, value in samples:
-            all_labels = {"model_name": self.model, **{k: _escape(v) for k, v in labels.items()}}
-            rendered = ",".join(f'{k}="{v}"' for k, v in all_labels.items())
-            self.lines.append(f"{name}{{{rendered}}} {float(value)!r}")
-
-    def one(self, name: str, kind: str, help_text: str, value: float) -> None:
-        self.metric(name, kind, help_text, [({}, value)])
+        super().__init__({"model_name": model})
 
     def gauge(self, name: str, help_text: str, total: float, per_worker: list[tuple[int, float]]) -> None:
         samples = [({}, total), *(({"worker": str(w)}, v) for w, v in per_worker)]
@@ -213,4 +196,4 @@ def render_metrics(stats: dict[str, Any], model: str) -> str:
         stats["uptime_s"],
         [(w["worker"], w["uptime_s"]) for w in workers],
     )
-    return "\n".join(out.lines) + "\n"
+    return out.text()

@@ -1,0 +1,274 @@
+"""`servekit proxy` benchmarks, each ratio measured in the same run.
+
+overhead: short non-streamed completions (max_tokens 1) through the proxy vs direct to the one node
+behind it: latency p50 one request at a time (the two paths alternate request by request, so drift
+hits both), then throughput at concurrency C (direct and proxied runs alternate, ``--repeats`` times).
+
+routing: R replicas, S sessions each with its own long system prompt sent T times (a new question
+each turn, sessions interleaved), at concurrency C, once per strategy (random, session, cache_aware):
+prefix-cache hit rate (the nodes' own counters) and TTFT p50. Nodes' caches are flushed between runs.
+
+    .venv/bin/python benchmarks/bench_proxy.py overhead [--model M] [--requests 200] [--concurrency 8]
+    .venv/bin/python benchmarks/bench_proxy.py routing [--model M] [--replicas 2] [--sessions 16] [--turns 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import httpx
+from bench_serve import free_port, percentiles, stop, wait_healthy
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {
+    **os.environ,
+    "PYTHONPATH": str(REPO / "src"),
+    "SERVEKIT_LOG_LEVEL": "warning",
+    "SERVEKIT_DISABLE_LOG_REQUESTS": "true",
+    "OMP_NUM_THREADS": "1",
+}
+STRATEGIES = ("random", "session", "cache_aware")
+
+
+def cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+@contextlib.contextmanager
+def process(args: list[str], url: str, health: str = "/health") -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen([sys.executable, "-m", "servekit.cli", *args], env=ENV, start_new_session=True)
+    try:
+        wait_healthy(url, proc, path=health)
+        yield proc
+    finally:
+        stop(proc)
+
+
+def node_args(model: str | None, port: int, threads: int) -> list[str]:
+    return [
+        "serve",
+        *([model] if model else []),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--num-threads",
+        str(threads),
+    ]
+
+
+def proxy_args(port: int, strategy: str, nodes: list[str]) -> list[str]:
+    args = ["proxy", "--host", "127.0.0.1", "--port", str(port), "--routing-strategy", strategy]
+    args += ["--no-state-file", "--health-check-interval", "0.5", "--log-level", "warning"]
+    for url in nodes:
+        args += ["--node", url]
+    return args
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (its threads included), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def model_id(url: str) -> str:
+    return str(httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"])
+
+
+# ---------------------------------------------------------------------------------------- overhead
+async def completion(session: aiohttp.ClientSession, url: str, model: str, index: int) -> float:
+    body = {"model": model, "prompt": f"Count: {index % 50}", "max_tokens": 1, "temperature": 0}
+    started = time.perf_counter()
+    async with session.post(f"{url}/v1/completions", json=body) as response:
+        await response.read()
+        if response.status != 200:
+            raise RuntimeError(f"HTTP {response.status}")
+    return time.perf_counter() - started
+
+
+async def latencies(direct: str, proxied: str, model: str, count: int) -> tuple[list[float], list[float]]:
+    async with aiohttp.ClientSession() as session:
+        for url in (direct, proxied):
+            for i in range(5):  # warm-up
+                await completion(session, url, model, i)
+        a, b = [], []
+        for i in range(count):  # alternate, so that both see the same machine
+            a.append(await completion(session, direct, model, i))
+            b.append(await completion(session, proxied, model, i))
+        return a, b
+
+
+async def throughput(url: str, model: str, count: int, concurrency: int) -> float:
+    semaphore = asyncio.Semaphore(concurrency)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+
+        async def one(i: int) -> None:
+            async with semaphore:
+                await completion(session, url, model, i)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(count)))
+        return count / (time.perf_counter() - started)
+
+
+def overhead(args: argparse.Namespace) -> None:
+    node_port, proxy_port = free_port(), free_port()
+    direct, proxied = f"http://127.0.0.1:{node_port}", f"http://127.0.0.1:{proxy_port}"
+    with (
+        process(node_args(args.model, node_port, args.threads), direct) as node,
+        process(proxy_args(proxy_port, "least_load", [direct]), proxied) as proxy,
+    ):
+        model = model_id(direct)
+        cpu_before = cpu_seconds(proxy.pid), cpu_seconds(node.pid)
+        a, b = asyncio.run(latencies(direct, proxied, model, args.requests))
+        cpu_proxy = cpu_seconds(proxy.pid) - cpu_before[0]
+        cpu_node = cpu_seconds(node.pid) - cpu_before[1]
+        p_direct, p_proxy = percentiles(a), percentiles(b)
+        rates: dict[str, list[float]] = {"direct": [], "proxy": []}
+        for _ in range(args.repeats):
+            rates["direct"].append(asyncio.run(throughput(direct, model, args.requests, args.concurrency)))
+            rates["proxy"].append(asyncio.run(throughput(proxied, model, args.requests, args.concurrency)))
+    print(f"CPU: {cpu_name()}; load average before the run: {os.getloadavg()[0]:.1f}")
+    print(
+        f"latency p50: direct {p_direct['p50'] * 1e3:.2f} ms, proxy {p_proxy['p50'] * 1e3:.2f} ms, added {(p_proxy['p50'] - p_direct['p50']) * 1e3:+.2f} ms"
+    )
+    added = statistics.median(y - x for x, y in zip(a, b, strict=True))
+    print(f"added latency, median of paired differences: {added * 1e3:+.2f} ms ({args.requests} pairs)")
+    # CPU time does not depend on how busy the machine is, unlike latencies on a shared machine.
+    proxied_count = args.requests + 5
+    print(
+        f"CPU per proxied request: proxy {cpu_proxy / proxied_count * 1e3:.2f} ms "
+        f"(node, for each direct + proxied pair: {cpu_node / (2 * proxied_count) * 1e3:.2f} ms per request)"
+    )
+    print(f"latency p90: direct {p_direct['p90'] * 1e3:.2f} ms, proxy {p_proxy['p90'] * 1e3:.2f} ms")
+    d, p = statistics.median(rates["direct"]), statistics.median(rates["proxy"])
+    runs = " / ".join(f"{x:.1f}:{y:.1f}" for x, y in zip(rates["direct"], rates["proxy"], strict=True))
+    print(f"throughput at c={args.concurrency}, req/s (direct:proxy per run): {runs}")
+    print(f"throughput medians: direct {d:.1f}, proxy {p:.1f} req/s, proxy/direct {p / d:.1%}")
+
+
+# ----------------------------------------------------------------------------------------- routing
+def system_prompt(session: int) -> str:
+    topics = ("astronomy", "baking", "carpentry", "diving", "economics", "falconry", "geology", "harmony")
+    topic = topics[session % len(topics)]
+    rules = " ".join(
+        f"Rule {k}: when asked about {topic}, answer with care, cite the basics, and stay brief."
+        for k in range(12)
+    )
+    return f"Session {session}. You are an expert on {topic}. {rules}"
+
+
+async def chat_ttft(session: aiohttp.ClientSession, url: str, model: str, sid: int, turn: int) -> float:
+    body = {
+        "model": model,
+        "messages": [
+            {"role": "system", "content": system_prompt(sid)},
+            {"role": "user", "content": f"Question {turn}: what matters most?"},
+        ],
+        "max_tokens": 4,
+        "temperature": 0,
+        "stream": True,
+        "user": f"user-{sid}",
+    }
+    started = time.perf_counter()
+    ttft = 0.0
+    async with session.post(f"{url}/v1/chat/completions", json=body) as response:
+        if response.status != 200:
+            raise RuntimeError(f"HTTP {response.status}: {await response.text()}")
+        async for line in response.content:
+            if ttft == 0.0 and line.startswith(b"data: ") and b'"content"' in line:
+                ttft = time.perf_counter() - started
+    return ttft or time.perf_counter() - started
+
+
+async def workload(url: str, model: str, sessions: int, turns: int, concurrency: int) -> list[float]:
+    semaphore = asyncio.Semaphore(concurrency)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+
+        async def one(sid: int, turn: int) -> float:
+            async with semaphore:
+                return await chat_ttft(session, url, model, sid, turn)
+
+        results = []
+        for turn in range(turns):  # sessions interleaved: turn t of every session, then turn t+1
+            results += await asyncio.gather(*(one(s, turn) for s in range(sessions)))
+        return results
+
+
+def cache_counters(urls: list[str]) -> tuple[float, float]:
+    hits = queries = 0.0
+    for url in urls:
+        for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+            if line.startswith("servekit:prefix_cache_hits_total"):
+                hits += float(line.rsplit(" ", 1)[1])
+            elif line.startswith("servekit:prefix_cache_queries_total"):
+                queries += float(line.rsplit(" ", 1)[1])
+    return hits, queries
+
+
+def routing(args: argparse.Namespace) -> None:
+    ports = [free_port() for _ in range(args.replicas)]
+    urls = [f"http://127.0.0.1:{p}" for p in ports]
+    rows = []
+    with contextlib.ExitStack() as stack:
+        for port, url in zip(ports, urls, strict=True):
+            stack.enter_context(process(node_args(args.model, port, args.threads), url))
+        model = model_id(urls[0])
+        for strategy in STRATEGIES:
+            for url in urls:
+                httpx.post(f"{url}/flush_cache", timeout=30).raise_for_status()
+            proxy_port = free_port()
+            proxy_url = f"http://127.0.0.1:{proxy_port}"
+            with process(proxy_args(proxy_port, strategy, urls), proxy_url):
+                hits0, queries0 = cache_counters(urls)
+                ttfts = asyncio.run(workload(proxy_url, model, args.sessions, args.turns, args.concurrency))
+                hits1, queries1 = cache_counters(urls)
+            rate = (hits1 - hits0) / max(queries1 - queries0, 1.0)
+            rows.append((strategy, rate, percentiles(ttfts)))
+    print(f"CPU: {cpu_name()}; load average: {os.getloadavg()[0]:.1f}")
+    print(
+        f"{args.replicas} replicas, {args.sessions} sessions x {args.turns} turns, concurrency {args.concurrency}"
+    )
+    base = rows[0][2]["p50"]
+    print("| strategy | prefix-cache hit rate | TTFT p50 (ms) | TTFT p90 (ms) | TTFT p50 vs random |")
+    print("|---|---:|---:|---:|---:|")
+    for strategy, rate, ttft in rows:
+        print(
+            f"| {strategy} | {rate:.1%} | {ttft['p50'] * 1e3:.0f} | {ttft['p90'] * 1e3:.0f} | {ttft['p50'] / base:.2f}x |"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("mode", choices=("overhead", "routing"))
+    parser.add_argument("--model", default=None, help="the nodes' model (default: servekit serve's)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per node")
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument("--sessions", type=int, default=16)
+    parser.add_argument("--turns", type=int, default=4)
+    args = parser.parse_args()
+    overhead(args) if args.mode == "overhead" else routing(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+"""The proxy's routes: the proxied OpenAI and native endpoints, the node registry (LMDeploy's API),
+``/v1/models`` (every node's models), ``/health`` and ``/metrics``."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import orjson
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route as HTTPRoute
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from servekit.errors import ServerError
+from servekit.http.auth import APIKeyCheck
+from servekit.openai.errors import OpenAIError, invalid, json_object
+from servekit.prometheus import CONTENT_TYPE
+from servekit.proxy.config import ProxyConfig, ProxyConfigError, normalize_url
+from servekit.proxy.forward import REQUEST_ID, Forward
+from servekit.proxy.registry import Node
+from servekit.proxy.service import HTTP_ERRORS, NodeUnreachable, Proxy
+from servekit.proxy.strategies import Route
+
+logger = logging.getLogger(__name__)
+
+PROXIED = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/generate")
+OPEN_PATHS = frozenset({"/health"})
+
+
+def _json(data: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
+
+
+class _Auth:
+    """The proxy's own key on every route but ``/health``; answered in OpenAI's envelope."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None) -> None:
+        self.app = app
+        self.check = APIKeyCheck(api_key) if api_key else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.check is not None and scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            try:
+                self.check(Request(scope))
+            except ServerError as error:
+                await OpenAIError.from_server_error(error).response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _errors(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    async def wrapped(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except OpenAIError as error:
+            return error.response()
+
+    return wrapped
+
+
+class NodesAPI:
+    """LMDeploy's registry routes."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+
+    async def status(self, request: Request) -> Response:
+        now = self.proxy.now()
+        return _json(
+            {
+                node.url: {
+                    "models": node.models,
+                    "speed": node.speed,
+                    "unfinished": node.in_flight,
+                    "latency": list(node.latencies),
+                    "healthy": node.health.healthy,
+                    "circuit": node.health.circuit.name.lower(),
+                    "admits_requests": node.health.admits(now),
+                    "load": node.reported_load,
+                }
+                for node in self.proxy.registry
+            }
+        )
+
+    async def add(self, request: Request) -> Response:
+        data = json_object(await request.body())
+        url = _url_of(data.get("url"))
+        status = data.get("status") or {}
+        if not isinstance(status, dict):
+            raise invalid("'status' must be an object", "status")
+        models = status.get("models")
+        if models is not None and (
+            not isinstance(models, list) or not all(isinstance(m, str) for m in models)
+        ):
+            raise invalid("'status.models' must be a list of model names", "status.models")
+        speed = status.get("speed")
+        if speed is not None and (
+            isinstance(speed, bool) or not isinstance(speed, int | float) or speed <= 0
+        ):
+            raise invalid("'status.speed' must be a positive number", "status.speed")
+        api_key = data.get("api_key")
+        if api_key is not None and not isinstance(api_key, str):
+            raise invalid("'api_key' must be a string", "api_key")
+        try:
+            node = await self.proxy.add_node(url, models, None if speed is None else float(speed), api_key)
+        except NodeUnreachable as error:
+            raise OpenAIError(400, str(error), "url", "node_unreachable") from None
+        return _json({"url": node.url, "models": node.models, "speed": node.speed})
+
+    async def _url_param(self, request: Request) -> str:
+        given = request.query_params.get("node_url")
+        if given is None:
+            body = await request.body()
+            given = json_object(body).get("url") if body.strip() else None
+        return _url_of(given, "node_url")
+
+    async def remove(self, request: Request) -> Response:
+        url = await self._url_param(request)
+        if self.proxy.remove_node(url) is None:
+            raise OpenAIError(404, f"No node {url} is registered", "url", "node_not_found")
+        return _json({"url": url, "removed": True})
+
+    async def terminate(self, request: Request) -> Response:
+        url = await self._url_param(request)
+        node = self.proxy.registry.get(url)
+        if node is None:
+            raise OpenAIError(404, f"No node {url} is registered", "url", "node_not_found")
+        return _json(await self._terminate(node))
+
+    async def terminate_all(self, request: Request) -> Response:
+        return _json({"nodes": [await self._terminate(node) for node in self.proxy.registry]})
+
+    async def _terminate(self, node: Node) -> dict[str, Any]:
+        """Deregister the node and ask it to stop (LMDeploy's ``/terminate``), reporting its answer."""
+        self.proxy.remove_node(node.url)
+        status: int | None
+        try:
+            status, _ = await self.proxy.fetch("GET", node, "/terminate", timeout=5)
+        except HTTP_ERRORS:
+            status = None
+        return {"url": node.url, "removed": True, "terminate_status": status}
+
+
+def _url_of(value: Any, param: str = "url") -> str:
+    if not isinstance(value, str):
+        raise invalid(f"'{param}' must be the node's URL", param)
+    try:
+        return normalize_url(value, param)
+    except ProxyConfigError as error:
+        raise invalid(str(error), param) from None
+
+
+class FrontAPI:
+    """The routes answered by the proxy itself."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+
+    async def models(self, request: Request) -> Response:
+        return _json({"object": "list", "data": [self._model(m) for m in self.proxy.registry.models()]})
+
+    async def model(self, request: Request) -> Response:
+        model = request.path_params["model"]
+        if model not in self.proxy.registry.models():
+            raise OpenAIError(404, f"The model '{model}' does not exist", "model", "model_not_found")
+        return _json(self._model(model))
+
+    @staticmethod
+    def _model(model: str) -> dict[str, Any]:
+        return {"id": model, "object": "model", "created": int(time.time()), "owned_by": "servekit"}
+
+    async def health(self, request: Request) -> Response:
+        now = self.proxy.now()
+        healthy = sum(1 for node in self.proxy.registry if node.health.admits(now))
+        return _json(
+            {"status": "ok" if healthy else "no healthy node", "healthy_nodes": healthy},
+            200 if healthy else 503,
+        )
+
+    async def metrics(self, request: Request) -> Response:
+        return Response(self.proxy.metrics.render(self.proxy.registry), media_type=CONTENT_TYPE)
+
+    async def broadcast(self, request: Request) -> Response:
+        """``/flush_cache`` and ``/abort_request``: sent to every node, each node's answer reported."""
+        body = await request.body()
+        headers = {"content-type": "application/json", REQUEST_ID: request.headers.get(REQUEST_ID, "")}
+        answers = await self.proxy.broadcast(request.method, request.url.path, body, headers)
+        ok = all(200 <= a["status"] < 300 for a in answers)
+        if request.url.path == "/abort_request":
+            aborted = any(isinstance(a.get("body"), dict) and a["body"].get("aborted") for a in answers)
+            return _json({"aborted": aborted, "nodes": answers})
+        status = 200 if ok else next(a["status"] for a in answers if not 200 <= a["status"] < 300)
+        return _json({"flushed": ok, "nodes": answers}, status)
+
+
+def _interactive_chooser(proxy: Proxy) -> Callable[[Sequence[Node], Route], Node]:
+    """A conversation the node keeps (``/v1/chat/interactive``) must return to that node."""
+
+    def choose(nodes: Sequence[Node], route: Route) -> Node:
+        if route.session is None:
+            return proxy.strategy.choose(nodes, route)
+        return proxy.interactive_ring.owner(route.session, nodes)
+
+    return choose
+
+
+def build_app(config: ProxyConfig, proxy: Proxy | None = None) -> ASGIApp:
+    proxy = proxy or Proxy(config)
+    nodes = NodesAPI(proxy)
+    front = FrontAPI(proxy)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await proxy.start()
+        try:
+            yield
+        finally:
+            await proxy.close()
+
+    forward = Forward(proxy)
+    routes = [HTTPRoute(path, forward, methods=["POST"]) for path in PROXIED]
+    routes += [
+        HTTPRoute("/v1/chat/interactive", Forward(proxy, _interactive_chooser(proxy)), methods=["POST"]),
+        HTTPRoute("/v1/models", _errors(front.models), methods=["GET"]),
+        HTTPRoute("/v1/models/{model:path}", _errors(front.model), methods=["GET"]),
+        HTTPRoute("/health", front.health, methods=["GET"]),
+        HTTPRoute("/metrics", front.metrics, methods=["GET"]),
+        HTTPRoute("/flush_cache", front.broadcast, methods=["POST", "GET"]),
+        HTTPRoute("/abort_request", front.broadcast, methods=["POST"]),
+        HTTPRoute("/nodes/status", nodes.status, methods=["GET"]),
+        HTTPRoute("/nodes/add", _errors(nodes.add), methods=["POST"]),
+        HTTPRoute("/nodes/remove", _errors(nodes.remove), methods=["POST"]),
+        HTTPRoute("/nodes/terminate", _errors(nodes.terminate), methods=["POST"]),
+        HTTPRoute("/nodes/terminate_all", nodes.terminate_all, methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.proxy = proxy
+    return _Auth(app, config.api_key)

@@ -1,0 +1,304 @@
+"""Passing a request through to a node: choose, send, retry before the first byte, stream the answer
+back byte for byte, and stop the upstream request when the client goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+
+import aiohttp
+from starlette.requests import ClientDisconnect, Request
+from starlette.types import Message, Receive, Scope, Send
+
+from servekit.openai.errors import OpenAIError, json_object
+from servekit.openai.sse import DONE
+from servekit.proxy.registry import Node
+from servekit.proxy.requests import route_of
+from servekit.proxy.service import HTTP_ERRORS, Proxy, node_headers
+from servekit.proxy.strategies import Route
+
+logger = logging.getLogger(__name__)
+
+REQUEST_ID = "x-request-id"
+# Never forwarded: hop-by-hop headers, the proxy's own credentials, what the client library sets itself.
+_DROP_REQUEST = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "authorization",
+        "x-api-key",
+        REQUEST_ID,
+    }
+)
+_DROP_RESPONSE = frozenset(
+    {"connection", "keep-alive", "transfer-encoding", "upgrade", "trailer", "content-length", REQUEST_ID}
+)
+_STREAM_TYPES = ("text/event-stream", "application/x-ndjson")
+# Failures before any byte of an answer: the connection was refused, timed out, or was reset or closed
+# (a pooled keep-alive connection to a node that died). The client has seen nothing, and a node that
+# dropped the connection kept nothing of the request: it is sent to another node.
+_CONNECT_ERRORS = (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError, aiohttp.ConnectionTimeoutError)
+BACKOFF_S = 0.05
+MAX_BACKOFF_S = 1.0
+
+Chooser = Callable[[Sequence[Node], Route], Node]
+
+
+class _Outcome(enum.Enum):
+    DONE = "done"  # answered (any status but a retryable one)
+    RETRY = "retry"  # nothing reached the client: try another node
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _start(status: int, headers: list[tuple[bytes, bytes]]) -> Message:
+    return {"type": "http.response.start", "status": status, "headers": headers}
+
+
+def _body(data: bytes, more: bool = False) -> Message:
+    return {"type": "http.response.body", "body": data, "more_body": more}
+
+
+async def send_error(send: Send, error: OpenAIError, request_id: str) -> None:
+    response = error.response()
+    response.headers[REQUEST_ID] = request_id
+    await send(_start(response.status_code, response.raw_headers))
+    await send(_body(bytes(response.body)))
+
+
+class Forward:
+    """The ASGI endpoint of one proxied route. ``choose`` overrides the strategy (interactive sessions
+    always go to the node that holds them)."""
+
+    def __init__(self, proxy: Proxy, choose: Chooser | None = None) -> None:
+        self.proxy = proxy
+        self.choose: Chooser = choose or proxy.strategy.choose
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        arrived = time.perf_counter()
+        request = Request(scope, receive)
+        request_id = request.headers.get(REQUEST_ID) or uuid.uuid4().hex
+        try:
+            body = await request.body()
+        except ClientDisconnect:
+            return
+        try:
+            route = route_of(json_object(body), request.headers)
+        except OpenAIError as error:
+            await send_error(send, error, request_id)
+            return
+        watcher = asyncio.ensure_future(_wait_disconnect(receive))
+        exchange = _Exchange(self, request, body, route, request_id, send, arrived)
+        pump = asyncio.ensure_future(exchange.run())
+        try:
+            await asyncio.wait({watcher, pump}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            # A client that left cancels the exchange: its upstream connection closes, which the node
+            # takes as a disconnect and aborts the request (its sequence and KV blocks freed).
+            for task in (watcher, pump):
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+
+
+class _Exchange:
+    def __init__(
+        self,
+        forward: Forward,
+        request: Request,
+        body: bytes,
+        route: Route,
+        request_id: str,
+        send: Send,
+        arrived: float,
+    ) -> None:
+        self.proxy = forward.proxy
+        self.choose = forward.choose
+        self.request = request
+        self.body = body
+        self.route = route
+        self.request_id = request_id
+        self.send = send
+        self.arrived = arrived
+        self.headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST}
+        self.headers[REQUEST_ID] = request_id
+        self.last_503: tuple[int, list[tuple[bytes, bytes]], bytes] | None = None
+        self.responded = False
+
+    async def run(self) -> None:
+        try:
+            await self._run()
+        except (OSError, RuntimeError) as error:  # the client's socket went away under a send
+            logger.debug("request %s: client gone: %s", self.request_id, error)
+
+    async def _run(self) -> None:
+        proxy, model = self.proxy, self.route.model
+        if model is not None and model not in proxy.registry.models():
+            known = ", ".join(proxy.registry.models()) or "none"
+            error = OpenAIError(
+                404, f"The model '{model}' does not exist (served: {known})", "model", "model_not_found"
+            )
+            await send_error(self.send, error, self.request_id)
+            return
+        tried: set[str] = set()
+        previous: Node | None = None
+        for attempt in range(proxy.config.max_attempts):
+            nodes = proxy.registry.candidates(model, proxy.now(), exclude=tried)
+            if not nodes:
+                break
+            if previous is not None:
+                proxy.metrics.node(previous.url).retries += 1
+                await asyncio.sleep(min(BACKOFF_S * 2 ** (attempt - 1), MAX_BACKOFF_S))  # backoff
+                nodes = proxy.registry.candidates(model, proxy.now(), exclude=tried)
+                if not nodes:
+                    break
+            node = self.choose(nodes, self.route)
+            tried.add(node.url)
+            last = attempt == proxy.config.max_attempts - 1
+            if await self._attempt(node, last) is _Outcome.DONE:
+                return
+            previous = node
+        if self.last_503 is not None:
+            status, headers, content = self.last_503
+            await self.send(_start(status, headers))
+            await self.send(_body(content))
+            return
+        proxy.metrics.no_node += 1
+        what = f"model '{model}'" if model else "this request"
+        error = OpenAIError(
+            503, f"No healthy node serves {what} right now; retry later", code="no_healthy_node"
+        )
+        await send_error(self.send, error, self.request_id)
+
+    def _url(self, node: Node) -> str:
+        query = self.request.url.query
+        return f"{node.url}{self.request.url.path}" + (f"?{query}" if query else "")
+
+    async def _attempt(self, node: Node, last: bool) -> _Outcome:
+        proxy = self.proxy
+        counters = proxy.metrics.node(node.url)
+        counters.requests += 1
+        node.in_flight += 1
+        node.health.request_started(proxy.now())
+        started = time.perf_counter()
+        failed: bool | None = None  # None: the client left before we knew
+        response: aiohttp.ClientResponse | None = None
+        try:
+            try:
+                response = await proxy.session.request(
+                    self.request.method,
+                    self._url(node),
+                    data=self.body,
+                    headers={**self.headers, **node_headers(node)},
+                    allow_redirects=False,
+                )
+            except _CONNECT_ERRORS as error:
+                failed = True
+                logger.warning("request %s: cannot connect to %s: %s", self.request_id, node.url, error)
+                return _Outcome.RETRY
+            except HTTP_ERRORS as error:
+                failed = True
+                logger.warning("request %s: %s failed: %r", self.request_id, node.url, error)
+                await send_error(self.send, _node_failed(error), self.request_id)
+                return _Outcome.DONE
+            failed = response.status >= 500
+            headers = self._response_headers(response)
+            if response.status == 503 and not last:
+                with contextlib.suppress(*HTTP_ERRORS):
+                    self.last_503 = (503, headers, await response.read())
+                return _Outcome.RETRY
+            if response.headers.get("Content-Type", "").startswith(_STREAM_TYPES):
+                failed = await self._stream(node, response, headers) or failed
+            else:
+                failed = await self._whole(node, response, headers) or failed
+            return _Outcome.DONE
+        finally:
+            if response is not None:
+                # Closing (not releasing) drops the connection when the body was not read to its end:
+                # the node sees a disconnect and aborts the request.
+                response.close()
+            node.in_flight -= 1
+            elapsed = time.perf_counter() - started
+            if failed is None:
+                node.health.request_ended()
+            elif failed:
+                counters.errors += 1
+                node.health.request_failed(proxy.now())
+            else:
+                node.health.request_succeeded()
+                node.latencies.append(elapsed)
+                counters.latency.observe(elapsed)
+
+    def _response_headers(self, response: aiohttp.ClientResponse) -> list[tuple[bytes, bytes]]:
+        headers = [
+            (k, v) for k, v in response.raw_headers if k.decode("latin-1").lower() not in _DROP_RESPONSE
+        ]
+        headers.append((REQUEST_ID.encode(), self.request_id.encode()))
+        return headers
+
+    async def _whole(
+        self, node: Node, response: aiohttp.ClientResponse, headers: list[tuple[bytes, bytes]]
+    ) -> bool:
+        """Read the whole answer, then send it: a node failing halfway gets a real 503. True if it failed."""
+        try:
+            content = await response.read()
+        except HTTP_ERRORS as error:
+            await send_error(self.send, _node_failed(error), self.request_id)
+            return True
+        self._first_byte()
+        headers.append((b"content-length", str(len(content)).encode()))
+        await self.send(_start(response.status, headers))
+        await self.send(_body(content))
+        return False
+
+    async def _stream(
+        self, node: Node, response: aiohttp.ClientResponse, headers: list[tuple[bytes, bytes]]
+    ) -> bool:
+        """Pass the stream on chunk by chunk; a node failing after the first byte ends an SSE stream with
+        an error event and ``[DONE]``. True if it failed."""
+        await self.send(_start(response.status, headers))
+        first = True
+        try:
+            async for chunk in response.content.iter_any():
+                if first:
+                    self._first_byte()
+                    first = False
+                await self.send(_body(chunk, more=True))
+        except HTTP_ERRORS as error:
+            logger.warning("request %s: %s failed mid-stream: %r", self.request_id, node.url, error)
+            if response.headers.get("Content-Type", "").startswith("text/event-stream"):
+                await self.send(_body(_node_failed(error).sse_event() + DONE, more=True))
+            await self.send(_body(b""))
+            return True
+        await self.send(_body(b""))
+        return False
+
+    def _first_byte(self) -> None:
+        if not self.responded:
+            self.responded = True
+            self.proxy.metrics.ttft.observe(time.perf_counter() - self.arrived)
+
+
+def _node_failed(error: Exception) -> OpenAIError:
+    return OpenAIError(
+        503, f"The node serving this request failed: {type(error).__name__}", code="node_failed"
+    )

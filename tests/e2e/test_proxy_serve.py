@@ -1,0 +1,158 @@
+"""`servekit proxy` in front of real `servekit serve` nodes (a tiny random model), with the `openai`
+client: registration with --proxy-url, streams, disconnects; then `servekit serve --replicas`."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import psutil
+import pytest
+
+from tests.e2e.proxying import FAST_CHECKS, admitted, proxy_process, wait_for
+from tests.e2e.serving import RunningServer, serve_script
+from tests.e2e.test_serve_tiny import MESSAGES, SERVER_ENV, metrics, tiny_model
+
+pytestmark = pytest.mark.timeout(600)
+
+__all__ = ["tiny_model"]  # the fixture, shared with test_serve_tiny
+
+KV_TOTAL = 'servekit:num_kv_blocks{model_name="tiny-llama"}'
+KV_FREE = 'servekit:num_free_kv_blocks{model_name="tiny-llama"}'
+RUNNING = 'servekit:num_requests_running{model_name="tiny-llama"}'
+
+
+def client_for(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@contextlib.contextmanager
+def node(tiny_model: Path, tmp_path: Path, proxy_url: str) -> Iterator[RunningServer]:
+    with serve_script(
+        "llm_serve.py", tmp_path, env=SERVER_ENV, args=[str(tiny_model), "--proxy-url", proxy_url]
+    ) as running:
+        yield running
+
+
+def test_nodes_register_serve_through_the_proxy_and_deregister(tiny_model: Path, tmp_path: Path) -> None:
+    with (
+        proxy_process(tmp_path, "--no-state-file", "--routing-strategy", "cache_aware") as proxy,
+        node(tiny_model, tmp_path, proxy.url) as first,
+        node(tiny_model, tmp_path, proxy.url) as second,
+    ):
+        wait_for(lambda: sorted(admitted(proxy.url)) == sorted([first.url, second.url]), timeout=30)
+        client = client_for(proxy.url)
+        assert [m.id for m in client.models.list().data] == ["tiny-llama"]
+        kwargs = {"model": "tiny-llama", "messages": MESSAGES, "max_tokens": 8, "temperature": 0}
+        full = client.chat.completions.create(**kwargs)  # type: ignore[call-overload]
+        chunks = list(client.chat.completions.create(**kwargs, stream=True))  # type: ignore[call-overload]
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert streamed == full.choices[0].message.content
+        completion = client.completions.create(model="tiny-llama", prompt="Once upon", max_tokens=4)
+        assert completion.choices[0].text
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model="other", messages=MESSAGES)
+        # A client that leaves mid-stream: the node aborts its sequence, its KV blocks come back.
+        body = {
+            "model": "tiny-llama",
+            "messages": MESSAGES,
+            "max_tokens": 450,
+            "stream": True,
+            "ignore_eos": True,
+        }
+        with httpx.stream("POST", f"{proxy.url}/v1/chat/completions", json=body, timeout=60) as response:
+            lines = response.iter_lines()
+            for _ in range(6):
+                next(lines)
+        for server in (first, second):
+            wait_for(
+                lambda s=server: metrics(s)[RUNNING] == 0 and metrics(s)[KV_FREE] == metrics(s)[KV_TOTAL]
+            )
+        wait_for(
+            lambda: all(n["unfinished"] == 0 for n in httpx.get(f"{proxy.url}/nodes/status").json().values())
+        )
+        assert second.stop(timeout=120) == 0  # a clean shutdown deregisters
+        assert list(httpx.get(f"{proxy.url}/nodes/status", timeout=5).json()) == [first.url]
+        assert client.chat.completions.create(**kwargs).choices[0].message.content  # type: ignore[call-overload]
+
+
+def replica_processes(parent: int) -> dict[int, psutil.Process]:
+    """The replicas of a `servekit serve --replicas` process, by port."""
+    found = {}
+    for child in psutil.Process(parent).children():
+        argv = child.cmdline()
+        if "--port" in argv:
+            found[int(argv[argv.index("--port") + 1])] = child
+    return found
+
+
+def test_replicas_survive_a_killed_replica(tiny_model: Path, tmp_path: Path) -> None:
+    env = {
+        **SERVER_ENV,
+        "SERVEKIT_PROXY_HEALTH_CHECK_INTERVAL": FAST_CHECKS[1],
+        "SERVEKIT_PROXY_ROUTING_STRATEGY": "round_robin",
+    }
+    with serve_script(
+        "llm_serve.py", tmp_path, env=env, args=[str(tiny_model), "--replicas", "2"], wait=False
+    ) as parent:
+        wait_for(lambda: len(admitted(parent.url)) == 2, timeout=90)
+        replicas = replica_processes(parent.process.pid)
+        assert len(replicas) == 2
+        client = client_for(parent.url)
+        kwargs = {"model": "tiny-llama", "messages": MESSAGES, "max_tokens": 4, "temperature": 0}
+        for _ in range(4):
+            assert client.chat.completions.create(**kwargs).choices[0].message.content  # type: ignore[call-overload]
+        # A long stream on each replica, then one replica killed: only the stream on it fails.
+        body = {
+            "model": "tiny-llama",
+            "messages": MESSAGES,
+            "max_tokens": 400,
+            "stream": True,
+            "ignore_eos": True,
+        }
+        results: dict[int, list[str]] = {}
+        started = threading.Barrier(3, timeout=60)
+
+        def stream(index: int) -> None:
+            with httpx.stream(
+                "POST", f"{parent.url}/v1/chat/completions", json=body, timeout=120
+            ) as response:
+                events = []
+                for line in response.iter_lines():
+                    if line.startswith("data: "):
+                        events.append(line[len("data: ") :])
+                        if len(events) == 2:
+                            started.wait()
+                results[index] = events
+
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        started.wait()
+        status = httpx.get(f"{parent.url}/nodes/status", timeout=5).json()
+        assert all(n["unfinished"] == 1 for n in status.values())  # round robin: one stream on each
+        victim_port, victim = next(iter(replicas.items()))
+        os.kill(victim.pid, signal.SIGKILL)
+        for thread in threads:
+            thread.join(120)
+        outcomes = sorted("error" in events[-2] for events in results.values())
+        assert outcomes == [False, True]
+        assert all(events[-1] == "[DONE]" for events in results.values())
+        for _ in range(4):  # the survivor serves everything meanwhile
+            assert client.chat.completions.create(**kwargs).choices[0].message.content  # type: ignore[call-overload]
+        # restarted on its port and re-admitted
+        wait_for(
+            lambda: replica_processes(parent.process.pid).get(victim_port, victim).pid != victim.pid,
+            timeout=30,
+        )
+        wait_for(lambda: len(admitted(parent.url)) == 2, timeout=90)
+        replicas = replica_processes(parent.process.pid)
+        # SIGTERM: the proxy drains, then each replica shuts down gracefully (slow on a busy machine)
+        assert parent.stop(timeout=150) == 0
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in replicas.values())
