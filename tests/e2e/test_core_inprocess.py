@@ -6,6 +6,7 @@ import asyncio
 import multiprocessing
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,25 @@ class EventLog(ls.Callback):
 
     def on_after_encode_response(self, *args: Any, **kwargs: Any) -> None:
         self._write("after_encode_response")
+
+
+class GatedHealthAPI(SquareAPI):
+    """``setup`` waits for a file; ``health`` counts the probes it was asked (in the front process)."""
+
+    def __init__(self, gate: str) -> None:
+        super().__init__()
+        self.gate = gate
+        self.probes = 0
+
+    def setup(self, device: str) -> None:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(self.gate) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        super().setup(device)
+
+    def health(self) -> bool:
+        self.probes += 1
+        return True
 
 
 class BrokenSetupAPI(SquareAPI):
@@ -202,3 +222,20 @@ def test_every_loop_fires_the_predict_and_encode_callbacks(make_api: Any, body: 
     )
     assert events.index("before_predict") < events.index("after_predict")
     assert events.index("before_encode_response") < events.index("after_encode_response")
+
+
+def test_health_asks_the_apis_own_check_even_before_the_workers_are_ready(tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    api = GatedHealthAPI(str(gate))
+    server = ls.LitServer(api, accelerator="cpu", devices=1)
+    with wrap_litserve_start(server) as s, TestClient(s.app) as client:
+        for _ in range(2):
+            reply = client.get("/health")
+            assert (reply.status_code, reply.text) == (503, "not ready")
+        assert api.probes == 2  # asked although the worker is still in setup
+        gate.write_text("open")
+        deadline = time.monotonic() + 60
+        while client.get("/health").status_code != 200:
+            assert time.monotonic() < deadline, "the worker never became ready"
+            time.sleep(0.05)
+        assert api.probes >= 3

@@ -264,12 +264,13 @@ def build_app(
     @app.get(config.healthcheck_path, response_class=PlainTextResponse)
     async def health() -> Response:
         healthy = dispatcher.ready()
-        if healthy:
-            for api in config.apis:
-                verdict = api.health()
-                if inspect.isawaitable(verdict):
-                    verdict = await verdict
-                healthy = healthy and bool(verdict)
+        # Every probe asks every API's own check, ready workers or not (as LitServe does): a check
+        # may keep state across probes (say, "healthy once warmed up for 5 s since first asked").
+        for api in config.apis:
+            verdict = api.health()
+            if inspect.isawaitable(verdict):
+                verdict = await verdict
+            healthy = bool(verdict) and healthy
         if healthy:
             return PlainTextResponse("ok")
         return PlainTextResponse("not ready", status_code=503)
