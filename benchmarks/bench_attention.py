@@ -13,7 +13,6 @@ import argparse
 import ctypes
 import functools
 import os
-import platform
 import subprocess
 import tempfile
 import time
@@ -21,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from servekit.llm.kernels import _SIGNATURES, FLAGS, SOURCES, _compiler, attention_simd_lanes, cpu_flags
+from servekit.cpu import cpu_flags, cpu_model
+from servekit.llm.kernels import _SIGNATURES, FLAGS, SOURCES, _compiler, attention_simd_lanes
 
 PORTABLE_FLAGS = ("-mno-avx512f", "-mno-avx2", "-mno-fma", "-mno-f16c")
 
@@ -84,10 +84,10 @@ def main() -> None:
     native = load_library()
     if native is None:
         raise SystemExit("servekit's kernels are not available here")
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())  # fmt: skip
     wanted = ("avx512f", "avx512_vnni", "amx_tile", "avx2", "fma", "f16c")
-    print(f"CPU: {model}; flags: {' '.join(f for f in wanted if f in cpu_flags())}; threads {args.threads}")
+    print(
+        f"CPU: {cpu_model()}; flags: {' '.join(f for f in wanted if f in cpu_flags())}; threads {args.threads}"
+    )
     with tempfile.TemporaryDirectory() as scratch:
         portable = build_portable(Path(scratch))
         print(

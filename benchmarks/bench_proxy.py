@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,8 @@ import aiohttp
 import httpx
 from bench_serve import free_port, percentiles, stop, wait_healthy
 
+from servekit.cpu import cpu_model
+
 REPO = Path(__file__).resolve().parents[1]
 ENV = {
     **os.environ,
@@ -39,14 +40,6 @@ ENV = {
     "OMP_NUM_THREADS": "1",
 }
 STRATEGIES = ("random", "session", "cache_aware")
-
-
-def cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 @contextlib.contextmanager
@@ -143,7 +136,7 @@ def overhead(args: argparse.Namespace) -> None:
         for _ in range(args.repeats):
             rates["direct"].append(asyncio.run(throughput(direct, model, args.requests, args.concurrency)))
             rates["proxy"].append(asyncio.run(throughput(proxied, model, args.requests, args.concurrency)))
-    print(f"CPU: {cpu_name()}; load average before the run: {os.getloadavg()[0]:.1f}")
+    print(f"CPU: {cpu_model()}; load average before the run: {os.getloadavg()[0]:.1f}")
     print(
         f"latency p50: direct {p_direct['p50'] * 1e3:.2f} ms, proxy {p_proxy['p50'] * 1e3:.2f} ms, added {(p_proxy['p50'] - p_direct['p50']) * 1e3:+.2f} ms"
     )
@@ -240,7 +233,7 @@ def routing(args: argparse.Namespace) -> None:
                 hits1, queries1 = cache_counters(urls)
             rate = (hits1 - hits0) / max(queries1 - queries0, 1.0)
             rows.append((strategy, rate, percentiles(ttfts)))
-    print(f"CPU: {cpu_name()}; load average: {os.getloadavg()[0]:.1f}")
+    print(f"CPU: {cpu_model()}; load average: {os.getloadavg()[0]:.1f}")
     print(
         f"{args.replicas} replicas, {args.sessions} sessions x {args.turns} turns, concurrency {args.concurrency}"
     )

@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 import torch
 
+from servekit.cpu import cpu_flags
 from servekit.llm import kernels
 from servekit.llm.attention import build_attention_metadata, paged_attention
-from servekit.llm.kernels import attention_simd_lanes, cpu_flags, load_library
+from servekit.llm.kernels import attention_simd_lanes, load_library
 from servekit.llm.kernels.elementwise import add_rms_norm, silu_mul
 from servekit.llm.kernels.int8 import dequantize, quantize_rows
 

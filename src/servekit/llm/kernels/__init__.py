@@ -18,13 +18,14 @@ import functools
 import hashlib
 import logging
 import os
-import platform
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 
 import torch
+
+from servekit.cpu import cpu_signature
 
 logger = logging.getLogger(__name__)
 
@@ -52,12 +53,6 @@ def attention_simd_lanes() -> int:
     return 0 if library is None else int(library.attention_simd_lanes())
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags as /proc/cpuinfo names them (empty where it cannot be read)."""
-    signature = _cpu_signature()
-    return set(signature.split(":", 1)[1].split()) if ":" in signature else set()
-
-
 def kernels_enabled() -> bool:
     return os.environ.get("SERVEKIT_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
 
@@ -67,17 +62,6 @@ def cache_dir() -> Path:
         return Path(os.environ["SERVEKIT_CACHE_DIR"]) / "kernels"
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "servekit" / "kernels"
-
-
-def _cpu_signature() -> str:
-    """The CPU's feature flags (``-march=native`` code must not run on a CPU lacking them)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _compiler() -> str | None:
@@ -144,7 +128,7 @@ def load_library() -> ctypes.CDLL | None:
                     compiler,
                     version,
                     " ".join(FLAGS),
-                    _cpu_signature(),
+                    cpu_signature(),
                 ]
             ).encode()
         ).hexdigest()[:16]

@@ -15,7 +15,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from servekit.llm.kernels import cpu_flags, kernels_available
+from servekit.cpu import cpu_flags
+from servekit.llm.kernels import kernels_available
 from servekit.llm.kernels.int8 import dequantize, quantize_rows
 
 logger = logging.getLogger(__name__)
