@@ -67,6 +67,7 @@ class LitServer:
         debug_errors: bool | None = None,
         enable_shutdown_api: bool = False,
         shutdown_path: str = "/shutdown",
+        shutdown_api_key: str | None = None,
         # Older LitServe code passes these here rather than to LitAPI.
         max_batch_size: int | None = None,
         batch_timeout: float | None = None,
@@ -135,11 +136,13 @@ class LitServer:
         self.loggers = _as_loggers(loggers)
         self.enable_shutdown_api = enable_shutdown_api
         self.shutdown_path = shutdown_path
-        self._shutdown_api_key = _shutdown_api_key() if enable_shutdown_api else None
+        # servekit's own argument; LitServe reads LIT_SHUTDOWN_API_KEY only.
+        self._shutdown_api_key = (shutdown_api_key or _shutdown_api_key()) if enable_shutdown_api else None
         self._pool: WorkerPool | None = None
         self._workers_by_api: list[list[int]] = []
         self._app: FastAPI | None = None
         self._stop_requested = threading.Event()
+        self._stop_announced = threading.Lock()  # held once the stop is announced: a once-guard
         self._uvicorn_servers: list[Any] = []
 
     @property
@@ -224,7 +227,7 @@ class LitServer:
         if self._shutdown_api_key is not None:
             logger.info(
                 "shut the server down with: curl -X POST http://localhost:%d%s "
-                "-H 'Authorization: Bearer <LIT_SHUTDOWN_API_KEY>'",
+                "-H 'Authorization: Bearer <its key>'",
                 port,
                 self.shutdown_path,
             )
@@ -238,6 +241,7 @@ class LitServer:
             self._request_stop()
 
         self._stop_requested.clear()
+        self._stop_announced = threading.Lock()
         self.callbacks.trigger_event(EventTypes.ON_SERVER_START, litserver=self)
         try:
             workers.start(num_fronts, log_settings, on_fatal)
@@ -263,6 +267,7 @@ class LitServer:
                     uvicorn_kwargs,
                     self._uvicorn_servers,
                     self._stop_requested,
+                    self._announce_stop,
                 )
         finally:
             workers.stop()
@@ -276,6 +281,12 @@ class LitServer:
         self._stop_requested.set()
         for server in self._uvicorn_servers:
             server.should_exit = True
+        self._announce_stop()
+
+    def _announce_stop(self) -> None:
+        """``on_server_stop``, once per run, whichever way the shutdown began."""
+        if self._stop_announced.acquire(blocking=False):  # never released: exactly once per run
+            self.callbacks.trigger_event(EventTypes.ON_SERVER_STOP, litserver=self)
 
     def _plan_workers(self) -> tuple[list[WorkerPlan], list[list[int]]]:
         plans: list[WorkerPlan] = []

@@ -48,7 +48,8 @@ def test_large_responses_are_gzipped_and_streams_are_not(tmp_path: Path) -> None
 
 @pytest.mark.parametrize("fronts", ["1", "2"])
 def test_shutdown_api_needs_the_key_and_stops_the_server(tmp_path: Path, fronts: str) -> None:
-    env = {"LIT_SHUTDOWN_API_KEY": SHUTDOWN_KEY, "FRONTS": fronts}
+    events = tmp_path / "events"
+    env = {"LIT_SHUTDOWN_API_KEY": SHUTDOWN_KEY, "FRONTS": fronts, "EVENTS_FILE": str(events)}
     with serve_script("server_api.py", tmp_path, env=env) as server:
         url = f"{server.url}/shutdown"
         missing = httpx.post(url, timeout=30)
@@ -62,6 +63,18 @@ def test_shutdown_api_needs_the_key_and_stops_the_server(tmp_path: Path, fronts:
         assert accepted.status_code == 200
         assert accepted.text == "Server is initiating graceful shutdown."
         assert server.process.wait(60) == 0  # run() returned: a graceful shutdown
+    assert events.read_text() == "stop\nend\n"  # on_server_stop once, when the shutdown began
+
+
+@pytest.mark.parametrize("fronts", ["1", "2"])
+def test_sigterm_announces_the_stop_once(tmp_path: Path, fronts: str) -> None:
+    events = tmp_path / "events"
+    with serve_script(
+        "server_api.py", tmp_path, env={"FRONTS": fronts, "EVENTS_FILE": str(events)}
+    ) as server:
+        assert not events.exists()
+        assert server.stop() == 0
+    assert events.read_text() == "stop\nend\n"
 
 
 def test_shutdown_api_is_off_by_default_and_its_path_is_checked() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ import psutil
 import pytest
 
 from tests.e2e.proxying import FAST_CHECKS, admitted, proxy_process, wait_for
-from tests.e2e.serving import RunningServer, serve_script
+from tests.e2e.serving import APPS, RunningServer, free_port, serve_command, serve_script
 from tests.e2e.test_serve_tiny import MESSAGES, SERVER_ENV, metrics, tiny_model
 
 pytestmark = pytest.mark.timeout(600)
@@ -33,11 +34,99 @@ def client_for(url: str) -> openai.OpenAI:
 
 
 @contextlib.contextmanager
-def node(tiny_model: Path, tmp_path: Path, proxy_url: str) -> Iterator[RunningServer]:
+def node(
+    tiny_model: Path, tmp_path: Path, proxy_url: str, *args: str, headers: dict[str, str] | None = None
+) -> Iterator[RunningServer]:
     with serve_script(
-        "llm_serve.py", tmp_path, env=SERVER_ENV, args=[str(tiny_model), "--proxy-url", proxy_url]
+        "llm_serve.py",
+        tmp_path,
+        env=SERVER_ENV,
+        args=[str(tiny_model), "--proxy-url", proxy_url, *args],
+        health_headers=headers,
     ) as running:
         yield running
+
+
+def registered(proxy_url: str) -> list[str]:
+    return list(httpx.get(f"{proxy_url}/nodes/status", timeout=5).json())
+
+
+def test_a_node_leaves_the_proxy_when_its_shutdown_begins(tiny_model: Path, tmp_path: Path) -> None:
+    """Deregistered at SIGTERM, before its stream in flight ends (which still completes)."""
+    with (
+        proxy_process(tmp_path, "--no-state-file") as proxy,
+        node(tiny_model, tmp_path, proxy.url) as server,
+    ):
+        wait_for(lambda: admitted(proxy.url) == [server.url], timeout=30)
+        body = {
+            "model": "tiny-llama",
+            "messages": MESSAGES,
+            "max_tokens": 1500,
+            "stream": True,
+            "ignore_eos": True,
+        }
+        events: list[str] = []
+        gone_mid_stream: list[bool] = []
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=120) as response:
+            lines = (line for line in response.iter_lines() if line.startswith("data: "))
+            events.append(next(lines))
+            server.process.send_signal(signal.SIGTERM)
+            for line in lines:
+                events.append(line)
+                if not gone_mid_stream and server.url not in registered(proxy.url):
+                    gone_mid_stream.append(events[-1] != "data: [DONE]")
+        assert gone_mid_stream == [True], "deregistered only after the stream ended (or never)"
+        assert events[-1] == "data: [DONE]" and "error" not in events[-2]
+        assert server.process.wait(120) == 0
+
+
+def test_nodes_register_again_after_the_proxy_restarts_without_state(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    port = free_port()
+    command = [sys.executable, str(APPS / "proxy.py"), *FAST_CHECKS, "--no-state-file"]
+    with (
+        serve_command(command, tmp_path, port=port, health_path="/metrics") as proxy,
+        node(tiny_model, tmp_path, proxy.url, "--proxy-heartbeat-interval", "0.2") as server,
+    ):
+        wait_for(lambda: admitted(proxy.url) == [server.url], timeout=30)
+        assert proxy.stop() == 0
+        with serve_command(command, tmp_path, port=port, health_path="/metrics") as restarted:
+            wait_for(lambda: admitted(restarted.url) == [server.url], timeout=30)
+            # Removed by an operator (the same proxy): it stays out.
+            httpx.post(f"{restarted.url}/nodes/remove", json={"url": server.url}, timeout=5)
+            wait_for(lambda: registered(restarted.url) == [])
+            with pytest.raises(AssertionError):
+                wait_for(lambda: registered(restarted.url) != [], timeout=2)
+
+
+def test_nodes_terminate_stops_a_node_that_allows_it(tiny_model: Path, tmp_path: Path) -> None:
+    key = {"Authorization": "Bearer node-key"}
+    with (
+        proxy_process(tmp_path, "--no-state-file") as proxy,
+        node(tiny_model, tmp_path, proxy.url, "--api-key", "node-key", headers=key) as refusing,
+        node(
+            tiny_model,
+            tmp_path,
+            proxy.url,
+            "--api-key",
+            "node-key",
+            "--allow-terminate-by-client",
+            headers=key,
+        ) as allowing,
+    ):
+        wait_for(lambda: sorted(admitted(proxy.url)) == sorted([refusing.url, allowing.url]), timeout=30)
+        # The node's own key guards it: a client without it cannot stop it.
+        assert httpx.post(f"{allowing.url}/terminate", timeout=5).status_code == 401
+        wrong = {"Authorization": "Bearer other"}
+        assert httpx.post(f"{allowing.url}/terminate", headers=wrong, timeout=5).status_code == 401
+        answer = httpx.post(f"{proxy.url}/nodes/terminate", json={"url": allowing.url}, timeout=30)
+        assert answer.json() == {"url": allowing.url, "removed": True, "terminate_status": 200}
+        assert allowing.process.wait(120) == 0
+        answer = httpx.post(f"{proxy.url}/nodes/terminate?node_url={refusing.url}", timeout=30)
+        assert answer.json()["terminate_status"] == 404  # no /terminate: removed, still running
+        assert refusing.process.poll() is None
+        assert registered(proxy.url) == []
 
 
 def test_nodes_register_serve_through_the_proxy_and_deregister(tiny_model: Path, tmp_path: Path) -> None:

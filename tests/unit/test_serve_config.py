@@ -37,6 +37,11 @@ def test_unknown_values_are_refused_before_anything_starts() -> None:
         ServeConfig.resolve({"port": "0"}, env={})
     with pytest.raises(SettingError, match="MAX_MODEL_LEN must be an integer"):
         ServeConfig.resolve({}, env={"MAX_MODEL_LEN": "long"})
+    with pytest.raises(ServeConfigError, match="allow_terminate_by_client needs api_key"):
+        ServeConfig.resolve({"allow_terminate_by_client": True}, env={})
+    assert ServeConfig.resolve({"allow_terminate_by_client": True, "api_key": "k"}, env={}).api_key == "k"
+    with pytest.raises(ServeConfigError, match="proxy_heartbeat_interval must be positive"):
+        ServeConfig.resolve({"proxy_heartbeat_interval": "0"}, env={})
 
 
 # Every env name that worked before settings were declared on EngineConfig's fields.

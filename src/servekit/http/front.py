@@ -7,6 +7,7 @@ import multiprocessing
 import signal
 import socket
 import threading
+from collections.abc import Callable
 from multiprocessing.synchronize import Event as ProcessEvent
 from typing import Any
 
@@ -23,7 +24,12 @@ logger = logging.getLogger(__name__)
 GRACEFUL_SHUTDOWN_S = 30
 
 
-def _uvicorn_server(app: FastAPI, log_settings: LogSettings, extra: dict[str, Any]) -> uvicorn.Server:
+def _uvicorn_server(
+    app: FastAPI,
+    log_settings: LogSettings,
+    extra: dict[str, Any],
+    on_exit: Callable[[], None] | None = None,
+) -> uvicorn.Server:
     options: dict[str, Any] = {
         "log_level": log_settings.level,
         "access_log": log_settings.level in ("debug", "info"),
@@ -35,7 +41,7 @@ def _uvicorn_server(app: FastAPI, log_settings: LogSettings, extra: dict[str, An
     if log_settings.pretty:
         options["log_config"] = None  # uvicorn's records go to the (rich) root handler
     options.update(extra)
-    return GracefulServer(uvicorn.Config(app, **options))
+    return GracefulServer(uvicorn.Config(app, **options), on_exit)
 
 
 def _front_process_main(
@@ -62,14 +68,16 @@ def serve_fronts(
     extra: dict[str, Any],
     servers: list[Any],
     stop_requested: threading.Event,
+    on_stop: Callable[[], None],
 ) -> None:
-    """Serve until SIGINT/SIGTERM, the shutdown API, or a fatal worker error sets ``stop_requested``.
+    """Serve until SIGINT/SIGTERM, the shutdown API, or a fatal worker error sets ``stop_requested``;
+    ``on_stop`` is told when a signal or the shutdown API begins the shutdown.
 
     One front serves ``app`` in this process; several fronts each build theirs from ``config``.
     """
     if num_fronts == 1:
         assert app is not None
-        server = _uvicorn_server(app, log_settings, extra)
+        server = _uvicorn_server(app, log_settings, extra, on_stop)
         servers.append(server)
         if stop_requested.is_set():
             return
@@ -90,12 +98,14 @@ def serve_fronts(
 
     def on_signal(signum: int, frame: Any) -> None:
         stop_requested.set()
+        on_stop()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         while not stop_requested.wait(0.5):
             if shutdown_requested.is_set():
                 logger.info("shutdown requested through the shutdown API")
+                on_stop()
                 break
             if not all(p.is_alive() for p in processes):
                 logger.error("an HTTP front process exited; shutting down")

@@ -110,7 +110,9 @@ class NodesAPI:
             node = await self.proxy.add_node(url, models, None if speed is None else float(speed), api_key)
         except NodeUnreachable as error:
             raise OpenAIError(400, str(error), "url", "node_unreachable") from None
-        return _json({"url": node.url, "models": node.models, "speed": node.speed})
+        return _json(
+            {"url": node.url, "models": node.models, "speed": node.speed, "proxy_id": self.proxy.instance_id}
+        )
 
     async def _url_param(self, request: Request) -> str:
         given = request.query_params.get("node_url")
@@ -136,11 +138,15 @@ class NodesAPI:
         return _json({"nodes": [await self._terminate(node) for node in self.proxy.registry]})
 
     async def _terminate(self, node: Node) -> dict[str, Any]:
-        """Deregister the node and ask it to stop (LMDeploy's ``/terminate``), reporting its answer."""
+        """Deregister the node and ask it to stop, reporting its answer: ``POST /terminate`` with the
+        node's key (``servekit serve --allow-terminate-by-client``), ``GET`` where that is refused with
+        405 (LMDeploy's servers)."""
         self.proxy.remove_node(node.url)
         status: int | None
         try:
-            status, _ = await self.proxy.fetch("GET", node, "/terminate", timeout=5)
+            status, _ = await self.proxy.fetch("POST", node, "/terminate", timeout=5)
+            if status == 405:
+                status, _ = await self.proxy.fetch("GET", node, "/terminate", timeout=5)
         except HTTP_ERRORS:
             status = None
         return {"url": node.url, "removed": True, "terminate_status": status}
@@ -178,7 +184,11 @@ class FrontAPI:
         now = self.proxy.now()
         healthy = sum(1 for node in self.proxy.registry if node.health.admits(now))
         return _json(
-            {"status": "ok" if healthy else "no healthy node", "healthy_nodes": healthy},
+            {
+                "status": "ok" if healthy else "no healthy node",
+                "healthy_nodes": healthy,
+                "proxy_id": self.proxy.instance_id,
+            },
             200 if healthy else 503,
         )
 

@@ -22,11 +22,17 @@ def serve_scaled(config: ServeConfig, raw_flags: Mapping[str, Any]) -> None:
     if config.replicas > 1 or config.ray_address:
         serve_replicas(config, raw_flags)
     elif config.proxy_url:
-        from servekit.proxy.registration import advertised_url, registered_with
+        from servekit.proxy.registration import DeregisterOnStop, advertised_url, registered_with
 
         node_url = config.advertise_url or advertised_url(config.host, config.port)
-        with registered_with(config.proxy_url, node_url, config.api_key, config.proxy_api_key):
-            serve(config)
+        with registered_with(
+            config.proxy_url,
+            node_url,
+            config.api_key,
+            config.proxy_api_key,
+            config.proxy_heartbeat_interval,
+        ) as registration:
+            serve(config, callbacks=[DeregisterOnStop(registration)])
     else:
         serve(config)
 

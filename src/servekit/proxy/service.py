@@ -8,6 +8,7 @@ import contextlib
 import logging
 import random
 import time
+import uuid
 from typing import Any
 
 import aiohttp
@@ -53,6 +54,8 @@ def parse_load(text: str) -> int:
 class Proxy:
     def __init__(self, config: ProxyConfig, rng: random.Random | None = None) -> None:
         self.config = config
+        # Tells a registered node that this proxy restarted (and forgot it, without a state file).
+        self.instance_id = uuid.uuid4().hex
         self.registry = Registry()
         self.strategy = make_strategy(config.routing_strategy, rng)
         self.interactive_ring = SessionRing()  # interactive sessions live on one node: always that one

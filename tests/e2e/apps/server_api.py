@@ -1,5 +1,6 @@
 # The server's own routes and defaults: gzip for large responses, streams left alone, the shutdown API,
-# LitServe's root, pretty logs (PRETTY=1), several HTTP fronts (FRONTS=n).
+# LitServe's root, pretty logs (PRETTY=1), several HTTP fronts (FRONTS=n); the server's events written
+# to EVENTS_FILE when set.
 import os
 import threading
 from pathlib import Path
@@ -46,11 +47,28 @@ class StepStreamAPI(ls.LitAPI):
             yield {"step": output}
 
 
+class ServerEvents(ls.Callback):
+    def __init__(self, path):
+        self.path = path
+
+    def _write(self, event):
+        if self.path:
+            with open(self.path, "a") as events:
+                events.write(f"{event}\n")
+
+    def on_server_stop(self, *args, **kwargs):
+        self._write("stop")
+
+    def on_server_end(self, *args, **kwargs):
+        self._write("end")
+
+
 if __name__ == "__main__":
     server = ls.LitServer(
         [BigAPI(api_path="/big"), StepStreamAPI(api_path="/stream", stream=True)],
         accelerator="cpu",
         enable_shutdown_api=True,
+        callbacks=[ServerEvents(os.environ.get("EVENTS_FILE"))],
     )
     server.run(
         host="127.0.0.1",

@@ -5,15 +5,19 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from servekit.llm.config import EngineConfig
 from servekit.settings import SettingError, add_arguments
 from servekit.specs.llm.config import ServeConfig
 
+if TYPE_CHECKING:
+    from servekit.callbacks import Callback
+
 logger = logging.getLogger(__name__)
 
 POSITIONAL = "model"
+TERMINATE_PATH = "/terminate"  # LMDeploy's, which `servekit proxy`'s /nodes/terminate calls
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +36,7 @@ def resolve_serve_config(args: argparse.Namespace) -> ServeConfig | None:
         return None
 
 
-def serve(config: ServeConfig, **run_kwargs: Any) -> None:
+def serve(config: ServeConfig, callbacks: list[Callback] | None = None, **run_kwargs: Any) -> None:
     """Build the ``LitServer`` of the LLM server and run it until stopped."""
     from servekit.server import LitServer
     from servekit.specs.llm.api import LLMServerAPI
@@ -46,6 +50,10 @@ def serve(config: ServeConfig, **run_kwargs: Any) -> None:
         timeout=config.request_timeout if config.request_timeout is not None else False,
         api_key=config.api_key,
         debug_errors=config.debug_errors,
+        callbacks=callbacks,
+        enable_shutdown_api=config.allow_terminate_by_client,
+        shutdown_path=TERMINATE_PATH,
+        shutdown_api_key=config.api_key,
         model_metadata={"model": config.engine.model or "SmolLM2-135M-Instruct (default)"},
     )
     model = config.engine.model or "the default model"

@@ -70,6 +70,16 @@ class ServeConfig:
     advertise_url: str | None = setting(
         None, "the URL the proxy reaches this server at (default: http://HOST:PORT)"
     )
+    proxy_heartbeat_interval: float = setting(
+        5.0,
+        "seconds between checks that the proxy (--proxy-url) is the one this server registered with; "
+        "after a restart that forgot it, it registers again",
+    )
+    allow_terminate_by_client: bool = setting(
+        False,
+        "serve POST /terminate (as LMDeploy's servers do, for `servekit proxy`'s /nodes/terminate): "
+        "a graceful shutdown, behind --api-key, which it needs",
+    )
     gpu_memory_utilization: float | None = setting(
         None, "accepted for vLLM compatibility; ignored on CPU", env=("GPU_MEMORY_UTILIZATION",)
     )
@@ -100,6 +110,17 @@ class ServeConfig:
                 "proxy_url cannot be combined with replicas > 1: the replicas' own proxy serves them; "
                 "register that proxy's port elsewhere instead",
                 "proxy_url",
+            )
+        if self.proxy_heartbeat_interval <= 0:
+            raise ServeConfigError(
+                f"proxy_heartbeat_interval must be positive, got {self.proxy_heartbeat_interval}",
+                "proxy_heartbeat_interval",
+            )
+        if self.allow_terminate_by_client and not self.api_key:
+            raise ServeConfigError(
+                "allow_terminate_by_client needs api_key: without one, anyone who reaches the port "
+                "could stop the server",
+                "allow_terminate_by_client",
             )
         if self.request_timeout is not None and self.request_timeout <= 0:
             raise ServeConfigError(
