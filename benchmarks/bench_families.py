@@ -86,6 +86,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--num-prompts", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--moe-only", action="store_true", help="only the MoE-vs-dense step costs")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -96,6 +97,8 @@ def main() -> None:
         )
         for family, config in FAMILIES.items():
             directory = build_family_checkpoint(Path(tmp) / family, family, config)
+            if args.moe_only:
+                continue
             vocab = load_model_source(str(directory)).config.vocab_size
             prompts = prompts_for(vocab, args.num_prompts)
             ours = engine_throughput(directory, prompts, args.max_tokens)
@@ -104,14 +107,12 @@ def main() -> None:
             out.flush()
         dense = build_family_checkpoint(Path(tmp) / "dense", "llama", LLAMA_SHAPE)
         moe = Path(tmp) / "mixtral"
-        dense_step, moe_step = (
-            decode_step_seconds(dense, args.num_prompts),
-            decode_step_seconds(moe, args.num_prompts),
-        )
-        out.write(
-            f"\nMoE decode step (batch {args.num_prompts}, 8 experts top-2 of width 512): {moe_step * 1e3:.2f} ms; "
-            f"dense step (MLP width 1024): {dense_step * 1e3:.2f} ms; ratio {moe_step / dense_step:.2f}x\n"
-        )
+        for batch in sorted({1, args.num_prompts}):
+            dense_step, moe_step = decode_step_seconds(dense, batch), decode_step_seconds(moe, batch)
+            out.write(
+                f"\nMoE decode step (batch {batch}, 8 experts top-2 of width 512): {moe_step * 1e3:.2f} ms; "
+                f"dense step (MLP width 1024): {dense_step * 1e3:.2f} ms; ratio {moe_step / dense_step:.2f}x\n"
+            )
 
 
 if __name__ == "__main__":

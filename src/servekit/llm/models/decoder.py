@@ -29,7 +29,7 @@ from servekit.llm.model_config import ModelConfig, MoEConfig
 from servekit.llm.models.alibi import alibi_slopes
 from servekit.llm.models.layers import DenseMLP, Norm, Projection, activation
 from servekit.llm.models.linear import make_linear
-from servekit.llm.models.moe import SparseMoE
+from servekit.llm.models.moe import SparseMoE, StackedExperts
 from servekit.llm.models.rotary import RotaryEmbedding
 from servekit.llm.models.self_attention import CosSin, SelfAttention
 from servekit.llm.models.weights import NameMap, Tensors, expected_names, split_fused_qkv, split_rows
@@ -169,7 +169,7 @@ class DecoderLM:
                     f"weight {name!r} has shape {tuple(store[name].shape)}, which does not fit the config"
                 )
 
-    def _linear(self, store: dict[str, torch.Tensor], *names: str) -> Projection:
+    def _linear(self, store: dict[str, torch.Tensor], *names: str, pack: bool = True) -> Projection:
         """One projection over the rows of ``names`` (fused when several), biases zero-filled."""
         weights = [store.pop(f"{n}.weight") for n in names]
         biases = [store.pop(f"{n}.bias", None) for n in names]
@@ -182,7 +182,7 @@ class DecoderLM:
                     for w, b in zip(weights, biases, strict=True)
                 ]
             )
-        return make_linear(weight, bias, quantization=self.quantization, pack=self.pack_weights)
+        return make_linear(weight, bias, quantization=self.quantization, pack=self.pack_weights and pack)
 
     def _norm(self, store: dict[str, torch.Tensor], name: str) -> Norm | None:
         weight = store.pop(f"{name}.weight", None)
@@ -209,23 +209,25 @@ class DecoderLM:
 
     def _moe(self, store: dict[str, torch.Tensor], prefix: str, moe: MoEConfig) -> SparseMoE:
         score_bias = store.pop(f"{prefix}router.e_score_correction_bias", None)
+        experts = [self._mlp(store, f"{prefix}experts.{e}.", pack=False) for e in range(moe.num_experts)]
         return SparseMoE(
             router=self._linear(store, f"{prefix}router"),
-            experts=[self._mlp(store, f"{prefix}experts.{e}.") for e in range(moe.num_experts)],
+            experts=StackedExperts.of(experts) or experts,
             config=moe,
             shared=self._mlp(store, f"{prefix}shared.") if moe.shared_intermediate_size else None,
             shared_gate=self._linear(store, f"{prefix}shared_gate") if moe.shared_expert_gate else None,
             score_bias=None if score_bias is None else score_bias.float(),
         )
 
-    def _mlp(self, store: dict[str, torch.Tensor], prefix: str) -> DenseMLP:
+    def _mlp(self, store: dict[str, torch.Tensor], prefix: str, pack: bool = True) -> DenseMLP:
+        """``pack=False`` keeps the plain weights (the experts stack them)."""
         gated = f"{prefix}gate.weight" in store
         up = (
-            self._linear(store, f"{prefix}gate", f"{prefix}up")
+            self._linear(store, f"{prefix}gate", f"{prefix}up", pack=pack)
             if gated
-            else self._linear(store, f"{prefix}up")
+            else self._linear(store, f"{prefix}up", pack=pack)
         )
-        down = self._linear(store, f"{prefix}down")
+        down = self._linear(store, f"{prefix}down", pack=pack)
         return DenseMLP(up, down, self.act, gated, fused_silu=self.fused_elementwise)
 
     def _build(self, store: dict[str, torch.Tensor]) -> None:

@@ -2,12 +2,20 @@
 
 A router scores every token against every expert; each token goes to its ``top_k`` experts, weighted
 by their softmax probabilities (renormalised over the chosen ones when the family does). Tokens are
-then grouped by expert, so each active expert runs one matmul pair over all its tokens of the step
-(never a loop over tokens), and the weighted results are scattered back with ``index_add_``.
+then grouped by expert (never a loop over tokens) and the weighted results scattered back with
+``index_add_``.
+
+Float experts are held stacked (``StackedExperts``: one ``[experts, hidden, width]`` tensor per
+projection). When every expert gets a few tokens, as in a decode step of a batch, the groups are padded
+to the largest one and all experts run in one batched matmul per projection: a constant number of
+operators per layer, where one matmul pair per expert made a step of a small model cost its operator
+count. When the groups are uneven or large (prefill), or at batch 1, each active expert runs its own
+matmul pair over its tokens. Quantised experts stay one ``DenseMLP`` each.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -15,11 +23,59 @@ import torch
 from servekit.llm.model_config import MoEConfig
 from servekit.llm.models.layers import DenseMLP, Projection
 
+# Batched over all experts only while padding the groups at most doubles the rows computed.
+MAX_PADDING = 2.0
+
+
+@dataclass
+class StackedExperts:
+    """Every expert's ``down(act(gate(x)) * up(x))`` (or ``down(act(up(x)))``), weights stacked."""
+
+    up: torch.Tensor  # [experts, hidden, width]: [gate | up] columns when gated
+    down: torch.Tensor  # [experts, intermediate, hidden]
+    act: Callable[[torch.Tensor], torch.Tensor]
+    gated: bool
+
+    @classmethod
+    def of(cls, experts: list[DenseMLP]) -> StackedExperts | None:
+        """The experts stacked, or None when they cannot be (quantised, biased, or not float)."""
+        weights = [(e.up.weight, e.down.weight) for e in experts if _plain(e.up) and _plain(e.down)]
+        if len(weights) != len(experts) or not experts:
+            return None
+        up = torch.stack([w.t() for w, _ in weights]).contiguous()
+        down = torch.stack([w.t() for _, w in weights]).contiguous()
+        return cls(up, down, experts[0].act, experts[0].gated)
+
+    def __len__(self) -> int:
+        return self.up.shape[0]
+
+    def _activate(self, up: torch.Tensor) -> torch.Tensor:
+        if not self.gated:
+            return self.act(up)
+        width = up.shape[-1] // 2
+        return self.act(up[..., :width]).mul_(up[..., width:])
+
+    def one(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        return self._activate(x @ self.up[expert]) @ self.down[expert]
+
+    def batched(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: ``[experts, rows, hidden]`` (each expert's rows, zero-padded) -> ``[experts, rows, hidden]``."""
+        return torch.bmm(self._activate(torch.bmm(x, self.up)), self.down)
+
+
+def _plain(projection: Projection) -> bool:
+    weight = getattr(projection, "weight", None)
+    return (
+        isinstance(weight, torch.Tensor)
+        and weight.is_floating_point()
+        and getattr(projection, "bias", None) is None
+    )
+
 
 @dataclass
 class SparseMoE:
     router: Projection  # hidden -> num_experts
-    experts: list[DenseMLP]
+    experts: StackedExperts | list[DenseMLP]
     config: MoEConfig
     shared: DenseMLP | None = None
     shared_gate: Projection | None = None  # hidden -> 1
@@ -59,19 +115,34 @@ class SparseMoE:
         weights, chosen = self.route(x)
         flat = chosen.view(-1)
         order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
+        counts = torch.bincount(flat, minlength=len(self.experts))
         token_of = order // self.top_k
         weight_of = weights.view(-1)[order].to(x.dtype).unsqueeze(1)
         out = torch.zeros_like(x)
-        start = 0
-        for expert, count in zip(self.experts, counts, strict=True):
-            if count:
-                rows = token_of[start : start + count]
-                out.index_add_(0, rows, expert(x.index_select(0, rows)) * weight_of[start : start + count])
-                start += count
+        widest = int(counts.max())
+        if isinstance(self.experts, StackedExperts) and len(self.experts) * widest <= MAX_PADDING * len(flat):
+            expert_of = flat[order]
+            row_of = torch.arange(len(flat)) - (counts.cumsum(0) - counts)[expert_of]
+            grouped = x.new_zeros(len(self.experts), widest, x.shape[1])
+            grouped[expert_of, row_of] = x.index_select(0, token_of)
+            results = self.experts.batched(grouped)[expert_of, row_of]
+            out.index_add_(0, token_of, results * weight_of)
+        else:
+            start = 0
+            for expert, count in enumerate(counts.tolist()):
+                if count:
+                    rows = token_of[start : start + count]
+                    results = self._expert(expert, x.index_select(0, rows))
+                    out.index_add_(0, rows, results * weight_of[start : start + count])
+                    start += count
         if self.shared is not None:
             shared = self.shared(x)
             if self.shared_gate is not None:
                 shared = shared * torch.sigmoid(self.shared_gate(x))
             out += shared
         return out
+
+    def _expert(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.experts, StackedExperts):
+            return self.experts.one(expert, x)
+        return self.experts[expert](x)

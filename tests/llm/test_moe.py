@@ -1,0 +1,84 @@
+"""The sparse-MoE MLP's two ways of running its experts give one answer: stacked experts batched over
+padded groups (decode), stacked experts one matmul pair each (uneven or large groups), and the
+experts as separate layers (quantised ones), all against a per-token reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from servekit.llm.model_config import MoEConfig
+from servekit.llm.models import moe as moe_module
+from servekit.llm.models.layers import DenseMLP
+from servekit.llm.models.linear import Linear
+from servekit.llm.models.moe import SparseMoE, StackedExperts
+
+HIDDEN, WIDTH, EXPERTS, TOP_K = 24, 16, 8, 2
+
+
+def build(stacked: bool, seed: int = 0) -> tuple[SparseMoE, list[tuple[torch.Tensor, torch.Tensor]]]:
+    generator = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator) / shape[-1] ** 0.5
+
+    weights = [(rand(2 * WIDTH, HIDDEN), rand(HIDDEN, WIDTH)) for _ in range(EXPERTS)]
+    experts = [
+        DenseMLP(Linear(up, pack=False), Linear(down, pack=False), F.silu, True) for up, down in weights
+    ]
+    config = MoEConfig(num_experts=EXPERTS, top_k=TOP_K, intermediate_size=WIDTH, normalize_top_k=True)
+    stack = StackedExperts.of(experts) if stacked else None
+    assert (stack is not None) == stacked
+    return SparseMoE(Linear(rand(EXPERTS, HIDDEN), pack=False), stack or experts, config), weights
+
+
+def reference(
+    moe: SparseMoE, weights: list[tuple[torch.Tensor, torch.Tensor]], x: torch.Tensor
+) -> torch.Tensor:
+    """Token by token, expert by expert, in float64."""
+    probabilities, chosen = moe.route(x)
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for token in range(x.shape[0]):
+        for slot in range(TOP_K):
+            up, down = (w.double() for w in weights[int(chosen[token, slot])])
+            h = x[token].double() @ up.t()
+            out[token] += float(probabilities[token, slot]) * ((F.silu(h[:WIDTH]) * h[WIDTH:]) @ down.t())
+    return out
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 32, 200])
+def test_every_way_of_running_the_experts_gives_the_reference(
+    tokens: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    x = torch.randn(tokens, HIDDEN, generator=torch.Generator().manual_seed(tokens))
+    separate, weights = build(stacked=False)
+    stacked, _ = build(stacked=True)
+    expected = reference(separate, weights, x)
+    torch.testing.assert_close(separate(x).double(), expected, atol=1e-5, rtol=1e-5)
+    for padding in (0.0, float("inf")):  # never batched, always batched
+        monkeypatch.setattr(moe_module, "MAX_PADDING", padding)
+        torch.testing.assert_close(stacked(x).double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_batched_path_is_taken_for_even_small_groups(monkeypatch: pytest.MonkeyPatch) -> None:
+    stacked, _ = build(stacked=True)
+    calls: list[tuple[int, ...]] = []
+    original = StackedExperts.batched
+
+    def spy(self: StackedExperts, x: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(x.shape))
+        return original(self, x)
+
+    monkeypatch.setattr(StackedExperts, "batched", spy)
+    stacked(torch.randn(64, HIDDEN, generator=torch.Generator().manual_seed(1)))  # ~16 rows an expert
+    assert len(calls) == 1 and calls[0][0] == EXPERTS
+    calls.clear()
+    stacked(torch.randn(1, HIDDEN))  # 2 rows over 8 experts: padding would be 4x
+    assert calls == []
+
+
+def test_quantised_or_biased_experts_are_not_stacked() -> None:
+    up, down = torch.randn(2 * WIDTH, HIDDEN), torch.randn(HIDDEN, WIDTH)
+    biased = DenseMLP(Linear(up, torch.zeros(2 * WIDTH), pack=False), Linear(down, pack=False), F.silu, True)
+    assert StackedExperts.of([biased]) is None
