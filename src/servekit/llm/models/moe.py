@@ -22,6 +22,7 @@ import torch
 
 from servekit.llm.model_config import MoEConfig
 from servekit.llm.models.layers import DenseMLP, Projection
+from servekit.llm.models.linear import Linear
 
 # Batched over all experts only while padding the groups at most doubles the rows computed.
 MAX_PADDING = 2.0
@@ -39,11 +40,13 @@ class StackedExperts:
     @classmethod
     def of(cls, experts: list[DenseMLP]) -> StackedExperts | None:
         """The experts stacked, or None when they cannot be (quantised, biased, or not float)."""
-        weights = [(e.up.weight, e.down.weight) for e in experts if _plain(e.up) and _plain(e.down)]
-        if len(weights) != len(experts) or not experts:
+        weights = [(_plain(e.up), _plain(e.down)) for e in experts]
+        ups = [up for up, _ in weights if up is not None]
+        downs = [down for _, down in weights if down is not None]
+        if not experts or len(ups) != len(experts) or len(downs) != len(experts):
             return None
-        up = torch.stack([w.t() for w, _ in weights]).contiguous()
-        down = torch.stack([w.t() for _, w in weights]).contiguous()
+        up = torch.stack([w.t() for w in ups]).contiguous()
+        down = torch.stack([w.t() for w in downs]).contiguous()
         return cls(up, down, experts[0].act, experts[0].gated)
 
     def __len__(self) -> int:
@@ -63,13 +66,12 @@ class StackedExperts:
         return torch.bmm(self._activate(torch.bmm(x, self.up)), self.down)
 
 
-def _plain(projection: Projection) -> bool:
-    weight = getattr(projection, "weight", None)
-    return (
-        isinstance(weight, torch.Tensor)
-        and weight.is_floating_point()
-        and getattr(projection, "bias", None) is None
-    )
+def _plain(projection: Projection) -> torch.Tensor | None:
+    """The projection's float weight, if it has one and no bias."""
+    if not isinstance(projection, Linear) or projection.bias is not None:
+        return None
+    weight = projection.weight
+    return weight if weight is not None and weight.is_floating_point() else None
 
 
 @dataclass
