@@ -42,6 +42,44 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
         {**LLAMA_LIKE, "new_decoder_architecture": True, "num_kv_heads": 2, "bias": True},
     ),
     "gemma2": ("gemma2", {**LLAMA_LIKE, "head_dim": 16, "sliding_window": 5, "query_pre_attn_scalar": 16}),
+    "gemma3_text": (
+        "gemma3",
+        {
+            **LLAMA_LIKE,
+            "num_hidden_layers": 6,
+            "head_dim": 16,
+            "sliding_window": 5,
+            "query_pre_attn_scalar": 16,
+            "rope_parameters": {
+                "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1_000_000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            },
+        },
+    ),
+    "qwen3_moe": (
+        "qwen3moe",
+        {
+            **LLAMA_LIKE,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "norm_topk_prob": True,
+        },
+    ),
+    # LongRoPE with a context past the original: the long factors apply.
+    "phi3-longrope": (
+        "phi3",
+        {
+            **LLAMA_LIKE,
+            "max_position_embeddings": 128,
+            "original_max_position_embeddings": 8,
+            "rope_scaling": {
+                "rope_type": "longrope",
+                "short_factor": [1.0 + i / 8 for i in range(8)],
+                "long_factor": [2.0 + i / 4 for i in range(8)],
+            },
+        },
+    ),
 }
 CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
 
@@ -82,12 +120,13 @@ def write_gguf(directory: Path, out: Path, arch: str) -> None:
     writer.add_head_count_kv(kv_heads)
     writer.add_key_length(head_dim)
     writer.add_vocab_size(model.vocab_size)
-    if arch == "qwen2moe":
+    if arch in ("qwen2moe", "qwen3moe"):
         writer.add_expert_count(model.num_experts)
         writer.add_expert_used_count(model.num_experts_per_tok)
         writer.add_expert_feed_forward_length(model.moe_intermediate_size)
-        writer.add_expert_shared_feed_forward_length(model.shared_expert_intermediate_size)
-    if arch in ("phi3", "gemma2", "qwen2moe"):
+        if arch == "qwen2moe":
+            writer.add_expert_shared_feed_forward_length(model.shared_expert_intermediate_size)
+    if arch in ("phi3", "gemma2", "gemma3", "qwen2moe", "qwen3moe"):
         writer.add_layer_norm_rms_eps(model.rms_norm_eps)
     else:
         writer.add_layer_norm_eps(
@@ -97,12 +136,24 @@ def write_gguf(directory: Path, out: Path, arch: str) -> None:
         )
     if arch not in ("gpt2", "bloom"):
         rope = model.rope_parameters
+        rope = rope.get("full_attention", rope)  # Gemma 3: the global layers' (llama.cpp's only) base
         writer.add_rope_freq_base(rope["rope_theta"])
         writer.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
-    if arch == "gemma2":
+        if rope.get("rope_type") == "linear":
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(rope["factor"])
+        if rope.get("rope_type") == "longrope":  # as llama.cpp's Phi-3 converter writes it
+            original = model.original_max_position_embeddings
+            writer.add_rope_scaling_orig_ctx_len(original)
+            scale = model.max_position_embeddings / original
+            writer.add_rope_scaling_attn_factors(float(np.sqrt(1 + np.log(scale) / np.log(original))))
+            writer.add_tensor("rope_factors_long.weight", np.asarray(rope["long_factor"], dtype=np.float32))
+            writer.add_tensor("rope_factors_short.weight", np.asarray(rope["short_factor"], dtype=np.float32))
+    if arch in ("gemma2", "gemma3"):
         writer.add_sliding_window(model.sliding_window)
-        writer.add_attn_logit_softcapping(model.attn_logit_softcapping)
-        writer.add_final_logit_softcapping(model.final_logit_softcapping)
+        if arch == "gemma2":
+            writer.add_attn_logit_softcapping(model.attn_logit_softcapping)
+            writer.add_final_logit_softcapping(model.final_logit_softcapping)
     add_gguf_tokenizer(writer, directory)
     names = gguf.get_tensor_name_map(
         next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch), model.num_hidden_layers
@@ -129,7 +180,7 @@ def write_gguf(directory: Path, out: Path, arch: str) -> None:
             )
         if arch == "bloom":
             name = name.removeprefix("transformer.")
-        if arch == "gemma2" and name.endswith("norm.weight"):
+        if arch in ("gemma2", "gemma3") and name.endswith("norm.weight"):
             array = array + 1.0  # llama.cpp's Gemma graphs scale by the stored weight
         target = names.get_name(name, try_suffixes=(".weight", ".bias"))
         assert target is not None, name
@@ -145,6 +196,9 @@ def test_gguf_family_gives_transformers_logits(family: str, tmp_path: Path) -> N
     torch.set_num_threads(1)
     arch, config = FAMILIES[family]
     directory = build_family_checkpoint(tmp_path / "hf", family.split("-")[0], config)
+    max_model_len = getattr(
+        transformers.AutoConfig.from_pretrained(str(directory)), "max_position_embeddings", 64
+    )
     file = tmp_path / f"{family}.gguf"
     write_gguf(directory, file, arch)
 
@@ -154,7 +208,13 @@ def test_gguf_family_gives_transformers_logits(family: str, tmp_path: Path) -> N
     prompt = "The quick brown fox jumps over the lazy dog."
     ids = source.tokenizer.encode(prompt)
     assert ids == hf_source.tokenizer.encode(prompt)
-    runner = ModelRunner(source.config, source.iter_weights(), block_size=4, num_blocks=32, max_model_len=64)
+    runner = ModelRunner(
+        source.config,
+        source.iter_weights(),
+        block_size=4,
+        num_blocks=32,
+        max_model_len=min(max_model_len, 128),
+    )
     out = runner.execute(ForwardBatch([ids], [0], [list(range(len(ids) // 4 + 1))], all_logits=[True]))
     reference = transformers.AutoModelForCausalLM.from_pretrained(
         str(directory), attn_implementation="eager"

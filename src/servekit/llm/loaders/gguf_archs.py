@@ -27,8 +27,10 @@ GGUF_MODEL_TYPES = {
     "stablelm": "stablelm",
     "phi3": "phi3",
     "gemma2": "gemma2",
+    "gemma3": "gemma3_text",
     "bloom": "bloom",
     "qwen2moe": "qwen2_moe",
+    "qwen3moe": "qwen3_moe",
     "falcon": "falcon",
 }
 _EXPERTS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
@@ -70,25 +72,38 @@ def hf_config_from_gguf(meta: GGUFMetadata, tensor_names: set[str]) -> dict[str,
     if model_type == "stablelm":
         config["use_qkv_bias"] = "blk.0.attn_q.bias" in tensor_names
         config["use_parallel_residual"] = "blk.0.ffn_norm.weight" not in tensor_names
-    if model_type == "gemma2":
+    if model_type in ("gemma2", "gemma3_text"):
         window = int(meta.arch("attention.sliding_window", 4096))
+        if model_type == "gemma2":  # llama.cpp: even layers attend within the window, odd ones globally
+            sliding = [i % 2 == 0 for i in range(layers)]
+        else:  # every `pattern`-th layer global (llama.cpp's default: 6)
+            pattern = int(meta.arch("attention.sliding_window_pattern", 6))
+            sliding = [(i + 1) % pattern != 0 for i in range(layers)]
         config.update(
             sliding_window=window,
             attn_logit_softcapping=meta.arch("attn_logit_softcapping"),
             final_logit_softcapping=meta.arch("final_logit_softcapping"),
             query_pre_attn_scalar=head_dim,
-            # llama.cpp: even layers attend within the window, odd layers globally.
-            layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)],
+            layer_types=["sliding_attention" if s else "full_attention" for s in sliding],
             hidden_activation="gelu_pytorch_tanh",
         )
-    if model_type == "qwen2_moe":
+        if model_type == "gemma3_text":
+            config["rope_local_base_freq"] = 10_000.0  # fixed in llama.cpp's Gemma 3 graph
+            factor = meta.arch("rope.scaling.factor")
+            if meta.arch("rope.scaling.type") == "linear" and factor:
+                config["rope_scaling"] = {"rope_type": "linear", "factor": float(factor)}
+    if model_type in ("qwen2_moe", "qwen3_moe"):
         config.update(
             num_experts=int(meta.arch("expert_count")),
             num_experts_per_tok=int(meta.arch("expert_used_count")),
             moe_intermediate_size=int(meta.arch("expert_feed_forward_length")),
             shared_expert_intermediate_size=int(meta.arch("expert_shared_feed_forward_length", 0)),
             qkv_bias="blk.0.attn_q.bias" in tensor_names,
+            # llama.cpp renormalises Qwen3-MoE's top-k weights unless the file says otherwise.
+            norm_topk_prob=bool(meta.arch("expert_weights_norm", model_type == "qwen3_moe")),
         )
+    if model_type == "phi3" and "rope_factors_long.weight" in tensor_names:
+        config.update(_longrope(meta))
     if model_type == "falcon":
         kv_heads = config["num_key_value_heads"]
         two_norms = "blk.0.attn_norm_2.weight" in tensor_names
@@ -106,6 +121,29 @@ def hf_config_from_gguf(meta: GGUFMetadata, tensor_names: set[str]) -> dict[str,
     if model_type == "starcoder2":
         config["hidden_act"] = "gelu_pytorch_tanh"
     return config
+
+
+def _longrope(meta: GGUFMetadata) -> dict[str, Any]:
+    """Phi-3's LongRoPE, as llama.cpp stores it: the per-frequency factors as two tensors, the
+    original context and the attention factor as metadata."""
+    from servekit.llm.loaders.gguf import dequantize_tensor
+
+    factors = {
+        t.name: dequantize_tensor(t).tolist()
+        for t in meta.reader.tensors
+        if t.name.startswith("rope_factors_")
+    }
+    original = int(meta.arch("rope.scaling.original_context_length", meta.arch("context_length", 4096)))
+    scaling: dict[str, Any] = {
+        "rope_type": "longrope",
+        "long_factor": factors["rope_factors_long.weight"],
+        "short_factor": factors.get("rope_factors_short.weight", factors["rope_factors_long.weight"]),
+        "original_max_position_embeddings": original,
+    }
+    attention_factor = meta.arch("rope.scaling.attn_factor")
+    if attention_factor is not None:
+        scaling["attention_factor"] = float(attention_factor)
+    return {"rope_scaling": scaling, "original_max_position_embeddings": original}
 
 
 @functools.cache
@@ -190,6 +228,6 @@ def to_hf_layout(name: str, tensor: torch.Tensor, config: ModelConfig) -> torch.
         rest = tensor.shape[1:]
         per_part = tensor.reshape(3, config.num_attention_heads, config.head_dim, *rest)
         return per_part.transpose(0, 1).reshape(tensor.shape).contiguous()
-    if config.architecture == "gemma2" and name.endswith("norm.weight"):
+    if config.architecture in ("gemma2", "gemma3_text") and name.endswith("norm.weight"):
         return tensor - 1.0
     return tensor

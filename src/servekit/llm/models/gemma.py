@@ -85,5 +85,6 @@ FAMILIES = {
         configure_gemma3,
         ("Gemma3ForCausalLM",),
         "Gemma 2 without soft-capping + q/k norms, local rope base",
+        gguf=True,
     ),
 }

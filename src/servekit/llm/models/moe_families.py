@@ -93,6 +93,10 @@ FAMILIES = {
         gguf=True,
     ),
     "qwen3_moe": Family(
-        QwenMoeForCausalLM, configure_qwen_moe, ("Qwen3MoeForCausalLM",), "sparse MoE, q/k norms"
+        QwenMoeForCausalLM,
+        configure_qwen_moe,
+        ("Qwen3MoeForCausalLM",),
+        "sparse MoE, q/k norms",
+        gguf=True,
     ),
 }
