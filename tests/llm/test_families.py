@@ -7,6 +7,7 @@ blocks; greedy text equal to ``generate``; prefix-cache hits and preemption give
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from servekit.llm import EngineConfig, LLMEngine, SamplingParams
+from servekit.llm.inputs import InputProcessor
 from servekit.llm.loaders import ModelSource, load_model_source
 from servekit.llm.model_runner import ForwardBatch, ModelRunner
 from tests.llm.tiny_models import LLAMA_LIKE, build_family_checkpoint
@@ -197,3 +199,33 @@ def test_engine_greedy_prefix_cache_and_preemption(family: tuple[Path, Any]) -> 
     tight = {"num_kv_blocks": 16, "block_size": 4, "max_model_len": 64, "max_num_batched_tokens": 16}
     preempted, stats = run(source, prompts, **tight)
     assert preempted == expected and stats.num_preemptions > 0
+
+
+# A template using what differs between families' files: the BOS/EOS tokens and the roles.
+FAMILY_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def test_chat_template_special_tokens_and_eos_come_from_the_family_files(family: tuple[Path, Any]) -> None:
+    """Every family reads the files as transformers does: the chat template (chat_template.jinja), the
+    special tokens of tokenizer_config.json, and every EOS id of generation_config.json (there [eos,
+    bos], so a family that kept only config.json's single id would fail)."""
+    directory, _ = family
+    (directory / "chat_template.jinja").write_text(FAMILY_TEMPLATE)
+    try:
+        source = load_model_source(str(directory))
+        reference = transformers.AutoTokenizer.from_pretrained(str(directory))
+        generation = json.loads((directory / "generation_config.json").read_text())
+        assert source.config.eos_token_ids == generation["eos_token_id"]
+        assert source.config.bos_token_id == generation["bos_token_id"]
+        assert source.chat_template == FAMILY_TEMPLATE
+        inputs = InputProcessor(source.tokenizer, source.config.vocab_size, 64, source.chat_template)
+        messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+        expected_text = reference.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert inputs.render_chat(messages) == expected_text
+        expected_ids = reference(expected_text, add_special_tokens=False)["input_ids"]
+        assert inputs.chat_token_ids(messages) == expected_ids
+    finally:
+        (directory / "chat_template.jinja").unlink()
