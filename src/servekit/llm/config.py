@@ -117,7 +117,11 @@ class EngineConfig:
         "waiting requests beyond this are refused (503 with Retry-After; default: unlimited)",
         env=("MAX_CONCURRENCY",),
     )
-    num_threads: int | None = setting(None, "torch threads (default: torch's choice)", env=("NUM_THREADS",))
+    num_threads: int | None = setting(
+        None,
+        "torch threads (default: torch's choice, at most the CPUs this process may run on)",
+        env=("NUM_THREADS",),
+    )
     # Process-wide. On CPUs, activations that decay into denormals (softmax tails, SiLU of large
     # negatives) otherwise make matmuls several times slower.
     flush_denormal: bool = setting(True, "flush denormal floats to zero")

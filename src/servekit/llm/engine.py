@@ -36,6 +36,7 @@ from servekit.llm.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from servekit.llm.sequence import Sequence as Seq
 from servekit.llm.sequence import SequenceGroup
 from servekit.llm.stop import check_stop, effective_max_tokens
+from servekit.threads import configure_threads
 
 if TYPE_CHECKING:
     from servekit.llm.loaders import ModelSource
@@ -86,8 +87,7 @@ class LLMEngine:
         """
         self.config = config if config is not None else EngineConfig()
         cfg = self.config
-        if cfg.num_threads is not None:
-            torch.set_num_threads(cfg.num_threads)
+        configure_threads(cfg.num_threads)
         if cfg.seed is not None:
             torch.manual_seed(cfg.seed)
         if cfg.flush_denormal:
