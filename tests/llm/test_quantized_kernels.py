@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
+import platform
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +15,9 @@ import pytest
 import torch
 
 from servekit.cpu import cpu_flags
-from servekit.llm import EngineConfig, SamplingParams
+from servekit.llm import EngineConfig, SamplingParams, kernels
 from servekit.llm.config import EngineConfigError
-from servekit.llm.kernels import kernels_available
+from servekit.llm.kernels import kernels_available, quantized
 from servekit.llm.kernels.quantized import (
     BLOCK_TYPES,
     QuantizedTensor,
@@ -219,3 +222,48 @@ def test_default_model_on_its_blocks_matches_the_dequantised_model() -> None:
     assert difference < 1e-4 * float(expected_logits.abs().max()), difference
     assert tokens == expected_tokens
     assert "Paris" in source.tokenizer.decode(tokens)
+
+
+# -- the other vector paths, built here on purpose ---------------------------------------------------
+
+
+def _build(tmp_path: Path, flags: list[str]) -> Path:
+    from servekit.llm.kernels import _compiler
+
+    compiler = _compiler()
+    if compiler is None:
+        pytest.skip("no C compiler")
+    source = Path(kernels.__file__).with_name("quantized_matmul.c")
+    target = tmp_path / "quantized.so"
+    subprocess.run(
+        [compiler, "-O2", "-ffast-math", "-fPIC", "-shared", *flags, "-o", str(target), str(source)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    return target
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="x86 target flags")
+def test_avx512_path_compiles(tmp_path: Path) -> None:
+    """This machine may lack AVX-512; the path must still build for the ones that have it."""
+    _build(tmp_path, ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma", "-mf16c"])
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="x86 target flags")
+def test_portable_path_matches_the_reference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    library = ctypes.CDLL(str(_build(tmp_path, ["-march=x86-64"])))
+    for name in ("quantized_matmul", "dequantize_rows", "quantized_simd_lanes"):
+        function = getattr(library, name)
+        function.restype, function.argtypes = ctypes.c_int, kernels._SIGNATURES[name]
+    monkeypatch.setattr(quantized, "load_library", lambda: library)
+    assert quantized.quantized_simd_lanes() == 1
+    for qtype in TYPES:
+        cols = cols_for(qtype)
+        blocks = random_blocks(qtype, 19, cols, seed=2)
+        weight = gguf.quants.dequantize(blocks, qtype).astype(np.float64)
+        for rows in (1, 17):
+            x = torch.randn(rows, cols)
+            reference = x.double().numpy() @ weight.T
+            got = quantized.quantized_matmul(x, torch.from_numpy(blocks), int(qtype))
+            assert np.abs(got.double().numpy() - reference).max() / np.abs(reference).max() < 1e-5, qtype

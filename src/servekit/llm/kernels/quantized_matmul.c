@@ -6,8 +6,10 @@
  * of x @ dequantize(W).T up to float32 summation order.
  *
  * Two schedules, both reading every weight block once per call:
- *  - few rows of x (decode): a weight row is dequantised into an L1-resident buffer and applied to
- *    every row of x at once (up to four x rows per pass);
+ *  - few rows of x (decode): a weight row is applied to every row of x at once (up to four x rows
+ *    per pass); Q4_0/Q4_1/Q8_0 on AVX2 convert each block's codes in registers and apply its scale
+ *    (and offset, through per-block sums of x) once per block; the K-quants, or without AVX2, the
+ *    row is dequantised into an L1-resident buffer first;
  *  - many rows (prefill): a tile of NR weight rows is dequantised into a packed [K][NR] buffer (L2)
  *    and an MR x NR register-blocked FMA kernel runs over all rows of x.
  * The vector width is the one of the CPU the library is compiled on (-march=native, cached per CPU):
@@ -216,9 +218,100 @@ static inline void dot4(const float *w, const float *x, int64_t ldx, int64_t k, 
     for (int r = 0; r < 4; r++) res[r] = qsum(qadd(a[r][0], a[r][1]));
 }
 
+#if defined(__AVX2__) && defined(__FMA__)
+#define HAVE_FUSED_BLOCKS 1
+/* The 32-weight types without a dequantised row: w = d * q + c per block, so a block contributes
+ * d * <q, x> + c * sum(x) (sums of x per block precomputed, `xsums` [rows][blocks]). The integer
+ * codes are converted in registers and each x row's block is read once per weight block. */
+static inline __attribute__((always_inline)) void dot_blocks(const uint8_t *row, int type,
+                                                             int64_t blocks, const float *x,
+                                                             int64_t ldx, const float *xsums,
+                                                             int mr, float *res) {
+    __m256 acc[4];
+    float offsets[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int r = 0; r < 4; r++) acc[r] = _mm256_setzero_ps();
+    const int block_bytes = type == GGML_Q4_0 ? 18 : type == GGML_Q4_1 ? 20 : 34;
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    for (int64_t b = 0; b < blocks; b++) {
+        const uint8_t *block = row + b * block_bytes;
+        const float d = half_to_float(block);
+        float c = 0.0f;
+        __m256 q[4];
+        if (type == GGML_Q8_0) {
+            for (int p = 0; p < 4; p++)
+                q[p] = _mm256_cvtepi32_ps(
+                    _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(block + 2 + 8 * p))));
+        } else {
+            const uint8_t *qs = block + (type == GGML_Q4_1 ? 4 : 2);
+            c = type == GGML_Q4_1 ? half_to_float(block + 2) : -8.0f * d;
+            const __m128i bytes = _mm_loadu_si128((const __m128i *)qs);
+            const __m128i lo = _mm_and_si128(bytes, mask);
+            const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+            q[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+            q[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+            q[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+            q[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+        }
+        const __m256 vd = _mm256_set1_ps(d);
+        for (int r = 0; r < 4; r++) {
+            if (r < mr) {
+                const float *xb = x + r * ldx + 32 * b;
+                __m256 sum = _mm256_mul_ps(q[0], _mm256_loadu_ps(xb));
+                sum = _mm256_fmadd_ps(q[1], _mm256_loadu_ps(xb + 8), sum);
+                sum = _mm256_fmadd_ps(q[2], _mm256_loadu_ps(xb + 16), sum);
+                sum = _mm256_fmadd_ps(q[3], _mm256_loadu_ps(xb + 24), sum);
+                acc[r] = _mm256_fmadd_ps(vd, sum, acc[r]);
+                if (type != GGML_Q8_0) offsets[r] += c * xsums[r * blocks + b];
+            }
+        }
+    }
+    for (int r = 0; r < 4; r++) {
+        if (r < mr) {
+            __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
+            v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+            v = _mm_add_ss(v, _mm_shuffle_ps(v, v, 1));
+            res[r] = _mm_cvtss_f32(v) + offsets[r];
+        }
+    }
+}
+#else
+#define HAVE_FUSED_BLOCKS 0
+#endif
+
 static int matmul_rows(const float *x, int64_t m, int64_t k, const uint8_t *w, int64_t n,
                        int64_t row_bytes, int type, const float *bias, float *out, int threads) {
     int status = 0;
+#if HAVE_FUSED_BLOCKS
+    if (type == GGML_Q4_0 || type == GGML_Q4_1 || type == GGML_Q8_0) {
+        const int64_t blocks = k / 32;
+        float *xsums = malloc(sizeof(float) * (size_t)(m * blocks));
+        if (xsums == NULL) return -1;
+        for (int64_t i = 0; i < m * blocks; i++) {
+            float total = 0.0f;
+            for (int e = 0; e < 32; e++) total += x[i * 32 + e];
+            xsums[i] = total;
+        }
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(threads) schedule(static)
+#endif
+        for (int64_t j = 0; j < n; j++) {
+            const uint8_t *row = w + j * row_bytes;
+            const float b = bias ? bias[j] : 0.0f;
+            int64_t i = 0;
+            float res[4];
+            for (; i + 4 <= m; i += 4) {
+                dot_blocks(row, type, blocks, x + i * k, k, xsums + i * blocks, 4, res);
+                for (int r = 0; r < 4; r++) out[(i + r) * n + j] = res[r] + b;
+            }
+            for (; i < m; i++) {
+                dot_blocks(row, type, blocks, x + i * k, k, xsums + i * blocks, 1, res);
+                out[i * n + j] = res[0] + b;
+            }
+        }
+        free(xsums);
+        return 0;
+    }
+#endif
 #ifdef _OPENMP
 #pragma omp parallel num_threads(threads)
 #endif
@@ -274,12 +367,14 @@ static inline __attribute__((always_inline)) void micro_kernel(const float *pack
 static int matmul_tiles(const float *x, int64_t m, int64_t k, const uint8_t *w, int64_t n,
                         int64_t row_bytes, int type, const float *bias, float *out, int threads) {
     const int64_t tiles = (n + NR - 1) / NR;
+    int block, block_bytes;
+    block_geometry(type, &block, &block_bytes);
     int status = 0;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(threads)
 #endif
     {
-        float *row = aligned_alloc(64, sizeof(float) * (size_t)k);
+        float *row = aligned_alloc(64, sizeof(float) * (size_t)block * NR);
         float *packed = aligned_alloc(64, sizeof(float) * (size_t)k * NR);
         if (row == NULL || packed == NULL) status = -1;
 #ifdef _OPENMP
@@ -289,13 +384,19 @@ static int matmul_tiles(const float *x, int64_t m, int64_t k, const uint8_t *w, 
             if (row == NULL || packed == NULL) continue;
             const int64_t first = t * NR;
             const int nr = (int)(n - first < NR ? n - first : NR);
-            for (int r = 0; r < NR; r++) {
-                if (r < nr) {
-                    dequant_row(w + (first + r) * row_bytes, type, k, row);
-                    for (int64_t i = 0; i < k; i++) packed[i * NR + r] = row[i];
-                } else {
-                    for (int64_t i = 0; i < k; i++) packed[i * NR + r] = 0.0f;
+            /* Block by block: NR rows' blocks into `row` ([NR][block]), then written out k-major
+             * (contiguous stores of NR values). */
+            const int64_t block_row_bytes = row_bytes / (k / block);
+            for (int64_t b = 0; b < k / block; b++) {
+                for (int r = 0; r < NR; r++) {
+                    if (r < nr) {
+                        dequant_row(w + (first + r) * row_bytes + b * block_row_bytes, type, block, row + r * block);
+                    } else {
+                        memset(row + r * block, 0, sizeof(float) * (size_t)block);
+                    }
                 }
+                for (int i = 0; i < block; i++)
+                    for (int r = 0; r < NR; r++) packed[(b * block + i) * NR + r] = row[r * block + i];
             }
             float tile[MR * NR];
             for (int64_t i = 0; i < m; i += MR) {
@@ -317,8 +418,9 @@ static int matmul_tiles(const float *x, int64_t m, int64_t k, const uint8_t *w, 
     return status;
 }
 
-/* Rows of x from which the tiled schedule wins (measured on AVX2: it amortises its packing). */
-#define TILED_FROM_ROWS 32
+/* Rows of x from which the tiled schedule wins (CPU time on the AVX2 EPYC, SmolLM2 shapes: rows
+ * path faster at 8 rows, tiled at 32: its packing is amortised). */
+#define TILED_FROM_ROWS 16
 
 /* x float32 [m][k] contiguous, w [n][row_bytes], out float32 [m][n]; bias float32 [n] or NULL.
  * schedule: 0 by the number of rows, 1 row by row (decode), 2 tiled (prefill).
