@@ -5,12 +5,15 @@ decode tok/s at batch 1 and 8 (one step = one token per sequence, contexts of ~3
 prefill tok/s of one 128-token prompt; each measured ``--repeats`` times, interleaved (blocks,
 dequantised, blocks, ...), best of the repeats; the ratio is blocks / dequantised.
 
-    PYTHONPATH=src .venv/bin/python benchmarks/bench_quantized.py [--threads 2] [--steps 32] [--repeats 3]
+    OMP_WAIT_POLICY=PASSIVE PYTHONPATH=src .venv/bin/python benchmarks/bench_quantized.py [--threads 2] [--steps 32] [--repeats 3]
+
+(``servekit`` sets that wait policy for its own processes; see ``bench_contention.py``.)
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections.abc import Callable
 
@@ -56,7 +59,8 @@ def main() -> None:
     with open("/proc/loadavg") as handle:
         load = handle.read().strip()
     print(
-        f"CPU: {cpu_model()}, quantised kernels' vector lanes {quantized_simd_lanes()}, {args.threads} threads"
+        f"CPU: {cpu_model()}, quantised kernels' vector lanes {quantized_simd_lanes()}, {args.threads} threads, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}"
     )
     print(f"load average: {load}")
     source = load_model_source(None)
