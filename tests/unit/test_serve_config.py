@@ -146,6 +146,9 @@ def test_gguf_weights_is_a_serve_flag_and_shown_in_server_info() -> None:
     args = build_parser().parse_args(["serve", "--gguf-weights", "dequantize"])
     flagged = ServeConfig.resolve(vars(args), env={})
     assert (flagged.engine.gguf_weights, flagged.sources["gguf_weights"]) == ("dequantize", "flag")
-    assert ServeConfig.resolve({}, env={"SERVEKIT_GGUF_WEIGHTS": "dequantize"}).engine.gguf_weights == "dequantize"
+    assert (
+        ServeConfig.resolve({}, env={"SERVEKIT_GGUF_WEIGHTS": "dequantize"}).engine.gguf_weights
+        == "dequantize"
+    )
     with pytest.raises(EngineConfigError, match="gguf_weights"):
         ServeConfig.resolve({"gguf_weights": "fp4"}, env={})
