@@ -7,8 +7,9 @@ per-layer sliding windows) is read from ``ModelConfig``.
 
 Loading fuses q/k/v into one projection and gate/up into another, then hands them to oneDNN
 pre-packed (``servekit.llm.models.linear``); weights that come as GGUF blocks (``QuantizedTensor``)
-become ``QuantizedLinear`` projections (and a quantised embedding) computed on the blocks. The model works on a flattened batch (``[num_tokens]``
-ids and positions) and reads/writes the paged KV cache through ``servekit.llm.attention``.
+become ``QuantizedLinear`` projections (and a quantised embedding) computed on the blocks. The model
+works on a flattened batch (``[num_tokens]`` ids and positions) and reads/writes the paged KV cache
+through ``servekit.llm.attention``.
 """
 
 from __future__ import annotations
