@@ -8,6 +8,7 @@ import sys
 
 from servekit.proxy.command import add_proxy_arguments, run_proxy_command
 from servekit.specs.llm.command import add_serve_arguments, resolve_serve_config
+from servekit.threads import default_passive_wait
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +101,9 @@ def run_client(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before anything imports torch (here or in the worker processes, which inherit it): idle OpenMP
+    # threads sleep instead of spinning, so neighbours on the cores do not make steps collapse.
+    default_passive_wait()
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         config = resolve_serve_config(args)

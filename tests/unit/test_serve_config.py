@@ -142,3 +142,18 @@ def test_the_cli_reports_a_bad_value_without_a_traceback() -> None:
     )
     assert done.returncode == 2
     assert "quantization must be none, auto or int8" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_gguf_weights_is_a_serve_flag_and_shown_in_server_info() -> None:
+    from servekit.cli import build_parser
+
+    assert ServeConfig.resolve({}, env={}).redacted()["gguf_weights"] == "blocks"
+    args = build_parser().parse_args(["serve", "--gguf-weights", "dequantize"])
+    flagged = ServeConfig.resolve(vars(args), env={})
+    assert (flagged.engine.gguf_weights, flagged.sources["gguf_weights"]) == ("dequantize", "flag")
+    assert (
+        ServeConfig.resolve({}, env={"SERVEKIT_GGUF_WEIGHTS": "dequantize"}).engine.gguf_weights
+        == "dequantize"
+    )
+    with pytest.raises(EngineConfigError, match="gguf_weights"):
+        ServeConfig.resolve({"gguf_weights": "fp4"}, env={})

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATION_CHOICES = ("auto", "int8")
+GGUF_WEIGHTS_CHOICES = ("blocks", "dequantize")
 _DTYPE_ALIASES = {
     "fp32": "float32",
     "float": "float32",
@@ -73,6 +74,14 @@ class EngineConfig:
         "default Q4_1 GGUF, none otherwise)",
         env=("QUANTIZATION",),
     )
+    gguf_weights: str = setting(
+        "blocks",
+        "how a quantised GGUF's weights are computed: blocks (default: straight on the file's Q4_0, "
+        "Q4_1, Q8_0, Q4_K, Q6_K blocks with the C kernels, exact float32 arithmetic, 4-8x fewer bytes "
+        "than float32; other types, bfloat16/float16 compute, int8 quantization or no C kernels fall "
+        "back to dequantize) or dequantize (every weight dequantised to float32 at load)",
+        env=("GGUF_WEIGHTS",),
+    )
     kv_cache_dtype: str = setting(
         "auto",
         "KV cache dtype: auto (bfloat16 with int8 quantization, else the model's), float32, bfloat16, "
@@ -108,7 +117,11 @@ class EngineConfig:
         "waiting requests beyond this are refused (503 with Retry-After; default: unlimited)",
         env=("MAX_CONCURRENCY",),
     )
-    num_threads: int | None = setting(None, "torch threads (default: torch's choice)", env=("NUM_THREADS",))
+    num_threads: int | None = setting(
+        None,
+        "torch threads (default: torch's choice, at most the CPUs this process may run on)",
+        env=("NUM_THREADS",),
+    )
     # Process-wide. On CPUs, activations that decay into denormals (softmax tails, SiLU of large
     # negatives) otherwise make matmuls several times slower.
     flush_denormal: bool = setting(True, "flush denormal floats to zero")
@@ -121,6 +134,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         self.dtype = canonical_dtype(self.dtype)
         self.kv_cache_dtype = canonical_dtype(self.kv_cache_dtype)
+        self.gguf_weights = self.gguf_weights.strip().lower()
         if isinstance(self.quantization, str):
             lowered = self.quantization.strip().lower()
             self.quantization = None if lowered in ("", "none") else lowered
@@ -138,6 +152,11 @@ class EngineConfig:
             raise EngineConfigError(
                 f"kv_cache_dtype must be {one_of(DTYPE_CHOICES)}, got {self.kv_cache_dtype!r}",
                 "kv_cache_dtype",
+            )
+        if self.gguf_weights not in GGUF_WEIGHTS_CHOICES:
+            raise EngineConfigError(
+                f"gguf_weights must be {one_of(GGUF_WEIGHTS_CHOICES)}, got {self.gguf_weights!r}",
+                "gguf_weights",
             )
         if self.quantization is not None and self.quantization not in QUANTIZATION_CHOICES:
             raise EngineConfigError(
@@ -231,6 +250,23 @@ def resolve_quantization(name: str | None, checkpoint_quantization: str | None) 
     if checkpoint_quantization and not torch.cuda.is_available() and int8_matmul_available():
         return "int8"
     return None
+
+
+def resolve_gguf_blocks(name: str, has_blocks: bool, dtype: torch.dtype, quantization: str | None) -> bool:
+    """Whether the weights are computed on the checkpoint's quantised blocks: asked for (the
+    default), a checkpoint that has them, float32 compute on the CPU without int8, C kernels built."""
+    import torch
+
+    from servekit.llm.kernels import kernels_available
+
+    return (
+        name == "blocks"
+        and has_blocks
+        and dtype == torch.float32
+        and quantization is None
+        and not torch.cuda.is_available()
+        and kernels_available(torch.float32)
+    )
 
 
 def resolve_kv_cache_dtype(name: str, dtype: torch.dtype, quantization: str | None) -> torch.dtype:

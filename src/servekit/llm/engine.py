@@ -21,6 +21,7 @@ from servekit.llm.config import (
     EngineConfig,
     auto_num_kv_blocks,
     resolve_dtype,
+    resolve_gguf_blocks,
     resolve_kv_cache_dtype,
     resolve_quantization,
 )
@@ -35,6 +36,7 @@ from servekit.llm.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from servekit.llm.sequence import Sequence as Seq
 from servekit.llm.sequence import SequenceGroup
 from servekit.llm.stop import check_stop, effective_max_tokens
+from servekit.threads import configure_threads
 
 if TYPE_CHECKING:
     from servekit.llm.loaders import ModelSource
@@ -85,8 +87,7 @@ class LLMEngine:
         """
         self.config = config if config is not None else EngineConfig()
         cfg = self.config
-        if cfg.num_threads is not None:
-            torch.set_num_threads(cfg.num_threads)
+        configure_threads(cfg.num_threads)
         if cfg.seed is not None:
             torch.manual_seed(cfg.seed)
         if cfg.flush_denormal:
@@ -103,11 +104,20 @@ class LLMEngine:
         self.dtype = resolve_dtype(cfg.dtype, source.config)
         self.quantization = resolve_quantization(cfg.quantization, source.quantization)
         self.kv_cache_dtype = resolve_kv_cache_dtype(cfg.kv_cache_dtype, self.dtype, self.quantization)
+        # True: the checkpoint's quantised weights are computed on their GGUF blocks.
+        self.gguf_blocks = resolve_gguf_blocks(
+            cfg.gguf_weights,
+            source.quantization is not None and source.blocks_factory is not None,
+            self.dtype,
+            self.quantization,
+        )
         logger.info(
             "compute: %s, quantization %s%s, KV cache %s",
             str(self.dtype).removeprefix("torch."),
             self.quantization or "none",
-            f" (checkpoint: {source.quantization})" if source.quantization else "",
+            f" (checkpoint: {source.quantization}, {'on its blocks' if self.gguf_blocks else 'dequantised'})"
+            if source.quantization
+            else "",
             str(self.kv_cache_dtype).removeprefix("torch."),
         )
         if runner is None:
@@ -398,7 +408,7 @@ class LLMEngine:
             )
         return ModelRunner(
             source.config,
-            source.iter_weights(),
+            source.iter_weight_blocks() if self.gguf_blocks else source.iter_weights(),
             dtype=self.dtype,
             block_size=cfg.block_size,
             num_blocks=num_blocks,

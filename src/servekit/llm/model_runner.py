@@ -17,6 +17,7 @@ import torch
 
 from servekit.llm.attention import AttentionMetadata, build_attention_metadata
 from servekit.llm.kernels import kernels_available
+from servekit.llm.kernels.quantized import QuantizedTensor
 from servekit.llm.kv_cache import (
     DEFAULT_KV_CACHE_MEMORY_BYTES,
     PagedKVCache,
@@ -52,7 +53,7 @@ class ModelRunner:
     def __init__(
         self,
         config: ModelConfig,
-        weights: Iterable[tuple[str, torch.Tensor]],
+        weights: Iterable[tuple[str, torch.Tensor | QuantizedTensor]],
         *,
         dtype: torch.dtype = torch.float32,
         block_size: int = 16,

@@ -2,7 +2,7 @@
 
 The engine's hot loops that PyTorch cannot express without copies or many small operators (attention
 straight over the paged KV cache, the int8 quantise/rescale passes around an int8 matmul, residual
-add + RMSNorm, SiLU-and-multiply) are written in C here. The source ships with the package; the first process that needs a
+add + RMSNorm, SiLU-and-multiply, matmuls straight on GGUF's quantised weight blocks) are written in C here. The source ships with the package; the first process that needs a
 kernel compiles it (``-O3 -march=native``, a second or so) into a cache directory keyed by the
 source, the compiler and the CPU, and every later process loads the cached library. Without a C
 compiler, or with ``SERVEKIT_KERNELS=0``, every caller falls back to its pure PyTorch path.
@@ -30,7 +30,8 @@ from servekit.cpu import cpu_signature
 logger = logging.getLogger(__name__)
 
 SOURCES = tuple(
-    Path(__file__).with_name(name) for name in ("paged_attention.c", "int8_rows.c", "elementwise.c")
+    Path(__file__).with_name(name)
+    for name in ("paged_attention.c", "int8_rows.c", "elementwise.c", "quantized_matmul.c")
 )
 HEADERS = (Path(__file__).with_name("dtypes.h"),)
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fPIC", "-shared", "-pthread")
@@ -102,8 +103,32 @@ _SIGNATURES: dict[str, list[type]] = {
     # gate_up [rows, 2 * cols], out [rows, cols], rows, cols, dtype
     "silu_mul": [_POINTER, _POINTER, _INT64, _INT64, _INT],
     "attention_simd_lanes": [],
+    # x float32, rows, cols (K), weight blocks, out rows (N), bytes per weight row, GGML type, bias (or
+    # NULL), out float32, threads, schedule (0 auto, 1 row by row, 2 tiled)
+    "quantized_matmul": [
+        _POINTER,
+        _INT64,
+        _INT64,
+        _POINTER,
+        _INT64,
+        _INT64,
+        _INT,
+        _POINTER,
+        _POINTER,
+        _INT,
+        _INT,
+    ],
+    # weight blocks, bytes per row, GGML type, K, row indices int64, count, out float32
+    "dequantize_rows": [_POINTER, _INT64, _INT, _INT64, _POINTER, _INT64, _POINTER],
+    "quantized_simd_lanes": [],
 }
-_RETURNS_INT = ("paged_decode_attention", "attention_simd_lanes")
+_RETURNS_INT = (
+    "paged_decode_attention",
+    "attention_simd_lanes",
+    "quantized_matmul",
+    "dequantize_rows",
+    "quantized_simd_lanes",
+)
 
 
 @functools.cache

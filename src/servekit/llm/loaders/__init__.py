@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from servekit.llm.kernels.quantized import QuantizedTensor
 from servekit.llm.model_config import ModelConfig
 from servekit.llm.tokenizer import Tokenizer
 
@@ -32,6 +33,10 @@ class ModelSource:
     chat_template: str | None  # jinja2 source
     generation_config: dict[str, Any]
     weights_factory: Callable[[], Iterator[tuple[str, torch.Tensor]]] = field(repr=False)
+    # The weights with quantised ones kept as their blocks (GGUF files), for the quantised kernels.
+    blocks_factory: Callable[[], Iterator[tuple[str, torch.Tensor | QuantizedTensor]]] | None = field(
+        default=None, repr=False
+    )
     path: str = ""  # the local file or directory the model was read from
     quantization: str | None = None  # how the file stores its weights when quantised, e.g. "Q4_1, Q6_K"
 
@@ -40,6 +45,13 @@ class ModelSource:
         absent when the embeddings are tied. Tensors are floating point (HF: as stored; GGUF:
         dequantised to float32, F16 tensors stay float16). Each call reads the weights afresh."""
         return self.weights_factory()
+
+    def iter_weight_blocks(self) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
+        """As ``iter_weights``, but the 2-D weights the quantised kernels compute come as their blocks
+        (``QuantizedTensor``) when the format stores them so; every other tensor as ``iter_weights``."""
+        if self.blocks_factory is None:
+            return self.weights_factory()
+        return self.blocks_factory()
 
 
 def default_model_path() -> str:

@@ -1,6 +1,8 @@
-"""Load a GGUF file (llama.cpp's format): architecture, dequantised weights under HF names, tokenizer.
+"""Load a GGUF file (llama.cpp's format): architecture, weights under HF names, tokenizer.
 
-Weights are dequantised to float32 with the ``gguf`` package (F16 tensors stay float16). llama.cpp's
+Weights are dequantised to float32 with the ``gguf`` package (F16 tensors stay float16), except that
+``keep_blocks`` keeps the 2-D weights of the types the quantised kernels compute (Q4_0, Q4_1, Q8_0,
+Q4_K, Q6_K) as their blocks (``QuantizedTensor``) for the Llama-layout architectures. llama.cpp's
 converter permutes the rows of q_proj/k_proj of Llama-architecture models for its RoPE layout; that
 permutation is undone here, so every tensor comes back in the Hugging Face layout.
 """
@@ -18,6 +20,7 @@ import torch
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as BackendTokenizer
 
+from servekit.llm.kernels.quantized import BLOCK_TYPES, QuantizedTensor
 from servekit.llm.loaders.gguf_archs import GGUF_MODEL_TYPES, hf_config_from_gguf, hf_tensors
 from servekit.llm.model_config import ModelConfig
 from servekit.llm.tokenizer import Tokenizer, read_tokenizer_config
@@ -194,10 +197,32 @@ def dequantize_tensor(tensor: Any) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array).reshape(shape).copy())
 
 
+def stored_blocks(tensor: Any) -> QuantizedTensor | None:
+    """A 2-D tensor of a type the quantised kernels compute, as its blocks; None for any other."""
+    qtype = int(tensor.tensor_type)
+    if len(tensor.shape) != 2 or qtype not in BLOCK_TYPES:
+        return None
+    cols, rows = (int(d) for d in tensor.shape.tolist())
+    blocks = np.ascontiguousarray(np.asarray(tensor.data, dtype=np.uint8).reshape(rows, -1)).copy()
+    return QuantizedTensor(torch.from_numpy(blocks), qtype, (rows, cols))
+
+
+def _unpermute(weight: torch.Tensor | QuantizedTensor, num_heads: int) -> torch.Tensor | QuantizedTensor:
+    if isinstance(weight, QuantizedTensor):
+        return weight.permute_rows(unpermute_rows(torch.arange(weight.shape[0]), num_heads))
+    return unpermute_rows(weight, num_heads)
+
+
 def iter_gguf_weights(
-    reader: gguf.GGUFReader, path: Path, config: ModelConfig, *, show_progress: bool = True
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Dequantise tensor by tensor (the reader memory-maps the file, so only one is in memory)."""
+    reader: gguf.GGUFReader,
+    path: Path,
+    config: ModelConfig,
+    *,
+    show_progress: bool = True,
+    keep_blocks: bool = False,
+) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
+    """Dequantise tensor by tensor (the reader memory-maps the file, so only one is in memory), or
+    with ``keep_blocks`` keep the quantised 2-D weights the kernels compute as their blocks."""
     from tqdm import tqdm
 
     permuted = config.architecture == "llama"
@@ -215,11 +240,13 @@ def iter_gguf_weights(
         name = hf_tensor_name(tensor.name)
         if name is None:
             continue
-        weight = dequantize_tensor(tensor)
+        weight: torch.Tensor | QuantizedTensor | None = stored_blocks(tensor) if keep_blocks else None
+        if weight is None:
+            weight = dequantize_tensor(tensor)
         if permuted and ".self_attn.q_proj." in name:
-            weight = unpermute_rows(weight, config.num_attention_heads)
+            weight = _unpermute(weight, config.num_attention_heads)
         elif permuted and ".self_attn.k_proj." in name:
-            weight = unpermute_rows(weight, config.num_key_value_heads)
+            weight = _unpermute(weight, config.num_key_value_heads)
         yield name, weight
 
 
@@ -375,7 +402,10 @@ def load_gguf_file(
         generation_config["bos_token_id"] = config.bos_token_id
 
     def weights() -> Iterator[tuple[str, torch.Tensor]]:
-        return iter_gguf_weights(reader, file, config)
+        return iter_gguf_weights(reader, file, config)  # type: ignore[return-value]  # no blocks kept
+
+    def blocks() -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
+        return iter_gguf_weights(reader, file, config, keep_blocks=True)
 
     return ModelSource(
         name=name or file.stem,
@@ -384,6 +414,7 @@ def load_gguf_file(
         chat_template=chat_template if isinstance(chat_template, str) else None,
         generation_config=generation_config,
         weights_factory=weights,
+        blocks_factory=blocks,
         path=str(file),
         quantization=stored_quantization(reader),
     )

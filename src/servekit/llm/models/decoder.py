@@ -6,8 +6,10 @@ pre/parallel/post residuals, sandwich norms, gated or plain MLP, MoE, positions,
 per-layer sliding windows) is read from ``ModelConfig``.
 
 Loading fuses q/k/v into one projection and gate/up into another, then hands them to oneDNN
-pre-packed (``servekit.llm.models.linear``). The model works on a flattened batch (``[num_tokens]``
-ids and positions) and reads/writes the paged KV cache through ``servekit.llm.attention``.
+pre-packed (``servekit.llm.models.linear``); weights that come as GGUF blocks (``QuantizedTensor``)
+become ``QuantizedLinear`` projections (and a quantised embedding) computed on the blocks. The model
+works on a flattened batch (``[num_tokens]`` ids and positions) and reads/writes the paged KV cache
+through ``servekit.llm.attention``.
 """
 
 from __future__ import annotations
@@ -24,12 +26,14 @@ import torch.nn.functional as F
 from servekit.llm.attention import AttentionMetadata, AttentionOptions
 from servekit.llm.kernels import kernels_available
 from servekit.llm.kernels.elementwise import add_rms_norm
+from servekit.llm.kernels.quantized import QuantizedTensor
 from servekit.llm.kv_cache import PagedKVCache
 from servekit.llm.model_config import ModelConfig, MoEConfig
 from servekit.llm.models.alibi import alibi_slopes
 from servekit.llm.models.layers import DenseMLP, Norm, Projection, activation
 from servekit.llm.models.linear import make_linear
 from servekit.llm.models.moe import SparseMoE, StackedExperts
+from servekit.llm.models.quantized_linear import QuantizedLinear
 from servekit.llm.models.rotary import RotaryEmbedding
 from servekit.llm.models.self_attention import CosSin, SelfAttention
 from servekit.llm.models.weights import NameMap, Tensors, expected_names, split_fused_qkv, split_rows
@@ -99,11 +103,12 @@ class DecoderLM:
                 self.rotaries.append(RotaryEmbedding(local, max_model_len=max_model_len, dtype=dtype))
         slopes = self.alibi_slopes() if config.positions == "alibi" else None
         self.options = AttentionOptions(config.attention_scale, config.attn_softcap, slopes)
-        self.embed: torch.Tensor | None = None
+        self.embed: torch.Tensor | QuantizedTensor | None = None
         self.pos_embed: torch.Tensor | None = None
         self.final_norm: Norm | None = None
         self.embed_norm: Norm | None = None
         self.lm_head: Projection | None = None
+        self._blocks: dict[str, QuantizedTensor] = {}  # weights kept as GGUF blocks, while loading
 
     def attention_weights(self) -> dict[str, bool]:
         """Each layer's attention projections and norms (``.weight`` names) -> whether biased."""
@@ -133,7 +138,19 @@ class DecoderLM:
         else:
             yield canonical, tensor
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def _keeps_blocks(self, canonical: str | None) -> bool:
+        """Whether a weight that comes as quantised blocks is computed on them: float32 models, the
+        plain renames of the default ``map_weight`` (nothing to split, transpose or permute)."""
+        plain = type(self).map_weight is DecoderLM.map_weight and canonical is not None
+        return (
+            plain
+            and self.dtype == torch.float32
+            and self.quantization is None
+            and ".qkv." not in str(canonical)
+            and ".gate_up." not in str(canonical)
+        )
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | QuantizedTensor]]) -> None:
         """Read checkpoint-named tensors, check them against the config and build the layers."""
         if self.blocks:
             raise RuntimeError("weights are already loaded")
@@ -143,14 +160,20 @@ class DecoderLM:
         for name, tensor in weights:
             if self.names.ignored.search(name):
                 continue
-            if config.tie_word_embeddings and self.names.canonical(name) == "lm_head.weight":
+            canonical_name = self.names.canonical(name)
+            if config.tie_word_embeddings and canonical_name == "lm_head.weight":
                 logger.debug("ignoring %s: embeddings are tied", name)
                 continue
+            if isinstance(tensor, QuantizedTensor):
+                if self._keeps_blocks(canonical_name) and canonical_name in required:
+                    self._blocks[str(canonical_name)] = tensor
+                    continue
+                tensor = tensor.dequantize()
             for canonical, part in self.map_weight(name, tensor):
                 if canonical not in required and canonical not in optional:
                     raise ValueError(f"unexpected weight {name!r} for a {config.architecture} model")
                 store[canonical] = part.to(self.dtype)
-        missing = sorted(self.names.checkpoint_name(n) for n in required - store.keys())
+        missing = sorted(self.names.checkpoint_name(n) for n in required - store.keys() - self._blocks.keys())
         if missing:
             shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
             raise ValueError(f"checkpoint is missing {len(missing)} weight(s): {shown}")
@@ -160,29 +183,37 @@ class DecoderLM:
     def _check_shapes(self, store: dict[str, torch.Tensor]) -> None:
         config = self.config
         expected = {"embed.weight": (config.vocab_size, config.hidden_size)}
-        if "layers.0.k.weight" in store:
+        if "layers.0.k.weight" in store or "layers.0.k.weight" in self._blocks:
             expected["layers.0.q.weight"] = (config.num_attention_heads * config.head_dim, config.hidden_size)
             expected["layers.0.k.weight"] = (config.num_key_value_heads * config.head_dim, config.hidden_size)
         for name, shape in expected.items():
-            if name in store and tuple(store[name].shape) != shape:
+            found = store.get(name, self._blocks.get(name))
+            if found is not None and tuple(found.shape) != shape:
                 raise ValueError(
-                    f"weight {name!r} has shape {tuple(store[name].shape)}, which does not fit the config"
+                    f"weight {name!r} has shape {tuple(found.shape)}, which does not fit the config"
                 )
 
     def _linear(self, store: dict[str, torch.Tensor], *names: str, pack: bool = True) -> Projection:
         """One projection over the rows of ``names`` (fused when several), biases zero-filled."""
-        weights = [store.pop(f"{n}.weight") for n in names]
         biases = [store.pop(f"{n}.bias", None) for n in names]
+        parts = [self._blocks.pop(f"{n}.weight", None) for n in names]
+        if all(part is not None for part in parts):
+            blocks = [part for part in parts if part is not None]
+            return QuantizedLinear(blocks, self._fused_bias([p.shape[0] for p in blocks], biases))
+        weights = [
+            store.pop(f"{n}.weight") if part is None else part.dequantize()
+            for n, part in zip(names, parts, strict=True)
+        ]
         weight = weights[0] if len(weights) == 1 else torch.cat(weights)
-        bias: torch.Tensor | None = None
-        if any(b is not None for b in biases):
-            bias = torch.cat(
-                [
-                    torch.zeros(w.shape[0], dtype=w.dtype) if b is None else b
-                    for w, b in zip(weights, biases, strict=True)
-                ]
-            )
+        bias = self._fused_bias([w.shape[0] for w in weights], biases)
         return make_linear(weight, bias, quantization=self.quantization, pack=self.pack_weights and pack)
+
+    def _fused_bias(self, rows: list[int], biases: list[torch.Tensor | None]) -> torch.Tensor | None:
+        if all(b is None for b in biases):
+            return None
+        return torch.cat(
+            [torch.zeros(n, dtype=self.dtype) if b is None else b for n, b in zip(rows, biases, strict=True)]
+        )
 
     def _norm(self, store: dict[str, torch.Tensor], name: str) -> Norm | None:
         weight = store.pop(f"{name}.weight", None)
@@ -221,7 +252,7 @@ class DecoderLM:
 
     def _mlp(self, store: dict[str, torch.Tensor], prefix: str, pack: bool = True) -> DenseMLP:
         """``pack=False`` keeps the plain weights (the experts stack them)."""
-        gated = f"{prefix}gate.weight" in store
+        gated = f"{prefix}gate.weight" in store or f"{prefix}gate.weight" in self._blocks
         up = (
             self._linear(store, f"{prefix}gate", f"{prefix}up", pack=pack)
             if gated
@@ -257,16 +288,17 @@ class DecoderLM:
                     rotary=rotary,
                 )
             )
-        self.embed = store.pop("embed.weight")
+        embed = self._blocks.pop("embed.weight", None) or store.pop("embed.weight")
+        self.embed = embed
         self.pos_embed = store.pop("pos_embed.weight", None)
         self.final_norm = self._norm(store, "final_norm")
         self.embed_norm = self._norm(store, "embed_norm")
-        if config.tie_word_embeddings:
-            self.lm_head = make_linear(
-                self.embed, None, quantization=self.quantization, pack=self.pack_weights
-            )
-        else:
+        if not config.tie_word_embeddings:
             self.lm_head = self._linear(store, "lm_head")
+        elif isinstance(embed, QuantizedTensor):
+            self.lm_head = QuantizedLinear([embed])
+        else:
+            self.lm_head = make_linear(embed, None, quantization=self.quantization, pack=self.pack_weights)
 
     # ------------------------------------------------------------------ forward
 
@@ -306,7 +338,10 @@ class DecoderLM:
         if not self.blocks or self.embed is None:
             raise RuntimeError("load_weights must be called before forward")
         config = self.config
-        hidden = F.embedding(token_ids, self.embed)
+        if isinstance(self.embed, QuantizedTensor):
+            hidden = self.embed.embedding(token_ids)
+        else:
+            hidden = F.embedding(token_ids, self.embed)
         if config.embedding_scale is not None:
             hidden = hidden * torch.tensor(config.embedding_scale, dtype=hidden.dtype)
         if self.pos_embed is not None:

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 
 from servekit.llm.kernels.elementwise import silu_mul
 from servekit.llm.models.linear import Int8Linear, Linear
+from servekit.llm.models.quantized_linear import QuantizedLinear
 
-Projection = Linear | Int8Linear
+Projection = Linear | Int8Linear | QuantizedLinear
 
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:

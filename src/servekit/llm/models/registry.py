@@ -8,6 +8,7 @@ from typing import Protocol
 import torch
 
 from servekit.llm.attention import AttentionMetadata
+from servekit.llm.kernels.quantized import QuantizedTensor
 from servekit.llm.kv_cache import PagedKVCache
 from servekit.llm.model_config import ModelConfig
 from servekit.llm.models import (
@@ -32,7 +33,7 @@ from servekit.llm.models.family import Family
 class CausalLM(Protocol):
     """What the model runner needs from a model implementation."""
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None: ...
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | QuantizedTensor]]) -> None: ...
 
     def forward(
         self,

@@ -120,6 +120,14 @@ class LLMServerAPI(LitAPI):
             "dtype": str(llm_engine.dtype).removeprefix("torch."),
             "quantization": llm_engine.quantization,
             "checkpoint_quantization": llm_engine.source.quantization,
+            # how the checkpoint's quantised weights are computed: "blocks" or "dequantize" (None: none)
+            "gguf_weights": (
+                None
+                if llm_engine.source.quantization is None
+                else "blocks"
+                if getattr(llm_engine, "gguf_blocks", False)
+                else "dequantize"
+            ),
             "kv_cache_dtype": str(llm_engine.kv_cache_dtype).removeprefix("torch."),
             "kv_cache_tokens": rt.kv_tokens,
             "has_chat_template": rt.inputs.chat_template_source is not None,

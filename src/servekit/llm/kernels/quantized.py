@@ -1,0 +1,144 @@
+"""Python face of the C kernels on GGUF's quantised weight blocks (``quantized_matmul.c``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from servekit.llm.kernels import load_library
+
+# GGML type code -> (weights per block, bytes per block), for the types the kernels compute exactly.
+BLOCK_TYPES: dict[int, tuple[int, int]] = {
+    2: (32, 18),  # Q4_0
+    3: (32, 20),  # Q4_1
+    8: (32, 34),  # Q8_0
+    12: (256, 144),  # Q4_K
+    14: (256, 210),  # Q6_K
+}
+SCHEDULES = {"auto": 0, "rows": 1, "tiled": 2}
+
+
+def quantized_simd_lanes() -> int:
+    """The float32 lanes of the quantised matmul's vector path on this CPU (16: AVX-512, 8: AVX2 +
+    FMA, 1: the portable loop; 0: no kernels)."""
+    library = load_library()
+    return 0 if library is None else int(library.quantized_simd_lanes())
+
+
+def row_bytes(ggml_type: int, in_features: int) -> int:
+    """Bytes of one weight row of ``in_features`` values stored as ``ggml_type`` blocks."""
+    block_size, block_bytes = BLOCK_TYPES[ggml_type]
+    if in_features % block_size:
+        raise ValueError(f"{in_features} values are not whole blocks of {block_size}")
+    return in_features // block_size * block_bytes
+
+
+def _check(blocks: torch.Tensor, ggml_type: int, in_features: int) -> None:
+    if ggml_type not in BLOCK_TYPES:
+        raise ValueError(f"GGML type {ggml_type} has no quantised kernel")
+    if blocks.dtype != torch.uint8 or blocks.dim() != 2 or not blocks.is_contiguous():
+        raise ValueError("blocks must be a contiguous uint8 tensor [rows, bytes per row]")
+    if blocks.shape[1] != row_bytes(ggml_type, in_features):
+        raise ValueError(f"rows of {blocks.shape[1]} bytes do not hold {in_features} values")
+
+
+def quantized_matmul(
+    x: torch.Tensor,
+    blocks: torch.Tensor,
+    ggml_type: int,
+    bias: torch.Tensor | None = None,
+    *,
+    schedule: str = "auto",
+    num_threads: int | None = None,
+) -> torch.Tensor:
+    """``x @ W.T + bias`` in float32, ``W`` being ``blocks`` (``[out, bytes per row]`` uint8, GGUF's
+    blocks of ``ggml_type``) dequantised; ``x``: float32 ``[rows, in]``."""
+    library = load_library()
+    if library is None:
+        raise RuntimeError("the C kernels are not available (see servekit.llm.kernels)")
+    if x.dtype != torch.float32 or x.dim() != 2:
+        raise ValueError(f"x must be a 2-D float32 tensor, got {x.dtype} {tuple(x.shape)}")
+    rows, in_features = x.shape
+    _check(blocks, ggml_type, in_features)
+    out_features = blocks.shape[0]
+    if bias is not None and (bias.dtype != torch.float32 or bias.shape != (out_features,)):
+        raise ValueError("bias must be float32 [out_features]")
+    x = x.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    out = torch.empty((rows, out_features), dtype=torch.float32)
+    status = library.quantized_matmul(
+        x.data_ptr(),
+        rows,
+        in_features,
+        blocks.data_ptr(),
+        out_features,
+        blocks.shape[1],
+        ggml_type,
+        None if bias is None else bias.data_ptr(),
+        out.data_ptr(),
+        num_threads or torch.get_num_threads(),
+        SCHEDULES[schedule],
+    )
+    if status == -1:
+        raise MemoryError("quantized_matmul could not allocate its scratch memory")
+    if status != 0:
+        raise ValueError(f"quantized_matmul refused its arguments (status {status})")
+    return out
+
+
+def dequantize_rows(
+    blocks: torch.Tensor, ggml_type: int, in_features: int, indices: torch.Tensor
+) -> torch.Tensor:
+    """Rows ``indices`` of the quantised matrix as float32 ``[*indices.shape, in_features]``."""
+    library = load_library()
+    if library is None:
+        raise RuntimeError("the C kernels are not available (see servekit.llm.kernels)")
+    _check(blocks, ggml_type, in_features)
+    flat = indices.reshape(-1).to(torch.int64).contiguous()
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= blocks.shape[0]):
+        raise IndexError(f"row index out of range for {blocks.shape[0]} rows")
+    out = torch.empty((flat.numel(), in_features), dtype=torch.float32)
+    status = library.dequantize_rows(
+        blocks.data_ptr(),
+        blocks.shape[1],
+        ggml_type,
+        in_features,
+        flat.data_ptr(),
+        flat.numel(),
+        out.data_ptr(),
+    )
+    if status != 0:
+        raise ValueError(f"dequantize_rows refused its arguments (status {status})")
+    return out.reshape(*indices.shape, in_features)
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """``shape`` = (rows, cols) logical float weight, stored as ``blocks``: uint8 ``[rows, bytes per
+    row]`` of GGML type ``ggml_type`` (one of ``BLOCK_TYPES``)."""
+
+    blocks: torch.Tensor
+    ggml_type: int
+    shape: tuple[int, int]
+
+    def __post_init__(self) -> None:
+        if self.ggml_type not in BLOCK_TYPES:
+            raise ValueError(f"GGML type {self.ggml_type} has no quantised kernel")
+        expected = (self.shape[0], row_bytes(self.ggml_type, self.shape[1]))
+        if self.blocks.dtype != torch.uint8 or tuple(self.blocks.shape) != expected:
+            raise ValueError(
+                f"blocks must be uint8 {expected}, got {self.blocks.dtype} {tuple(self.blocks.shape)}"
+            )
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight ``[rows, cols]``."""
+        return self.embedding(torch.arange(self.shape[0]))
+
+    def embedding(self, indices: torch.Tensor) -> torch.Tensor:
+        """Rows ``indices`` dequantised (float32 ``[*indices.shape, cols]``): an embedding lookup."""
+        return dequantize_rows(self.blocks, self.ggml_type, self.shape[1], indices)
+
+    def permute_rows(self, order: torch.Tensor) -> QuantizedTensor:
+        """The rows reordered (``order[i]`` is the source of row ``i``): whole rows of blocks move."""
+        return QuantizedTensor(self.blocks[order].contiguous(), self.ggml_type, self.shape)
