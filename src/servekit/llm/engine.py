@@ -25,6 +25,14 @@ from servekit.llm.config import (
     resolve_quantization,
 )
 from servekit.llm.detokenizer import IncrementalDetokenizer
+from servekit.llm.device import (
+    RunnerSettings,
+    check_device_settings,
+    gpu_memory_utilization,
+    rank_threads,
+    resolve_device,
+)
+from servekit.llm.distributed import check_tensor_parallel
 from servekit.llm.errors import EngineInputError
 from servekit.llm.inputs import EngineInput, InputProcessor
 from servekit.llm.model_runner import ForwardBatch, ForwardOutput
@@ -85,8 +93,11 @@ class LLMEngine:
         """
         self.config = config if config is not None else EngineConfig()
         cfg = self.config
-        if cfg.num_threads is not None:
-            torch.set_num_threads(cfg.num_threads)
+        self.device = resolve_device(cfg.device)
+        check_device_settings(cfg, self.device)
+        threads = rank_threads(cfg.num_threads, cfg.tp)
+        if threads is not None:
+            torch.set_num_threads(threads)
         if cfg.seed is not None:
             torch.manual_seed(cfg.seed)
         if cfg.flush_denormal:
@@ -100,12 +111,15 @@ class LLMEngine:
         self.model_config: ModelConfig = source.config
         self.tokenizer: Tokenizer = source.tokenizer
         self.max_model_len = cfg.max_model_len or source.config.max_position_embeddings
-        self.dtype = resolve_dtype(cfg.dtype, source.config)
-        self.quantization = resolve_quantization(cfg.quantization, source.quantization)
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        self.quantization = resolve_quantization(cfg.quantization, source.quantization, self.device)
         self.kv_cache_dtype = resolve_kv_cache_dtype(cfg.kv_cache_dtype, self.dtype, self.quantization)
+        check_tensor_parallel(source.config, cfg.tp, quantization=self.quantization)
         logger.info(
-            "compute: %s, quantization %s%s, KV cache %s",
+            "compute: %s on %s%s, quantization %s%s, KV cache %s",
             str(self.dtype).removeprefix("torch."),
+            self.device,
+            f" x {cfg.tp} tensor-parallel ranks" if cfg.tp > 1 else "",
             self.quantization or "none",
             f" (checkpoint: {source.quantization})" if source.quantization else "",
             str(self.kv_cache_dtype).removeprefix("torch."),
@@ -122,9 +136,7 @@ class LLMEngine:
         self.eos_token_ids: list[int] = list(self.tokenizer.eos_token_ids)
         self.sampler = Sampler(self.eos_token_ids)
         self.block_manager = BlockManager(runner.num_blocks, runner.block_size, cfg.enable_prefix_caching)
-        batched = cfg.max_num_batched_tokens
-        if batched is None:
-            batched = 2048 if cfg.enable_chunked_prefill else max(self.max_model_len, 2048)
+        batched = self.scheduler_token_budget()
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=cfg.max_num_seqs,
@@ -392,13 +404,12 @@ class LLMEngine:
         cfg = self.config
         num_blocks = cfg.num_kv_blocks
         memory = cfg.kv_cache_memory_bytes()
-        if num_blocks is None and memory is None:
+        utilization = gpu_memory_utilization(cfg, self.device)
+        if num_blocks is None and memory is None and utilization is None:
             num_blocks = auto_num_kv_blocks(
                 source.config, self.kv_cache_dtype, cfg.block_size, self.max_model_len, cfg.max_num_seqs
             )
-        return ModelRunner(
-            source.config,
-            source.iter_weights(),
+        settings = RunnerSettings(
             dtype=self.dtype,
             block_size=cfg.block_size,
             num_blocks=num_blocks,
@@ -406,4 +417,20 @@ class LLMEngine:
             max_model_len=self.max_model_len,
             quantization=self.quantization,
             kv_cache_dtype=self.kv_cache_dtype,
+            gpu_memory_utilization=utilization if num_blocks is None and memory is None else None,
+            profile_tokens=self.scheduler_token_budget(),
         )
+        if cfg.tp > 1:
+            from servekit.llm.tp_runner import TensorParallelRunner
+
+            return TensorParallelRunner(cfg, source, settings, self.device)
+        return ModelRunner(
+            source.config, source.iter_weights(), device=self.device, **settings.runner_kwargs()
+        )
+
+    def scheduler_token_budget(self) -> int:
+        """The most tokens one step computes (what the activation profile runs)."""
+        cfg = self.config
+        if cfg.max_num_batched_tokens is not None:
+            return cfg.max_num_batched_tokens
+        return 2048 if cfg.enable_chunked_prefill else max(self.max_model_len, 2048)

@@ -33,7 +33,6 @@ class LLMServerAPI(LitAPI):
         from servekit.specs.llm.native import GenerateHandler
         from servekit.specs.llm.runtime import Runtime
 
-        self.config.log_ignored()
         # A dead engine fails this worker through the supervisor, which restarts it.
         self.runtime = Runtime(self.config, on_engine_failure=self.report_unhealthy)
         self._handlers = {

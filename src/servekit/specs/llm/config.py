@@ -70,9 +70,6 @@ class ServeConfig:
     advertise_url: str | None = setting(
         None, "the URL the proxy reaches this server at (default: http://HOST:PORT)"
     )
-    gpu_memory_utilization: float | None = setting(
-        None, "accepted for vLLM compatibility; ignored on CPU", env=("GPU_MEMORY_UTILIZATION",)
-    )
     engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
     sources: dict[str, str] = dataclasses.field(default_factory=dict)  # setting -> where its value came from
 
@@ -132,10 +129,3 @@ class ServeConfig:
         data["quantization"] = data["quantization"] or "none"
         data["sources"] = dict(self.sources)
         return data
-
-    def log_ignored(self) -> None:
-        if self.gpu_memory_utilization is not None:
-            logger.info(
-                "gpu_memory_utilization=%s ignored: no GPU; size the KV cache with --kv-cache-memory",
-                self.gpu_memory_utilization,
-            )
