@@ -20,7 +20,11 @@ from tests.e2e.serving import RunningServer, serve_script
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
-SERVER_ENV = {"SERVEKIT_NUM_THREADS": "2", "SERVEKIT_MAX_MODEL_LEN": "512", "SERVEKIT_KV_CACHE_MEMORY": "4MiB"}
+SERVER_ENV = {
+    "SERVEKIT_NUM_THREADS": "2",
+    "SERVEKIT_MAX_MODEL_LEN": "512",
+    "SERVEKIT_KV_CACHE_MEMORY": "4MiB",
+}
 PROMPT = "Once upon a time, there was a small model"
 
 
@@ -104,7 +108,11 @@ def test_serve_tp2_answers_and_survives_a_killed_rank(tmp_path: Path) -> None:
         assert 503 in statuses and statuses[-1] == 200
         (new_rank,) = wait_for_ranks(server, exclude={rank})
         again = client.completions.create(
-            model=completion.model, prompt=PROMPT, max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
+            model=completion.model,
+            prompt=PROMPT,
+            max_tokens=12,
+            temperature=0,
+            extra_body={"ignore_eos": True},
         )
         assert again.choices[0].text == expected
 

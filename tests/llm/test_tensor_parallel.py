@@ -7,6 +7,7 @@ at decode steps beside a chunked prefill, and equal greedy outputs through the e
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from collections.abc import Iterator
@@ -56,7 +57,7 @@ def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
     return build_family_checkpoint(tmp_path_factory.mktemp(request.param), model_type, config)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def tp_engine(checkpoint: Path) -> Iterator[LLMEngine]:
     engine = LLMEngine(EngineConfig(model=str(checkpoint), tp=2, **SETTINGS))
     runner = engine.runner
@@ -73,6 +74,32 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def listening_addresses(pids: list[int]) -> list[str]:
+    """Local addresses (hex, as /proc/net/tcp{,6} shows them) of the TCP sockets ``pids`` listen on."""
+    inodes = set()
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                found.append(fields[1].rpartition(":")[0])
+    return found
+
+
+def test_ranks_listen_on_loopback_only(tp_engine: LLMEngine) -> None:
+    runner = tp_engine.runner
+    assert isinstance(runner, TensorParallelRunner)
+    addresses = listening_addresses([os.getpid(), *runner.rank_pids])
+    assert addresses  # the store and gloo's pairs
+    assert set(addresses) == {"0100007F"}  # 127.0.0.1, nothing on other interfaces or IPv6
 
 
 def _tables(lengths: list[int], seed: int) -> list[list[int]]:

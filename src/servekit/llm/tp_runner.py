@@ -19,6 +19,7 @@ import contextlib
 import logging
 import os
 import pickle
+import socket
 import struct
 import subprocess
 import sys
@@ -91,16 +92,49 @@ def rank_device(device: torch.device, rank: int) -> torch.device:
     return device
 
 
+def master_store(world_size: int, timeout: timedelta) -> Any:
+    """Rank 0's rendezvous store, listening on a free port of 127.0.0.1 only (``TCPStore`` binds
+    every interface when it opens the port itself)."""
+    import torch.distributed as dist
+
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(world_size * 4)
+    port = listener.getsockname()[1]
+    return dist.TCPStore(
+        "127.0.0.1",
+        port,
+        world_size,
+        True,
+        timeout=timeout,
+        wait_for_workers=False,
+        master_listen_fd=listener.detach(),  # the store owns the socket from here on
+        use_libuv=False,
+    )
+
+
+def join_group(backend: str, store: Any, rank: int, world_size: int, timeout: timedelta) -> TPGroup:
+    """Initialise the default process group; gloo's own connections stay on 127.0.0.1 too."""
+    import torch.distributed as dist
+
+    options = None
+    if backend == "gloo":
+        options = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
+        options._timeout = timeout
+        options._devices = [dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")]
+    dist.init_process_group(
+        backend, store=store, rank=rank, world_size=world_size, timeout=timeout, pg_options=options
+    )
+    return TPGroup(rank, world_size, dist.group.WORLD)
+
+
 def init_group(spec: RankSpec) -> TPGroup:
     """Join the ranks' process group through rank 0's TCP store on 127.0.0.1."""
     import torch.distributed as dist
 
     timeout = timedelta(seconds=spec.collective_timeout_s)
     store = dist.TCPStore("127.0.0.1", spec.store_port, spec.world_size, False, timeout=timeout)
-    dist.init_process_group(
-        spec.backend, store=store, rank=spec.rank, world_size=spec.world_size, timeout=timeout
-    )
-    return TPGroup(spec.rank, spec.world_size, dist.group.WORLD)
+    return join_group(spec.backend, store, spec.rank, spec.world_size, timeout)
 
 
 class TensorParallelRunner:
@@ -130,7 +164,7 @@ class TensorParallelRunner:
         timeout_s = collective_timeout.total_seconds()
         backend = backend_for(device)
         # Port 0: the store binds a free port of 127.0.0.1, which the ranks are told.
-        store = dist.TCPStore("127.0.0.1", 0, world, True, timeout=collective_timeout, wait_for_workers=False)
+        store = master_store(world, collective_timeout)
         self._store = store
         try:
             for rank in range(1, world):
@@ -148,10 +182,7 @@ class TensorParallelRunner:
                     collective_timeout_s=timeout_s,
                 )
                 self._ranks.append(_start_rank(spec))
-            dist.init_process_group(
-                backend, store=store, rank=0, world_size=world, timeout=collective_timeout
-            )
-            self.group = TPGroup(0, world, dist.group.WORLD)
+            self.group = join_group(backend, store, 0, world, collective_timeout)
             self.local = ModelRunner(
                 source.config, source.iter_weights(), device=device, tp=self.group, **settings.runner_kwargs()
             )

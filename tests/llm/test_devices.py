@@ -1,0 +1,156 @@
+"""Device resolution, device-dependent settings, and the device-generic path on the CPU.
+
+CUDA is absent here: ``torch.cuda.is_available`` / ``device_count`` are mocked for the resolution
+logic only; everything that computes runs for real on the CPU.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import pytest
+import torch
+
+from servekit.llm import EngineConfig, LLMEngine
+from servekit.llm import kernels as kernel_module
+from servekit.llm.config import EngineConfigError
+from servekit.llm.device import (
+    DeviceError,
+    auto_dtype,
+    check_device_settings,
+    kv_budget_from_memory,
+    rank_threads,
+    resolve_device,
+)
+from servekit.llm.loaders import load_model_source
+from servekit.llm.model_runner import ForwardBatch, ModelRunner
+from tests.llm.tiny_models import build_tiny_checkpoint
+
+pytest.importorskip("transformers")
+
+
+def cuda(available: bool, count: int = 0, bf16: bool = True) -> Any:
+    """torch.cuda reporting ``count`` GPUs (for the resolution logic only)."""
+    return mock.patch.multiple(
+        torch.cuda,
+        is_available=mock.Mock(return_value=available),
+        device_count=mock.Mock(return_value=count),
+        is_bf16_supported=mock.Mock(return_value=bf16),
+    )
+
+
+def test_auto_is_cuda_when_present_else_cpu() -> None:
+    with cuda(False):
+        assert resolve_device("auto") == torch.device("cpu")
+    with cuda(True, 2):
+        assert resolve_device("auto") == torch.device("cuda", 0)
+        assert resolve_device("cuda") == torch.device("cuda", 0)
+        assert resolve_device("CUDA:1") == torch.device("cuda", 1)
+        with pytest.raises(DeviceError, match=r"cuda:2 but only 2 CUDA device\(s\) are visible"):
+            resolve_device("cuda:2")
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_an_absent_device_fails_with_a_clear_message() -> None:
+    with cuda(False), pytest.raises(DeviceError, match="no CUDA GPU is available.*use --device cpu or auto"):
+        resolve_device("cuda:0")
+    with (
+        mock.patch.object(torch.backends.mps, "is_available", return_value=False),
+        pytest.raises(DeviceError, match="MPS is not available"),
+    ):
+        resolve_device("mps")
+
+
+@pytest.mark.parametrize("bad", ["gpu0", "cuda:", "tpu", "cuda:-1", ""])
+def test_malformed_devices_are_refused_by_the_config(bad: str) -> None:
+    with pytest.raises(EngineConfigError, match="device must be auto, cpu, cuda, cuda:N or mps"):
+        EngineConfig(device=bad)
+
+
+def test_auto_dtype_is_bf16_where_the_device_has_it() -> None:
+    assert auto_dtype(torch.device("cpu")) == torch.float32
+    with cuda(True, 1, bf16=True):
+        assert auto_dtype(torch.device("cuda", 0)) == torch.bfloat16
+    with cuda(True, 1, bf16=False):
+        assert auto_dtype(torch.device("cuda", 0)) == torch.float16
+
+
+def test_settings_that_cannot_apply_are_refused() -> None:
+    cpu = torch.device("cpu")
+    with pytest.raises(DeviceError, match="applies to CUDA GPUs only.*kv_cache_memory"):
+        check_device_settings(EngineConfig(gpu_memory_utilization=0.8), cpu)
+    with pytest.raises(EngineConfigError, match=r"gpu_memory_utilization must be in \(0, 1\]"):
+        EngineConfig(gpu_memory_utilization=1.5)
+    with cuda(True, 1):
+        gpu = torch.device("cuda", 0)
+        check_device_settings(EngineConfig(gpu_memory_utilization=0.8), gpu)
+        with pytest.raises(DeviceError, match="give one"):
+            check_device_settings(EngineConfig(gpu_memory_utilization=0.8, kv_cache_memory="1GiB"), gpu)
+        with pytest.raises(DeviceError, match=r"tp=2 from cuda:0 needs GPUs cuda:0..cuda:1, but only 1"):
+            check_device_settings(EngineConfig(tp=2), gpu)
+    with pytest.raises(DeviceError, match="not on mps"):
+        check_device_settings(EngineConfig(tp=2), torch.device("mps"))
+
+
+def test_kv_budget_is_the_share_left_after_the_profiled_peak() -> None:
+    gib = 1 << 30
+    assert kv_budget_from_memory(16 * gib, 4 * gib, 0.5) == 4 * gib
+    with pytest.raises(DeviceError, match="leaves no room for the KV cache"):
+        kv_budget_from_memory(16 * gib, 9 * gib, 0.5)
+
+
+def test_each_rank_gets_its_share_of_the_threads() -> None:
+    assert rank_threads(None, 1) is None
+    assert rank_threads(4, 1) == 4
+    assert rank_threads(4, 2) == 2
+    assert rank_threads(1, 2) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_engine_on_cuda_fails_at_start_here(tmp_path: Path) -> None:
+    model = build_tiny_checkpoint(tmp_path / "tiny", "llama")
+    with pytest.raises(DeviceError, match="device=cuda but no CUDA GPU is available"):
+        LLMEngine(EngineConfig(model=str(model), device="cuda"))
+    with pytest.raises(DeviceError, match="applies to CUDA GPUs only"):
+        LLMEngine(EngineConfig(model=str(model), gpu_memory_utilization=0.9))
+
+
+def test_the_generic_path_matches_the_kernel_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``SERVEKIT_KERNELS=0`` on ``device="cpu"``: attention over gathered blocks with SDPA, plain
+    PyTorch elementwise ops, the code every other device runs."""
+    torch.set_num_threads(1)
+    source = load_model_source(str(build_tiny_checkpoint(tmp_path / "tiny", "qwen2")))
+    rng = random.Random(0)
+    vocab = source.config.vocab_size
+    prompts = [[rng.randrange(vocab) for _ in range(n)] for n in (9, 14)]
+    steps = [
+        ForwardBatch(prompts, [0, 0], [[3, 7, 1], [0, 5, 2, 6]], all_logits=[True, True]),
+        ForwardBatch([[5], [11]], [9, 14], [[3, 7, 1], [0, 5, 2, 6]]),
+        ForwardBatch([[6], [12]], [10, 15], [[3, 7, 1], [0, 5, 2, 6]]),
+    ]
+
+    def run() -> tuple[bool, list[torch.Tensor]]:
+        kernel_module.load_library.cache_clear()
+        runner = ModelRunner(
+            source.config, source.iter_weights(), device="cpu", block_size=4, num_blocks=8, max_model_len=32
+        )
+        outputs = [runner.execute(step) for step in steps]
+        logits = [out.last_logits for out in outputs]
+        logits += [a for a in outputs[0].all_logits if a is not None]
+        return runner.decode_kernel, logits
+
+    try:
+        with_kernels, expected = run()
+        monkeypatch.setenv("SERVEKIT_KERNELS", "0")
+        without, got = run()
+    finally:
+        monkeypatch.delenv("SERVEKIT_KERNELS", raising=False)
+        kernel_module.load_library.cache_clear()
+    assert not without
+    if not with_kernels:
+        pytest.skip("no C compiler here: both runs took the generic path")
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
