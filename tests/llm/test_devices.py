@@ -55,7 +55,7 @@ def test_auto_is_cuda_when_present_else_cpu() -> None:
 
 
 def test_an_absent_device_fails_with_a_clear_message() -> None:
-    with cuda(False), pytest.raises(DeviceError, match="no CUDA GPU is available.*use --device cpu or auto"):
+    with cuda(False), pytest.raises(DeviceError, match=r"no CUDA GPU is available.*use --device cpu or auto"):
         resolve_device("cuda:0")
     with (
         mock.patch.object(torch.backends.mps, "is_available", return_value=False),
@@ -80,7 +80,7 @@ def test_auto_dtype_is_bf16_where_the_device_has_it() -> None:
 
 def test_settings_that_cannot_apply_are_refused() -> None:
     cpu = torch.device("cpu")
-    with pytest.raises(DeviceError, match="applies to CUDA GPUs only.*kv_cache_memory"):
+    with pytest.raises(DeviceError, match=r"applies to CUDA GPUs only.*kv_cache_memory"):
         check_device_settings(EngineConfig(gpu_memory_utilization=0.8), cpu)
     with pytest.raises(EngineConfigError, match=r"gpu_memory_utilization must be in \(0, 1\]"):
         EngineConfig(gpu_memory_utilization=1.5)
