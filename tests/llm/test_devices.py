@@ -154,3 +154,35 @@ def test_the_generic_path_matches_the_kernel_path(tmp_path: Path, monkeypatch: p
         pytest.skip("no C compiler here: both runs took the generic path")
     for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2"])
+def test_static_shape_decode_of_cuda_graphs_matches_eager(tmp_path: Path, model_type: str) -> None:
+    """The padded, fixed-shape decode step the CUDA graphs replay, run eagerly on the CPU: padding
+    rows write only to the scratch block and every real row gets the ordinary path's logits."""
+    from tests.llm.tiny_models import LLAMA_LIKE, build_family_checkpoint
+
+    torch.set_num_threads(1)
+    config = {**LLAMA_LIKE, "head_dim": 16, "sliding_window": 5} if model_type == "gemma2" else LLAMA_LIKE
+    source = load_model_source(str(build_family_checkpoint(tmp_path / model_type, model_type, config)))
+    settings: dict[str, Any] = {"block_size": 4, "num_blocks": 12, "max_model_len": 24}
+    plain = ModelRunner(source.config, source.iter_weights(), **settings)
+    graphed = ModelRunner(source.config, source.iter_weights(), cuda_graphs=True, max_num_seqs=8, **settings)
+    assert graphed.graphs is not None and graphed.graphs.sizes == [1, 2, 4, 8]
+    assert graphed.num_blocks == 12 and graphed.kv_cache.num_blocks == 13  # block 12: the scratch block
+    rng = random.Random(1)
+    vocab = source.config.vocab_size
+    prompts = [[rng.randrange(vocab) for _ in range(n)] for n in (7, 3, 10)]
+    tables = [[4, 0, 5], [9, 1], [2, 7, 11]]
+    prefill = ForwardBatch(prompts, [0, 0, 0], tables)
+    for runner in (plain, graphed):
+        runner.execute(prefill)
+    lengths = [len(p) for p in prompts]
+    for _ in range(2):
+        step = ForwardBatch([[rng.randrange(vocab)] for _ in prompts], list(lengths), tables)
+        assert graphed.graphs.supports(step)
+        expected, got = plain.execute(step), graphed.execute(step)
+        assert got.last_logits.shape == expected.last_logits.shape == (3, vocab)
+        torch.testing.assert_close(got.last_logits, expected.last_logits, atol=1e-5, rtol=0)
+        lengths = [n + 1 for n in lengths]
+    assert not graphed.graphs.supports(prefill)  # prefill steps run eagerly

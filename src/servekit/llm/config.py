@@ -77,6 +77,12 @@ class EngineConfig:
         "the KV cache gets what is left after the weights and a profiled step (default: kv_cache_memory)",
         env=("GPU_MEMORY_UTILIZATION",),
     )
+    cuda_graphs: bool = setting(
+        False,
+        "CUDA: replay decode steps of up to 64 sequences as captured CUDA graphs (less launch overhead; "
+        "dense models, tp 1; other steps run eagerly)",
+        env=("CUDA_GRAPHS",),
+    )
     dtype: str = setting(
         "auto",
         "weights and activations dtype: auto (float32 on CPU, bfloat16 on GPUs that have it, else "

@@ -116,6 +116,10 @@ def check_device_settings(config: EngineConfig, device: torch.device) -> None:
         raise DeviceError(
             "gpu_memory_utilization and kv_cache_memory / num_kv_blocks each size the KV cache: give one"
         )
+    if config.cuda_graphs and device.type != "cuda":
+        raise DeviceError(f"cuda_graphs needs a CUDA device; the engine runs on {device}")
+    if config.cuda_graphs and config.tp > 1:
+        raise DeviceError("cuda_graphs with tp > 1 is not supported: leave one of them unset")
     if config.tp > 1 and device.type not in ("cpu", "cuda"):
         raise DeviceError(f"tp={config.tp} runs on CPUs (gloo) or CUDA GPUs (NCCL), not on {device}")
     if config.tp > 1 and device.type == "cuda":
@@ -164,6 +168,8 @@ class RunnerSettings:
     kv_cache_dtype: torch.dtype
     gpu_memory_utilization: float | None = None
     profile_tokens: int = 2048
+    cuda_graphs: bool = False
+    max_num_seqs: int = 256
 
     def runner_kwargs(self) -> dict[str, Any]:
         return {field.name: getattr(self, field.name) for field in fields(self)}

@@ -26,6 +26,7 @@ from servekit.llm.config import (
 )
 from servekit.llm.detokenizer import IncrementalDetokenizer
 from servekit.llm.device import (
+    DeviceError,
     RunnerSettings,
     check_device_settings,
     gpu_memory_utilization,
@@ -115,6 +116,9 @@ class LLMEngine:
         self.quantization = resolve_quantization(cfg.quantization, source.quantization, self.device)
         self.kv_cache_dtype = resolve_kv_cache_dtype(cfg.kv_cache_dtype, self.dtype, self.quantization)
         check_tensor_parallel(source.config, cfg.tp, quantization=self.quantization)
+        if cfg.cuda_graphs and source.config.moe is not None:
+            # The MoE layer reads its routing on the host (expert token counts): not capturable.
+            raise DeviceError("cuda_graphs does not support mixture-of-experts models: leave it unset")
         logger.info(
             "compute: %s on %s%s, quantization %s%s, KV cache %s",
             str(self.dtype).removeprefix("torch."),
@@ -419,6 +423,8 @@ class LLMEngine:
             kv_cache_dtype=self.kv_cache_dtype,
             gpu_memory_utilization=utilization if num_blocks is None and memory is None else None,
             profile_tokens=self.scheduler_token_budget(),
+            cuda_graphs=cfg.cuda_graphs,
+            max_num_seqs=cfg.max_num_seqs,
         )
         if cfg.tp > 1:
             from servekit.llm.tp_runner import TensorParallelRunner

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from servekit.llm.attention import AttentionMetadata, build_attention_metadata
+from servekit.llm.cuda_graphs import DecodeGraphs
 from servekit.llm.device import kv_budget_from_memory
 from servekit.llm.distributed import SINGLE, TPGroup, head_split
 from servekit.llm.kernels import kernels_available
@@ -68,9 +69,13 @@ class ModelRunner:
         tp: TPGroup = SINGLE,
         gpu_memory_utilization: float | None = None,
         profile_tokens: int = 2048,
+        cuda_graphs: bool = False,
+        max_num_seqs: int = 256,
     ) -> None:
         """``tp``: this process's rank when the model is split over several (``distributed``); every
-        rank builds its runner the same way and runs the same ``forward`` calls."""
+        rank builds its runner the same way and runs the same ``forward`` calls. ``cuda_graphs``:
+        decode steps replay captured graphs (``cuda_graphs``; on a CPU the same padded static-shape
+        step runs eagerly, for tests)."""
         self.config = config
         self.device = torch.device(device)
         self.tp = tp
@@ -116,7 +121,22 @@ class ModelRunner:
             if num_blocks <= 0:
                 raise ValueError(f"kv_cache_memory_bytes={budget} is too small for even one KV block")
         self.num_blocks = num_blocks
-        self.kv_cache = self._new_cache(num_blocks)
+        # With decode graphs one more block, past those the block manager hands out, takes the
+        # keys of padding rows.
+        self.kv_cache = self._new_cache(num_blocks + 1 if cuda_graphs else num_blocks)
+        self.graphs: DecodeGraphs | None = None
+        if cuda_graphs:
+            self.graphs = self._decode_graphs(max_num_seqs)
+
+    def _decode_graphs(self, max_num_seqs: int) -> DecodeGraphs | None:
+        capture = self.device.type == "cuda"
+        try:
+            graphs = DecodeGraphs(self, max_num_seqs, self.num_blocks, capture=capture)
+        except RuntimeError as error:  # capture is best effort: decode then runs eagerly
+            logger.warning("CUDA graph capture failed, decoding eagerly: %s", error)
+            return None
+        logger.info("decode steps of %s sequences run as CUDA graphs", graphs.sizes)
+        return graphs
 
     def _new_cache(self, num_blocks: int) -> PagedKVCache:
         return PagedKVCache(
@@ -203,6 +223,8 @@ class ModelRunner:
     def forward(self, batch: ForwardBatch) -> ForwardOutput:
         """``execute`` without the checks (tensor-parallel ranks run batches rank 0 checked)."""
         num_seqs = len(batch.token_ids)
+        if self.graphs is not None and self.graphs.supports(batch):
+            return ForwardOutput(self.graphs.run(batch), [None] * num_seqs)
         want_all = batch.all_logits or [False] * num_seqs
         block_size = self.block_size
         device = self.device
