@@ -186,3 +186,58 @@ def test_static_shape_decode_of_cuda_graphs_matches_eager(tmp_path: Path, model_
         torch.testing.assert_close(got.last_logits, expected.last_logits, atol=1e-5, rtol=0)
         lengths = [n + 1 for n in lengths]
     assert not graphed.graphs.supports(prefill)  # prefill steps run eagerly
+
+
+def test_fresh_prefill_goes_through_flash_attention_when_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The optional flash-attn hook, with a stand-in package (``[batch, tokens, heads, dim]`` in and
+    out, as flash_attn_func takes them) and the CUDA-only gate opened on the CPU."""
+    import sys
+    import types
+
+    import torch.nn.functional as F
+
+    from servekit.llm import attention, flash
+    from servekit.llm.attention import build_attention_metadata, paged_attention
+
+    calls: list[tuple[int, ...]] = []
+
+    def fake_flash_attn_func(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: Any
+    ) -> torch.Tensor:
+        assert kwargs == {"softmax_scale": None, "causal": True}
+        calls.append(tuple(k.shape))
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+        )
+        return out.transpose(1, 2)
+
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(6, h, 8, generator=generator) for h in (4, 2, 2))
+    cache = torch.zeros(4, 2, 2, 4, 8)
+
+    def attend() -> torch.Tensor:
+        metadata = build_attention_metadata(
+            block_size=4,
+            decode_block_tables=[],
+            decode_context_lens=[],
+            prefill_block_tables=[[1, 3]],
+            prefill_starts=[0],
+            prefill_lens=[6],
+            slot_mapping=torch.tensor([4, 5, 6, 7, 12, 13]),
+        )
+        return paged_attention(query, key, value, cache, metadata)
+
+    expected = attend()
+    assert flash.flash_causal_prefill(query, key, value, None) is None  # the CPU: not applicable
+    monkeypatch.setitem(
+        sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_func=fake_flash_attn_func)
+    )
+    monkeypatch.setattr(flash, "flash_applies", lambda query: True)
+    flash.flash_attn_func.cache_clear()
+    try:
+        got = attend()
+    finally:
+        flash.flash_attn_func.cache_clear()
+    assert calls == [(1, 6, 2, 8)]  # grouped-query heads passed as they are
+    assert attention.flash_causal_prefill is flash.flash_causal_prefill
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)

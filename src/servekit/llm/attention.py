@@ -11,7 +11,8 @@ built once per step and shared by all layers; ``paged_attention`` runs per layer
   and masked (the query heads sharing a KV head are folded into the query axis, so GQA needs no
   repeated keys);
 * each prefill chunk is attended on its own: straight over its fresh keys/values with a causal mask
-  when nothing is cached before it, else over its gathered blocks with an offset causal mask.
+  when nothing is cached before it (through FlashAttention on CUDA when ``flash-attn`` is installed:
+  ``servekit.llm.flash``), else over its gathered blocks with an offset causal mask.
 
 Families that soft-cap attention scores (Gemma 2) or add ALiBi biases (BLOOM, MPT) take an eager
 PyTorch path (scores, cap, bias, mask, softmax), for decode rows too: the C kernel lacks both, so the
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from servekit.llm.flash import flash_causal_prefill
 from servekit.llm.kernels.attention import paged_decode_attention
 
 
@@ -294,6 +296,10 @@ def paged_attention(
                 key_positions = torch.arange(chunk.start, chunk.start + chunk.num_tokens, device=query.device)
                 out = _eager_attention(queries, keys, values, causal, options, key_positions)
             else:
+                flash = flash_causal_prefill(query[rows], key[rows], value[rows], options.scale)
+                if flash is not None:
+                    outputs.append(flash.reshape(chunk.num_tokens, num_heads * head_dim))
+                    continue
                 out = F.scaled_dot_product_attention(
                     queries, keys, values, is_causal=True, enable_gqa=group > 1, scale=options.scale
                 )
