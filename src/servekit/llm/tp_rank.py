@@ -48,7 +48,7 @@ def main() -> int:
     from servekit.llm.loaders import load_model_source
     from servekit.llm.model_runner import ModelRunner
 
-    source = load_model_source(spec.model, revision=spec.revision)
+    source = load_model_source(spec.model)
     runner = ModelRunner(
         source.config, source.iter_weights(), device=spec.device, tp=group, **spec.settings.runner_kwargs()
     )

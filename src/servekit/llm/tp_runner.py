@@ -56,7 +56,6 @@ class RankSpec:
     backend: str
     device: str
     model: str
-    revision: str | None
     settings: RunnerSettings
     num_threads: int | None
     flush_denormal: bool
@@ -151,8 +150,10 @@ class TensorParallelRunner:
     ) -> None:
         import torch.distributed as dist
 
-        if config.model is None:
-            raise ValueError("tp > 1 needs the model named in the config (each rank loads its own shard)")
+        if not source.path:
+            raise ValueError(
+                "tp > 1 needs a model read from a local file or directory (each rank loads its shard)"
+            )
         if dist.is_initialized():
             raise RuntimeError("a tensor-parallel engine already runs in this process")
         world = config.tp
@@ -174,8 +175,7 @@ class TensorParallelRunner:
                     store_port=store.port,
                     backend=backend,
                     device=str(rank_device(device, rank)),
-                    model=config.model,
-                    revision=config.revision,
+                    model=source.path,  # the local file or directory rank 0 read (a hub id resolved)
                     settings=settings,
                     num_threads=torch.get_num_threads(),
                     flush_denormal=config.flush_denormal,
