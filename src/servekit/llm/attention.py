@@ -11,7 +11,8 @@ built once per step and shared by all layers; ``paged_attention`` runs per layer
   and masked (the query heads sharing a KV head are folded into the query axis, so GQA needs no
   repeated keys);
 * each prefill chunk is attended on its own: straight over its fresh keys/values with a causal mask
-  when nothing is cached before it, else over its gathered blocks with an offset causal mask.
+  when nothing is cached before it (through FlashAttention on CUDA when ``flash-attn`` is installed:
+  ``servekit.llm.flash``), else over its gathered blocks with an offset causal mask.
 
 Families that soft-cap attention scores (Gemma 2) or add ALiBi biases (BLOOM, MPT) take an eager
 PyTorch path (scores, cap, bias, mask, softmax), for decode rows too: the C kernel lacks both, so the
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from servekit.llm.flash import flash_causal_prefill
 from servekit.llm.kernels.attention import paged_decode_attention
 
 
@@ -80,12 +82,14 @@ def build_attention_metadata(
     dtype: torch.dtype = torch.float32,
     sliding_window: int | None = None,
     decode_kernel: bool = False,
+    device: torch.device | None = None,
 ) -> AttentionMetadata:
     """Tensors every layer reuses this step (decode sequences first, then prefill chunks).
 
     Masks are built additive, in the model dtype, once per step: handing SDPA a boolean mask makes it
     convert the mask again in every layer. With ``decode_kernel`` the decode rows get int32 block
-    tables and lengths for the C kernel instead of gathered ids and a mask.
+    tables and lengths for the C kernel instead of gathered ids and a mask. The tensors are built on
+    the CPU and moved to ``device`` (where ``slot_mapping`` already is) together, once per step.
     """
     num_decode = len(decode_block_tables)
     decode_block_ids: torch.Tensor | None = None
@@ -133,6 +137,10 @@ def build_attention_metadata(
                 mask &= key_positions > query_positions - sliding_window
             prefills.append(PrefillChunk(offset, length, block_ids, _additive(mask, dtype), start))
         offset += length
+    if device is not None and device.type != "cpu":
+        decode_block_ids, decode_mask = _to(decode_block_ids, device), _to(decode_mask, device)
+        for chunk in prefills:
+            chunk.block_ids, chunk.mask = _to(chunk.block_ids, device), _to(chunk.mask, device)
     return AttentionMetadata(
         write_blocks=torch.div(slot_mapping, block_size, rounding_mode="floor"),
         write_offsets=torch.remainder(slot_mapping, block_size),
@@ -148,8 +156,12 @@ def build_attention_metadata(
     )
 
 
+def _to(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if tensor is None else tensor.to(device, non_blocking=True)
+
+
 def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    mask = torch.zeros(visible.shape, dtype=dtype)
+    mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
     return mask.masked_fill_(~visible, float("-inf"))
 
 
@@ -259,7 +271,7 @@ def paged_attention(
                 values,
                 metadata.decode_mask,
                 options,
-                torch.arange(metadata.decode_key_len),
+                torch.arange(metadata.decode_key_len, device=query.device),
             )
         else:
             queries = query[:num_decode].view(num_decode, num_kv_heads, group, head_dim)
@@ -276,11 +288,18 @@ def paged_attention(
             values = value[rows].transpose(0, 1).unsqueeze(0)
             if options.eager:
                 causal = _additive(
-                    torch.ones(chunk.num_tokens, chunk.num_tokens, dtype=torch.bool).tril_(), query.dtype
+                    torch.ones(
+                        chunk.num_tokens, chunk.num_tokens, dtype=torch.bool, device=query.device
+                    ).tril_(),
+                    query.dtype,
                 )
-                key_positions = torch.arange(chunk.start, chunk.start + chunk.num_tokens)
+                key_positions = torch.arange(chunk.start, chunk.start + chunk.num_tokens, device=query.device)
                 out = _eager_attention(queries, keys, values, causal, options, key_positions)
             else:
+                flash = flash_causal_prefill(query[rows], key[rows], value[rows], options.scale)
+                if flash is not None:
+                    outputs.append(flash.reshape(chunk.num_tokens, num_heads * head_dim))
+                    continue
                 out = F.scaled_dot_product_attention(
                     queries, keys, values, is_causal=True, enable_gqa=group > 1, scale=options.scale
                 )
@@ -291,7 +310,7 @@ def paged_attention(
                 for part in (0, 1)
             )
             if options.eager:
-                key_positions = torch.arange(keys.shape[2])
+                key_positions = torch.arange(keys.shape[2], device=query.device)
                 out = _eager_attention(queries, keys, values, chunk.mask, options, key_positions)
             else:
                 out = F.scaled_dot_product_attention(

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
+from servekit.llm.device import check_device_syntax
 from servekit.settings import SettingError, one_of, read_settings, setting
 from servekit.sizes import parse_size
 
@@ -60,9 +61,33 @@ class EngineConfig:
         "model name clients use in requests (default: the model's name)",
         env=("OPENAI_SERVED_MODEL_NAME_OVERRIDE", "SERVED_MODEL_NAME"),
     )
+    device: str = setting(
+        "auto",
+        "device to run on: auto (the first CUDA GPU when there is one, else the CPU), cpu, cuda, cuda:N, mps",
+        env=("DEVICE",),
+    )
+    tp: int = setting(
+        1,
+        "tensor-parallel ranks: the model's heads, MLP and vocabulary split over this many processes "
+        "(one per GPU on CUDA, gloo over CPU cores otherwise)",
+        env=("TENSOR_PARALLEL_SIZE",),
+    )
+    gpu_memory_utilization: float | None = setting(
+        None,
+        "CUDA only: the share of the GPU's memory the engine may use (weights, activations, KV cache); "
+        "the KV cache gets what is left after the weights and a profiled step (default: kv_cache_memory)",
+        env=("GPU_MEMORY_UTILIZATION",),
+    )
+    cuda_graphs: bool = setting(
+        False,
+        "CUDA: replay decode steps of up to 64 sequences as captured CUDA graphs (less launch overhead; "
+        "dense models, tp 1; other steps run eagerly)",
+        env=("CUDA_GRAPHS",),
+    )
     dtype: str = setting(
         "auto",
-        "weights and activations dtype: auto (float32 on CPU), float32, bfloat16, float16",
+        "weights and activations dtype: auto (float32 on CPU, bfloat16 on GPUs that have it, else "
+        "float16), float32, bfloat16, float16",
         env=("DTYPE",),
     )
     # int8 is not the default because its numbers differ from the checkpoint's exact ones.
@@ -132,6 +157,10 @@ class EngineConfig:
     )
 
     def __post_init__(self) -> None:
+        try:
+            self.device = check_device_syntax(self.device)
+        except SettingError as error:
+            raise EngineConfigError(str(error), "device") from None
         self.dtype = canonical_dtype(self.dtype)
         self.kv_cache_dtype = canonical_dtype(self.kv_cache_dtype)
         self.gguf_weights = self.gguf_weights.strip().lower()
@@ -170,6 +199,7 @@ class EngineConfig:
             "block_size": self.block_size,
             "num_kv_blocks": self.num_kv_blocks,
             "num_threads": self.num_threads,
+            "tp": self.tp,
         }
         for name, value in positive.items():
             if value is not None and value < 1:
@@ -178,6 +208,11 @@ class EngineConfig:
             raise EngineConfigError(
                 f"max_queued_requests must be non-negative, got {self.max_queued_requests}",
                 "max_queued_requests",
+            )
+        utilization = self.gpu_memory_utilization
+        if utilization is not None and not 0 < utilization <= 1:
+            raise EngineConfigError(
+                f"gpu_memory_utilization must be in (0, 1], got {utilization}", "gpu_memory_utilization"
             )
         if isinstance(self.kv_cache_memory, int) and self.kv_cache_memory < 1:
             raise EngineConfigError(
@@ -207,19 +242,11 @@ _AUTO_KV_CACHE_MAX_BYTES = 2 << 30
 _AUTO_KV_CACHE_MEMORY_FRACTION = 0.2
 
 
-def resolve_dtype(name: str, model_config: ModelConfig) -> torch.dtype:
-    """``"auto"`` is float32 on CPU (exact, and fast there) and the checkpoint's dtype on GPUs."""
-    import torch
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``"auto"``: float32 on CPU (exact, and fast there), bfloat16 on GPUs that support it."""
+    from servekit.llm.device import auto_dtype
 
-    if name != "auto":
-        return torch_dtype(name)
-    if torch.cuda.is_available():
-        return (
-            torch_dtype(model_config.torch_dtype)
-            if model_config.torch_dtype in DTYPE_CHOICES[1:]  # not "auto"
-            else torch.float32
-        )
-    return torch.float32
+    return auto_dtype(device) if name == "auto" else torch_dtype(name)
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -230,14 +257,20 @@ def torch_dtype(name: str) -> torch.dtype:
     return dtype
 
 
-def resolve_quantization(name: str | None, checkpoint_quantization: str | None) -> str | None:
+def resolve_quantization(
+    name: str | None, checkpoint_quantization: str | None, device: torch.device | None = None
+) -> str | None:
     """``"auto"`` is int8 on CPUs when the checkpoint's weights are quantised already (a Q4/Q8 GGUF:
     computing them in int8 instead of dequantised float32 loses less than the file's own rounding
     did, and is several times faster); otherwise the weights are computed as loaded."""
-    import torch
-
     from servekit.llm.models.linear import int8_matmul_available
 
+    on_cpu = device is None or device.type == "cpu"
+    if name == "int8" and not on_cpu:
+        raise EngineConfigError(
+            f"quantization=int8 runs on CPUs only (the engine runs on {device}): leave it unset",
+            "quantization",
+        )
     if name == "int8" and not int8_matmul_available():
         raise EngineConfigError(
             "quantization=int8 needs a CPU with an int8 dot-product unit (AVX-512 VNNI, AVX-VNNI or "
@@ -247,7 +280,7 @@ def resolve_quantization(name: str | None, checkpoint_quantization: str | None) 
         )
     if name != "auto":
         return name
-    if checkpoint_quantization and not torch.cuda.is_available() and int8_matmul_available():
+    if checkpoint_quantization and on_cpu and int8_matmul_available():
         return "int8"
     return None
 

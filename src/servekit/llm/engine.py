@@ -26,6 +26,15 @@ from servekit.llm.config import (
     resolve_quantization,
 )
 from servekit.llm.detokenizer import IncrementalDetokenizer
+from servekit.llm.device import (
+    DeviceError,
+    RunnerSettings,
+    check_device_settings,
+    gpu_memory_utilization,
+    rank_threads,
+    resolve_device,
+)
+from servekit.llm.distributed import check_tensor_parallel
 from servekit.llm.errors import EngineInputError
 from servekit.llm.inputs import EngineInput, InputProcessor
 from servekit.llm.model_runner import ForwardBatch, ForwardOutput
@@ -87,7 +96,9 @@ class LLMEngine:
         """
         self.config = config if config is not None else EngineConfig()
         cfg = self.config
-        configure_threads(cfg.num_threads)
+        self.device = resolve_device(cfg.device)
+        check_device_settings(cfg, self.device)
+        configure_threads(rank_threads(cfg.num_threads, cfg.tp))
         if cfg.seed is not None:
             torch.manual_seed(cfg.seed)
         if cfg.flush_denormal:
@@ -101,19 +112,27 @@ class LLMEngine:
         self.model_config: ModelConfig = source.config
         self.tokenizer: Tokenizer = source.tokenizer
         self.max_model_len = cfg.max_model_len or source.config.max_position_embeddings
-        self.dtype = resolve_dtype(cfg.dtype, source.config)
-        self.quantization = resolve_quantization(cfg.quantization, source.quantization)
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        self.quantization = resolve_quantization(cfg.quantization, source.quantization, self.device)
         self.kv_cache_dtype = resolve_kv_cache_dtype(cfg.kv_cache_dtype, self.dtype, self.quantization)
+        check_tensor_parallel(source.config, cfg.tp, quantization=self.quantization)
+        if cfg.cuda_graphs and source.config.moe is not None:
+            # The MoE layer reads its routing on the host (expert token counts): not capturable.
+            raise DeviceError("cuda_graphs does not support mixture-of-experts models: leave it unset")
         # True: the checkpoint's quantised weights are computed on their GGUF blocks.
         self.gguf_blocks = resolve_gguf_blocks(
             cfg.gguf_weights,
             source.quantization is not None and source.blocks_factory is not None,
             self.dtype,
             self.quantization,
+            self.device,
+            cfg.tp,
         )
         logger.info(
-            "compute: %s, quantization %s%s, KV cache %s",
+            "compute: %s on %s%s, quantization %s%s, KV cache %s",
             str(self.dtype).removeprefix("torch."),
+            self.device,
+            f" x {cfg.tp} tensor-parallel ranks" if cfg.tp > 1 else "",
             self.quantization or "none",
             f" (checkpoint: {source.quantization}, {'on its blocks' if self.gguf_blocks else 'dequantised'})"
             if source.quantization
@@ -132,9 +151,7 @@ class LLMEngine:
         self.eos_token_ids: list[int] = list(self.tokenizer.eos_token_ids)
         self.sampler = Sampler(self.eos_token_ids)
         self.block_manager = BlockManager(runner.num_blocks, runner.block_size, cfg.enable_prefix_caching)
-        batched = cfg.max_num_batched_tokens
-        if batched is None:
-            batched = 2048 if cfg.enable_chunked_prefill else max(self.max_model_len, 2048)
+        batched = self.scheduler_token_budget()
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=cfg.max_num_seqs,
@@ -402,13 +419,12 @@ class LLMEngine:
         cfg = self.config
         num_blocks = cfg.num_kv_blocks
         memory = cfg.kv_cache_memory_bytes()
-        if num_blocks is None and memory is None:
+        utilization = gpu_memory_utilization(cfg, self.device)
+        if num_blocks is None and memory is None and utilization is None:
             num_blocks = auto_num_kv_blocks(
                 source.config, self.kv_cache_dtype, cfg.block_size, self.max_model_len, cfg.max_num_seqs
             )
-        return ModelRunner(
-            source.config,
-            source.iter_weight_blocks() if self.gguf_blocks else source.iter_weights(),
+        settings = RunnerSettings(
             dtype=self.dtype,
             block_size=cfg.block_size,
             num_blocks=num_blocks,
@@ -416,4 +432,21 @@ class LLMEngine:
             max_model_len=self.max_model_len,
             quantization=self.quantization,
             kv_cache_dtype=self.kv_cache_dtype,
+            gpu_memory_utilization=utilization if num_blocks is None and memory is None else None,
+            profile_tokens=self.scheduler_token_budget(),
+            cuda_graphs=cfg.cuda_graphs,
+            max_num_seqs=cfg.max_num_seqs,
         )
+        if cfg.tp > 1:
+            from servekit.llm.tp_runner import TensorParallelRunner
+
+            return TensorParallelRunner(cfg, source, settings, self.device)
+        weights = source.iter_weight_blocks() if self.gguf_blocks else source.iter_weights()
+        return ModelRunner(source.config, weights, device=self.device, **settings.runner_kwargs())
+
+    def scheduler_token_budget(self) -> int:
+        """The most tokens one step computes (what the activation profile runs)."""
+        cfg = self.config
+        if cfg.max_num_batched_tokens is not None:
+            return cfg.max_num_batched_tokens
+        return 2048 if cfg.enable_chunked_prefill else max(self.max_model_len, 2048)

@@ -57,6 +57,7 @@ class PagedKVCache:
         num_kv_heads: int,
         head_dim: int,
         dtype: torch.dtype,
+        device: torch.device | str = "cpu",
     ) -> None:
         if num_blocks <= 0:
             raise ValueError(f"the KV cache needs at least one block (got num_blocks={num_blocks})")
@@ -69,10 +70,11 @@ class PagedKVCache:
         self.head_dim = head_dim
         self.dtype = dtype
         self._storage = torch.zeros(
-            (num_layers, num_blocks, 2, num_kv_heads, block_size, head_dim), dtype=dtype
+            (num_layers, num_blocks, 2, num_kv_heads, block_size, head_dim), dtype=dtype, device=device
         )
         logger.info(
-            "allocated KV cache: %d blocks x %d tokens, %.1f MiB",
+            "allocated KV cache on %s: %d blocks x %d tokens, %.1f MiB",
+            self._storage.device,
             num_blocks,
             block_size,
             self._storage.numel() * self._storage.element_size() / (1 << 20),

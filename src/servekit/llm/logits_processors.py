@@ -75,15 +75,12 @@ def padded_token_ids(
     head) are dropped.
     """
     rows = [[t for t in ids if 0 <= t < vocab_size] for ids in token_ids_per_row]
-    longest = max((len(ids) for ids in rows), default=0)
-    ids = torch.zeros((len(rows), max(longest, 1)), dtype=torch.int64)
-    real = torch.zeros((len(rows), max(longest, 1)), dtype=torch.bool)
-    for row, row_ids in enumerate(rows):
-        if row_ids:
-            ids[row, : len(row_ids)] = torch.tensor(row_ids, dtype=torch.int64)
-            ids[row, len(row_ids) :] = row_ids[0]
-            real[row, : len(row_ids)] = True
-    return ids.to(device), real.to(device)
+    width = max(max((len(ids) for ids in rows), default=0), 1)
+    # Padded on the host as lists: one tensor per call, not one per row.
+    padded = [ids + [ids[0] if ids else 0] * (width - len(ids)) for ids in rows]
+    lengths = torch.tensor([len(ids) for ids in rows], dtype=torch.int64)
+    real = torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)
+    return torch.tensor(padded, dtype=torch.int64).to(device), real.to(device)
 
 
 def apply_penalties(

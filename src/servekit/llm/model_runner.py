@@ -16,11 +16,15 @@ from dataclasses import dataclass
 import torch
 
 from servekit.llm.attention import AttentionMetadata, build_attention_metadata
+from servekit.llm.cuda_graphs import DecodeGraphs
+from servekit.llm.device import kv_budget_from_memory
+from servekit.llm.distributed import SINGLE, TPGroup, head_split
 from servekit.llm.kernels import kernels_available
 from servekit.llm.kernels.quantized import QuantizedTensor
 from servekit.llm.kv_cache import (
     DEFAULT_KV_CACHE_MEMORY_BYTES,
     PagedKVCache,
+    kv_cache_block_bytes,
     num_blocks_for_budget,
 )
 from servekit.llm.model_config import ModelConfig
@@ -62,8 +66,20 @@ class ModelRunner:
         max_model_len: int | None = None,
         quantization: str | None = None,
         kv_cache_dtype: torch.dtype | None = None,
+        device: torch.device | str = "cpu",
+        tp: TPGroup = SINGLE,
+        gpu_memory_utilization: float | None = None,
+        profile_tokens: int = 2048,
+        cuda_graphs: bool = False,
+        max_num_seqs: int = 256,
     ) -> None:
+        """``tp``: this process's rank when the model is split over several (``distributed``); every
+        rank builds its runner the same way and runs the same ``forward`` calls. ``cuda_graphs``:
+        decode steps replay captured graphs (``cuda_graphs``; on a CPU the same padded static-shape
+        step runs eagerly, for tests)."""
         self.config = config
+        self.device = torch.device(device)
+        self.tp = tp
         self.dtype = dtype
         self.kv_cache_dtype = kv_cache_dtype or dtype
         self.block_size = block_size
@@ -71,9 +87,26 @@ class ModelRunner:
         factory = get_model_class(config.architecture)
         with torch.no_grad():
             self.model = factory(
-                config, dtype=dtype, max_model_len=self.max_model_len, quantization=quantization
+                config,
+                dtype=dtype,
+                max_model_len=self.max_model_len,
+                quantization=quantization,
+                device=self.device,
+                tp=tp,
             )
             self.model.load_weights(weights)
+        self.num_kv_heads = head_split(config, tp).num_kv_heads
+        # The C decode kernel runs on CPUs only, and cannot soft-cap or add ALiBi biases: such models
+        # attend in PyTorch (gathered blocks + SDPA), as every model does on other devices.
+        self.decode_kernel = (
+            self.device.type == "cpu"
+            and kernels_available(dtype, self.kv_cache_dtype)
+            and not config.eager_attention
+        )
+        # Every sliding window a layer uses (None: full attention), the first layer's first.
+        self.windows = list(dict.fromkeys(config.window_of(i) for i in range(config.num_hidden_layers)))
+        if num_blocks is None and gpu_memory_utilization is not None:
+            num_blocks = self._profiled_num_blocks(gpu_memory_utilization, profile_tokens)
         if num_blocks is None:
             budget = (
                 kv_cache_memory_bytes if kv_cache_memory_bytes is not None else DEFAULT_KV_CACHE_MEMORY_BYTES
@@ -82,34 +115,95 @@ class ModelRunner:
                 budget,
                 num_layers=config.num_hidden_layers,
                 block_size=block_size,
-                num_kv_heads=config.num_key_value_heads,
+                num_kv_heads=self.num_kv_heads,
                 head_dim=config.head_dim,
                 dtype=self.kv_cache_dtype,
             )
             if num_blocks <= 0:
                 raise ValueError(f"kv_cache_memory_bytes={budget} is too small for even one KV block")
         self.num_blocks = num_blocks
-        # The C decode kernel cannot soft-cap or add ALiBi biases: such models attend in PyTorch.
-        self.decode_kernel = kernels_available(dtype, self.kv_cache_dtype) and not config.eager_attention
-        # Every sliding window a layer uses (None: full attention), the first layer's first.
-        self.windows = list(dict.fromkeys(config.window_of(i) for i in range(config.num_hidden_layers)))
-        self.kv_cache = PagedKVCache(
-            num_layers=config.num_hidden_layers,
+        # With decode graphs one more block, past those the block manager hands out, takes the
+        # keys of padding rows.
+        self.kv_cache = self._new_cache(num_blocks + 1 if cuda_graphs else num_blocks)
+        self.graphs: DecodeGraphs | None = None
+        if cuda_graphs:
+            self.graphs = self._decode_graphs(max_num_seqs)
+
+    def _decode_graphs(self, max_num_seqs: int) -> DecodeGraphs | None:
+        capture = self.device.type == "cuda"
+        try:
+            graphs = DecodeGraphs(self, max_num_seqs, self.num_blocks, capture=capture)
+        except RuntimeError as error:  # capture is best effort: decode then runs eagerly
+            logger.warning("CUDA graph capture failed, decoding eagerly: %s", error)
+            return None
+        logger.info("decode steps of %s sequences run as CUDA graphs", graphs.sizes)
+        return graphs
+
+    def _new_cache(self, num_blocks: int) -> PagedKVCache:
+        return PagedKVCache(
+            num_layers=self.config.num_hidden_layers,
             num_blocks=num_blocks,
-            block_size=block_size,
-            num_kv_heads=config.num_key_value_heads,
-            head_dim=config.head_dim,
+            block_size=self.block_size,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.config.head_dim,
             dtype=self.kv_cache_dtype,
+            device=self.device,
         )
 
+    def _profiled_num_blocks(self, utilization: float, profile_tokens: int) -> int:
+        """CUDA: the KV blocks that fit in ``utilization`` of the GPU after the weights and the
+        activations of the largest step (one prefill of ``profile_tokens`` tokens, run once here)."""
+        device = self.device
+        tokens = min(profile_tokens, self.max_model_len)
+        probe_blocks = -(-tokens // self.block_size)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        self.num_blocks = probe_blocks
+        self.kv_cache = self._new_cache(probe_blocks)
+        self.forward(ForwardBatch([[0] * tokens], [0], [list(range(probe_blocks))]))
+        torch.cuda.synchronize(device)
+        probe_bytes = self.kv_cache.memory_bytes
+        del self.kv_cache
+        free, total = torch.cuda.mem_get_info(device)
+        others = (total - free) - torch.cuda.memory_reserved(device)  # other processes, CUDA context
+        used = others + torch.cuda.max_memory_allocated(device) - probe_bytes
+        torch.cuda.empty_cache()
+        budget = kv_budget_from_memory(total, used, utilization)
+        num_blocks = budget // kv_cache_block_bytes(
+            num_layers=self.config.num_hidden_layers,
+            block_size=self.block_size,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.config.head_dim,
+            dtype=self.kv_cache_dtype,
+        )
+        if self.tp.enabled:  # every rank holds the same blocks: the tightest rank decides
+            import torch.distributed as dist
+
+            agreed = torch.tensor([num_blocks], device=device)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=self.tp.group)
+            num_blocks = int(agreed.item())
+        logger.info(
+            "gpu_memory_utilization=%s: %.2f GiB in use after a %d-token profile step, %d KV blocks",
+            utilization,
+            used / 2**30,
+            tokens,
+            num_blocks,
+        )
+        return num_blocks
+
     def execute(self, batch: ForwardBatch) -> ForwardOutput:
-        """One forward pass over every sequence of ``batch`` (see ``ForwardBatch``)."""
+        """One forward pass over every sequence of ``batch`` (see ``ForwardBatch``); the logits are on
+        the runner's device."""
+        self.check(batch)
+        return self.forward(batch)
+
+    def check(self, batch: ForwardBatch) -> None:
+        """Raise ValueError when ``batch`` cannot run (before any rank starts on it)."""
         num_seqs = len(batch.token_ids)
         if num_seqs == 0:
             raise ValueError("empty batch")
         if len(batch.start_positions) != num_seqs or len(batch.block_tables) != num_seqs:
             raise ValueError("token_ids, start_positions and block_tables must have one entry per sequence")
-        want_all = batch.all_logits or [False] * num_seqs
         block_size = self.block_size
         for tokens, start, table in zip(
             batch.token_ids, batch.start_positions, batch.block_tables, strict=True
@@ -126,6 +220,15 @@ class ModelRunner:
                 raise ValueError(
                     f"block table {table[:8]}... refers to blocks outside 0..{self.num_blocks - 1}"
                 )
+
+    def forward(self, batch: ForwardBatch) -> ForwardOutput:
+        """``execute`` without the checks (tensor-parallel ranks run batches rank 0 checked)."""
+        num_seqs = len(batch.token_ids)
+        if self.graphs is not None and self.graphs.supports(batch):
+            return ForwardOutput(self.graphs.run(batch), [None] * num_seqs)
+        want_all = batch.all_logits or [False] * num_seqs
+        block_size = self.block_size
+        device = self.device
 
         decode = [i for i in range(num_seqs) if len(batch.token_ids[i]) == 1]
         prefill = [i for i in range(num_seqs) if len(batch.token_ids[i]) > 1]
@@ -161,9 +264,11 @@ class ModelRunner:
                 dtype=self.dtype,
                 sliding_window=window,
                 decode_kernel=self.decode_kernel,
+                device=device,
             )
 
-        slot_mapping = torch.tensor(slots, dtype=torch.long)
+        # Host-side lists become device tensors here, one copy each per step.
+        slot_mapping = torch.tensor(slots, dtype=torch.long).to(device, non_blocking=True)
         metadata = metadata_for(self.windows[0])
         for window in self.windows[1:]:
             metadata.variants[window] = metadata_for(window)
@@ -186,8 +291,8 @@ class ModelRunner:
         # no_grad rather than inference_mode: callers (the sampler) may modify the logits in place.
         with torch.no_grad():
             hidden = self.model.forward(
-                torch.tensor(flat_ids, dtype=torch.long),
-                torch.tensor(positions, dtype=torch.long),
+                torch.tensor(flat_ids, dtype=torch.long).to(device, non_blocking=True),
+                torch.tensor(positions, dtype=torch.long).to(device, non_blocking=True),
                 max(positions),
                 self.kv_cache,
                 metadata,
@@ -195,9 +300,13 @@ class ModelRunner:
             if len(logit_rows) == hidden.shape[0] and logit_rows == list(range(len(logit_rows))):
                 selected = hidden  # a pure decode step: every row, already in order
             else:
-                selected = hidden.index_select(0, torch.tensor(logit_rows, dtype=torch.long))
+                rows = torch.tensor(logit_rows, dtype=torch.long).to(device, non_blocking=True)
+                selected = hidden.index_select(0, rows)
             logits = self.model.compute_logits(selected)
-            last_logits = logits.index_select(0, torch.tensor(last_index)) if any(want_all) else logits
+            if any(want_all):
+                last_logits = logits.index_select(0, torch.tensor(last_index).to(device, non_blocking=True))
+            else:
+                last_logits = logits
         all_logits: list[torch.Tensor | None] = [
             None if span is None else logits[span[0] : span[0] + span[1]] for span in all_spans
         ]

@@ -46,11 +46,12 @@ class SampledToken:
     top_logprobs: list[tuple[int, float]] | None  # the params.logprobs most likely tokens, best first
 
 
-def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
-    """A generator for a request's own random draws, or None for unseeded requests."""
+def make_generator(seed: int | None) -> torch.Generator | None:
+    """A generator for a request's own random draws (on the CPU, whatever the engine's device), or
+    None for unseeded requests."""
     if seed is None:
         return None
-    generator = torch.Generator(device=device)
+    generator = torch.Generator()
     generator.manual_seed(seed)
     return generator
 
@@ -288,9 +289,13 @@ def _uniforms(generators: Sequence[torch.Generator | None], device: torch.device
 
     A row with its own generator draws from it alone, exactly once per sampled token, so a seeded
     request samples the same tokens whatever else is in the batch; the other rows share one draw.
+    Seeded generators live on the CPU (the same seed gives the same tokens on every device); the draws
+    cross to ``device`` in one copy.
     """
-    uniforms = torch.rand(len(generators), device=device)
-    for row, generator in enumerate(generators):
-        if generator is not None:
-            uniforms[row] = torch.rand(1, generator=generator, device=device)[0]
-    return uniforms
+    seeded = [row for row, generator in enumerate(generators) if generator is not None]
+    if not seeded:
+        return torch.rand(len(generators), device=device)
+    uniforms = torch.rand(len(generators))
+    for row in seeded:
+        uniforms[row] = torch.rand(1, generator=generators[row])[0]
+    return uniforms.to(device, non_blocking=True)

@@ -24,6 +24,15 @@ import torch
 import torch.nn.functional as F
 
 from servekit.llm.attention import AttentionMetadata, AttentionOptions
+from servekit.llm.distributed import (
+    SINGLE,
+    AllReduced,
+    TPGroup,
+    VocabParallelEmbedding,
+    VocabParallelHead,
+    head_split,
+    shard_weight,
+)
 from servekit.llm.kernels import kernels_available
 from servekit.llm.kernels.elementwise import add_rms_norm
 from servekit.llm.kernels.quantized import QuantizedTensor
@@ -59,9 +68,9 @@ class Block:
     """One layer ready to run."""
 
     attn_norm: Norm | None
-    attention: Attention
+    attention: Attention | AllReduced
     mlp_norm: Norm | None
-    mlp: DenseMLP | SparseMoE
+    mlp: DenseMLP | SparseMoE | AllReduced
     post_attn_norm: Norm | None
     post_mlp_norm: Norm | None
     window: int | None
@@ -85,11 +94,17 @@ class DecoderLM:
         max_model_len: int,
         pack_weights: bool = True,
         quantization: str | None = None,
+        device: torch.device | str = "cpu",
+        tp: TPGroup = SINGLE,
     ) -> None:
         if config.num_attention_heads % config.num_key_value_heads:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
         self.config = config
         self.dtype = dtype
+        self.device = torch.device(device)
+        self.tp = tp
+        # This rank's heads (all of them without tensor parallelism); its KV cache holds these.
+        self.heads = head_split(config, tp)
         self.act = activation(config.hidden_act)
         self.pack_weights = pack_weights
         self.quantization = quantization
@@ -97,17 +112,24 @@ class DecoderLM:
         self.blocks: list[Block] = []
         self.rotaries: list[RotaryEmbedding] = []
         if config.positions == "rope":
-            self.rotaries.append(RotaryEmbedding(config, max_model_len=max_model_len, dtype=dtype))
+            self.rotaries.append(
+                RotaryEmbedding(config, max_model_len=max_model_len, dtype=dtype, device=self.device)
+            )
             if config.local_rope_theta is not None:
                 local = dataclasses.replace(config, rope_theta=config.local_rope_theta, rope_scaling=None)
-                self.rotaries.append(RotaryEmbedding(local, max_model_len=max_model_len, dtype=dtype))
-        slopes = self.alibi_slopes() if config.positions == "alibi" else None
+                self.rotaries.append(
+                    RotaryEmbedding(local, max_model_len=max_model_len, dtype=dtype, device=self.device)
+                )
+        slopes = None
+        if config.positions == "alibi":
+            first = self.heads.first_head
+            slopes = self.alibi_slopes()[first : first + self.heads.num_heads].to(self.device)
         self.options = AttentionOptions(config.attention_scale, config.attn_softcap, slopes)
-        self.embed: torch.Tensor | QuantizedTensor | None = None
+        self.embed: VocabParallelEmbedding | QuantizedTensor | None = None
         self.pos_embed: torch.Tensor | None = None
         self.final_norm: Norm | None = None
         self.embed_norm: Norm | None = None
-        self.lm_head: Projection | None = None
+        self.lm_head: VocabParallelHead | None = None
         self._blocks: dict[str, QuantizedTensor] = {}  # weights kept as GGUF blocks, while loading
 
     def attention_weights(self) -> dict[str, bool]:
@@ -172,13 +194,19 @@ class DecoderLM:
             for canonical, part in self.map_weight(name, tensor):
                 if canonical not in required and canonical not in optional:
                     raise ValueError(f"unexpected weight {name!r} for a {config.architecture} model")
-                store[canonical] = part.to(self.dtype)
+                store[canonical] = part
         missing = sorted(self.names.checkpoint_name(n) for n in required - store.keys() - self._blocks.keys())
         if missing:
             shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
             raise ValueError(f"checkpoint is missing {len(missing)} weight(s): {shown}")
         self._check_shapes(store)
-        self._build(store)
+        # Each rank slices its part off the whole tensor before converting and moving it.
+        placed: dict[str, torch.Tensor] = {}
+        for name in list(store):
+            shard = shard_weight(name, store.pop(name), config, self.tp)
+            if shard is not None:
+                placed[name] = shard.to(device=self.device, dtype=self.dtype)
+        self._build(placed)
 
     def _check_shapes(self, store: dict[str, torch.Tensor]) -> None:
         config = self.config
@@ -212,7 +240,10 @@ class DecoderLM:
         if all(b is None for b in biases):
             return None
         return torch.cat(
-            [torch.zeros(n, dtype=self.dtype) if b is None else b for n, b in zip(rows, biases, strict=True)]
+            [
+                torch.zeros(n, dtype=self.dtype, device=self.device) if b is None else b
+                for n, b in zip(rows, biases, strict=True)
+            ]
         )
 
     def _norm(self, store: dict[str, torch.Tensor], name: str) -> Norm | None:
@@ -232,8 +263,8 @@ class DecoderLM:
             o=self._linear(store, f"{prefix}o"),
             q_norm=self._norm(store, f"{prefix}q_norm"),
             k_norm=self._norm(store, f"{prefix}k_norm"),
-            num_heads=config.num_attention_heads,
-            num_kv_heads=config.num_key_value_heads,
+            num_heads=self.heads.num_heads,
+            num_kv_heads=self.heads.num_kv_heads,
             head_dim=config.head_dim,
             norm_per_head=config.qk_norm_per_head,
         )
@@ -266,11 +297,14 @@ class DecoderLM:
         for index in range(config.num_hidden_layers):
             prefix = f"layers.{index}."
             moe = config.moe
-            mlp: DenseMLP | SparseMoE
+            mlp: DenseMLP | SparseMoE | AllReduced
             if moe is None or index in moe.dense_layers:
                 mlp = self._mlp(store, prefix)
             else:
                 mlp = self._moe(store, prefix, moe)
+            attention: Attention | AllReduced = self._attention(store, prefix)
+            if self.tp.enabled:
+                attention, mlp = AllReduced(attention, self.tp), AllReduced(mlp, self.tp)
             window = config.window_of(index)
             rotary = -1
             if self.rotaries:
@@ -279,7 +313,7 @@ class DecoderLM:
             self.blocks.append(
                 Block(
                     attn_norm=self._norm(store, f"{prefix}attn_norm"),
-                    attention=self._attention(store, prefix),
+                    attention=attention,
                     mlp_norm=self._norm(store, f"{prefix}mlp_norm"),
                     mlp=mlp,
                     post_attn_norm=self._norm(store, f"{prefix}post_attn_norm"),
@@ -289,16 +323,19 @@ class DecoderLM:
                 )
             )
         embed = self._blocks.pop("embed.weight", None) or store.pop("embed.weight")
-        self.embed = embed
+        # GGUF blocks are only kept without tensor parallelism (resolve_gguf_blocks).
+        self.embed = embed if isinstance(embed, QuantizedTensor) else VocabParallelEmbedding(embed, self.tp)
         self.pos_embed = store.pop("pos_embed.weight", None)
         self.final_norm = self._norm(store, "final_norm")
         self.embed_norm = self._norm(store, "embed_norm")
+        head: Projection
         if not config.tie_word_embeddings:
-            self.lm_head = self._linear(store, "lm_head")
+            head = self._linear(store, "lm_head")
         elif isinstance(embed, QuantizedTensor):
-            self.lm_head = QuantizedLinear([embed])
+            head = QuantizedLinear([embed])
         else:
-            self.lm_head = make_linear(embed, None, quantization=self.quantization, pack=self.pack_weights)
+            head = make_linear(embed, None, quantization=self.quantization, pack=self.pack_weights)
+        self.lm_head = VocabParallelHead(head, config.vocab_size, self.tp)
 
     # ------------------------------------------------------------------ forward
 
@@ -341,7 +378,7 @@ class DecoderLM:
         if isinstance(self.embed, QuantizedTensor):
             hidden = self.embed.embedding(token_ids)
         else:
-            hidden = F.embedding(token_ids, self.embed)
+            hidden = self.embed(token_ids)
         if config.embedding_scale is not None:
             hidden = hidden * torch.tensor(config.embedding_scale, dtype=hidden.dtype)
         if self.pos_embed is not None:

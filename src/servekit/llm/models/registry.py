@@ -8,6 +8,7 @@ from typing import Protocol
 import torch
 
 from servekit.llm.attention import AttentionMetadata
+from servekit.llm.distributed import SINGLE, TPGroup
 from servekit.llm.kernels.quantized import QuantizedTensor
 from servekit.llm.kv_cache import PagedKVCache
 from servekit.llm.model_config import ModelConfig
@@ -49,7 +50,14 @@ class CausalLM(Protocol):
 
 class CausalLMFactory(Protocol):
     def __call__(
-        self, config: ModelConfig, *, dtype: torch.dtype, max_model_len: int, quantization: str | None = None
+        self,
+        config: ModelConfig,
+        *,
+        dtype: torch.dtype,
+        max_model_len: int,
+        quantization: str | None = None,
+        device: torch.device | str = "cpu",
+        tp: TPGroup = SINGLE,
     ) -> CausalLM: ...
 
 

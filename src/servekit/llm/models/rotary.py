@@ -135,8 +135,15 @@ class RotaryEmbedding:
     """Cos/sin tables indexed by position, applied in place of a ``[tokens, heads, head_dim]`` view."""
 
     def __init__(
-        self, config: ModelConfig, *, max_model_len: int, dtype: torch.dtype, base: float | None = None
+        self,
+        config: ModelConfig,
+        *,
+        max_model_len: int,
+        dtype: torch.dtype,
+        base: float | None = None,
+        device: torch.device | str = "cpu",
     ) -> None:
+        self.device = torch.device(device)
         self.head_dim = config.head_dim
         self.rotary_dim = rotary_dim_of(config)
         self.dtype = dtype
@@ -150,9 +157,9 @@ class RotaryEmbedding:
         freqs = torch.outer(positions, self.inv_freq)
         cos = (freqs.cos() * self.attention_scaling).to(self.dtype)
         sin = (freqs.sin() * self.attention_scaling).to(self.dtype)
-        self._cos = torch.cat((cos, cos), dim=-1)
+        self._cos = torch.cat((cos, cos), dim=-1).to(self.device)
         # rotate_half(x) * sin == roll(x, half) * [-sin, sin]: the sign lives in the table.
-        self._sin = torch.cat((-sin, sin), dim=-1)
+        self._sin = torch.cat((-sin, sin), dim=-1).to(self.device)
 
     def cos_sin(self, positions: torch.Tensor, max_position: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``[tokens, 1, rotary_dim]`` cos and signed sin for ``positions`` (maximum ``max_position``)."""

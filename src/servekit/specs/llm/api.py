@@ -21,8 +21,17 @@ logger = logging.getLogger(__name__)
 
 
 class LLMServerAPI(LitAPI):
-    def __init__(self, config: ServeConfig | None = None, spec: LLMServerSpec | None = None) -> None:
+    def __init__(
+        self,
+        config: ServeConfig | None = None,
+        spec: LLMServerSpec | None = None,
+        *,
+        engine_on_slot_device: bool = False,
+    ) -> None:
+        """``engine_on_slot_device``: run the engine on the device the serving core gives ``setup``
+        (one GPU per worker) instead of the configured one."""
         self.config = config if config is not None else ServeConfig()
+        self.engine_on_slot_device = engine_on_slot_device
         super().__init__(spec=spec if spec is not None else LLMServerSpec(self.config))
         self.runtime: Any = None
         self._handlers: dict[str, Any] = {}
@@ -33,9 +42,12 @@ class LLMServerAPI(LitAPI):
         from servekit.specs.llm.native import GenerateHandler
         from servekit.specs.llm.runtime import Runtime
 
-        self.config.log_ignored()
-        # A dead engine fails this worker through the supervisor, which restarts it.
-        self.runtime = Runtime(self.config, on_engine_failure=self.report_unhealthy)
+        config = self.config
+        if self.engine_on_slot_device:
+            config = dataclasses.replace(config, engine=dataclasses.replace(config.engine, device=device))
+        # A dead engine (or tensor-parallel rank) fails this worker through the supervisor, which
+        # restarts it.
+        self.runtime = Runtime(config, on_engine_failure=self.report_unhealthy)
         self._handlers = {
             "chat": ChatHandler(self.runtime).run,
             "completion": CompletionHandler(self.runtime).run,

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from servekit.llm.config import EngineConfig
 from servekit.settings import SettingError, add_arguments
 from servekit.specs.llm.config import ServeConfig
+from servekit.specs.llm.placement import Placement, place_workers
 
 if TYPE_CHECKING:
     from servekit.callbacks import Callback
@@ -30,10 +31,19 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 def resolve_serve_config(args: argparse.Namespace) -> ServeConfig | None:
     """The configuration of ``servekit serve``, or None after saying what is wrong (exit code 2)."""
     try:
-        return ServeConfig.resolve(vars(args))
+        config = ServeConfig.resolve(vars(args))
+        placement_of(config)  # an absent device fails here, before any worker starts
+        return config
     except SettingError as error:  # a bad flag or env value: say which, no traceback
         print(f"servekit serve: error: {error}", file=sys.stderr)
         return None
+
+
+def placement_of(config: ServeConfig) -> Placement:
+    from servekit.workers.devices import cuda_device_count
+
+    engine = config.engine
+    return place_workers(engine.device, config.workers, engine.tp, cuda_device_count())
 
 
 def serve(config: ServeConfig, callbacks: list[Callback] | None = None, **run_kwargs: Any) -> None:
@@ -42,11 +52,15 @@ def serve(config: ServeConfig, callbacks: list[Callback] | None = None, **run_kw
     from servekit.specs.llm.api import LLMServerAPI
     from servekit.specs.llm.spec import LLMServerSpec
 
-    api = LLMServerAPI(config, spec=LLMServerSpec(config))
+    placement = placement_of(config)
+    api = LLMServerAPI(
+        config, spec=LLMServerSpec(config), engine_on_slot_device=placement.engine_on_slot_device
+    )
     server = LitServer(
         api,
-        accelerator="auto",
-        workers_per_device=config.workers,
+        accelerator=placement.accelerator,
+        devices=placement.devices,
+        workers_per_device=placement.workers_per_device,
         timeout=config.request_timeout if config.request_timeout is not None else False,
         api_key=config.api_key,
         debug_errors=config.debug_errors,

@@ -80,9 +80,6 @@ class ServeConfig:
         "serve POST /terminate (as LMDeploy's servers do, for `servekit proxy`'s /nodes/terminate): "
         "a graceful shutdown, behind --api-key, which it needs",
     )
-    gpu_memory_utilization: float | None = setting(
-        None, "accepted for vLLM compatibility; ignored on CPU", env=("GPU_MEMORY_UTILIZATION",)
-    )
     engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
     sources: dict[str, str] = dataclasses.field(default_factory=dict)  # setting -> where its value came from
 
@@ -153,10 +150,3 @@ class ServeConfig:
         data["quantization"] = data["quantization"] or "none"
         data["sources"] = dict(self.sources)
         return data
-
-    def log_ignored(self) -> None:
-        if self.gpu_memory_utilization is not None:
-            logger.info(
-                "gpu_memory_utilization=%s ignored: no GPU; size the KV cache with --kv-cache-memory",
-                self.gpu_memory_utilization,
-            )

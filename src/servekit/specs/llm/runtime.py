@@ -46,6 +46,10 @@ class Runtime:
             self.kv_tokens,
         )
         install_fault_hooks(llm_engine)
+        from servekit.llm.tp_runner import TensorParallelRunner
+
+        if isinstance(runner, TensorParallelRunner):  # a rank process that dies fails this worker
+            runner.on_failure = on_engine_failure
 
     def decode_token(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
