@@ -53,6 +53,7 @@ class Request(NamedTuple):
     rid: int
     encoding: int
     payload: bytes
+    request_id: str = ""  # the HTTP request's X-Request-ID, for the worker's log lines
 
 
 class Cancel(NamedTuple):

@@ -168,6 +168,10 @@ class LitSpec:
     def bind_front(self, front: FrontHandle) -> None:
         self._front = front
 
+    async def metrics_text(self) -> str:
+        """Prometheus text the spec adds to the server's ``/metrics`` (runs in the front)."""
+        return ""
+
     def pre_setup(self, lit_api: LitAPI) -> None:
         """Check the user's API against the spec, before any worker starts."""
 

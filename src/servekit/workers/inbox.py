@@ -31,6 +31,7 @@ class Job:
     rid: int
     encoding: int
     payload: bytes
+    request_id: str = ""
 
     @property
     def key(self) -> JobKey:

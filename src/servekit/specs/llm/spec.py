@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response, StreamingResponse
+from starlette.responses import Response, StreamingResponse
 
 from servekit.errors import ServerError
 from servekit.openai.chat import ChatCompletionRequest
@@ -71,7 +71,6 @@ class LLMServerSpec(LitSpec):
             ("/get_model_info", self.model_info, ["GET"]),
             ("/server_info", self.server_info, ["GET"]),
             ("/get_server_info", self.server_info, ["GET"]),
-            ("/metrics", self.metrics, ["GET"]),
         ]
         for path, handler, methods in routes:
             self.add_endpoint(path, handler, methods)
@@ -317,12 +316,10 @@ class LLMServerSpec(LitSpec):
             }
         )
 
-    async def metrics(self, request: Request) -> Response:
+    async def metrics_text(self) -> str:
         stats = merge_worker_stats(await self._gather(Op("stats")))
         info = await self._info()
-        return PlainTextResponse(
-            render_metrics(stats, info["model_name"]), media_type="text/plain; version=0.0.4"
-        )
+        return render_metrics(stats, info["model_name"])
 
 
 def model_card(info: dict[str, Any]) -> dict[str, Any]:
