@@ -50,4 +50,11 @@ def serve(config: ServeConfig, **run_kwargs: Any) -> None:
     )
     model = config.engine.model or "the default model"
     logger.info("serving %s on http://%s:%d", model, config.host, config.port)
-    server.run(host=config.host, port=config.port, generate_client_file=False, **run_kwargs)
+    server.run(
+        host=config.host,
+        port=config.port,
+        generate_client_file=False,
+        log_format=config.log_format,
+        access_log=config.access_log,
+        **run_kwargs,
+    )
