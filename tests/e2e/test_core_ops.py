@@ -21,9 +21,11 @@ pytestmark = pytest.mark.timeout(120)
 LOAD = 12  # requests of the bounded load
 
 
-def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+def scrape(
+    url: str, headers: dict[str, str] | None = None
+) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """Every sample of /metrics, parsed by prometheus_client: (name, sorted labels) -> value."""
-    response = httpx.get(f"{url}/metrics", timeout=10)
+    response = httpx.get(f"{url}/metrics", timeout=10, headers=headers)
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
     samples = {}

@@ -242,7 +242,7 @@ def build_app(
                     spec_endpoint.path,
                     spec_endpoint.endpoint,
                     methods=spec_endpoint.methods,
-                    dependencies=dependencies,
+                    dependencies=[] if spec_endpoint.public else dependencies,
                 )
             continue
         endpoint = _plain_endpoint(front, api.stream, callbacks, api_key_check)
@@ -316,11 +316,13 @@ def build_app(
     root_redirect = pages[0] if pages else (None if config.disable_openapi_url else "/docs")
 
     # LitServe's root: a running server says so (behind the API key, as /info is); a browser is sent
-    # to the page made for it.
-    @app.get("/", dependencies=info_dependencies, response_class=PlainTextResponse)
+    # to the page made for it (which asks for the key itself).
+    @app.get("/", response_class=PlainTextResponse)
     async def root(request: Request) -> Response:
         if root_redirect is not None and "text/html" in request.headers.get("accept", ""):
             return RedirectResponse(root_redirect, status_code=307)
+        if api_key_check is not None:
+            api_key_check(request)
         return PlainTextResponse("litserve running")
 
     if config.enable_shutdown_api and on_shutdown is not None:

@@ -27,6 +27,7 @@ from servekit.specs.base import LitSpec, until_disconnected
 from servekit.specs.llm.config import ServeConfig
 from servekit.specs.llm.metrics import merge_worker_stats, render_metrics
 from servekit.specs.llm.ops import Op, OpKind
+from servekit.specs.llm.playground import PLAYGROUND_PATH, playground_file, playground_page
 from servekit.specs.llm.protocol import (
     AbortRequest,
     DetokenizeRequest,
@@ -48,6 +49,7 @@ def _ndjson(item: bytes) -> bytes:
 
 class LLMServerSpec(LitSpec):
     stream = True  # every request runs as a stream in the worker; non-streaming routes take one item
+    browser_page = PLAYGROUND_PATH  # where a browser opening / is sent
 
     def __init__(self, config: ServeConfig | None = None) -> None:
         super().__init__()
@@ -74,6 +76,8 @@ class LLMServerSpec(LitSpec):
         ]
         for path, handler, methods in routes:
             self.add_endpoint(path, handler, methods)
+        self.add_endpoint(PLAYGROUND_PATH, playground_page, ["GET"], public=True)
+        self.add_endpoint(f"{PLAYGROUND_PATH}/{{name}}", playground_file, ["GET"], public=True)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
