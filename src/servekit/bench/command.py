@@ -24,6 +24,16 @@ def _percentiles(text: str) -> list[float]:
     return values
 
 
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("--extra-body must be a JSON object")
+    return value
+
+
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--base-url", default="http://127.0.0.1:8000", help="the server (default: http://127.0.0.1:8000)")
@@ -57,6 +67,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="output tokens for sharegpt (default: the reply's)",
     )
     add("--ignore-eos", action="store_true", help="generate the full output length (vLLM's ignore_eos)")
+    add("--extra-body", type=_json_object, default={}, help="JSON object of more request fields")
     add("--temperature", type=float, default=0.0, help="sampling temperature (default: 0, greedy)")
     add("--seed", type=int, default=0, help="seed of the prompts, arrivals and sampling (default: 0)")
     add("--num-warmups", type=int, default=1, help="requests sent before measuring (default: 1)")
@@ -148,6 +159,7 @@ async def _bench(args: argparse.Namespace, prompts: list[Any]) -> dict[str, Any]
         seed=args.seed,
         timeout=args.timeout,
         api_key=api_key,
+        extra_body=args.extra_body,
     )
     progress = None
     if not args.disable_tqdm:

@@ -43,6 +43,7 @@ class LoadSettings:
     seed: int
     timeout: float
     api_key: str | None = None
+    extra_body: dict[str, Any] = field(default_factory=dict)  # more request fields, sent as they are
 
 
 def request_body(settings: LoadSettings, prompt: BenchPrompt, index: int) -> dict[str, Any]:
@@ -56,6 +57,7 @@ def request_body(settings: LoadSettings, prompt: BenchPrompt, index: int) -> dic
     }
     if settings.ignore_eos:
         body["ignore_eos"] = True  # vLLM's extra field, which servekit serve accepts too
+    body.update(settings.extra_body)
     if settings.endpoint == CHAT_ENDPOINT:
         body["messages"] = [{"role": "user", "content": prompt.prompt}]
     else:
