@@ -161,3 +161,20 @@ def test_json_logs_and_access_log_switch(tmp_path: Path, access_log: str) -> Non
             assert len(access) == 1 and '"POST /predict" 200' in access[0]["message"]
         else:
             assert access == []
+
+
+def test_batch_size_histogram(tmp_path: Path) -> None:
+    with serve_script("ops_core.py", tmp_path, env={"OPS_BATCHED": "1"}) as server:
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            replies = list(
+                pool.map(
+                    lambda i: httpx.post(f"{server.url}/predict", json={"input": i}, timeout=30), range(8)
+                )
+            )
+        sizes = [r.json()["batch_size"] for r in replies]
+        samples = scrape(server.url)
+        assert value(samples, "servekit_request_batch_size_count") == 8
+        assert value(samples, "servekit_request_batch_size_sum") == sum(sizes)
+        assert value(samples, "servekit_request_batch_size_bucket", le="4.0") == 8
+        singles = value(samples, "servekit_request_batch_size_bucket", le="1.0")
+        assert singles == sizes.count(1)

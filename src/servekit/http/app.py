@@ -308,6 +308,7 @@ def build_app(
                 dispatcher.pending_by_worker(),
                 dispatcher.worker_states(),
                 dispatcher.restarts,
+                dispatcher.batch_sizes,
             )
             extra = [await spec.metrics_text() for spec in specs]
             return Response("".join([text, *extra]), media_type=CONTENT_TYPE)

@@ -19,6 +19,7 @@ import orjson
 import zmq
 
 from servekit.errors import ServerError
+from servekit.prometheus import BATCH_BOUNDS, Histogram
 from servekit.request_id import current_request_id
 from servekit.transport import (
     CREDIT_BATCH,
@@ -79,6 +80,7 @@ class Dispatcher:
         self._ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
         self.restarts = 0  # workers seen dying (each is replaced by the supervisor)
+        self.batch_sizes = Histogram(BATCH_BOUNDS)  # of the batches this front's requests ran in
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -317,6 +319,8 @@ class Dispatcher:
             return  # cancelled or timed out meanwhile
         if reply.kind != Kind.CHUNK:
             pending.worker.in_flight.discard(reply.rid)
+            if reply.batch_size:
+                self.batch_sizes.observe(reply.batch_size)
         if pending.future is not None:
             if not pending.future.done():
                 pending.future.set_result(reply)

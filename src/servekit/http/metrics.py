@@ -89,6 +89,7 @@ def render_core_metrics(
     pending_by_worker: dict[int, int],
     worker_states: dict[int, str],
     restarts: int,
+    batch_sizes: Histogram,
 ) -> str:
     out = PrometheusWriter({"front": str(front)})
     out.metric(
@@ -108,6 +109,11 @@ def render_core_metrics(
         "gauge",
         "Requests sent to an inference worker and not answered yet, by worker.",
         [({"worker": str(w)}, n) for w, n in sorted(pending_by_worker.items())],
+    )
+    out.histogram(
+        "servekit_request_batch_size",
+        "Size of the batch each request ran in (1 without batching).",
+        [({}, batch_sizes)],
     )
     states = ("starting", "ready", "dead")
     out.metric(

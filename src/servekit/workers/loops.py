@@ -99,7 +99,7 @@ class RequestProcessor:
                 self._event(EventTypes.BEFORE_PREDICT)
                 y = self.predict(x, context)
                 self._event(EventTypes.AFTER_PREDICT)
-                self._reply_output(job, y, context)
+                self._reply_output(job, y, context, batch_size=1)
             except BaseException as exc:
                 self._reply_error(job, exc)
 
@@ -126,7 +126,7 @@ class RequestProcessor:
                 return
             for (job, _, context), y in zip(decoded, per_request, strict=True):
                 try:
-                    self._reply_output(job, y, context)
+                    self._reply_output(job, y, context, batch_size=len(decoded))
                 except BaseException as exc:
                     self._reply_error(job, exc)
 
@@ -154,7 +154,7 @@ class RequestProcessor:
                         return
                 self._event(EventTypes.AFTER_PREDICT)
                 self._event(EventTypes.AFTER_ENCODE_RESPONSE)
-                self.inbox.reply(job.front, Kind.END, job.rid, 200, b"")
+                self.inbox.reply(job.front, Kind.END, job.rid, 200, b"", batch_size=1)
             except BaseException as exc:
                 self._reply_error(job, exc)
             finally:
@@ -202,7 +202,7 @@ class RequestProcessor:
                 self._event(EventTypes.AFTER_ENCODE_RESPONSE)
                 for i, job in enumerate(jobs):
                     if active[i]:
-                        self.inbox.reply(job.front, Kind.END, job.rid, 200, b"")
+                        self.inbox.reply(job.front, Kind.END, job.rid, 200, b"", batch_size=len(jobs))
             except BaseException as exc:
                 for i, job in enumerate(jobs):
                     if active[i]:
@@ -282,15 +282,15 @@ class RequestProcessor:
         self._event(EventTypes.AFTER_DECODE_REQUEST)
         return x
 
-    def _reply_output(self, job: Job, y: Any, context: dict[str, Any]) -> None:
+    def _reply_output(self, job: Job, y: Any, context: dict[str, Any], batch_size: int = 0) -> None:
         self._event(EventTypes.BEFORE_ENCODE_RESPONSE)
         output = self.encode(y, context)
         self._event(EventTypes.AFTER_ENCODE_RESPONSE)
-        self._reply_encoded(job, output)
+        self._reply_encoded(job, output, batch_size)
 
-    def _reply_encoded(self, job: Job, output: Any) -> None:
+    def _reply_encoded(self, job: Job, output: Any, batch_size: int = 0) -> None:
         output = validate_output(output, self.response_model)
-        self.inbox.reply(job.front, Kind.RESPONSE, job.rid, 200, to_json(output))
+        self.inbox.reply(job.front, Kind.RESPONSE, job.rid, 200, to_json(output), batch_size)
 
     def _stream_bytes(self, job: Job, item: Any) -> bytes:
         if self.api.spec is None:

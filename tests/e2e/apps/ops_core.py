@@ -20,5 +20,17 @@ class OpsAPI(ls.LitAPI):
         return {"output": x.get("input")}
 
 
+class BatchedOpsAPI(ls.LitAPI):
+    def setup(self, device):
+        pass
+
+    def predict(self, xs):
+        return [{"output": x.get("input"), "batch_size": len(xs)} for x in xs]
+
+
 if __name__ == "__main__":
-    ls.LitServer(OpsAPI(), max_batch_size=1).run(port=int(os.environ["PORT"]), generate_client_file=False)
+    if os.environ.get("OPS_BATCHED"):
+        api = BatchedOpsAPI(max_batch_size=4, batch_timeout=0.5)
+    else:
+        api = OpsAPI()
+    ls.LitServer(api).run(port=int(os.environ["PORT"]), generate_client_file=False)
