@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.serving import REPO, RunningServer, serve_script
+from tests.e2e.serving import REPO, RunningServer, serve_script, tiny_checkpoint
 from tests.e2e.test_core_ops import scrape, value
 
 pytestmark = pytest.mark.timeout(300)
@@ -22,13 +22,9 @@ SERVER_ENV = {"SERVEKIT_NUM_THREADS": "1", "SERVEKIT_MAX_MODEL_LEN": "512"}
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    from tests.llm.tiny_models import build_tiny_checkpoint
-
-    model = build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny-llama", "llama")
-    with serve_script(
-        "llm_serve.py", tmp_path_factory.mktemp("server"), env=SERVER_ENV, args=[str(model)]
-    ) as running:
-        yield running
+    model = tiny_checkpoint(tmp_path_factory)
+    with serve_script("llm_serve.py", tmp_path_factory.mktemp("server"), SERVER_ENV, [str(model)]) as s:
+        yield s
 
 
 def bench(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.serving import REPO, RunningServer, serve_script
+from tests.e2e.serving import REPO, RunningServer, serve_script, tiny_checkpoint
 from tests.e2e.test_core_ops import scrape, value
 
 pytestmark = pytest.mark.timeout(240)
@@ -46,13 +46,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
         if os.environ.get("SERVEKIT_REQUIRE_BROWSER") == "1":  # CI (.ci/run) installs all of it
             pytest.fail(f"the browser test cannot run: {missing}")
         pytest.skip(missing)
-    from tests.llm.tiny_models import build_tiny_checkpoint
-
-    model = build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny-llama", "llama")
-    with serve_script(
-        "llm_serve.py", tmp_path_factory.mktemp("server"), env=SERVER_ENV, args=[str(model)]
-    ) as running:
-        yield running
+    model = tiny_checkpoint(tmp_path_factory)
+    with serve_script("llm_serve.py", tmp_path_factory.mktemp("server"), SERVER_ENV, [str(model)]) as s:
+        yield s
 
 
 def test_static_files_are_packaged_and_open(server: RunningServer) -> None:

@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.serving import REPO, RunningServer, serve_script
+from tests.e2e.serving import REPO, RunningServer, serve_script, tiny_checkpoint
 from tests.e2e.test_core_ops import scrape, value, wait_until
 
 pytestmark = pytest.mark.timeout(240)
@@ -32,17 +32,13 @@ DASHBOARD = REPO / "deploy" / "grafana" / "servekit-dashboard.json"
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.llm.tiny_models import build_tiny_checkpoint
-
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny-llama", "llama")
+    return tiny_checkpoint(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    with serve_script(
-        "llm_serve.py", tmp_path_factory.mktemp("server"), env=SERVER_ENV, args=[str(tiny_model)]
-    ) as running:
-        yield running
+    with serve_script("llm_serve.py", tmp_path_factory.mktemp("server"), SERVER_ENV, [str(tiny_model)]) as s:
+        yield s
 
 
 def stream_chat(url: str, content: str, max_tokens: int) -> openai.types.CompletionUsage:

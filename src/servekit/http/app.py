@@ -31,8 +31,8 @@ from servekit.http.dispatcher import Dispatcher
 from servekit.http.forms import read_form
 from servekit.http.lifespan import serving
 from servekit.http.limits import MaxBodySizeMiddleware
-from servekit.http.metrics import METRICS_PATH, HTTPMetrics, MetricsMiddleware, render_core_metrics
-from servekit.http.request_log import RequestIdMiddleware
+from servekit.http.metrics import METRICS_PATH, HTTPMetrics, render_core_metrics
+from servekit.http.request_log import RequestObserver
 from servekit.log_setup import LogSettings
 from servekit.mcp import MCP_PATH, mcp_tools
 from servekit.prometheus import CONTENT_TYPE
@@ -337,8 +337,7 @@ def build_app(
             app.add_middleware(middleware_class, **kwargs)  # type: ignore[arg-type]
         else:
             app.add_middleware(middleware)  # type: ignore[arg-type]
-    app.add_middleware(MetricsMiddleware, metrics=http_metrics)
-    app.add_middleware(RequestIdMiddleware, access_log=config.access_log)
+    app.add_middleware(RequestObserver, metrics=http_metrics, access_log=config.access_log)
     return app
 
 

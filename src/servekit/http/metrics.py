@@ -7,18 +7,13 @@ Each front process counts its own requests; the front answering a scrape reports
 
 from __future__ import annotations
 
-import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from servekit.prometheus import HTTP_BOUNDS, Histogram, PrometheusWriter
 
 Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 METRICS_PATH = "/metrics"
 UNMATCHED = "unmatched"  # a label for paths no route serves, so stray URLs add no new series
@@ -53,34 +48,6 @@ def route_of(scope: Scope) -> str:
         if getattr(candidate, "app", None) is endpoint and endpoint is not None:
             return str(candidate.path)  # a mounted app
     return UNMATCHED
-
-
-class MetricsMiddleware:
-    """Counts every HTTP request when its response has been sent (streams included)."""
-
-    def __init__(self, app: ASGIApp, metrics: HTTPMetrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        status = 500  # a handler that fails before answering
-        started = time.perf_counter()
-
-        async def send_and_note(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-            await send(message)
-
-        self.metrics.in_flight += 1
-        try:
-            await self.app(scope, receive, send_and_note)
-        finally:
-            self.metrics.in_flight -= 1
-            self.metrics.record(scope["method"], route_of(scope), status, time.perf_counter() - started)
 
 
 def render_core_metrics(

@@ -158,10 +158,7 @@ class RequestProcessor:
             except BaseException as exc:
                 self._reply_error(job, exc)
             finally:
-                for generator in (encoded, predictions):
-                    close = getattr(generator, "close", None)
-                    if close is not None:
-                        close()
+                _close(encoded, predictions)
                 self.inbox.finished(job.key)
 
     def run_stream_batch(self) -> None:
@@ -208,10 +205,7 @@ class RequestProcessor:
                     if active[i]:
                         self._reply_error(job, exc)
             finally:
-                for generator in (steps, predictions):
-                    close = getattr(generator, "close", None)
-                    if close is not None:
-                        close()
+                _close(steps, predictions)
                 for job in jobs:
                     self.inbox.finished(job.key)
 
@@ -312,3 +306,11 @@ class RequestProcessor:
     def _event(self, event: EventTypes) -> None:
         if self.callbacks:
             self.callbacks.trigger_event(event, lit_api=self.api)
+
+
+def _close(*generators: Any) -> None:
+    """Close a stream's generators, outermost first (their ``finally`` blocks run now)."""
+    for generator in generators:
+        close = getattr(generator, "close", None)
+        if close is not None:
+            close()

@@ -29,8 +29,6 @@ class BatchedOpsAPI(ls.LitAPI):
 
 
 if __name__ == "__main__":
-    if os.environ.get("OPS_BATCHED"):
-        api = BatchedOpsAPI(max_batch_size=4, batch_timeout=0.5)
-    else:
-        api = OpsAPI()
+    batched = bool(os.environ.get("OPS_BATCHED"))
+    api = BatchedOpsAPI(max_batch_size=4, batch_timeout=0.5) if batched else OpsAPI()
     ls.LitServer(api).run(port=int(os.environ["PORT"]), generate_client_file=False)
