@@ -63,9 +63,15 @@ def test_llm_metrics_move_under_load(server: RunningServer) -> None:
     before = scrape(server.url)
     with concurrent.futures.ThreadPoolExecutor(LOAD) as pool:
         futures = [pool.submit(stream_chat, server.url, f"{SECRET} number {i}", 24) for i in range(LOAD)]
-        wait_until(lambda: value(scrape(server.url), "servekit:num_requests_running") >= 1)
-        during = scrape(server.url)
-        assert value(during, "servekit:kv_cache_usage_perc", worker="0") > 0
+        seen: list[dict[tuple[str, tuple[tuple[str, str], ...]], float]] = []
+
+        def running() -> bool:
+            seen.append(scrape(server.url))
+            return value(seen[-1], "servekit:num_requests_running", worker="0") >= 1
+
+        wait_until(running)
+        # The same scrape (one get_stats of the worker): running sequences hold KV blocks.
+        assert value(seen[-1], "servekit:kv_cache_usage_perc", worker="0") > 0
         usages = [f.result() for f in futures]
     after = scrape(server.url)
 
