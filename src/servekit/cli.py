@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from servekit.bench.command import add_bench_arguments
 from servekit.proxy.command import add_proxy_arguments, run_proxy_command
 from servekit.specs.llm.command import add_serve_arguments, resolve_serve_config
 from servekit.threads import default_passive_wait
@@ -34,6 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
         "Every flag can also be set with the env var named in its help.",
     )
     add_proxy_arguments(proxy)
+    bench = commands.add_parser(
+        "bench",
+        help="load an OpenAI-compatible server and report latency and throughput (as vllm bench serve)",
+        description="Send streamed requests at a fixed concurrency or a Poisson rate; report TTFT, TPOT, "
+        "ITL and end-to-end latency percentiles, request and token throughput, failures "
+        "(--json for the full report, --plot for a PNG of the distributions).",
+    )
+    add_bench_arguments(bench)
     client = commands.add_parser(
         "client",
         help="chat with a served LLM in the terminal (streams replies, keeps the conversation)",
@@ -115,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "proxy":
         return run_proxy_command(args)
+    if args.command == "bench":
+        from servekit.bench.command import run_bench_command
+
+        return run_bench_command(args)
     if args.command == "client":
         return run_client(args)
     if args.command == "dockerize":

@@ -6,8 +6,16 @@ from __future__ import annotations
 import bisect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# vLLM's buckets, so dashboards written for it show the same resolution.
+TTFT_BOUNDS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+ITL_BOUNDS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+REQUEST_BOUNDS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0)
+HTTP_BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+BATCH_BOUNDS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 def escape(value: str) -> str:
@@ -32,6 +40,22 @@ class Histogram:
             self.counts[index] += 1
         self.total += value
         self.count += 1
+
+    @classmethod
+    def merged(cls, parts: Sequence[Mapping[str, Any]]) -> Histogram:
+        """One histogram from several with the same bounds, each as ``dataclasses.asdict`` gives it
+        (how workers send theirs to the front)."""
+        if not parts:
+            raise ValueError("no histograms to merge")
+        bounds = [float(b) for b in parts[0]["bounds"]]
+        merged = cls(bounds)
+        for part in parts:
+            if [float(b) for b in part["bounds"]] != bounds:
+                raise ValueError("histograms with different bounds cannot be merged")
+            merged.counts = [a + int(b) for a, b in zip(merged.counts, part["counts"], strict=True)]
+            merged.total += float(part["total"])
+            merged.count += int(part["count"])
+        return merged
 
 
 class PrometheusWriter:

@@ -29,6 +29,7 @@ from servekit.server_checks import (
     check_num_api_servers,
     check_track_requests,
 )
+from servekit.settings import env_flag
 from servekit.sizes import parse_size
 from servekit.specs.base import LitSpec
 from servekit.workers.devices import device_slots, resolve_accelerator, workers_per_api
@@ -144,6 +145,7 @@ class LitServer:
         self._stop_requested = threading.Event()
         self._stop_announced = threading.Lock()  # held once the stop is announced: a once-guard
         self._uvicorn_servers: list[Any] = []
+        self._access_log = env_flag("SERVEKIT_ACCESS_LOG", True)
 
     @property
     def app(self) -> FastAPI:
@@ -206,11 +208,20 @@ class LitServer:
         generate_client_file: bool = True,
         api_server_worker_type: str | None = None,
         pretty_logs: bool = False,
+        log_format: str | None = None,
         **uvicorn_kwargs: Any,
     ) -> None:
         """Serve until SIGINT/SIGTERM or the shutdown API. ``pretty_logs`` renders every process's
-        logs with rich (``pip install rich``)."""
-        log_settings = LogSettings(os.environ.get("SERVEKIT_LOG_LEVEL", log_level).lower(), pretty_logs)
+        logs with rich (``pip install rich``); ``log_format`` is text or json (default
+        ``SERVEKIT_LOG_FORMAT`` or text); ``access_log=False`` (uvicorn's option, or
+        ``SERVEKIT_ACCESS_LOG=0``) turns the access log off."""
+        log_settings = LogSettings(
+            os.environ.get("SERVEKIT_LOG_LEVEL", log_level).lower(),
+            pretty_logs,
+            (log_format or os.environ.get("SERVEKIT_LOG_FORMAT", "text")).lower(),
+        )
+        if "access_log" in uvicorn_kwargs:
+            self._access_log = bool(uvicorn_kwargs.pop("access_log"))
         log_settings.apply()
         port = int(port)
         if not 0 < port < 65536:
@@ -322,6 +333,7 @@ class LitServer:
             enable_shutdown_api=self.enable_shutdown_api,
             shutdown_path=self.shutdown_path,
             shutdown_api_key=self._shutdown_api_key,
+            access_log=self._access_log,
         )
 
     def _info(self) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -175,3 +176,16 @@ def add_arguments(
             parser.add_argument(s.flag, action="append", default=None, help=help_text, metavar=s.name.upper())
         else:
             parser.add_argument(s.flag, default=None, help=help_text, metavar=s.name.upper())
+
+
+def env_flag(name: str, default: bool, environ: Mapping[str, str] | None = None) -> bool:
+    """A boolean env var (true/false, 1/0, yes/no, on/off), ``default`` when unset."""
+    raw = (os.environ if environ is None else environ).get(name)
+    if raw is None or not raw.strip():
+        return default
+    lowered = raw.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise SettingError(f"{name} must be a boolean (true/false), got {raw!r}", name)

@@ -53,6 +53,7 @@ class Request(NamedTuple):
     rid: int
     encoding: int
     payload: bytes
+    request_id: str = ""  # the HTTP request's X-Request-ID, for the worker's log lines
 
 
 class Cancel(NamedTuple):
@@ -77,6 +78,7 @@ class Reply(NamedTuple):
     rid: int
     status: int
     body: bytes
+    batch_size: int = 0  # RESPONSE / END: the size of the batch the request ran in (0: not told)
 
 
 class WorkerReady(NamedTuple):
@@ -140,9 +142,10 @@ def encode(message: Message) -> bytes:
     return packed
 
 
-def reply(kind: Kind, rid: int, status: int, body: bytes) -> bytes:
+def reply(kind: Kind, rid: int, status: int, body: bytes, batch_size: int = 0) -> bytes:
     """An encoded ``Reply``, without building the tuple first (the workers' hot path)."""
-    packed: bytes = msgpack.packb((kind, rid, status, body), use_bin_type=True)
+    fields = (kind, rid, status, body, batch_size) if batch_size else (kind, rid, status, body)
+    packed: bytes = msgpack.packb(fields, use_bin_type=True)
     return packed
 
 

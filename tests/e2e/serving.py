@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -143,3 +144,10 @@ def wait_for_text(path: Path, attempts: int = 600, interval: float = 0.05) -> st
             break
         waiter.wait(interval)
     return path.read_text() if path.exists() else ""
+
+
+def tiny_checkpoint(tmp_path_factory: Any) -> Path:
+    """A tiny random Llama checkpoint (``tests.llm.tiny_models``) named tiny-llama, in a fresh tmp dir."""
+    from tests.llm.tiny_models import build_tiny_checkpoint
+
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny-llama", "llama")

@@ -14,7 +14,13 @@ from typing import Any
 import orjson
 from fastapi import Depends, FastAPI
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.responses import (
+    JSONResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
 from starlette.routing import Route
 
 from servekit.api import LitAPI
@@ -25,8 +31,11 @@ from servekit.http.dispatcher import Dispatcher
 from servekit.http.forms import read_form
 from servekit.http.lifespan import serving
 from servekit.http.limits import MaxBodySizeMiddleware
+from servekit.http.metrics import METRICS_PATH, HTTPMetrics, render_core_metrics
+from servekit.http.request_log import RequestObserver
 from servekit.log_setup import LogSettings
 from servekit.mcp import MCP_PATH, mcp_tools
+from servekit.prometheus import CONTENT_TYPE
 from servekit.specs.base import FrontHandle, LitSpec, wait_for_disconnect
 from servekit.transport import Encoding, Endpoints
 from servekit.workers.pool import WorkerPool
@@ -56,6 +65,7 @@ class FrontConfig:
     enable_shutdown_api: bool = False
     shutdown_path: str = "/shutdown"
     shutdown_api_key: str | None = None
+    access_log: bool = True
 
 
 class _APIFront(FrontHandle):
@@ -232,7 +242,7 @@ def build_app(
                     spec_endpoint.path,
                     spec_endpoint.endpoint,
                     methods=spec_endpoint.methods,
-                    dependencies=dependencies,
+                    dependencies=[] if spec_endpoint.public else dependencies,
                 )
             continue
         endpoint = _plain_endpoint(front, api.stream, callbacks, api_key_check)
@@ -284,9 +294,36 @@ def build_app(
     for path, mounted in config.mounts:
         app.mount(path, mounted)
 
-    # LitServe's root: a running server says so (behind the API key, as /info is).
-    @app.get("/", dependencies=info_dependencies, response_class=PlainTextResponse)
-    async def root() -> Response:
+    http_metrics = HTTPMetrics()
+    user_paths = {path.rstrip("/") for path, _ in config.mounts} | {api.api_path for api in config.apis}
+    # A LitServe app may mount its own /metrics (a logger's Prometheus app): that one wins.
+    if METRICS_PATH not in user_paths:
+        specs = [api.spec for api in config.apis if api.spec is not None]
+
+        @app.get(METRICS_PATH, dependencies=info_dependencies, response_class=PlainTextResponse)
+        async def metrics() -> Response:
+            text = render_core_metrics(
+                http_metrics,
+                dispatcher.front_index,
+                dispatcher.pending_by_worker(),
+                dispatcher.worker_states(),
+                dispatcher.restarts,
+                dispatcher.batch_sizes,
+            )
+            extra = [await spec.metrics_text() for spec in specs]
+            return Response("".join([text, *extra]), media_type=CONTENT_TYPE)
+
+    pages = [page for api in config.apis if (page := _browser_root(api)) is not None]
+    root_redirect = pages[0] if pages else (None if config.disable_openapi_url else "/docs")
+
+    # LitServe's root: a running server says so (behind the API key, as /info is); a browser is sent
+    # to the page made for it (which asks for the key itself).
+    @app.get("/", response_class=PlainTextResponse)
+    async def root(request: Request) -> Response:
+        if root_redirect is not None and "text/html" in request.headers.get("accept", ""):
+            return RedirectResponse(root_redirect, status_code=307)
+        if api_key_check is not None:
+            api_key_check(request)
         return PlainTextResponse("litserve running")
 
     if config.enable_shutdown_api and on_shutdown is not None:
@@ -300,7 +337,14 @@ def build_app(
             app.add_middleware(middleware_class, **kwargs)  # type: ignore[arg-type]
         else:
             app.add_middleware(middleware)  # type: ignore[arg-type]
+    app.add_middleware(RequestObserver, metrics=http_metrics, access_log=config.access_log)
     return app
+
+
+def _browser_root(api: LitAPI) -> str | None:
+    """Where a browser opening ``/`` goes, if the API's spec has a page for it."""
+    page = getattr(api.spec, "browser_page", None)
+    return page if isinstance(page, str) else None
 
 
 def _add_shutdown_route(app: FastAPI, config: FrontConfig, on_shutdown: Callable[[], None]) -> None:

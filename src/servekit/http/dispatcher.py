@@ -19,6 +19,8 @@ import orjson
 import zmq
 
 from servekit.errors import ServerError
+from servekit.prometheus import BATCH_BOUNDS, Histogram
+from servekit.request_id import current_request_id
 from servekit.transport import (
     CREDIT_BATCH,
     Cancel,
@@ -77,6 +79,8 @@ class Dispatcher:
         self._affinity: dict[str, int] = {}  # affinity key -> worker index
         self._ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.restarts = 0  # workers seen dying (each is replaced by the supervisor)
+        self.batch_sizes = Histogram(BATCH_BOUNDS)  # of the batches this front's requests ran in
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -128,6 +132,9 @@ class Dispatcher:
     def worker_states(self) -> dict[int, str]:
         names = {_STARTING: "starting", _READY: "ready", _DEAD: "dead"}
         return {index: names[w.state] for index, w in self._workers.items()}
+
+    def pending_by_worker(self) -> dict[int, int]:
+        return {index: len(w.in_flight) for index, w in self._workers.items()}
 
     def workers(self, api_index: int) -> list[int]:
         """The workers of an API that can take a request now (ready; or starting, if none is)."""
@@ -194,7 +201,9 @@ class Dispatcher:
         for tag in tags:
             self._owners[tag] = rid
         chosen.in_flight.add(rid)
-        chosen.socket.send(encode(Request(self.front_index, rid, encoding, payload)))
+        chosen.socket.send(
+            encode(Request(self.front_index, rid, encoding, payload, current_request_id.get() or ""))
+        )
         return rid
 
     async def result(self, rid: int, timeout: float | None) -> bytes:
@@ -310,6 +319,8 @@ class Dispatcher:
             return  # cancelled or timed out meanwhile
         if reply.kind != Kind.CHUNK:
             pending.worker.in_flight.discard(reply.rid)
+            if reply.batch_size:
+                self.batch_sizes.observe(reply.batch_size)
         if pending.future is not None:
             if not pending.future.done():
                 pending.future.set_result(reply)
@@ -334,6 +345,7 @@ class Dispatcher:
         if worker is None or worker.state == _DEAD:
             return
         worker.state = _DEAD
+        self.restarts += 1
         detail = f"the inference worker handling this request {message.reason}; it is being restarted"
         for rid in list(worker.in_flight):
             pending = self._pending.get(rid)

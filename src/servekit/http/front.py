@@ -32,14 +32,14 @@ def _uvicorn_server(
 ) -> uvicorn.Server:
     options: dict[str, Any] = {
         "log_level": log_settings.level,
-        "access_log": log_settings.level in ("debug", "info"),
+        "access_log": False,  # the app writes its own, with the request id (RequestIdMiddleware)
         "loop": "uvloop",
         "http": "httptools",
         "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_S,
         "backlog": 2048,
     }
-    if log_settings.pretty:
-        options["log_config"] = None  # uvicorn's records go to the (rich) root handler
+    if log_settings.pretty or log_settings.format == "json":
+        options["log_config"] = None  # uvicorn's records go to the (rich or json) root handler
     options.update(extra)
     return GracefulServer(uvicorn.Config(app, **options), on_exit)
 

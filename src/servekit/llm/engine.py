@@ -5,6 +5,7 @@ Not thread-safe: one thread drives it (``AsyncEngine`` runs it in its own thread
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import time
@@ -46,6 +47,7 @@ from servekit.llm.sequence import Sequence as Seq
 from servekit.llm.sequence import SequenceGroup
 from servekit.llm.stop import check_stop, effective_max_tokens
 from servekit.threads import configure_threads
+from servekit.prometheus import ITL_BOUNDS, Histogram
 
 if TYPE_CHECKING:
     from servekit.llm.loaders import ModelSource
@@ -80,6 +82,7 @@ class EngineStats:
     num_generated_tokens: int
     forward_time_s: float  # time inside the model forward
     step_time_s: float  # whole step() time, forward included
+    inter_token_latency: Histogram  # seconds between a request's consecutive tokens
 
 
 class LLMEngine:
@@ -171,6 +174,7 @@ class LLMEngine:
         self._step_time = 0.0
         self._prompt_tokens_computed = 0
         self._generated_tokens = 0
+        self._inter_token_latency = Histogram(ITL_BOUNDS)
 
     # -- requests ------------------------------------------------------------------------------------
 
@@ -323,6 +327,8 @@ class LLMEngine:
             metrics = seq.group.metrics
             if metrics.first_token_time is None:
                 metrics.first_token_time = now
+            elif seq.index == 0 and metrics.last_token_time is not None:
+                self._inter_token_latency.observe(now - metrics.last_token_time)
             metrics.last_token_time = now
             touched[seq.group.request_id] = seq.group
         return list(touched.values())
@@ -406,6 +412,7 @@ class LLMEngine:
             num_generated_tokens=self._generated_tokens,
             forward_time_s=self._forward_time,
             step_time_s=self._step_time,
+            inter_token_latency=copy.deepcopy(self._inter_token_latency),
         )
 
     def reset_prefix_cache(self) -> None:

@@ -52,6 +52,7 @@ class SpecEndpoint:
     path: str
     endpoint: Callable[..., Any]
     methods: list[str]
+    public: bool = False  # served without the API key (a page that asks for the key itself)
 
 
 @dataclass
@@ -152,8 +153,10 @@ class LitSpec:
         self._endpoints: list[SpecEndpoint] = []
         self._front: FrontHandle | None = None
 
-    def add_endpoint(self, path: str, endpoint: Callable[..., Any], methods: list[str]) -> None:
-        self._endpoints.append(SpecEndpoint(path, endpoint, methods))
+    def add_endpoint(
+        self, path: str, endpoint: Callable[..., Any], methods: list[str], public: bool = False
+    ) -> None:
+        self._endpoints.append(SpecEndpoint(path, endpoint, methods, public))
 
     @property
     def endpoints(self) -> list[SpecEndpoint]:
@@ -167,6 +170,10 @@ class LitSpec:
 
     def bind_front(self, front: FrontHandle) -> None:
         self._front = front
+
+    async def metrics_text(self) -> str:
+        """Prometheus text the spec adds to the server's ``/metrics`` (runs in the front)."""
+        return ""
 
     def pre_setup(self, lit_api: LitAPI) -> None:
         """Check the user's API against the spec, before any worker starts."""

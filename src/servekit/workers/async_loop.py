@@ -19,6 +19,7 @@ import zmq
 
 from servekit.api import LitAPI
 from servekit.callbacks import CallbackRunner, EventTypes
+from servekit.request_id import current_request_id
 from servekit.transport import STREAM_WINDOW, Cancel, Credit, Kind, Request, decode_to_worker
 from servekit.workers.inbox import Inbox, Job, JobKey
 from servekit.workers.loops import RequestProcessor
@@ -102,6 +103,7 @@ class AsyncRequestProcessor(RequestProcessor):
         self._tasks.pop(key, None)
 
     async def _run_job(self, job: Job) -> None:
+        current_request_id.set(job.request_id or None)  # this task's own context
         context: dict[str, Any] = {}
         try:
             x = await _maybe_await(self._decode(job, context))

@@ -31,6 +31,7 @@ class Job:
     rid: int
     encoding: int
     payload: bytes
+    request_id: str = ""
 
     @property
     def key(self) -> JobKey:
@@ -120,8 +121,8 @@ class Inbox:
                 if len(self._cancelled) > _MAX_REMEMBERED_CANCELLATIONS:
                     self._cancelled.popitem(last=False)
 
-    def reply(self, front: int, kind: Kind, rid: int, status: int, body: bytes) -> None:
-        self._replies[front].send(reply(kind, rid, status, body))
+    def reply(self, front: int, kind: Kind, rid: int, status: int, body: bytes, batch_size: int = 0) -> None:
+        self._replies[front].send(reply(kind, rid, status, body, batch_size))
 
     def announce_ready(self, worker_index: int, generation: int) -> None:
         message = encode(WorkerReady(worker_index, generation))

@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException
 from servekit.api import LitAPI
 from servekit.callbacks import CallbackRunner, EventTypes
 from servekit.errors import ServerError, internal_error_detail
+from servekit.request_id import serving_requests
 from servekit.transport import Encoding, Kind
 from servekit.workers.hooks import (
     Hook,
@@ -91,73 +92,74 @@ class RequestProcessor:
         job = self.inbox.pop()
         if job is None:
             return
-        context: dict[str, Any] = {}
-        try:
-            x = self._decode(job, context)
-            self._event(EventTypes.BEFORE_PREDICT)
-            y = self.predict(x, context)
-            self._event(EventTypes.AFTER_PREDICT)
-            self._reply_output(job, y, context)
-        except BaseException as exc:
-            self._reply_error(job, exc)
+        with serving_requests([job.request_id]):
+            context: dict[str, Any] = {}
+            try:
+                x = self._decode(job, context)
+                self._event(EventTypes.BEFORE_PREDICT)
+                y = self.predict(x, context)
+                self._event(EventTypes.AFTER_PREDICT)
+                self._reply_output(job, y, context, batch_size=1)
+            except BaseException as exc:
+                self._reply_error(job, exc)
 
     def run_batch(self) -> None:
         decoded = self._decode_batch()
         if not decoded:
             return
-        contexts = [context for _, _, context in decoded]
-        try:
-            batch = self.batch_hook([x for _, x, _ in decoded], contexts)
-            self._event(EventTypes.BEFORE_PREDICT)
-            outputs = self.predict(batch, contexts)
-            self._event(EventTypes.AFTER_PREDICT)
-            per_request = list(self.unbatch_hook(outputs, contexts))
-            if len(per_request) != len(decoded):
-                raise ServerError(
-                    500, f"unbatch returned {len(per_request)} outputs for a batch of {len(decoded)} requests"
-                )
-        except BaseException as exc:
-            for job, _, _ in decoded:
-                self._reply_error(job, exc)
-            return
-        for (job, _, context), y in zip(decoded, per_request, strict=True):
+        with serving_requests([job.request_id for job, _, _ in decoded]):
+            contexts = [context for _, _, context in decoded]
             try:
-                self._reply_output(job, y, context)
+                batch = self.batch_hook([x for _, x, _ in decoded], contexts)
+                self._event(EventTypes.BEFORE_PREDICT)
+                outputs = self.predict(batch, contexts)
+                self._event(EventTypes.AFTER_PREDICT)
+                per_request = list(self.unbatch_hook(outputs, contexts))
+                if len(per_request) != len(decoded):
+                    raise ServerError(
+                        500,
+                        f"unbatch returned {len(per_request)} outputs for a batch of {len(decoded)} requests",
+                    )
             except BaseException as exc:
-                self._reply_error(job, exc)
+                for job, _, _ in decoded:
+                    self._reply_error(job, exc)
+                return
+            for (job, _, context), y in zip(decoded, per_request, strict=True):
+                try:
+                    self._reply_output(job, y, context, batch_size=len(decoded))
+                except BaseException as exc:
+                    self._reply_error(job, exc)
 
     def run_stream(self) -> None:
         job = self.inbox.pop()
         if job is None:
             return
-        context: dict[str, Any] = {}
-        predictions: Iterator[Any] | None = None
-        encoded: Iterator[Any] | None = None
-        self.inbox.open_stream(job.key)
-        try:
-            x = self._decode(job, context)
-            self._event(EventTypes.BEFORE_PREDICT)
-            predictions = self.predict(x, context)
-            # Streams interleave predicting and encoding: both spans cover the whole stream.
-            self._event(EventTypes.BEFORE_ENCODE_RESPONSE)
-            encoded = self.encode(predictions, context)
-            for item in encoded:
-                if self.inbox.is_cancelled(job.key) or not self.inbox.send_chunk(
-                    job, self._stream_bytes(job, item)
-                ):
-                    logger.debug("stream %s cancelled by the front", job.key)
-                    return
-            self._event(EventTypes.AFTER_PREDICT)
-            self._event(EventTypes.AFTER_ENCODE_RESPONSE)
-            self.inbox.reply(job.front, Kind.END, job.rid, 200, b"")
-        except BaseException as exc:
-            self._reply_error(job, exc)
-        finally:
-            for generator in (encoded, predictions):
-                close = getattr(generator, "close", None)
-                if close is not None:
-                    close()
-            self.inbox.finished(job.key)
+        with serving_requests([job.request_id]):
+            context: dict[str, Any] = {}
+            predictions: Iterator[Any] | None = None
+            encoded: Iterator[Any] | None = None
+            self.inbox.open_stream(job.key)
+            try:
+                x = self._decode(job, context)
+                self._event(EventTypes.BEFORE_PREDICT)
+                predictions = self.predict(x, context)
+                # Streams interleave predicting and encoding: both spans cover the whole stream.
+                self._event(EventTypes.BEFORE_ENCODE_RESPONSE)
+                encoded = self.encode(predictions, context)
+                for item in encoded:
+                    if self.inbox.is_cancelled(job.key) or not self.inbox.send_chunk(
+                        job, self._stream_bytes(job, item)
+                    ):
+                        logger.debug("stream %s cancelled by the front", job.key)
+                        return
+                self._event(EventTypes.AFTER_PREDICT)
+                self._event(EventTypes.AFTER_ENCODE_RESPONSE)
+                self.inbox.reply(job.front, Kind.END, job.rid, 200, b"", batch_size=1)
+            except BaseException as exc:
+                self._reply_error(job, exc)
+            finally:
+                _close(encoded, predictions)
+                self.inbox.finished(job.key)
 
     def run_stream_batch(self) -> None:
         """LitServe's batched-streaming contract: ``predict`` gets the batch and yields one output per
@@ -168,46 +170,44 @@ class RequestProcessor:
         decoded = self._decode_batch()
         if not decoded:
             return
-        jobs = [job for job, _, _ in decoded]
-        contexts = [context for _, _, context in decoded]
-        active = [True] * len(jobs)
-        predictions: Iterator[Any] | None = None
-        steps: Iterator[list[Any]] | None = None
-        for job in jobs:
-            self.inbox.open_stream(job.key)
-        try:
-            batch = self.batch_hook([x for _, x, _ in decoded], contexts)
-            self._event(EventTypes.BEFORE_PREDICT)
-            predictions = self.predict(batch, contexts)
-            self._event(EventTypes.BEFORE_ENCODE_RESPONSE)
-            steps = self._encoded_steps(self.unbatch_hook(predictions, contexts), contexts)
-            for step in steps:
-                if len(step) != len(jobs):
-                    raise ServerError(
-                        500, _BATCHED_STREAM_SHAPE.format(got=f"{len(step)} items for {len(jobs)}")
-                    )
-                for i, (job, items) in enumerate(zip(jobs, step, strict=True)):
-                    if active[i]:
-                        active[i] = self._send_items(job, items)
-                if not any(active):
-                    logger.debug("every stream of the batch was cancelled by the fronts")
-                    return
-            self._event(EventTypes.AFTER_PREDICT)
-            self._event(EventTypes.AFTER_ENCODE_RESPONSE)
-            for i, job in enumerate(jobs):
-                if active[i]:
-                    self.inbox.reply(job.front, Kind.END, job.rid, 200, b"")
-        except BaseException as exc:
-            for i, job in enumerate(jobs):
-                if active[i]:
-                    self._reply_error(job, exc)
-        finally:
-            for generator in (steps, predictions):
-                close = getattr(generator, "close", None)
-                if close is not None:
-                    close()
+        with serving_requests([job.request_id for job, _, _ in decoded]):
+            jobs = [job for job, _, _ in decoded]
+            contexts = [context for _, _, context in decoded]
+            active = [True] * len(jobs)
+            predictions: Iterator[Any] | None = None
+            steps: Iterator[list[Any]] | None = None
             for job in jobs:
-                self.inbox.finished(job.key)
+                self.inbox.open_stream(job.key)
+            try:
+                batch = self.batch_hook([x for _, x, _ in decoded], contexts)
+                self._event(EventTypes.BEFORE_PREDICT)
+                predictions = self.predict(batch, contexts)
+                self._event(EventTypes.BEFORE_ENCODE_RESPONSE)
+                steps = self._encoded_steps(self.unbatch_hook(predictions, contexts), contexts)
+                for step in steps:
+                    if len(step) != len(jobs):
+                        raise ServerError(
+                            500, _BATCHED_STREAM_SHAPE.format(got=f"{len(step)} items for {len(jobs)}")
+                        )
+                    for i, (job, items) in enumerate(zip(jobs, step, strict=True)):
+                        if active[i]:
+                            active[i] = self._send_items(job, items)
+                    if not any(active):
+                        logger.debug("every stream of the batch was cancelled by the fronts")
+                        return
+                self._event(EventTypes.AFTER_PREDICT)
+                self._event(EventTypes.AFTER_ENCODE_RESPONSE)
+                for i, job in enumerate(jobs):
+                    if active[i]:
+                        self.inbox.reply(job.front, Kind.END, job.rid, 200, b"", batch_size=len(jobs))
+            except BaseException as exc:
+                for i, job in enumerate(jobs):
+                    if active[i]:
+                        self._reply_error(job, exc)
+            finally:
+                _close(steps, predictions)
+                for job in jobs:
+                    self.inbox.finished(job.key)
 
     def _encoded_steps(self, unbatched: Any, contexts: list[dict[str, Any]]) -> Iterator[list[Any]]:
         """Each step of a batched stream as one list of items per request.
@@ -276,15 +276,15 @@ class RequestProcessor:
         self._event(EventTypes.AFTER_DECODE_REQUEST)
         return x
 
-    def _reply_output(self, job: Job, y: Any, context: dict[str, Any]) -> None:
+    def _reply_output(self, job: Job, y: Any, context: dict[str, Any], batch_size: int = 0) -> None:
         self._event(EventTypes.BEFORE_ENCODE_RESPONSE)
         output = self.encode(y, context)
         self._event(EventTypes.AFTER_ENCODE_RESPONSE)
-        self._reply_encoded(job, output)
+        self._reply_encoded(job, output, batch_size)
 
-    def _reply_encoded(self, job: Job, output: Any) -> None:
+    def _reply_encoded(self, job: Job, output: Any, batch_size: int = 0) -> None:
         output = validate_output(output, self.response_model)
-        self.inbox.reply(job.front, Kind.RESPONSE, job.rid, 200, to_json(output))
+        self.inbox.reply(job.front, Kind.RESPONSE, job.rid, 200, to_json(output), batch_size)
 
     def _stream_bytes(self, job: Job, item: Any) -> bytes:
         if self.api.spec is None:
@@ -306,3 +306,11 @@ class RequestProcessor:
     def _event(self, event: EventTypes) -> None:
         if self.callbacks:
             self.callbacks.trigger_event(event, lit_api=self.api)
+
+
+def _close(*generators: Any) -> None:
+    """Close a stream's generators, outermost first (their ``finally`` blocks run now)."""
+    for generator in generators:
+        close = getattr(generator, "close", None)
+        if close is not None:
+            close()

@@ -73,7 +73,9 @@ def worker_main(assignment: WorkerAssignment) -> None:
     _die_with_parent()
     # Ctrl+C reaches the whole process group; the main process drives a graceful shutdown.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    assignment.log_settings.apply("%(asctime)s %(levelname)s [worker %(process)d] %(message)s")
+    assignment.log_settings.apply(
+        "%(asctime)s %(levelname)s [worker %(process)d] [%(request_id)s] %(message)s"
+    )
     os.environ["SERVEKIT_WORKER_ID"] = str(assignment.index)
     os.environ["LITSERVE_WORKER_ID"] = str(assignment.index)
     api = assignment.api

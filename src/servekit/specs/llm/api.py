@@ -63,6 +63,8 @@ class LLMServerAPI(LitAPI):
         rt = self.runtime
         rt.counters.count_request(op.kind)
         started = time.perf_counter()
+        if self.config.log_prompts:
+            logger.info("%s request prompt: %s", op.kind, prompt_text(op.body))
         try:
             async for item in handler(op.body):
                 yield item
@@ -146,3 +148,11 @@ class LLMServerAPI(LitAPI):
             "is_generation": True,
             "created": int(rt.started),
         }
+
+
+def prompt_text(body: Any) -> str:
+    """What a request asks, for ``--log-prompts``: its messages or its prompt."""
+    messages = getattr(body, "messages", None)
+    if messages is not None:
+        return " | ".join(f"{getattr(m, 'role', '?')}: {getattr(m, 'content', m)!s}" for m in messages)
+    return str(getattr(body, "prompt", ""))

@@ -72,4 +72,11 @@ def serve(config: ServeConfig, callbacks: list[Callback] | None = None, **run_kw
     )
     model = config.engine.model or "the default model"
     logger.info("serving %s on http://%s:%d", model, config.host, config.port)
-    server.run(host=config.host, port=config.port, generate_client_file=False, **run_kwargs)
+    server.run(
+        host=config.host,
+        port=config.port,
+        generate_client_file=False,
+        log_format=config.log_format,
+        access_log=config.access_log,
+        **run_kwargs,
+    )

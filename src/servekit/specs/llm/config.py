@@ -55,6 +55,9 @@ class ServeConfig:
         False, "show the exception (type: message) in 500 bodies instead of 'Internal server error'"
     )
     disable_log_requests: bool = setting(False, "do not log each request", env=("DISABLE_LOG_REQUESTS",))
+    log_format: str = setting("text", "log lines as text or json (one object a line)")
+    access_log: bool = setting(True, "write one access-log line per HTTP request")
+    log_prompts: bool = setting(False, "log each request's prompt text (never logged otherwise)")
     replicas: int = setting(
         1, "engine replicas on this machine, each a server on its own 127.0.0.1 port, behind one proxy"
     )
@@ -119,6 +122,8 @@ class ServeConfig:
                 "could stop the server",
                 "allow_terminate_by_client",
             )
+        if self.log_format not in ("text", "json"):
+            raise ServeConfigError(f"log_format must be text or json, got {self.log_format!r}", "log_format")
         if self.request_timeout is not None and self.request_timeout <= 0:
             raise ServeConfigError(
                 f"request_timeout must be positive, got {self.request_timeout}", "request_timeout"

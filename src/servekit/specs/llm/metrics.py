@@ -7,12 +7,13 @@ gauges are given per worker (label ``worker``) and, without that label, for the 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from servekit.llm.outputs import RequestOutput
-from servekit.prometheus import PrometheusWriter
+from servekit.prometheus import REQUEST_BOUNDS, TTFT_BOUNDS, Histogram, PrometheusWriter
 
 
 @dataclass
@@ -24,9 +25,10 @@ class Counters:
     prompt_tokens: int = 0
     generation_tokens: int = 0
     finished: dict[str, int] = field(default_factory=dict)  # by finish reason
-    ttft_sum: float = 0.0
-    ttft_count: int = 0
-    e2e_sum: float = 0.0
+    aborted: int = 0  # requests that ended before their stop condition (abort or client gone)
+    ttft: Histogram = field(default_factory=lambda: Histogram(TTFT_BOUNDS))
+    e2e: Histogram = field(default_factory=lambda: Histogram(REQUEST_BOUNDS))
+    queue_time: Histogram = field(default_factory=lambda: Histogram(REQUEST_BOUNDS))
 
     def record(self, output: RequestOutput) -> None:
         self.prompt_tokens += len(output.prompt_token_ids)
@@ -34,16 +36,22 @@ class Counters:
         for completion in output.outputs:
             reason = completion.finish_reason or "abort"
             self.finished[reason] = self.finished.get(reason, 0) + 1
+        if any(c.finish_reason in (None, "abort") for c in output.outputs):
+            self.aborted += 1
         metrics = output.metrics
-        if metrics is not None and metrics.time_to_first_token is not None:
-            self.ttft_sum += metrics.time_to_first_token
-            self.ttft_count += 1
-            if metrics.finished_time is not None:
-                self.e2e_sum += metrics.finished_time - metrics.arrival_time
+        if metrics is None:
+            return
+        if metrics.first_scheduled_time is not None:
+            self.queue_time.observe(metrics.first_scheduled_time - metrics.arrival_time)
+        if metrics.time_to_first_token is not None:
+            self.ttft.observe(metrics.time_to_first_token)
+        if metrics.finished_time is not None:
+            self.e2e.observe(metrics.finished_time - metrics.arrival_time)
 
     def record_cancel(self) -> None:
         """A request whose client went away (its engine sequence is aborted as the stream closes)."""
         self.finished["cancelled"] = self.finished.get("cancelled", 0) + 1
+        self.aborted += 1
 
     def count_request(self, kind: str) -> None:
         self.requests[kind] = self.requests.get(kind, 0) + 1
@@ -64,11 +72,15 @@ _ENGINE_GAUGES = (
 
 
 def _sum_dicts(dicts: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Key-wise sums; nested dicts (counts by label) are summed key-wise too."""
+    """Key-wise sums; nested dicts (counts by label) are summed key-wise too, histograms (dicts with
+    ``bounds``) bucket-wise."""
     total: dict[str, Any] = {}
     for item in dicts:
         for key, value in item.items():
-            if isinstance(value, dict):
+            if isinstance(value, dict) and "bounds" in value:
+                parts = [total[key], value] if key in total else [value]
+                total[key] = dataclasses.asdict(Histogram.merged(parts))
+            elif isinstance(value, dict):
                 total[key] = _sum_dicts([total.get(key, {}), value])
             else:
                 total[key] = total.get(key, 0) + value
@@ -173,23 +185,27 @@ def render_metrics(stats: dict[str, Any], model: str) -> str:
         [({"finished_reason": k}, v) for k, v in sorted(counters["finished"].items())],
     )
     out.one(
-        "servekit:time_to_first_token_seconds_sum",
+        "servekit:num_aborted_requests_total",
         "counter",
-        "Sum of times to first token.",
-        counters["ttft_sum"],
+        "Requests ended before their stop condition (aborted by id or the client went away).",
+        counters["aborted"],
     )
-    out.one(
-        "servekit:time_to_first_token_seconds_count",
-        "counter",
-        "Requests with a first token.",
-        counters["ttft_count"],
+    histograms = (
+        ("servekit:time_to_first_token_seconds", "Time to first token.", counters["ttft"]),
+        (
+            "servekit:inter_token_latency_seconds",
+            "Time between consecutive tokens.",
+            engine["inter_token_latency"],
+        ),
+        ("servekit:e2e_request_latency_seconds", "Request latency, arrival to finish.", counters["e2e"]),
+        (
+            "servekit:request_queue_time_seconds",
+            "Time waiting before first scheduled.",
+            counters["queue_time"],
+        ),
     )
-    out.one(
-        "servekit:e2e_request_latency_seconds_sum",
-        "counter",
-        "Sum of request latencies.",
-        counters["e2e_sum"],
-    )
+    for name, help_text, hist in histograms:
+        out.histogram(name, help_text, [({}, Histogram.merged([hist]))])
     out.gauge(
         "servekit:uptime_seconds",
         "Seconds since the engine started (the longest-running worker's, without a worker label).",

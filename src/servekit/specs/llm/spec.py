@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response, StreamingResponse
+from starlette.responses import Response, StreamingResponse
 
 from servekit.errors import ServerError
 from servekit.openai.chat import ChatCompletionRequest
@@ -27,6 +27,7 @@ from servekit.specs.base import LitSpec, until_disconnected
 from servekit.specs.llm.config import ServeConfig
 from servekit.specs.llm.metrics import merge_worker_stats, render_metrics
 from servekit.specs.llm.ops import Op, OpKind
+from servekit.specs.llm.playground import PLAYGROUND_PATH, playground_file, playground_page
 from servekit.specs.llm.protocol import (
     AbortRequest,
     DetokenizeRequest,
@@ -48,6 +49,7 @@ def _ndjson(item: bytes) -> bytes:
 
 class LLMServerSpec(LitSpec):
     stream = True  # every request runs as a stream in the worker; non-streaming routes take one item
+    browser_page = PLAYGROUND_PATH  # where a browser opening / is sent
 
     def __init__(self, config: ServeConfig | None = None) -> None:
         super().__init__()
@@ -71,10 +73,11 @@ class LLMServerSpec(LitSpec):
             ("/get_model_info", self.model_info, ["GET"]),
             ("/server_info", self.server_info, ["GET"]),
             ("/get_server_info", self.server_info, ["GET"]),
-            ("/metrics", self.metrics, ["GET"]),
         ]
         for path, handler, methods in routes:
             self.add_endpoint(path, handler, methods)
+        self.add_endpoint(PLAYGROUND_PATH, playground_page, ["GET"], public=True)
+        self.add_endpoint(f"{PLAYGROUND_PATH}/{{name}}", playground_file, ["GET"], public=True)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -317,12 +320,10 @@ class LLMServerSpec(LitSpec):
             }
         )
 
-    async def metrics(self, request: Request) -> Response:
+    async def metrics_text(self) -> str:
         stats = merge_worker_stats(await self._gather(Op("stats")))
         info = await self._info()
-        return PlainTextResponse(
-            render_metrics(stats, info["model_name"]), media_type="text/plain; version=0.0.4"
-        )
+        return render_metrics(stats, info["model_name"])
 
 
 def model_card(info: dict[str, Any]) -> dict[str, Any]:
