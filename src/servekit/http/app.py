@@ -25,9 +25,10 @@ from servekit.http.dispatcher import Dispatcher
 from servekit.http.forms import read_form
 from servekit.http.lifespan import serving
 from servekit.http.limits import MaxBodySizeMiddleware
+from servekit.http.openapi import CORE_ERROR, OPENAI_ERROR, OpenAPIDoc
 from servekit.log_setup import LogSettings
 from servekit.mcp import MCP_PATH, mcp_tools
-from servekit.specs.base import FrontHandle, LitSpec, wait_for_disconnect
+from servekit.specs.base import FrontHandle, LitSpec, route_doc, wait_for_disconnect
 from servekit.transport import Encoding, Endpoints
 from servekit.workers.pool import WorkerPool
 
@@ -213,6 +214,8 @@ def build_app(
 
     api_key_check = APIKeyCheck(config.api_key) if config.api_key else None
     callbacks = config.callbacks
+    doc = OpenAPIDoc()
+    app.openapi = doc.wrap(app.openapi)  # type: ignore[method-assign]
     fronts: list[_APIFront] = []
 
     for api_index, api in enumerate(config.apis):
@@ -227,12 +230,22 @@ def build_app(
         spec = api.spec
         if spec is not None:
             spec.bind_front(front)
+            envelope = OPENAI_ERROR if getattr(spec, "error_response", None) else CORE_ERROR
             for spec_endpoint in spec.endpoints:
                 app.add_api_route(
                     spec_endpoint.path,
                     spec_endpoint.endpoint,
                     methods=spec_endpoint.methods,
                     dependencies=dependencies,
+                )
+                described = route_doc(spec_endpoint.endpoint)
+                doc.add(
+                    spec_endpoint.path,
+                    spec_endpoint.methods,
+                    body=described.body,
+                    media_types=described.media_types,
+                    envelope=envelope,
+                    errors=_error_statuses(config, has_body=described.body is not None),
                 )
             continue
         endpoint = _plain_endpoint(front, api.stream, callbacks, api_key_check)
@@ -301,6 +314,16 @@ def build_app(
         else:
             app.add_middleware(middleware)  # type: ignore[arg-type]
     return app
+
+
+def _error_statuses(config: FrontConfig, has_body: bool) -> list[int]:
+    """The error statuses a spec route may answer under ``config``."""
+    statuses = [400, 404, 499, 503, 504]
+    if config.api_key:
+        statuses.append(401)
+    if has_body and config.max_payload_size is not None:
+        statuses.append(413)
+    return sorted(statuses)
 
 
 def _add_shutdown_route(app: FastAPI, config: FrontConfig, on_shutdown: Callable[[], None]) -> None:
