@@ -24,7 +24,7 @@ from servekit.http.auth import APIKeyCheck, ShutdownKeyCheck
 from servekit.http.dispatcher import Dispatcher
 from servekit.http.forms import read_form
 from servekit.http.lifespan import serving
-from servekit.http.limits import MaxBodySizeMiddleware
+from servekit.http.limits import MaxBodySizeMiddleware, MaxHeaderSizeMiddleware
 from servekit.http.openapi import CORE_ERROR, OPENAI_ERROR, OpenAPIDoc
 from servekit.log_setup import LogSettings
 from servekit.mcp import MCP_PATH, mcp_tools
@@ -313,12 +313,13 @@ def build_app(
             app.add_middleware(middleware_class, **kwargs)  # type: ignore[arg-type]
         else:
             app.add_middleware(middleware)  # type: ignore[arg-type]
+    app.add_middleware(MaxHeaderSizeMiddleware)  # outermost: before anything reads the request
     return app
 
 
 def _error_statuses(config: FrontConfig, has_body: bool) -> list[int]:
     """The error statuses a spec route may answer under ``config``."""
-    statuses = [400, 404, 499, 503, 504]
+    statuses = [400, 404, 431, 499, 503, 504]
     if config.api_key:
         statuses.append(401)
     if has_body and config.max_payload_size is not None:

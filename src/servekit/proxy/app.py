@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from servekit.errors import ServerError
 from servekit.http.auth import APIKeyCheck
+from servekit.http.limits import MaxBodySizeMiddleware, MaxHeaderSizeMiddleware
 from servekit.openai.errors import OpenAIError, invalid, json_object
 from servekit.prometheus import CONTENT_TYPE
 from servekit.proxy.config import ProxyConfig, ProxyConfigError, normalize_url
@@ -28,6 +29,7 @@ from servekit.proxy.openapi import proxy_openapi
 from servekit.proxy.registry import Node
 from servekit.proxy.service import HTTP_ERRORS, NodeUnreachable, Proxy
 from servekit.proxy.strategies import Route
+from servekit.sizes import parse_size
 from servekit.specs.llm.protocol import AbortRequest
 
 logger = logging.getLogger(__name__)
@@ -224,6 +226,12 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return OpenAIError(exc.status_code, str(exc.detail), headers=dict(exc.headers or {})).response()
 
 
+async def _server_error(request: Request, exc: Exception) -> Response:
+    """A body past the size limit (raised while a route reads it), in OpenAI's envelope."""
+    assert isinstance(exc, ServerError)
+    return OpenAIError.from_server_error(exc).response()
+
+
 def _version() -> str:
     from servekit import __version__
 
@@ -265,6 +273,8 @@ def build_app(config: ProxyConfig, proxy: Proxy | None = None) -> ASGIApp:
         HTTPRoute("/nodes/terminate_all", nodes.terminate_all, methods=["GET"]),
         HTTPRoute("/openapi.json", openapi, methods=["GET"]),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: _http_error})
+    handlers = {HTTPException: _http_error, ServerError: _server_error}
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
     app.state.proxy = proxy
-    return _Auth(app, config.api_key)
+    limited = MaxBodySizeMiddleware(app, parse_size(config.max_request_body_size))
+    return MaxHeaderSizeMiddleware(_Auth(limited, config.api_key))

@@ -12,8 +12,8 @@ from servekit.openai.embeddings import EmbeddingRequest
 from servekit.specs.llm.protocol import AbortRequest, GenerateRequest, InteractiveRequest
 
 STREAMED = ("application/json", "text/event-stream")
-_PROXIED_ERRORS = (400, 401, 404, 413, 499, 502, 503, 504)
-_OWN_ERRORS = (400, 401, 404)
+_PROXIED_ERRORS = (400, 401, 404, 413, 431, 499, 502, 503, 504)
+_OWN_ERRORS = (400, 401, 404, 413, 431)
 
 _NODE = {
     "type": "object",
@@ -49,7 +49,7 @@ def proxy_openapi(version: str, api_key: bool) -> dict[str, Any]:
     doc.add("/flush_cache", ["POST", "GET"], errors=(*own_errors, 502, 503))
     doc.add("/v1/models", ["GET"], errors=own_errors)
     doc.add("/v1/models/{model:path}", ["GET"], errors=own_errors)
-    doc.add("/health", ["GET"], errors=())
+    doc.add("/health", ["GET"], errors=(431,))
     health = doc.operations[("/health", "get")]["responses"]
     health["503"] = {"description": "No healthy node", "content": health["200"]["content"]}
     doc.add("/metrics", ["GET"], media_types=("text/plain",), errors=own_errors)

@@ -45,6 +45,7 @@ def serve(config: ServeConfig, **run_kwargs: Any) -> None:
         workers_per_device=config.workers,
         timeout=config.request_timeout if config.request_timeout is not None else False,
         api_key=config.api_key,
+        max_payload_size=config.max_request_body_size,
         debug_errors=config.debug_errors,
         model_metadata={"model": config.engine.model or "SmolLM2-135M-Instruct (default)"},
     )
