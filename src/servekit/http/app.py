@@ -30,13 +30,14 @@ from servekit.http.auth import APIKeyCheck, ShutdownKeyCheck
 from servekit.http.dispatcher import Dispatcher
 from servekit.http.forms import read_form
 from servekit.http.lifespan import serving
-from servekit.http.limits import MaxBodySizeMiddleware
+from servekit.http.limits import MaxBodySizeMiddleware, MaxHeaderSizeMiddleware
 from servekit.http.metrics import METRICS_PATH, HTTPMetrics, render_core_metrics
+from servekit.http.openapi import CORE_ERROR, OPENAI_ERROR, OpenAPIDoc
 from servekit.http.request_log import RequestObserver
 from servekit.log_setup import LogSettings
 from servekit.mcp import MCP_PATH, mcp_tools
 from servekit.prometheus import CONTENT_TYPE
-from servekit.specs.base import FrontHandle, LitSpec, wait_for_disconnect
+from servekit.specs.base import FrontHandle, LitSpec, route_doc, wait_for_disconnect
 from servekit.transport import Encoding, Endpoints
 from servekit.workers.pool import WorkerPool
 
@@ -223,6 +224,8 @@ def build_app(
 
     api_key_check = APIKeyCheck(config.api_key) if config.api_key else None
     callbacks = config.callbacks
+    doc = OpenAPIDoc()
+    app.openapi = doc.wrap(app.openapi)  # type: ignore[method-assign]
     fronts: list[_APIFront] = []
 
     for api_index, api in enumerate(config.apis):
@@ -237,12 +240,22 @@ def build_app(
         spec = api.spec
         if spec is not None:
             spec.bind_front(front)
+            envelope = OPENAI_ERROR if getattr(spec, "error_response", None) else CORE_ERROR
             for spec_endpoint in spec.endpoints:
                 app.add_api_route(
                     spec_endpoint.path,
                     spec_endpoint.endpoint,
                     methods=spec_endpoint.methods,
                     dependencies=[] if spec_endpoint.public else dependencies,
+                )
+                described = route_doc(spec_endpoint.endpoint)
+                doc.add(
+                    spec_endpoint.path,
+                    spec_endpoint.methods,
+                    body=described.body,
+                    media_types=described.media_types,
+                    envelope=envelope,
+                    errors=_error_statuses(config, has_body=described.body is not None),
                 )
             continue
         endpoint = _plain_endpoint(front, api.stream, callbacks, api_key_check)
@@ -338,6 +351,7 @@ def build_app(
         else:
             app.add_middleware(middleware)  # type: ignore[arg-type]
     app.add_middleware(RequestObserver, metrics=http_metrics, access_log=config.access_log)
+    app.add_middleware(MaxHeaderSizeMiddleware)  # outermost: before anything reads the request
     return app
 
 
@@ -345,6 +359,16 @@ def _browser_root(api: LitAPI) -> str | None:
     """Where a browser opening ``/`` goes, if the API's spec has a page for it."""
     page = getattr(api.spec, "browser_page", None)
     return page if isinstance(page, str) else None
+
+
+def _error_statuses(config: FrontConfig, has_body: bool) -> list[int]:
+    """The error statuses a spec route may answer under ``config``."""
+    statuses = [400, 404, 431, 499, 503, 504]
+    if config.api_key:
+        statuses.append(401)
+    if has_body and config.max_payload_size is not None:
+        statuses.append(413)
+    return sorted(statuses)
 
 
 def _add_shutdown_route(app: FastAPI, config: FrontConfig, on_shutdown: Callable[[], None]) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from servekit.llm.sampling_params import SamplingParams
 from servekit.openai.errors import invalid
@@ -43,6 +43,14 @@ class ChatCompletionRequest(SamplingFields):
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     documents: list[dict[str, Any]] | None = None
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_not_path(cls, value: str | None) -> str | None:
+        """A client sends the template itself: a path would let it read the server's files."""
+        if value is not None and "{{" not in value and "{%" not in value:
+            raise ValueError("must be a jinja2 template (with {{ }} or {% %}), not a file path")
+        return value
 
     @property
     def uses_tools(self) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from servekit.llm.sampling_params import SamplingParams
@@ -90,6 +91,20 @@ class SamplingFields(BaseModel):
             if not -100 <= bias <= 100:
                 raise ValueError(f"biases must be in [-100, 100], got {bias}")
         return value
+
+    @field_validator("guided_json")
+    @classmethod
+    def _parse_guided_json(cls, value: dict[str, Any] | str | None) -> dict[str, Any] | str | None:
+        """A schema given as text is parsed here, once: text that is not a JSON object is a 400."""
+        if not isinstance(value, str):
+            return value
+        try:
+            schema = orjson.loads(value)
+        except orjson.JSONDecodeError as error:
+            raise ValueError(f"not valid JSON: {error}") from None
+        if not isinstance(schema, dict):
+            raise ValueError("must be a JSON schema object")
+        return dict(schema)
 
     @field_validator("stop")
     @classmethod

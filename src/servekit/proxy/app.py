@@ -10,7 +10,9 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import orjson
+from pydantic import ValidationError
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route as HTTPRoute
@@ -18,13 +20,17 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from servekit.errors import ServerError
 from servekit.http.auth import APIKeyCheck
+from servekit.http.limits import MaxBodySizeMiddleware, MaxHeaderSizeMiddleware
 from servekit.openai.errors import OpenAIError, invalid, json_object
 from servekit.prometheus import CONTENT_TYPE
 from servekit.proxy.config import ProxyConfig, ProxyConfigError, normalize_url
 from servekit.proxy.forward import REQUEST_ID, Forward
+from servekit.proxy.openapi import proxy_openapi
 from servekit.proxy.registry import Node
 from servekit.proxy.service import HTTP_ERRORS, NodeUnreachable, Proxy
 from servekit.proxy.strategies import Route
+from servekit.sizes import parse_size
+from servekit.specs.llm.protocol import AbortRequest
 
 logger = logging.getLogger(__name__)
 
@@ -198,6 +204,11 @@ class FrontAPI:
     async def broadcast(self, request: Request) -> Response:
         """``/flush_cache`` and ``/abort_request``: sent to every node, each node's answer reported."""
         body = await request.body()
+        if request.url.path == "/abort_request":
+            try:
+                AbortRequest.model_validate_json(body, strict=True)
+            except ValidationError as error:
+                raise OpenAIError.from_validation_error(error) from None
         headers = {"content-type": "application/json", REQUEST_ID: request.headers.get(REQUEST_ID, "")}
         answers = await self.proxy.broadcast(request.method, request.url.path, body, headers)
         ok = all(200 <= a["status"] < 300 for a in answers)
@@ -219,6 +230,24 @@ def _interactive_chooser(proxy: Proxy) -> Callable[[Sequence[Node], Route], Node
     return choose
 
 
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Unknown routes and methods answer in OpenAI's envelope, as every other error of the proxy."""
+    assert isinstance(exc, HTTPException)
+    return OpenAIError(exc.status_code, str(exc.detail), headers=dict(exc.headers or {})).response()
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    """A body past the size limit (raised while a route reads it), in OpenAI's envelope."""
+    assert isinstance(exc, ServerError)
+    return OpenAIError.from_server_error(exc).response()
+
+
+def _version() -> str:
+    from servekit import __version__
+
+    return str(__version__)
+
+
 def build_app(config: ProxyConfig, proxy: Proxy | None = None) -> ASGIApp:
     proxy = proxy or Proxy(config)
     nodes = NodesAPI(proxy)
@@ -233,6 +262,11 @@ def build_app(config: ProxyConfig, proxy: Proxy | None = None) -> ASGIApp:
             await proxy.close()
 
     forward = Forward(proxy)
+    document = orjson.dumps(proxy_openapi(_version(), bool(config.api_key)))
+
+    async def openapi(request: Request) -> Response:
+        return Response(document, media_type="application/json")
+
     routes = [HTTPRoute(path, forward, methods=["POST"]) for path in PROXIED]
     routes += [
         HTTPRoute("/v1/chat/interactive", Forward(proxy, _interactive_chooser(proxy)), methods=["POST"]),
@@ -241,13 +275,16 @@ def build_app(config: ProxyConfig, proxy: Proxy | None = None) -> ASGIApp:
         HTTPRoute("/health", front.health, methods=["GET"]),
         HTTPRoute("/metrics", front.metrics, methods=["GET"]),
         HTTPRoute("/flush_cache", front.broadcast, methods=["POST", "GET"]),
-        HTTPRoute("/abort_request", front.broadcast, methods=["POST"]),
+        HTTPRoute("/abort_request", _errors(front.broadcast), methods=["POST"]),
         HTTPRoute("/nodes/status", nodes.status, methods=["GET"]),
         HTTPRoute("/nodes/add", _errors(nodes.add), methods=["POST"]),
         HTTPRoute("/nodes/remove", _errors(nodes.remove), methods=["POST"]),
         HTTPRoute("/nodes/terminate", _errors(nodes.terminate), methods=["POST"]),
         HTTPRoute("/nodes/terminate_all", nodes.terminate_all, methods=["GET"]),
+        HTTPRoute("/openapi.json", openapi, methods=["GET"]),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan)
+    handlers = {HTTPException: _http_error, ServerError: _server_error}
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
     app.state.proxy = proxy
-    return _Auth(app, config.api_key)
+    limited = MaxBodySizeMiddleware(app, parse_size(config.max_request_body_size))
+    return MaxHeaderSizeMiddleware(_Auth(limited, config.api_key))

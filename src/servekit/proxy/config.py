@@ -47,6 +47,9 @@ class ProxyConfig:
     state_file: str | None = setting(
         None, "keep the registered nodes in this JSON file, reloaded at start (default: none)"
     )
+    max_request_body_size: str = setting(
+        "64MiB", "largest request body accepted (413 beyond): bytes, or with a unit: 512KB, 64MiB"
+    )
     health_check_interval: float = setting(2.0, "seconds between health checks of each node")
     health_check_timeout: float = setting(1.0, "seconds a node's /health may take")
     max_attempts: int = setting(3, "nodes tried for one request (connect failure or 503 before any byte)")

@@ -8,6 +8,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from pydantic import BaseModel
+
 from servekit.errors import ServerError
 
 if TYPE_CHECKING:
@@ -53,6 +55,36 @@ class SpecEndpoint:
     endpoint: Callable[..., Any]
     methods: list[str]
     public: bool = False  # served without the API key (a page that asks for the key itself)
+
+
+@dataclass(frozen=True)
+class RouteDoc:
+    """What ``/openapi.json`` says of a spec route whose handler reads the request itself: the
+    pydantic model it validates the body with, and the media types of its successful answers."""
+
+    body: type[BaseModel] | None = None
+    media_types: tuple[str, ...] = ("application/json",)
+
+
+_ROUTE_DOC = "__servekit_route_doc__"
+EndpointT = TypeVar("EndpointT", bound=Callable[..., Any])
+
+
+def documented(
+    body: type[BaseModel] | None = None, media_types: tuple[str, ...] = ("application/json",)
+) -> Callable[[EndpointT], EndpointT]:
+    """Decorate a spec handler with what its route accepts and answers (see ``RouteDoc``)."""
+
+    def mark(endpoint: EndpointT) -> EndpointT:
+        setattr(endpoint, _ROUTE_DOC, RouteDoc(body, media_types))
+        return endpoint
+
+    return mark
+
+
+def route_doc(endpoint: Callable[..., Any]) -> RouteDoc:
+    found = getattr(endpoint, _ROUTE_DOC, None)
+    return found if isinstance(found, RouteDoc) else RouteDoc()
 
 
 @dataclass

@@ -54,7 +54,7 @@ from servekit.openai import (
     ToolChoiceFunction,
     UsageInfo,
 )
-from servekit.specs.base import until_disconnected
+from servekit.specs.base import documented, until_disconnected
 from servekit.specs.openai_base import OpenAIBaseSpec, read_json_body
 from servekit.specs.openai_chat_stream import (
     ChoiceState,
@@ -161,6 +161,7 @@ class OpenAISpec(OpenAIBaseSpec):
         )
 
     # ------------------------------------------------------------- front
+    @documented(ChatCompletionRequest, ("application/json", "text/event-stream"))
     async def chat_completion(self, request: Request) -> Response:
         try:
             chat_request = await read_json_body(request, ChatCompletionRequest)

@@ -74,8 +74,10 @@ class OpenAIBaseSpec(LitSpec):
 
 async def read_json_body(http_request: Request, model: type[ModelT]) -> ModelT:
     """Parse and validate the request body; every failure is a 400 naming what is wrong."""
-    data = json_object(await http_request.body())
+    body = await http_request.body()
+    json_object(body)
     try:
-        return model.model_validate(data)
+        # Strict, as JSON Schema reads /openapi.json: no false for 0, no "1" for 1.
+        return model.model_validate_json(body, strict=True)
     except ValidationError as error:
         raise OpenAIError.from_validation_error(error) from None

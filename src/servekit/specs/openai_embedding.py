@@ -34,6 +34,7 @@ from servekit.openai.embeddings import (
     UsageInfo,
 )
 from servekit.openai.errors import OpenAIError
+from servekit.specs.base import documented
 from servekit.specs.openai_base import OpenAIBaseSpec, read_json_body
 
 if TYPE_CHECKING:
@@ -156,6 +157,7 @@ class OpenAIEmbeddingSpec(OpenAIBaseSpec):
         }
 
     # ------------------------------------------------------------- front
+    @documented(EmbeddingRequest)
     async def embeddings(self, request: Request) -> Response:
         try:
             embedding_request = await read_json_body(request, EmbeddingRequest)

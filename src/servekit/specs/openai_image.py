@@ -29,6 +29,7 @@ from servekit.openai.images import (
     ImageGenerationResponse,
     parse_size,
 )
+from servekit.specs.base import documented
 from servekit.specs.openai_base import OpenAIBaseSpec, read_json_body
 
 if TYPE_CHECKING:
@@ -95,6 +96,7 @@ class OpenAIImageSpec(OpenAIBaseSpec):
         return {"images": [png_base64(image) for image in images]}
 
     # ------------------------------------------------------------- front
+    @documented(ImageGenerationRequest)
     async def generate_images(self, request: Request) -> Response:
         try:
             image_request = await read_json_body(request, ImageGenerationRequest)

@@ -58,7 +58,11 @@ class LLMServerAPI(LitAPI):
         op = x
         handler = self._handlers.get(op.kind)
         if handler is None:  # an operation on this worker (abort, stats, ...), not a request
-            yield self._operation(op)
+            try:
+                result = self._operation(op)
+            except Exception as error:
+                raise self._client_error(error, op) from None
+            yield result
             return
         rt = self.runtime
         rt.counters.count_request(op.kind)
@@ -71,16 +75,20 @@ class LLMServerAPI(LitAPI):
         except asyncio.CancelledError:
             raise
         except Exception as error:
-            # The one mapping of what the engine (or a handler) raised to the client's error.
-            mapped = openai_error(error, getattr(op.body, "param_name", None))
-            if mapped is None:
-                logger.exception("%s request failed", op.kind)
-                mapped = OpenAIError(500, internal_error_detail(error, self._debug_errors))
+            mapped = self._client_error(error, op)
             rt.counters.count_error(mapped.status_code)
             raise mapped from None
         finally:
             if not self.config.disable_log_requests:
                 logger.info("%s request done in %.3fs", op.kind, time.perf_counter() - started)
+
+    def _client_error(self, error: Exception, op: Op) -> OpenAIError:
+        """The one mapping of what the engine (or a handler) raised to the client's error."""
+        mapped = openai_error(error, getattr(op.body, "param_name", None))
+        if mapped is None:
+            logger.exception("%s request failed", op.kind)
+            mapped = OpenAIError(500, internal_error_detail(error, self._debug_errors))
+        return mapped
 
     def _operation(self, op: Op) -> Any:
         from servekit.specs.llm import native

@@ -63,6 +63,7 @@ def serve(config: ServeConfig, callbacks: list[Callback] | None = None, **run_kw
         workers_per_device=placement.workers_per_device,
         timeout=config.request_timeout if config.request_timeout is not None else False,
         api_key=config.api_key,
+        max_payload_size=config.max_request_body_size,
         debug_errors=config.debug_errors,
         callbacks=callbacks,
         enable_shutdown_api=config.allow_terminate_by_client,

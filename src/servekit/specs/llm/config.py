@@ -36,6 +36,9 @@ class ServeConfig:
         secret=True,
     )
     workers: int = setting(1, "inference worker processes (each loads the model)", env=("WORKERS",))
+    max_request_body_size: str = setting(
+        "64MiB", "largest request body accepted (413 beyond): bytes, or with a unit: 512KB, 64MiB"
+    )
     request_timeout: float | None = setting(
         None,
         "seconds a request may take, queue and stream included (default: no limit)",

@@ -21,9 +21,10 @@ from starlette.responses import Response, StreamingResponse
 from servekit.errors import ServerError
 from servekit.openai.chat import ChatCompletionRequest
 from servekit.openai.completions import CompletionRequest
+from servekit.openai.embeddings import EmbeddingRequest
 from servekit.openai.errors import OpenAIError, detail_message, invalid
 from servekit.openai.sse import DONE, new_id, sse_event
-from servekit.specs.base import LitSpec, until_disconnected
+from servekit.specs.base import LitSpec, documented, until_disconnected
 from servekit.specs.llm.config import ServeConfig
 from servekit.specs.llm.metrics import merge_worker_stats, render_metrics
 from servekit.specs.llm.ops import Op, OpKind
@@ -41,6 +42,8 @@ from servekit.specs.llm.sessions import SessionStore
 logger = logging.getLogger(__name__)
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+STREAMED = ("application/json", "text/event-stream")  # as the body's "stream" asks
+NDJSON = ("application/json", "application/x-ndjson")
 
 
 def _ndjson(item: bytes) -> bytes:
@@ -93,7 +96,8 @@ class LLMServerSpec(LitSpec):
     async def _parse(self, request: Request, model: type[BaseModel]) -> Any:
         body = await request.body()
         try:
-            return model.model_validate_json(body or b"{}")
+            # Strict, as JSON Schema reads /openapi.json: no false for 0, no "1" for 1.
+            return model.model_validate_json(body or b"{}", strict=True)
         except ValidationError as error:
             if any(e["type"] == "json_invalid" for e in error.errors()):
                 raise invalid("The request body is not valid JSON", None, code="invalid_json") from None
@@ -176,12 +180,14 @@ class LLMServerSpec(LitSpec):
         return Response(await self._first_item(op, http_request, tags=tags), media_type="application/json")
 
     # ------------------------------------------------------------------------------- OpenAI
+    @documented(ChatCompletionRequest, STREAMED)
     async def chat_completions(self, request: Request) -> Response:
         body: ChatCompletionRequest = await self._parse(request, ChatCompletionRequest)
         await self._check_model(body.model)
         body.request_id = body.request_id or new_id("chatcmpl")
         return await self._run("chat", body, bool(body.stream), request, tags=[body.request_id])
 
+    @documented(CompletionRequest, STREAMED)
     async def completions(self, request: Request) -> Response:
         body: CompletionRequest = await self._parse(request, CompletionRequest)
         await self._check_model(body.model)
@@ -197,7 +203,9 @@ class LLMServerSpec(LitSpec):
         await self._check_model(model_id)
         return _json(model_card(await self._info()))
 
+    @documented(EmbeddingRequest)
     async def embeddings(self, request: Request) -> Response:
+        await self._parse(request, EmbeddingRequest)  # a malformed body is told so first
         info = await self._info()
         raise invalid(
             f"The model `{info['model_name']}` is a generation model, not an embedding model.",
@@ -206,11 +214,13 @@ class LLMServerSpec(LitSpec):
         )
 
     # ------------------------------------------------------------------------------- native
+    @documented(GenerateRequest, STREAMED)
     async def generate(self, request: Request) -> Response:
         body: GenerateRequest = await self._parse(request, GenerateRequest)
         rids = [body.rid] if isinstance(body.rid, str) else list(body.rid or [])
         return await self._run("generate", body, body.stream, request, tags=rids)
 
+    @documented(InteractiveRequest, NDJSON)
     async def chat_interactive(self, request: Request) -> Response:
         body: InteractiveRequest = await self._parse(request, InteractiveRequest)
         store = self._sessions
@@ -269,6 +279,7 @@ class LLMServerSpec(LitSpec):
             return bool((await self._call(Op("abort", request_id), worker=owner))["aborted"])
         return any(item["aborted"] for _, item in await self._gather(Op("abort", request_id)))
 
+    @documented(AbortRequest)
     async def abort_request(self, request: Request) -> Response:
         body: AbortRequest = await self._parse(request, AbortRequest)
         return _json({"aborted": await self._abort(body.rid)})
@@ -288,16 +299,19 @@ class LLMServerSpec(LitSpec):
         workers = [{"worker": a.worker, **orjson.loads(a.body or b"{}")} for a in answers]
         return _json({"flushed": True, "workers": workers})
 
+    @documented(TokenizeRequest)
     async def tokenize(self, request: Request) -> Response:
         body: TokenizeRequest = await self._parse(request, TokenizeRequest)
         await self._check_model(body.model)
         return _json(await self._call(Op("tokenize", body)))
 
+    @documented(DetokenizeRequest)
     async def detokenize(self, request: Request) -> Response:
         body: DetokenizeRequest = await self._parse(request, DetokenizeRequest)
         await self._check_model(body.model)
         return _json(await self._call(Op("detokenize", body)))
 
+    @documented(EncodeRequest)
     async def encode(self, request: Request) -> Response:
         body: EncodeRequest = await self._parse(request, EncodeRequest)
         return _json(await self._call(Op("encode", body)))
