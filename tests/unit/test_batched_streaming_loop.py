@@ -45,7 +45,7 @@ class RecordingInbox:
         chunks.append(body)
         return True
 
-    def reply(self, front: int, kind: Kind, rid: int, status: int, body: bytes) -> None:
+    def reply(self, front: int, kind: Kind, rid: int, status: int, body: bytes, batch_size: int = 0) -> None:
         self.replies.append((kind, rid, status, body))
 
     def finished(self, key: JobKey) -> None:

@@ -285,9 +285,17 @@ def resolve_quantization(
     return None
 
 
-def resolve_gguf_blocks(name: str, has_blocks: bool, dtype: torch.dtype, quantization: str | None) -> bool:
+def resolve_gguf_blocks(
+    name: str,
+    has_blocks: bool,
+    dtype: torch.dtype,
+    quantization: str | None,
+    device: torch.device,
+    tp: int = 1,
+) -> bool:
     """Whether the weights are computed on the checkpoint's quantised blocks: asked for (the
-    default), a checkpoint that has them, float32 compute on the CPU without int8, C kernels built."""
+    default), a checkpoint that has them, float32 compute on the CPU without int8 or tensor
+    parallelism (the shards are cut from float weights), C kernels built."""
     import torch
 
     from servekit.llm.kernels import kernels_available
@@ -297,7 +305,8 @@ def resolve_gguf_blocks(name: str, has_blocks: bool, dtype: torch.dtype, quantiz
         and has_blocks
         and dtype == torch.float32
         and quantization is None
-        and not torch.cuda.is_available()
+        and device.type == "cpu"
+        and tp == 1
         and kernels_available(torch.float32)
     )
 

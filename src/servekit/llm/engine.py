@@ -46,8 +46,8 @@ from servekit.llm.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from servekit.llm.sequence import Sequence as Seq
 from servekit.llm.sequence import SequenceGroup
 from servekit.llm.stop import check_stop, effective_max_tokens
-from servekit.threads import configure_threads
 from servekit.prometheus import ITL_BOUNDS, Histogram
+from servekit.threads import configure_threads
 
 if TYPE_CHECKING:
     from servekit.llm.loaders import ModelSource
