@@ -27,8 +27,9 @@ from pathlib import Path
 
 import aiohttp
 import httpx
-from bench_serve import free_port, percentiles, stop, wait_healthy
+from bench_serve import free_port, stop, wait_healthy
 
+from servekit.bench.report import percentile
 from servekit.cpu import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,6 +72,14 @@ def proxy_args(port: int, strategy: str, nodes: list[str]) -> list[str]:
     for url in nodes:
         args += ["--node", url]
     return args
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    """Mean and p50/p90/p99 (``servekit bench``'s interpolation)."""
+    if not values:
+        return {"mean": 0.0, "p50": 0.0, "p90": 0.0, "p99": 0.0}
+    found = {f"p{q}": percentile(values, q) for q in (50, 90, 99)}
+    return {"mean": statistics.fmean(values), **found}
 
 
 def cpu_seconds(pid: int) -> float:
