@@ -231,13 +231,15 @@ def test_both_spellings_of_the_batching_env_vars() -> None:
     assert config.worker.default_batch_size == 20 and config.worker.raw_openai_output is False
     assert config.worker.max_concurrency == 9 and config.serve.engine.max_model_len == 256
     assert config.serve.engine.max_queued_requests == 9
+    # vLLM's TENSOR_PARALLEL_SIZE is the engine's own tensor parallelism (`servekit serve --tp`).
+    assert WorkerConfig.from_env({"TENSOR_PARALLEL_SIZE": "2"}).serve.engine.tp == 2
 
 
 @pytest.mark.parametrize(
     ("env", "named"),
     [
         ({"QUANTIZATION": "awq"}, "QUANTIZATION"),
-        ({"TENSOR_PARALLEL_SIZE": "2"}, "TENSOR_PARALLEL_SIZE"),
+        ({"TENSOR_PARALLEL_SIZE": "0"}, "TENSOR_PARALLEL_SIZE"),
         ({"LOAD_FORMAT": "pt"}, "LOAD_FORMAT"),
         ({"LOAD_FORMAT": "gguf", "MODEL_NAME": "/models/llama"}, "load_format"),
         ({"DEFAULT_BATCH_SIZE": "0"}, "DEFAULT_BATCH_SIZE"),

@@ -66,7 +66,6 @@ class WorkerSettings:
     tokenizer_revision: str | None = setting(
         None, "hub revision of the tokenizer", env=("TOKENIZER_REVISION",)
     )
-    tensor_parallel_size: int = setting(1, "devices one model is sharded over", env=("TENSOR_PARALLEL_SIZE",))
     max_parallel_loading_workers: int | None = setting(
         None, "accepted; servekit loads the weights in one pass", env=("MAX_PARALLEL_LOADING_WORKERS",)
     )
@@ -76,7 +75,6 @@ class WorkerSettings:
             "default_batch_size": self.default_batch_size,
             "default_min_batch_size": self.default_min_batch_size,
             "max_concurrency": self.max_concurrency,
-            "tensor_parallel_size": self.tensor_parallel_size,
         }
         for name, value in positive.items():
             if value < 1:
@@ -92,12 +90,6 @@ class WorkerSettings:
                 f"load_format must be {one_of(LOAD_FORMATS)} (servekit reads safetensors and GGUF "
                 f"checkpoints), got {self.load_format!r}",
                 "load_format",
-            )
-        if self.tensor_parallel_size > 1:
-            raise WorkerConfigError(
-                f"tensor_parallel_size={self.tensor_parallel_size} cannot be honoured: servekit runs a model "
-                "on one device per worker (run several workers instead)",
-                "tensor_parallel_size",
             )
 
 
