@@ -19,20 +19,20 @@ import contextlib
 import importlib.util
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench_serve import free_port, stop, wait_healthy  # noqa: E402
 
 from servekit.cpu import cpu_flags, cpu_model  # noqa: E402
 
@@ -54,14 +54,6 @@ def default_gguf() -> Path:
     return next(Path(spec.origin).parent.glob("*.gguf"))
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def server(command: list[str], url: str, env: dict[str, str], log: Path) -> Iterator[None]:
     with open(log, "w") as out:
@@ -69,25 +61,10 @@ def server(command: list[str], url: str, env: dict[str, str], log: Path) -> Iter
             command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
     try:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"{command[0]} exited ({process.returncode}); see {log}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            time.sleep(0.5)  # polling the server's readiness, bounded by the deadline
-        else:
-            raise RuntimeError(f"{command[0]} not healthy after 600 s; see {log}")
+        wait_healthy(url, process, timeout=600)
         yield
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(10)
+        stop(process)
 
 
 def llama_command(binary: str, gguf: Path, port: int, args: argparse.Namespace, parallel: int) -> list[str]:
