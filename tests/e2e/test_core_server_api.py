@@ -99,4 +99,6 @@ def test_pretty_logs_render_through_rich(tmp_path: Path) -> None:
         assert httpx.post(f"{server.url}/big", json={"size": 1}, timeout=30).status_code == 200
     log = server.log()
     # rich's layout: our format inside, the source file and line in its right-hand column.
-    assert re.search(r"INFO\s+MainProcess servekit\.server: servekit listening.*server\.py:\d+", log), log
+    assert re.search(r"INFO\s+MainProcess servekit\.server \[-\]: servekit listening.*server\.py:\d+", log), (
+        log
+    )

@@ -46,6 +46,16 @@ def test_routes_streams_and_request_ids(tmp_path: Path) -> None:
         )
         assert reply.headers["x-request-id"] == "abc-1"
         assert any(r["headers"].get("x-request-id") == "abc-1" for r in a.requests + b.requests)
+        # one the nodes would refuse is refused here, in OpenAI's envelope, on every route
+        forwarded = len(a.requests + b.requests)
+        for method, path in (("POST", "/v1/completions"), ("POST", "/flush_cache"), ("GET", "/v1/models")):
+            bad = httpx.request(
+                method, f"{proxy.url}{path}", json={"model": "fake-model", "prompt": "x"},
+                headers={"X-Request-Id": "has space"}, timeout=10,
+            )  # fmt: skip
+            assert bad.status_code == 400, (path, bad.text)
+            assert bad.json()["error"]["param"] == "X-Request-ID"
+        assert len(a.requests + b.requests) == forwarded
         # streams pass through byte for byte
         with httpx.stream(
             "POST", f"{proxy.url}/v1/chat/completions", json={**CHAT, "stream": True}, timeout=10

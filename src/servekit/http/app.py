@@ -247,7 +247,10 @@ def build_app(
                     spec_endpoint.endpoint,
                     methods=spec_endpoint.methods,
                     dependencies=[] if spec_endpoint.public else dependencies,
+                    include_in_schema=not spec_endpoint.public,
                 )
+                if spec_endpoint.public:
+                    continue  # a page (the playground), not an operation of the API
                 described = route_doc(spec_endpoint.endpoint)
                 doc.add(
                     spec_endpoint.path,

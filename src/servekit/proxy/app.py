@@ -29,6 +29,7 @@ from servekit.proxy.openapi import proxy_openapi
 from servekit.proxy.registry import Node
 from servekit.proxy.service import HTTP_ERRORS, NodeUnreachable, Proxy
 from servekit.proxy.strategies import Route
+from servekit.request_id import check_request_id, new_request_id
 from servekit.sizes import parse_size
 from servekit.specs.llm.protocol import AbortRequest
 
@@ -38,25 +39,39 @@ PROXIED = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/genera
 OPEN_PATHS = frozenset({"/health"})
 
 
+_REQUEST_ID_HEADER = REQUEST_ID.encode()
+
+
 def _json(data: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(data), status_code=status, media_type="application/json")
 
 
-class _Auth:
-    """The proxy's own key on every route but ``/health``; answered in OpenAI's envelope."""
+class _Gate:
+    """What every request must pass before a route sees it, answered in OpenAI's envelope: the
+    proxy's own key (on every route but ``/health``), and a well-formed ``X-Request-ID`` when one
+    is sent (as servekit's servers check it: it goes on to the nodes and into their logs)."""
 
     def __init__(self, app: ASGIApp, api_key: str | None) -> None:
         self.app = app
         self.check = APIKeyCheck(api_key) if api_key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.check is not None and scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+        if scope["type"] == "http":
+            error = self._refusal(scope)
+            if error is not None:
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def _refusal(self, scope: Scope) -> OpenAIError | None:
+        if self.check is not None and scope["path"] not in OPEN_PATHS:
             try:
                 self.check(Request(scope))
             except ServerError as error:
-                await OpenAIError.from_server_error(error).response()(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+                return OpenAIError.from_server_error(error)
+        given = next((v for k, v in scope["headers"] if k == _REQUEST_ID_HEADER), None)
+        problem = None if given is None else check_request_id(given.decode("latin-1"))
+        return None if problem is None else invalid(problem, "X-Request-ID")
 
 
 def _errors(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
@@ -209,7 +224,10 @@ class FrontAPI:
                 AbortRequest.model_validate_json(body, strict=True)
             except ValidationError as error:
                 raise OpenAIError.from_validation_error(error) from None
-        headers = {"content-type": "application/json", REQUEST_ID: request.headers.get(REQUEST_ID, "")}
+        headers = {
+            "content-type": "application/json",
+            REQUEST_ID: request.headers.get(REQUEST_ID) or new_request_id(),
+        }
         answers = await self.proxy.broadcast(request.method, request.url.path, body, headers)
         ok = all(200 <= a["status"] < 300 for a in answers)
         if request.url.path == "/abort_request":
@@ -287,4 +305,4 @@ def build_app(config: ProxyConfig, proxy: Proxy | None = None) -> ASGIApp:
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
     app.state.proxy = proxy
     limited = MaxBodySizeMiddleware(app, parse_size(config.max_request_body_size))
-    return MaxHeaderSizeMiddleware(_Auth(limited, config.api_key))
+    return MaxHeaderSizeMiddleware(_Gate(limited, config.api_key))

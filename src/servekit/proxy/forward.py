@@ -8,7 +8,6 @@ import contextlib
 import enum
 import logging
 import time
-import uuid
 from collections.abc import Callable, Sequence
 
 import aiohttp
@@ -21,10 +20,11 @@ from servekit.proxy.registry import Node
 from servekit.proxy.requests import route_of
 from servekit.proxy.service import HTTP_ERRORS, Proxy, node_headers
 from servekit.proxy.strategies import Route
+from servekit.request_id import HEADER as REQUEST_ID
+from servekit.request_id import new_request_id
 
 logger = logging.getLogger(__name__)
 
-REQUEST_ID = "x-request-id"
 # Never forwarded: hop-by-hop headers, the proxy's own credentials, what the client library sets itself.
 _DROP_REQUEST = frozenset(
     {
@@ -94,7 +94,7 @@ class Forward:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         arrived = time.perf_counter()
         request = Request(scope, receive)
-        request_id = request.headers.get(REQUEST_ID) or uuid.uuid4().hex
+        request_id = request.headers.get(REQUEST_ID) or new_request_id()
         try:
             body = await request.body()
         except ClientDisconnect:
