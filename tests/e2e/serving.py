@@ -66,6 +66,19 @@ def wait_healthy(
     raise TimeoutError(f"server at {url} not healthy after {timeout}s")
 
 
+def health_after_restart(url: str, timeout: float) -> list[int]:
+    """Poll ``/health`` until it has answered 503 (a worker down) and then 200 again (restarted), or
+    ``timeout`` passes; the statuses seen, in order."""
+    statuses: list[int] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        statuses.append(httpx.get(f"{url}/health", timeout=5).status_code)
+        if 503 in statuses and statuses[-1] == 200:
+            break
+        time.sleep(0.05)  # polling the server's public health route, bounded by the deadline
+    return statuses
+
+
 @contextlib.contextmanager
 def serve_script(
     script: str | Path,

@@ -3,13 +3,12 @@ the supervisor has replaced the worker."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.e2e.serving import serve_script
+from tests.e2e.serving import health_after_restart, serve_script
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -24,13 +23,7 @@ def test_engine_death_restarts_worker(tmp_path: Path) -> None:
         failed = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
         assert failed.status_code == 503  # failed at once, through the supervisor
         assert "error" in failed.json()
-        statuses: list[int] = []
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            statuses.append(httpx.get(f"{server.url}/health", timeout=5).status_code)
-            if 503 in statuses and statuses[-1] == 200:
-                break
-            time.sleep(0.05)  # polling the server's public health route, bounded by the deadline
+        statuses = health_after_restart(server.url, timeout=90)
         assert 503 in statuses and statuses[-1] == 200
         ok = httpx.post(f"{server.url}/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=60)
         assert ok.status_code == 200  # the restarted worker serves again (2 tokens: 2 steps)

@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from servekit.llm import EngineConfig, LLMEngine, SamplingParams
-from tests.e2e.serving import RunningServer, serve_script
+from tests.e2e.serving import RunningServer, health_after_restart, serve_script
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
@@ -98,13 +98,7 @@ def test_serve_tp2_answers_and_survives_a_killed_rank(tmp_path: Path) -> None:
         assert "error" in json.loads(events[-2])  # the stream ended early, with an error
         assert len(events) < 450
 
-        statuses: list[int] = []
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            statuses.append(httpx.get(f"{server.url}/health", timeout=5).status_code)
-            if 503 in statuses and statuses[-1] == 200:
-                break
-            time.sleep(0.05)  # polling the server's public health route, bounded by the deadline
+        statuses = health_after_restart(server.url, timeout=120)
         assert 503 in statuses and statuses[-1] == 200
         (new_rank,) = wait_for_ranks(server, exclude={rank})
         again = client.completions.create(
