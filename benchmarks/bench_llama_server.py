@@ -155,12 +155,15 @@ def main() -> None:
     parser.add_argument("--prefix-len", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--servekit-arg", action="append", default=[], help="extra `servekit serve` flag")
+    parser.add_argument("--log-dir", type=Path, default=None, help="keep the servers' logs and reports here")
     args = parser.parse_args()
     gguf = args.model or default_gguf()
     loads = workloads(args)
     parallel = max(w.concurrency for w in loads)
     results: dict[tuple[str, str], list[dict[str, float]]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = args.log_dir or Path(scratch)
+        tmp.mkdir(parents=True, exist_ok=True)
         for repeat in range(args.repeats):
             for kind in ("servekit", "llama-server"):
                 port = free_port()
@@ -174,9 +177,9 @@ def main() -> None:
                     f"# run {repeat + 1}/{args.repeats}: {kind}; load average {os.getloadavg()[0]:.1f}",
                     flush=True,
                 )
-                with server(command, url, env, Path(tmp) / f"{kind}-{repeat}.log"):
+                with server(command, url, env, tmp / f"{kind}-{repeat}.log"):
                     for index, workload in enumerate(loads):
-                        figures = run_bench(url, workload, args, Path(tmp) / f"{kind}-{repeat}-{index}.json")
+                        figures = run_bench(url, workload, args, tmp / f"{kind}-{repeat}-{index}.json")
                         results.setdefault((kind, workload.name), []).append(figures)
                         print(f"  {workload.name}: {figures}", flush=True)
     flags = sorted(cpu_flags() & set(VECTOR_FLAGS))

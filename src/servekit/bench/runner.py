@@ -87,7 +87,8 @@ async def one_request(
     headers = {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
     url = settings.base_url.rstrip("/") + settings.endpoint
     try:
-        async with session.post(url, json=request_body(settings, prompt, index), headers=headers) as response:
+        response = await _post(session, url, request_body(settings, prompt, index), headers)
+        async with response:
             if response.status != 200:
                 result.error = (
                     f"HTTP {response.status}: {(await response.read())[:300].decode(errors='replace')}"
@@ -122,6 +123,20 @@ async def one_request(
     except (TimeoutError, aiohttp.ClientError, json.JSONDecodeError, UnicodeDecodeError) as error:
         result.error = f"{type(error).__name__}: {error}"
     return result
+
+
+async def _post(session: Any, url: str, body: dict[str, Any], headers: dict[str, str]) -> Any:
+    """POST once more on a fresh connection when a pooled keep-alive one turns out closed.
+
+    Servers cap the requests per connection (llama-server's HTTP library closes after a few), and
+    a connection closed between two requests fails the next one before any byte is sent back.
+    """
+    import aiohttp
+
+    try:
+        return await session.post(url, json=body, headers=headers)
+    except aiohttp.ServerDisconnectedError:
+        return await session.post(url, json=body, headers=headers)
 
 
 def arrival_gaps(count: int, rate: float, burstiness: float, seed: int) -> list[float]:
