@@ -82,3 +82,56 @@ def test_request_body() -> None:
     assert body["messages"] == [{"role": "user", "content": "hi"}] and body["max_tokens"] == 4
     assert body["ignore_eos"] is True and body["seed"] == 5 and body["top_k"] == 5
     assert body["stream_options"] == {"include_usage": True}
+
+
+def test_a_keep_alive_connection_closed_by_the_server_is_retried_once() -> None:
+    """A server that serves one request per connection and drops the connection when a second
+    request arrives on it (as llama-server's HTTP library does after its per-connection limit): every
+    request still completes, each on a fresh connection, and none is sent twice to the same one."""
+    import asyncio
+
+    from servekit.bench.datasets import BenchPrompt
+    from servekit.bench.runner import run_load
+
+    stream = (
+        b'data: {"choices":[{"text":"a"}]}\n\n'
+        b'data: {"choices":[{"text":""}],"usage":{"prompt_tokens":2,"completion_tokens":1}}\n\n'
+        b"data: [DONE]\n\n"
+    )
+    answered: list[int] = []
+    connections = iter(range(100))
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connection = next(connections)
+        for served in range(2):
+            head = await reader.readuntil(b"\r\n\r\n")
+            if served == 1:
+                break  # the second request on this connection: close without a byte
+            length = next(
+                int(line.split(b":")[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length")
+            )
+            await reader.readexactly(length)
+            answered.append(connection)
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                + f"Content-Length: {len(stream)}\r\n\r\n".encode()
+                + stream
+            )
+            await writer.drain()
+        writer.close()
+
+    async def scenario() -> list[RequestResult]:
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        settings = LoadSettings(
+            f"http://127.0.0.1:{port}", "/v1/completions", "m", 1, float("inf"), 1.0, True, 0.0, 0, 10.0
+        )
+        async with server:
+            _, results, _ = await run_load(settings, [BenchPrompt("hi", 1)] * 4, num_warmups=1)
+        return results
+
+    results = asyncio.run(asyncio.wait_for(scenario(), timeout=30))
+    assert [r.error for r in results] == [""] * 4 and all(r.ok for r in results)
+    assert len(answered) == 5 and len(set(answered)) == 5  # the warm-up and 4 requests, one connection each
