@@ -101,8 +101,9 @@ class EngineConfig:
     )
     gguf_weights: str = setting(
         "blocks",
-        "how a quantised GGUF's weights are computed: blocks (default: straight on the file's Q4_0, "
-        "Q4_1, Q8_0, Q4_K, Q6_K blocks with the C kernels, exact float32 arithmetic, 4-8x fewer bytes "
+        "how a quantised GGUF's (or AWQ/GPTQ checkpoint's) weights are computed: blocks (default: "
+        "straight on the file's Q4_0, Q4_1, Q8_0, Q4_K, Q6_K blocks (AWQ/GPTQ: repacked to Q8_0) with "
+        "the C kernels, exact float32 arithmetic, 4-8x fewer bytes "
         "than float32; other types, bfloat16/float16 compute, int8 quantization or no C kernels fall "
         "back to dequantize) or dequantize (every weight dequantised to float32 at load)",
         env=("GGUF_WEIGHTS",),
