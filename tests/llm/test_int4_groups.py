@@ -202,3 +202,16 @@ def test_the_engine_computes_an_awq_checkpoint_on_its_blocks(llama_dir: Path, tm
             torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0
         )[0, len(prompt) :]
     assert output[0].outputs[0].token_ids == expected.tolist()
+
+
+def test_quantization_awq_or_gptq_checks_the_checkpoint(llama_dir: Path, tmp_path: Path) -> None:
+    """vLLM's ``quantization="awq"`` names the checkpoint's method: accepted when it is so, refused otherwise."""
+    from servekit.llm.config import EngineConfigError, resolve_quantization
+
+    write_quantised(llama_dir, tmp_path / "awq", "awq", 32, False)
+    scheme = load_model_source(str(tmp_path / "awq")).quantization
+    assert resolve_quantization("awq", scheme) is None  # computed as stored, not requantised
+    with pytest.raises(EngineConfigError, match="this one is AWQ 4-bit"):
+        resolve_quantization("gptq", scheme)
+    with pytest.raises(EngineConfigError, match="not quantised"):
+        resolve_quantization("awq", None)
