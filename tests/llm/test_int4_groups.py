@@ -141,14 +141,18 @@ def test_quantised_checkpoint_gives_the_dequantised_logits(
     assert_prefill_matches_transformers(runner, reference_dir, prompt)
 
 
-def test_blocks_are_q8_0_rows_of_the_shifted_values(llama_dir: Path, tmp_path: Path) -> None:
-    reference_state = write_quantised(llama_dir, tmp_path / "awq", "awq", 32, False)
-    source = load_model_source(str(tmp_path / "awq"))
+@pytest.mark.parametrize(("fmt", "symmetric", "ggml_type"), [("awq", False, 8), ("gptq", True, 2)])
+def test_blocks_are_the_exact_weights(
+    fmt: str, symmetric: bool, ggml_type: int, llama_dir: Path, tmp_path: Path
+) -> None:
+    """Asymmetric groups become Q8_0 blocks; symmetric ones (zero point 8) the smaller Q4_0."""
+    reference_state = write_quantised(llama_dir, tmp_path / fmt, fmt, 32, symmetric)
+    source = load_model_source(str(tmp_path / fmt))
     blocks = {name: t for name, t in source.iter_weight_blocks() if isinstance(t, QuantizedTensor)}
     assert {n.rsplit(".", 2)[-2] for n in blocks} == set(PROJECTIONS)
-    name = next(iter(blocks))
-    assert blocks[name].ggml_type == 8  # Q8_0
-    assert torch.equal(blocks[name].dequantize(), reference_state[name])
+    for name, tensor in blocks.items():
+        assert tensor.ggml_type == ggml_type
+        assert torch.equal(tensor.dequantize(), reference_state[name])
 
 
 @pytest.mark.parametrize(

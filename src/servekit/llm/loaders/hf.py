@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from servekit.llm.kernels.quantized import QuantizedTensor
-from servekit.llm.loaders.int4_groups import float_weight, group_tensors, int4_scheme, q8_0_rows
+from servekit.llm.loaders.int4_groups import block_rows, float_weight, group_tensors, int4_scheme
 from servekit.llm.model_config import ModelConfig
 from servekit.llm.tokenizer import Tokenizer, read_tokenizer_config
 
@@ -236,7 +236,7 @@ def load_hf_directory(
 
     def blocks() -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
         assert scheme is not None
-        return group_tensors(scheme, iter_safetensors(directory, tied=tied), names, q8_0_rows)
+        return group_tensors(scheme, iter_safetensors(directory, tied=tied), names, block_rows)
 
     return ModelSource(
         name=name or directory.resolve().name,

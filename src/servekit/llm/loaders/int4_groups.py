@@ -12,9 +12,11 @@ its group. They differ in how they pack:
   (``checkpoint_format: gptq``) and ``z`` in ``gptq_v2``.
 
 ``q - z`` lies in [-15, 15] and ``s`` is a float16, so each group of 32 weights of one output row is
-exactly a GGUF Q8_0 block (a float16 scale, 32 int8 values): the projections are repacked once at
-load into Q8_0 rows and computed with the exact quantised kernels, the numbers those of the
-float32 weight ``(q - z) * s``, from a quarter of its bytes (twice the bytes of the 4-bit file).
+exactly a GGUF Q8_0 block (a float16 scale, 32 int8 values), and a Q4_0 block (``d * (q' - 8)``)
+when ``q - z`` stays in [-8, 7], as with symmetric quantisation (zero point 8). The projections are
+repacked once at load into such rows and computed with the exact quantised kernels, the numbers
+those of the float32 weight ``(q - z) * s``: Q4_0 rows are as small as the 4-bit file, Q8_0 rows
+twice its size (a quarter of float32).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 
 from servekit.llm.kernels.quantized import QuantizedTensor
 
-Q8_0 = 8  # GGML type code
+Q4_0, Q8_0 = 2, 8  # GGML type codes
 Q8_0_BLOCK = 32
 PARTS = ("qweight", "qzeros", "scales", "g_idx")
 AWQ_NIBBLE_COLUMNS = (0, 2, 4, 6, 1, 3, 5, 7)  # the output column each nibble of an AWQ int32 holds
@@ -133,6 +135,26 @@ def _groups_of_inputs(
             "GPTQ act-order (desc_act) checkpoints whose g_idx interleaves groups are not supported"
         )
     return group_of
+
+
+def block_rows(shifted: torch.Tensor, scales: torch.Tensor) -> QuantizedTensor:
+    """``shifted`` int8 ``[out, in]`` with one float16 scale per 32 inputs as GGUF blocks, exactly:
+    Q4_0 (``d * (q - 8)``, as small as the 4-bit file) when every value lies in [-8, 7] (symmetric
+    quantisation, zero point 8), else Q8_0."""
+    if int(shifted.min()) >= -8 and int(shifted.max()) <= 7:
+        return q4_0_rows(shifted, scales)
+    return q8_0_rows(shifted, scales)
+
+
+def q4_0_rows(shifted: torch.Tensor, scales: torch.Tensor) -> QuantizedTensor:
+    """Values in [-8, 7] as Q4_0 blocks: a float16 scale, then 16 bytes whose low nibbles are
+    values 0-15 of the block and high nibbles values 16-31, each stored plus 8."""
+    out_features, in_features = shifted.shape
+    nibbles = (shifted.to(torch.int16) + 8).to(torch.uint8).reshape(out_features, -1, 2, Q8_0_BLOCK // 2)
+    blocks = torch.empty((out_features, in_features // Q8_0_BLOCK, 2 + Q8_0_BLOCK // 2), dtype=torch.uint8)
+    blocks[..., :2] = scales.contiguous().view(torch.uint8).reshape(out_features, -1, 2)
+    blocks[..., 2:] = nibbles[:, :, 0] | (nibbles[:, :, 1] << 4)
+    return QuantizedTensor(blocks.reshape(out_features, -1), Q4_0, (out_features, in_features))
 
 
 def q8_0_rows(shifted: torch.Tensor, scales: torch.Tensor) -> QuantizedTensor:
