@@ -238,7 +238,7 @@ def test_both_spellings_of_the_batching_env_vars() -> None:
 @pytest.mark.parametrize(
     ("env", "named"),
     [
-        ({"QUANTIZATION": "awq"}, "QUANTIZATION"),
+        ({"QUANTIZATION": "fp8"}, "QUANTIZATION"),
         ({"TENSOR_PARALLEL_SIZE": "0"}, "TENSOR_PARALLEL_SIZE"),
         ({"LOAD_FORMAT": "pt"}, "LOAD_FORMAT"),
         ({"LOAD_FORMAT": "gguf", "MODEL_NAME": "/models/llama"}, "load_format"),
@@ -254,7 +254,7 @@ def test_values_that_cannot_be_honoured_fail_at_start(env: dict[str, str], named
 
 
 def test_the_worker_command_stops_at_start_with_the_message(tmp_path: Path) -> None:
-    env = {"QUANTIZATION": "awq", "PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"}
+    env = {"QUANTIZATION": "fp8", "PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"}
     done = subprocess.run(
         [sys.executable, "-m", "servekit.integrations.runpod"],
         env=env,
@@ -263,7 +263,7 @@ def test_the_worker_command_stops_at_start_with_the_message(tmp_path: Path) -> N
         timeout=120,
     )
     assert done.returncode != 0
-    assert "QUANTIZATION" in done.stderr and "awq" in done.stderr
+    assert "QUANTIZATION" in done.stderr and "fp8" in done.stderr
 
 
 # ------------------------------------------------------------------------- the local API server

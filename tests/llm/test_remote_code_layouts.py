@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from servekit.llm.loaders import load_model_source
-from servekit.llm.model_runner import ForwardBatch, ModelRunner
-from tests.llm.tiny_models import build_tiny_checkpoint
+from servekit.llm.model_runner import ModelRunner
+from tests.llm.tiny_models import assert_prefill_matches_transformers, build_tiny_checkpoint
 
 transformers = pytest.importorskip("transformers")
 
@@ -145,10 +145,5 @@ def test_converted_llama_checkpoint_gives_llama_logits(
     source = load_model_source(str(target))
     assert source.config.architecture == model_type
     runner = ModelRunner(source.config, source.iter_weights(), block_size=4, num_blocks=32, max_model_len=64)
-    reference = transformers.AutoModelForCausalLM.from_pretrained(str(llama_dir)).eval()
     prompt = source.tokenizer.encode("The quick brown fox jumps over the lazy dog.")
-    out = runner.execute(ForwardBatch([prompt], [0], [list(range(len(prompt) // 4 + 1))], all_logits=[True]))
-    with torch.no_grad():
-        expected = reference(torch.tensor([prompt])).logits[0]
-    assert out.all_logits[0] is not None
-    torch.testing.assert_close(out.all_logits[0], expected, atol=1e-4, rtol=0)
+    assert_prefill_matches_transformers(runner, llama_dir, prompt)

@@ -366,3 +366,18 @@ def add_gguf_tokenizer(writer: Any, directory: Path) -> None:
     writer.add_bos_token_id(vocab[tokenizer_config["bos_token"]])
     writer.add_eos_token_id(vocab[tokenizer_config["eos_token"]])
     writer.add_add_bos_token(False)
+
+
+def assert_prefill_matches_transformers(runner: Any, reference_dir: Path, prompt: list[int]) -> None:
+    """The runner's logits at every prompt position (one prefill, 4-token KV blocks) are those of
+    ``transformers`` on the checkpoint at ``reference_dir``, within 1e-4 in float32."""
+    import transformers
+
+    from servekit.llm.model_runner import ForwardBatch
+
+    reference = transformers.AutoModelForCausalLM.from_pretrained(str(reference_dir)).eval()
+    out = runner.execute(ForwardBatch([prompt], [0], [list(range(len(prompt) // 4 + 1))], all_logits=[True]))
+    with torch.no_grad():
+        expected = reference(torch.tensor([prompt])).logits[0]
+    assert out.all_logits[0] is not None
+    torch.testing.assert_close(out.all_logits[0], expected, atol=1e-4, rtol=0)

@@ -141,7 +141,9 @@ def test_the_cli_reports_a_bad_value_without_a_traceback() -> None:
         timeout=120,
     )
     assert done.returncode == 2
-    assert "quantization must be none, auto or int8" in done.stderr and "Traceback" not in done.stderr
+    assert (
+        "quantization must be none, auto, int8, awq or gptq" in done.stderr and "Traceback" not in done.stderr
+    )
 
 
 def test_gguf_weights_is_a_serve_flag_and_shown_in_server_info() -> None:

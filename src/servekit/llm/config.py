@@ -21,7 +21,11 @@ if TYPE_CHECKING:
     from servekit.llm.model_config import ModelConfig
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
-QUANTIZATION_CHOICES = ("auto", "int8")
+QUANTIZATION_CHOICES = ("auto", "int8", "awq", "gptq")
+CHECKPOINT_METHODS = (
+    "awq",
+    "gptq",
+)  # vLLM's names for a checkpoint quantised so: checked, computed as stored
 GGUF_WEIGHTS_CHOICES = ("blocks", "dequantize")
 _DTYPE_ALIASES = {
     "fp32": "float32",
@@ -96,13 +100,15 @@ class EngineConfig:
         "none (default: weights computed exactly as stored), int8 (int8 weights per output channel and "
         "int8 activations per token, int32 accumulation: several times faster on CPUs, slightly "
         "different outputs), or auto (int8 on CPUs for an already-quantised checkpoint such as the "
-        "default Q4_1 GGUF, none otherwise)",
+        "default Q4_1 GGUF, none otherwise); awq or gptq (vLLM's names) only check that the checkpoint "
+        "is quantised so, which it computes as stored anyway",
         env=("QUANTIZATION",),
     )
     gguf_weights: str = setting(
         "blocks",
-        "how a quantised GGUF's weights are computed: blocks (default: straight on the file's Q4_0, "
-        "Q4_1, Q8_0, Q4_K, Q6_K blocks with the C kernels, exact float32 arithmetic, 4-8x fewer bytes "
+        "how a quantised GGUF's (or AWQ/GPTQ checkpoint's) weights are computed: blocks (default: "
+        "straight on the file's Q4_0, Q4_1, Q8_0, Q4_K, Q6_K blocks (AWQ/GPTQ: repacked to Q8_0) with "
+        "the C kernels, exact float32 arithmetic, 4-8x fewer bytes "
         "than float32; other types, bfloat16/float16 compute, int8 quantization or no C kernels fall "
         "back to dequantize) or dequantize (every weight dequantised to float32 at load)",
         env=("GGUF_WEIGHTS",),
@@ -278,6 +284,14 @@ def resolve_quantization(
             "than the exact float32 path. Leave quantization unset (exact) on this machine.",
             "quantization",
         )
+    if name in CHECKPOINT_METHODS:
+        if not (checkpoint_quantization or "").lower().startswith(name):
+            raise EngineConfigError(
+                f"quantization={name} names how the checkpoint is quantised, and this one is "
+                f"{checkpoint_quantization or 'not quantised'}: leave quantization unset",
+                "quantization",
+            )
+        return None
     if name != "auto":
         return name
     if checkpoint_quantization and on_cpu and int8_matmul_available():

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from servekit.llm.kernels.quantized import QuantizedTensor
+from servekit.llm.loaders.int4_groups import block_rows, float_weight, group_tensors, int4_scheme
 from servekit.llm.model_config import ModelConfig
 from servekit.llm.tokenizer import Tokenizer, read_tokenizer_config
 
@@ -208,10 +210,13 @@ def load_hf_directory(
     generation_file = directory / "generation_config.json"
     generation_config = read_json(generation_file) if generation_file.is_file() else {}
     config = model_config_from_hf(config_json, generation_config)
+    scheme = int4_scheme(config_json)
     from servekit.llm.models.registry import family_of
 
+    names = weight_names(directory)
     lm_head = family_of(config.architecture).model.names.checkpoint_name("lm_head.weight")
-    if not config.tie_word_embeddings and lm_head not in weight_names(directory):
+    has_lm_head = lm_head in names or lm_head.removesuffix("weight") + "qweight" in names
+    if not config.tie_word_embeddings and not has_lm_head:
         logger.info("%s has no %s: using tied embeddings", directory, lm_head)
         config.tie_word_embeddings = True
 
@@ -224,7 +229,14 @@ def load_hf_directory(
     tied = config.tie_word_embeddings
 
     def weights() -> Iterator[tuple[str, torch.Tensor]]:
-        return iter_safetensors(directory, tied=tied)
+        stored = iter_safetensors(directory, tied=tied)
+        if scheme is None:
+            return stored
+        return group_tensors(scheme, stored, names, float_weight)
+
+    def blocks() -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
+        assert scheme is not None
+        return group_tensors(scheme, iter_safetensors(directory, tied=tied), names, block_rows)
 
     return ModelSource(
         name=name or directory.resolve().name,
@@ -233,5 +245,7 @@ def load_hf_directory(
         chat_template=chat_template,
         generation_config=generation_config,
         weights_factory=weights,
+        blocks_factory=None if scheme is None else blocks,
         path=str(directory),
+        quantization=None if scheme is None else scheme.describe(),
     )
