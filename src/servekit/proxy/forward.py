@@ -192,7 +192,7 @@ class _Exchange:
 
     async def _run(self) -> None:
         proxy, model = self.proxy, self.route.model
-        if model is not None and model not in proxy.registry.models():
+        if model is not None and not proxy.registry.serves(model):
             known = ", ".join(proxy.registry.models()) or "none"
             error = OpenAIError(
                 404, f"The model '{model}' does not exist (served: {known})", "model", "model_not_found"
