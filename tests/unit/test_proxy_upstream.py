@@ -96,6 +96,7 @@ def test_chunked_streams_arrive_chunk_by_chunk_and_a_body_until_close() -> None:
     async def client(url: str) -> None:
         pool = Pool()
         response = await pool.request("POST", url, b"/stream", b"")
+        assert response.status == 200 and response.header(b"link") == ""
         chunks = [chunk async for chunk in response.chunks()]
         response.close()
         assert b"".join(chunks) == b"data: 0\n\ndata: 1\n\ndata: 2\n\n"

@@ -22,10 +22,12 @@ from servekit.request_id import new_request_id
 
 logger = logging.getLogger(__name__)
 
-# Never forwarded: hop-by-hop headers, the proxy's own credentials, what the proxy sets itself.
+# Never forwarded: hop-by-hop headers, the proxy's own credentials, what the proxy sets itself (the
+# body is sent whole, so no ``expect: 100-continue``).
 _DROP_REQUEST = frozenset(
     {
         b"connection",
+        b"expect",
         b"keep-alive",
         b"proxy-authorization",
         b"te",

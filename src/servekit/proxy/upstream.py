@@ -137,6 +137,9 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
+        if self.status < 200:  # an interim answer (103 Early Hints): the real one follows
+            self.headers = []
+            return
         framed = any(n.lower() in (b"content-length", b"transfer-encoding") for n, _ in self.headers)
         self.until_close = not framed and self.status >= 200 and self.status not in (204, 304)
         if not self.head.done():
@@ -151,6 +154,8 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
+        if self.status < 200:
+            return
         self.complete = True
         self.keep_alive = not self.until_close and self.parser.should_keep_alive()
         self._wake()
