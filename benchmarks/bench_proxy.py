@@ -2,13 +2,14 @@
 
 overhead: short non-streamed completions (max_tokens 1) through the proxy vs direct to the one node
 behind it: latency p50 one request at a time (the two paths alternate request by request, so drift
-hits both), then throughput at concurrency C (direct and proxied runs alternate, ``--repeats`` times).
+hits both), then throughput at concurrency C (direct and proxied runs alternate, ``--repeats`` times). With
+``--stub-node`` the node is a stub that answers at once: only the proxy's own cost is left to see.
 
 routing: R replicas, S sessions each with its own long system prompt sent T times (a new question
 each turn, sessions interleaved), at concurrency C, once per strategy (random, session, cache_aware):
 prefix-cache hit rate (the nodes' own counters) and TTFT p50. Nodes' caches are flushed between runs.
 
-    .venv/bin/python benchmarks/bench_proxy.py overhead [--model M] [--requests 200] [--concurrency 8]
+    .venv/bin/python benchmarks/bench_proxy.py overhead [--model M | --stub-node] [--requests 200] [--concurrency 8]
     .venv/bin/python benchmarks/bench_proxy.py routing [--model M] [--replicas 2] [--sessions 16] [--turns 4]
 """
 
@@ -128,11 +129,27 @@ async def throughput(url: str, model: str, count: int, concurrency: int) -> floa
         return count / (time.perf_counter() - started)
 
 
+@contextlib.contextmanager
+def stub_node(port: int, url: str) -> Iterator[subprocess.Popen[bytes]]:
+    script = Path(__file__).resolve().parent / "stub_node.py"
+    proc = subprocess.Popen([sys.executable, str(script), str(port)], env=ENV, start_new_session=True)
+    try:
+        wait_healthy(url, proc)
+        yield proc
+    finally:
+        stop(proc)
+
+
 def overhead(args: argparse.Namespace) -> None:
     node_port, proxy_port = free_port(), free_port()
     direct, proxied = f"http://127.0.0.1:{node_port}", f"http://127.0.0.1:{proxy_port}"
+    node_process = (
+        stub_node(node_port, direct)
+        if args.stub_node
+        else process(node_args(args.model, node_port, args.threads), direct)
+    )
     with (
-        process(node_args(args.model, node_port, args.threads), direct) as node,
+        node_process as node,
         process(proxy_args(proxy_port, "least_load", [direct]), proxied) as proxy,
     ):
         model = model_id(direct)
@@ -268,6 +285,11 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--sessions", type=int, default=16)
     parser.add_argument("--turns", type=int, default=4)
+    parser.add_argument(
+        "--stub-node",
+        action="store_true",
+        help="overhead: behind the proxy a stub that answers at once (benchmarks/stub_node.py), not a model",
+    )
     args = parser.parse_args()
     overhead(args) if args.mode == "overhead" else routing(args)
 

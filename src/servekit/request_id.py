@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
-import uuid
+import os
 from collections.abc import Iterable, Iterator
 
 HEADER = "x-request-id"
@@ -21,14 +21,14 @@ current_request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 
 
 def new_request_id() -> str:
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()  # as random as uuid4().hex, without building a UUID per request
 
 
 def check_request_id(value: str) -> str | None:
     """Why ``value`` cannot be a request id (it goes into logs and headers), or None if it can."""
     if not value or len(value) > MAX_LENGTH:
         return f"X-Request-ID must have 1 to {MAX_LENGTH} characters"
-    if not all(33 <= ord(c) < 127 for c in value):
+    if not (value.isascii() and value.isprintable()) or " " in value:  # ASCII 33..126
         return "X-Request-ID must be printable ASCII without spaces"
     return None
 

@@ -74,6 +74,23 @@ class _Gate:
         return None if problem is None else invalid(problem, "X-Request-ID")
 
 
+class _Routes:
+    """The proxied routes straight to their endpoint: the hot path skips Starlette's router and
+    exception middlewares. Everything else (other methods too) goes through ``app``."""
+
+    def __init__(self, app: ASGIApp, direct: dict[str, ASGIApp]) -> None:
+        self.app = app
+        self.direct = direct
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            endpoint = self.direct.get(scope["path"])
+            if endpoint is not None:
+                await endpoint(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def _errors(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
     async def wrapped(request: Request) -> Response:
         try:
@@ -125,8 +142,8 @@ class NodesAPI:
         ):
             raise invalid("'status.speed' must be a positive number", "status.speed")
         api_key = data.get("api_key")
-        if api_key is not None and not isinstance(api_key, str):
-            raise invalid("'api_key' must be a string", "api_key")
+        if api_key is not None and (not isinstance(api_key, str) or "\r" in api_key or "\n" in api_key):
+            raise invalid("'api_key' must be a string without line breaks", "api_key")
         try:
             node = await self.proxy.add_node(url, models, None if speed is None else float(speed), api_key)
         except NodeUnreachable as error:
@@ -285,9 +302,10 @@ def build_app(config: ProxyConfig, proxy: Proxy | None = None) -> ASGIApp:
     async def openapi(request: Request) -> Response:
         return Response(document, media_type="application/json")
 
-    routes = [HTTPRoute(path, forward, methods=["POST"]) for path in PROXIED]
+    direct: dict[str, ASGIApp] = {path: forward for path in PROXIED}
+    direct["/v1/chat/interactive"] = Forward(proxy, _interactive_chooser(proxy))
+    routes = [HTTPRoute(path, endpoint, methods=["POST"]) for path, endpoint in direct.items()]
     routes += [
-        HTTPRoute("/v1/chat/interactive", Forward(proxy, _interactive_chooser(proxy)), methods=["POST"]),
         HTTPRoute("/v1/models", _errors(front.models), methods=["GET"]),
         HTTPRoute("/v1/models/{model:path}", _errors(front.model), methods=["GET"]),
         HTTPRoute("/health", front.health, methods=["GET"]),
@@ -304,5 +322,5 @@ def build_app(config: ProxyConfig, proxy: Proxy | None = None) -> ASGIApp:
     handlers = {HTTPException: _http_error, ServerError: _server_error}
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
     app.state.proxy = proxy
-    limited = MaxBodySizeMiddleware(app, parse_size(config.max_request_body_size))
+    limited = MaxBodySizeMiddleware(_Routes(app, direct), parse_size(config.max_request_body_size))
     return MaxHeaderSizeMiddleware(_Gate(limited, config.api_key))

@@ -58,6 +58,7 @@ def run_proxy(config: ProxyConfig) -> None:
         http="httptools",
         log_level=level,
         access_log=level == "debug",
+        proxy_headers=False,  # the proxy uses no client address: no X-Forwarded-* work per request
         timeout_graceful_shutdown=30,
         backlog=2048,
     )

@@ -1,6 +1,3 @@
-"""Passing a request through to a node: choose, send, retry before the first byte, stream the answer
-back byte for byte, and stop the upstream request when the client goes away."""
-
 from __future__ import annotations
 
 import asyncio
@@ -10,46 +7,53 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
-import aiohttp
-from starlette.requests import ClientDisconnect, Request
 from starlette.types import Message, Receive, Scope, Send
 
+from servekit.errors import ServerError
 from servekit.openai.errors import OpenAIError, json_object
 from servekit.openai.sse import DONE
 from servekit.proxy.registry import Node
-from servekit.proxy.requests import route_of
+from servekit.proxy.requests import SESSION_HEADER, route_of
 from servekit.proxy.service import HTTP_ERRORS, Proxy, node_headers
 from servekit.proxy.strategies import Route
+from servekit.proxy.upstream import ConnectFailed, Response, header_block
 from servekit.request_id import HEADER as REQUEST_ID
 from servekit.request_id import new_request_id
 
 logger = logging.getLogger(__name__)
 
-# Never forwarded: hop-by-hop headers, the proxy's own credentials, what the client library sets itself.
+# Never forwarded: hop-by-hop headers, the proxy's own credentials, what the proxy sets itself (the
+# body is sent whole, so no ``expect: 100-continue``).
 _DROP_REQUEST = frozenset(
     {
-        "connection",
-        "keep-alive",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "host",
-        "content-length",
-        "authorization",
-        "x-api-key",
-        REQUEST_ID,
+        b"connection",
+        b"expect",
+        b"keep-alive",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"host",
+        b"content-length",
+        b"authorization",
+        b"x-api-key",
+        REQUEST_ID.encode(),
     }
 )
 _DROP_RESPONSE = frozenset(
-    {"connection", "keep-alive", "transfer-encoding", "upgrade", "trailer", "content-length", REQUEST_ID}
+    {
+        b"connection",
+        b"keep-alive",
+        b"transfer-encoding",
+        b"upgrade",
+        b"trailer",
+        b"content-length",
+        REQUEST_ID.encode(),
+    }
 )
+_REQUEST_ID = REQUEST_ID.encode()
 _STREAM_TYPES = ("text/event-stream", "application/x-ndjson")
-# Failures before any byte of an answer: the connection was refused, timed out, or was reset or closed
-# (a pooled keep-alive connection to a node that died). The client has seen nothing, and a node that
-# dropped the connection kept nothing of the request: it is sent to another node.
-_CONNECT_ERRORS = (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError, aiohttp.ConnectionTimeoutError)
 BACKOFF_S = 0.05
 MAX_BACKOFF_S = 1.0
 
@@ -61,11 +65,16 @@ class _Outcome(enum.Enum):
     RETRY = "retry"  # nothing reached the client: try another node
 
 
-async def _wait_disconnect(receive: Receive) -> None:
+async def _read_body(receive: Receive) -> bytes | None:
+    """The whole request body, or None when the client left first."""
+    parts = []
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            return
+            return None
+        parts.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _start(status: int, headers: list[tuple[bytes, bytes]]) -> Message:
@@ -93,38 +102,69 @@ class Forward:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         arrived = time.perf_counter()
-        request = Request(scope, receive)
-        request_id = request.headers.get(REQUEST_ID) or new_request_id()
+        request_id = session = content_type = None
+        forwarded = []
+        for name, value in scope["headers"]:  # one pass: the ids, and the lines that go on
+            if name == _REQUEST_ID:
+                request_id = value.decode("latin-1")
+            elif name not in _DROP_REQUEST:
+                forwarded.append(b"%s: %s\r\n" % (name, value))
+                if name == SESSION_HEADER:
+                    session = value.decode("latin-1")
+                elif name == b"content-type":
+                    content_type = value
+        request_id = request_id or new_request_id()
+        if content_type is None:
+            forwarded.append(b"content-type: application/json\r\n")
+        forwarded.append(b"x-request-id: %s\r\n" % request_id.encode("latin-1"))
         try:
-            body = await request.body()
-        except ClientDisconnect:
+            body = await _read_body(receive)
+            if body is None:
+                return
+            route = route_of(json_object(body), session)
+        except ServerError as error:  # the body's size limit
+            await send_error(send, OpenAIError.from_server_error(error), request_id)
             return
-        try:
-            route = route_of(json_object(body), request.headers)
         except OpenAIError as error:
             await send_error(send, error, request_id)
             return
-        watcher = asyncio.ensure_future(_wait_disconnect(receive))
-        exchange = _Exchange(self, request, body, route, request_id, send, arrived)
-        pump = asyncio.ensure_future(exchange.run())
+        target = scope.get("raw_path") or scope["path"].encode()
+        if scope["query_string"]:
+            target += b"?" + scope["query_string"]
+        exchange = _Exchange(
+            self, scope["method"], target, b"".join(forwarded), body, route, request_id, send, arrived
+        )
+        # A client that leaves cancels the exchange: its upstream connection closes, which the node
+        # takes as a disconnect and aborts the request (its sequence and KV blocks freed).
+        task = asyncio.current_task()
+        assert task is not None
+        watcher = asyncio.get_running_loop().create_task(_watch(receive, exchange, task))
         try:
-            await asyncio.wait({watcher, pump}, return_when=asyncio.FIRST_COMPLETED)
+            await exchange.run()
+        except asyncio.CancelledError:
+            if not exchange.client_left:
+                raise
+            task.uncancel()
         finally:
-            # A client that left cancels the exchange: its upstream connection closes, which the node
-            # takes as a disconnect and aborts the request (its sequence and KV blocks freed).
-            for task in (watcher, pump):
-                task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await pump
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+            exchange.finished = True
+            watcher.cancel()
+
+
+async def _watch(receive: Receive, exchange: _Exchange, task: asyncio.Task[None]) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    if not exchange.finished:
+        exchange.client_left = True
+        task.cancel()
 
 
 class _Exchange:
     def __init__(
         self,
         forward: Forward,
-        request: Request,
+        method: str,
+        target: bytes,
+        headers: bytes,
         body: bytes,
         route: Route,
         request_id: str,
@@ -133,16 +173,18 @@ class _Exchange:
     ) -> None:
         self.proxy = forward.proxy
         self.choose = forward.choose
-        self.request = request
+        self.method = method
+        self.target = target
+        self.headers = headers  # the client's header lines that go on, and the request id
         self.body = body
         self.route = route
         self.request_id = request_id
         self.send = send
         self.arrived = arrived
-        self.headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST}
-        self.headers[REQUEST_ID] = request_id
         self.last_503: tuple[int, list[tuple[bytes, bytes]], bytes] | None = None
         self.responded = False
+        self.client_left = False
+        self.finished = False
 
     async def run(self) -> None:
         try:
@@ -152,7 +194,7 @@ class _Exchange:
 
     async def _run(self) -> None:
         proxy, model = self.proxy, self.route.model
-        if model is not None and model not in proxy.registry.models():
+        if model is not None and not proxy.registry.serves(model):
             known = ", ".join(proxy.registry.models()) or "none"
             error = OpenAIError(
                 404, f"The model '{model}' does not exist (served: {known})", "model", "model_not_found"
@@ -189,10 +231,6 @@ class _Exchange:
         )
         await send_error(self.send, error, self.request_id)
 
-    def _url(self, node: Node) -> str:
-        query = self.request.url.query
-        return f"{node.url}{self.request.url.path}" + (f"?{query}" if query else "")
-
     async def _attempt(self, node: Node, last: bool) -> _Outcome:
         proxy = self.proxy
         counters = proxy.metrics.node(node.url)
@@ -201,17 +239,12 @@ class _Exchange:
         node.health.request_started(proxy.now())
         started = time.perf_counter()
         failed: bool | None = None  # None: the client left before we knew
-        response: aiohttp.ClientResponse | None = None
+        response: Response | None = None
         try:
             try:
-                response = await proxy.session.request(
-                    self.request.method,
-                    self._url(node),
-                    data=self.body,
-                    headers={**self.headers, **node_headers(node)},
-                    allow_redirects=False,
-                )
-            except _CONNECT_ERRORS as error:
+                lines = self.headers + header_block(node_headers(node)) if node.api_key else self.headers
+                response = await proxy.pool.request(self.method, node.url, self.target, lines, self.body)
+            except ConnectFailed as error:
                 failed = True
                 logger.warning("request %s: cannot connect to %s: %s", self.request_id, node.url, error)
                 return _Outcome.RETRY
@@ -226,15 +259,15 @@ class _Exchange:
                 with contextlib.suppress(*HTTP_ERRORS):
                     self.last_503 = (503, headers, await response.read())
                 return _Outcome.RETRY
-            if response.headers.get("Content-Type", "").startswith(_STREAM_TYPES):
+            if response.header(b"content-type").startswith(_STREAM_TYPES):
                 failed = await self._stream(node, response, headers) or failed
             else:
                 failed = await self._whole(node, response, headers) or failed
             return _Outcome.DONE
         finally:
             if response is not None:
-                # Closing (not releasing) drops the connection when the body was not read to its end:
-                # the node sees a disconnect and aborts the request.
+                # Closing a response not read to its end drops its connection: the node sees a
+                # disconnect and aborts the request.
                 response.close()
             node.in_flight -= 1
             elapsed = time.perf_counter() - started
@@ -248,16 +281,12 @@ class _Exchange:
                 node.latencies.append(elapsed)
                 counters.latency.observe(elapsed)
 
-    def _response_headers(self, response: aiohttp.ClientResponse) -> list[tuple[bytes, bytes]]:
-        headers = [
-            (k, v) for k, v in response.raw_headers if k.decode("latin-1").lower() not in _DROP_RESPONSE
-        ]
-        headers.append((REQUEST_ID.encode(), self.request_id.encode()))
+    def _response_headers(self, response: Response) -> list[tuple[bytes, bytes]]:
+        headers = [(k, v) for k, v in response.raw_headers if k.lower() not in _DROP_RESPONSE]
+        headers.append((_REQUEST_ID, self.request_id.encode()))
         return headers
 
-    async def _whole(
-        self, node: Node, response: aiohttp.ClientResponse, headers: list[tuple[bytes, bytes]]
-    ) -> bool:
+    async def _whole(self, node: Node, response: Response, headers: list[tuple[bytes, bytes]]) -> bool:
         """Read the whole answer, then send it: a node failing halfway gets a real 503. True if it failed."""
         try:
             content = await response.read()
@@ -265,27 +294,25 @@ class _Exchange:
             await send_error(self.send, _node_failed(error), self.request_id)
             return True
         self._first_byte()
-        headers.append((b"content-length", str(len(content)).encode()))
+        headers.append((b"content-length", b"%d" % len(content)))
         await self.send(_start(response.status, headers))
         await self.send(_body(content))
         return False
 
-    async def _stream(
-        self, node: Node, response: aiohttp.ClientResponse, headers: list[tuple[bytes, bytes]]
-    ) -> bool:
+    async def _stream(self, node: Node, response: Response, headers: list[tuple[bytes, bytes]]) -> bool:
         """Pass the stream on chunk by chunk; a node failing after the first byte ends an SSE stream with
         an error event and ``[DONE]``. True if it failed."""
         await self.send(_start(response.status, headers))
         first = True
         try:
-            async for chunk in response.content.iter_any():
+            async for chunk in response.chunks():
                 if first:
                     self._first_byte()
                     first = False
                 await self.send(_body(chunk, more=True))
         except HTTP_ERRORS as error:
             logger.warning("request %s: %s failed mid-stream: %r", self.request_id, node.url, error)
-            if response.headers.get("Content-Type", "").startswith("text/event-stream"):
+            if response.header(b"content-type").startswith("text/event-stream"):
                 await self.send(_body(_node_failed(error).sse_event() + DONE, more=True))
             await self.send(_body(b""))
             return True

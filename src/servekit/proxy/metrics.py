@@ -25,7 +25,10 @@ class ProxyMetrics:
     no_node: int = 0  # requests answered 503: no healthy node
 
     def node(self, url: str) -> NodeCounters:
-        return self.nodes.setdefault(url, NodeCounters())
+        found = self.nodes.get(url)  # not setdefault: it would build counters on every request
+        if found is None:
+            found = self.nodes[url] = NodeCounters()
+        return found
 
     def render(self, registry: Registry) -> str:
         out = PrometheusWriter()

@@ -72,6 +72,9 @@ class Registry:
     def remove(self, url: str) -> Node | None:
         return self._nodes.pop(url, None)
 
+    def serves(self, model: str) -> bool:
+        return any(model in node.models for node in self._nodes.values())
+
     def models(self) -> list[str]:
         """Every model some node serves, in first-seen order."""
         return list(dict.fromkeys(model for node in self._nodes.values() for model in node.models))

@@ -6,12 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from starlette.datastructures import Headers
 
 from servekit.openai.errors import invalid
 from servekit.proxy.strategies import Route
 
-SESSION_HEADER = "x-session-id"
+SESSION_HEADER = b"x-session-id"
 
 
 def _text(value: Any) -> str:
@@ -40,11 +39,11 @@ def _prompt(data: dict[str, Any]) -> str:
     return ""
 
 
-def route_of(data: dict[str, Any], headers: Headers) -> Route:
+def route_of(data: dict[str, Any], session: str | None) -> Route:
+    """``session``: the ``X-Session-Id`` header's value, which comes before the body's fields."""
     model = data.get("model")
     if model is not None and not isinstance(model, str):
         raise invalid("'model' must be a string", "model")
-    session = headers.get(SESSION_HEADER)
     if session is None:
         for key in ("session_id", "user"):
             value = data.get(key)

@@ -11,7 +11,6 @@ import time
 import uuid
 from typing import Any
 
-import aiohttp
 import orjson
 
 from servekit.proxy.config import ProxyConfig
@@ -21,12 +20,13 @@ from servekit.proxy.registry import Node, Registry
 from servekit.proxy.sessions import SessionRing
 from servekit.proxy.state import load_state, save_state
 from servekit.proxy.strategies import make_strategy
+from servekit.proxy.upstream import UPSTREAM_ERRORS, Pool, header_block
 
 logger = logging.getLogger(__name__)
 
 LOAD_METRICS = (":num_requests_running", ":num_requests_waiting")
 # What a request to a node may raise: a connection or protocol failure, or a timeout.
-HTTP_ERRORS = (aiohttp.ClientError, TimeoutError)
+HTTP_ERRORS = UPSTREAM_ERRORS
 
 
 class NodeUnreachable(Exception):
@@ -60,7 +60,7 @@ class Proxy:
         self.strategy = make_strategy(config.routing_strategy, rng)
         self.interactive_ring = SessionRing()  # interactive sessions live on one node: always that one
         self.metrics = ProxyMetrics()
-        self._session: aiohttp.ClientSession | None = None
+        self._pool: Pool | None = None
         self._checker: asyncio.Task[None] | None = None
         self._scrape_load = config.routing_strategy in (
             "least_load",
@@ -71,25 +71,19 @@ class Proxy:
 
     # ------------------------------------------------------------------ lifecycle
     @property
-    def session(self) -> aiohttp.ClientSession:
-        """The one connection pool to every node (created in the running loop, by ``start``)."""
-        if self._session is None:
+    def pool(self) -> Pool:
+        """The one connection pool to every node (created by ``start``)."""
+        if self._pool is None:
             raise RuntimeError("the proxy is not started")
-        return self._session
+        return self._pool
 
     async def start(self) -> None:
         """Register the state file's nodes and the configured ones, then check them in the background.
         They serve once their health checks pass."""
-        # aiohttp rather than httpx: on this project's 2-core machines httpx's async client cost ~4x the
-        # CPU per request (benchmarks/RESULTS.md). Bodies stay as the node sent them (no decompression).
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
-            timeout=aiohttp.ClientTimeout(
-                total=None, sock_connect=5.0, sock_read=self.config.request_timeout
-            ),
-            auto_decompress=False,
-            skip_auto_headers=("User-Agent",),
-        )
+        # A lean client of its own rather than httpx or aiohttp: on this project's 2-core machines the
+        # client's CPU per request is most of the proxy's (benchmarks/RESULTS.md). Bodies stay as the
+        # node sent them (no decompression).
+        self._pool = Pool(connect_timeout=5.0, read_timeout=self.config.request_timeout)
         known = load_state(self.config.state_file) if self.config.state_file else []
         for node in known:
             self._register(node)
@@ -104,8 +98,8 @@ class Proxy:
             self._checker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._checker
-        if self._session is not None:
-            await self._session.close()
+        if self._pool is not None:
+            self._pool.close()
 
     # ------------------------------------------------------------------ registry
     def _register(self, node: Node) -> Node:
@@ -155,15 +149,14 @@ class Proxy:
     ) -> tuple[int, bytes]:
         """One request to a node, its key attached: the status and the whole body. Raises
         ``HTTP_ERRORS``."""
-        async with self.session.request(
+        return await self.pool.fetch(
             method,
-            f"{node.url}{path}",
-            data=body,
-            headers={**(headers or {}), **node_headers(node)},
-            timeout=aiohttp.ClientTimeout(total=timeout),
-            allow_redirects=False,
-        ) as response:
-            return response.status, await response.read()
+            node.url,
+            path.encode(),
+            header_block({**(headers or {}), **node_headers(node)}),
+            body or b"",
+            timeout,
+        )
 
     async def discover_models(self, node: Node) -> list[str]:
         try:
