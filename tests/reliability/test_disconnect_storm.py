@@ -79,13 +79,6 @@ def test_storm_through_the_proxy(tiny_model: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="the worker's RSS grows ~+10% over 150 requests after warm-up, cut or completed alike; "
-    "reproduced offline with servekit.llm.LLM (no HTTP): +80 MiB over 512 requests while "
-    "tracemalloc sees +4 MiB, with SERVEKIT_KERNELS=0, a 256-block KV pool, MALLOC_ARENA_MAX=1 or "
-    "fixed malloc thresholds alike: native (torch) memory retained by the engine, an open finding",
-    strict=False,
-)
 def test_storm_rss_within_5_percent(tiny_model: Path, tmp_path: Path) -> None:
     with serve_script("llm_serve.py", tmp_path, env=SERVER_ENV, args=[str(tiny_model)]) as server:
         before, after = check_storm(server.url, server, server_pids(server.process.pid), seed=5)
