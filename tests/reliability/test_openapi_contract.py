@@ -68,7 +68,35 @@ def test_fuzz_litserver_openai_spec(tmp_path: Path) -> None:
         assert body_schema(document, "/v1/chat/completions") == {
             "$ref": "#/components/schemas/ChatCompletionRequest"
         }
-        assert_passed(schemathesis(server.url, tmp_path))
+        # No model behind it: every schema-valid body must be accepted too (positive_data_acceptance).
+        assert_passed(schemathesis(server.url, tmp_path, exclude=None))
+
+
+def test_plain_routes_declare_and_validate_their_bodies(tmp_path: Path) -> None:
+    with serve_script(APPS / "plain_apis.py", tmp_path) as server:
+        document = httpx.get(f"{server.url}/openapi.json", timeout=10).json()
+        assert body_schema(document, "/order") == {"$ref": "#/components/schemas/Order"}
+        order = document["components"]["schemas"]["Order"]
+        assert set(order["required"]) == {"item", "quantity"}
+        assert order["properties"]["quantity"]["maximum"] == 100
+        free = body_schema(document, "/echo")
+        assert "type" not in free and "$ref" not in free and "Any JSON value" in free["description"]
+        responses = document["paths"]["/order"]["post"]["responses"]
+        assert responses["422"]["content"]["application/json"]["schema"] == {
+            "$ref": "#/components/schemas/HTTPErrorResponse"
+        }
+
+        good = httpx.post(f"{server.url}/order", json={"item": "tea", "quantity": 2}, timeout=30)
+        assert good.status_code == 200 and good.json() == {"total": 6, "gift": False}
+        bad = httpx.post(f"{server.url}/order", json={"item": "tea", "quantity": 101}, timeout=30)
+        assert bad.status_code == 422
+        assert [e["loc"] for e in bad.json()["detail"]] == [["body", "quantity"]]
+        form = httpx.post(f"{server.url}/order", data={"item": "tea"}, timeout=30)
+        assert form.status_code == 422 and ["body", "quantity"] in [e["loc"] for e in form.json()["detail"]]
+        echoed = httpx.post(f"{server.url}/echo", json=[1, {"a": None}], timeout=30)
+        assert echoed.status_code == 200 and echoed.json() == {"echo": [1, {"a": None}]}
+
+        assert_passed(schemathesis(server.url, tmp_path, exclude=None))
 
 
 def test_fuzz_proxy_with_a_node(tiny_model: Path, tmp_path: Path) -> None:

@@ -39,6 +39,7 @@ from servekit.mcp import MCP_PATH, mcp_tools
 from servekit.prometheus import CONTENT_TYPE
 from servekit.specs.base import FrontHandle, LitSpec, route_doc, wait_for_disconnect
 from servekit.transport import Encoding, Endpoints
+from servekit.workers.hooks import first_argument_model
 from servekit.workers.pool import WorkerPool
 
 logger = logging.getLogger(__name__)
@@ -274,6 +275,14 @@ def build_app(
             name=f"{type(api).__name__}.predict",
             summary=f"{type(api).__name__} {'(streaming)' if api.stream else ''}".strip(),
         )
+        doc.add(
+            api.api_path,
+            ["POST"],
+            body=first_argument_model(api.decode_request) or FREE_FORM_BODY,
+            media_types=("text/event-stream",) if api.stream else ("application/json",),
+            envelope=CORE_ERROR,
+            errors=[*_error_statuses(config, has_body=True), 422],
+        )
 
     tools = mcp_tools(config.apis)
     if tools:
@@ -362,6 +371,13 @@ def _browser_root(api: LitAPI) -> str | None:
     """Where a browser opening ``/`` goes, if the API's spec has a page for it."""
     page = getattr(api.spec, "browser_page", None)
     return page if isinstance(page, str) else None
+
+
+# The body of a plain route whose decode_request is not annotated with a pydantic model (which the
+# worker would validate with, answering 422): any JSON value, handed to decode_request as parsed.
+FREE_FORM_BODY: dict[str, Any] = {
+    "description": "Any JSON value: decode_request receives it as parsed (not annotated with a model)"
+}
 
 
 def _error_statuses(config: FrontConfig, has_body: bool) -> list[int]:

@@ -41,6 +41,7 @@ _ERRORS = {
     404: "Unknown model or resource",
     405: "Method not allowed",
     413: "Request body too large",
+    422: "The body does not match the request model (FastAPI's detail list)",
     431: "Request headers too large",
     499: "Client disconnected",
     502: "The upstream node failed",

@@ -40,7 +40,8 @@ class ChatCompletionRequest(SamplingFields):
     metadata: dict[str, str] | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
-    chat_template: str | None = None
+    # The pattern declares what the validator below checks (schema-valid means accepted).
+    chat_template: str | None = Field(None, json_schema_extra={"pattern": r"\{\{|\{%"})
     chat_template_kwargs: dict[str, Any] | None = None
     documents: list[dict[str, Any]] | None = None
 

@@ -32,7 +32,7 @@ class UsageInfo(BaseModel):
 
 # ---------------------------------------------------------------- message content
 class TextContent(BaseModel):
-    type: Literal["text"] = "text"
+    type: Literal["text"]  # required: it picks the part (a discriminator)
     text: str
 
 
@@ -48,7 +48,7 @@ class ImageContentURL(BaseModel):
 
 
 class ImageContent(BaseModel):
-    type: Literal["image_url"] = "image_url"
+    type: Literal["image_url"]
     image_url: str | ImageContentURL
 
 
@@ -58,7 +58,7 @@ class InputAudio(BaseModel):
 
 
 class AudioContent(BaseModel):
-    type: Literal["input_audio"] = "input_audio"
+    type: Literal["input_audio"]
     input_audio: InputAudio
 
 

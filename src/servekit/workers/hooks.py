@@ -88,6 +88,18 @@ def parse_json_body(body: bytes, model: type[BaseModel] | None) -> Any:
         raise ServerError(400, f"Request body is not valid JSON: {error}") from None
 
 
+def validate_form(form: Any, model: type[BaseModel] | None) -> Any:
+    """A form's fields checked against the request model like a JSON body's (422 when they do not fit)."""
+    if model is None or isinstance(form, model):
+        return form
+    try:
+        return model.model_validate(dict(form))
+    except (TypeError, ValueError) as error:
+        if isinstance(error, ValidationError):
+            raise ServerError(422, validation_error_detail(error)) from None
+        raise ServerError(422, f"The form does not fit the request model: {error}") from None
+
+
 def to_json(value: Any) -> bytes:
     if isinstance(value, BaseModel):
         return value.model_dump_json().encode()

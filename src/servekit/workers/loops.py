@@ -23,6 +23,7 @@ from servekit.workers.hooks import (
     return_model,
     stream_item_bytes,
     to_json,
+    validate_form,
     validate_output,
     validation_error_detail,
 )
@@ -267,7 +268,7 @@ class RequestProcessor:
         if job.encoding == Encoding.JSON:
             request = parse_json_body(job.payload, self.request_model)
         else:
-            request = pickle.loads(job.payload)
+            request = validate_form(pickle.loads(job.payload), self.request_model)
         spec = self.api.spec
         if spec is not None:
             spec.populate_context(context, request)
