@@ -10,7 +10,9 @@ projection). When every expert gets a few tokens, as in a decode step of a batch
 to the largest one and all experts run in one batched matmul per projection: a constant number of
 operators per layer, where one matmul pair per expert made a step of a small model cost its operator
 count. When the groups are uneven or large (prefill), or at batch 1, each active expert runs its own
-matmul pair over its tokens. Quantised experts stay one ``DenseMLP`` each.
+matmul pair over its tokens. A single token (a decode step of one sequence) skips the grouping and
+runs its ``top_k`` experts straight off the stacked weights. Quantised experts stay one ``DenseMLP``
+each.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
+from servekit.llm.kernels.elementwise import silu_mul
 from servekit.llm.model_config import MoEConfig
 from servekit.llm.models.layers import DenseMLP, Projection
 from servekit.llm.models.linear import Linear
@@ -36,6 +40,7 @@ class StackedExperts:
     down: torch.Tensor  # [experts, intermediate, hidden]
     act: Callable[[torch.Tensor], torch.Tensor]
     gated: bool
+    fused_silu: bool = False  # the C SiLU-and-multiply kernel may run
 
     @classmethod
     def of(cls, experts: list[DenseMLP]) -> StackedExperts | None:
@@ -47,7 +52,8 @@ class StackedExperts:
             return None
         up = torch.stack([w.t() for w in ups]).contiguous()
         down = torch.stack([w.t() for w in downs]).contiguous()
-        return cls(up, down, experts[0].act, experts[0].gated)
+        first = experts[0]
+        return cls(up, down, first.act, first.gated, first.fused_silu and up.device.type == "cpu")
 
     def __len__(self) -> int:
         return self.up.shape[0]
@@ -56,6 +62,8 @@ class StackedExperts:
         if not self.gated:
             return self.act(up)
         width = up.shape[-1] // 2
+        if self.act is F.silu and self.fused_silu:
+            return silu_mul(up.reshape(-1, 2 * width), fused=True).view(*up.shape[:-1], width)
         return self.act(up[..., :width]).mul_(up[..., width:])
 
     def one(self, expert: int, x: torch.Tensor) -> torch.Tensor:
@@ -91,6 +99,10 @@ class SparseMoE:
         """Each token's ``top_k`` experts and their weights (float32), the family's way."""
         config = self.config
         logits = self.router(x).float()
+        if self._top_k_softmax():
+            # softmax over all experts renormalised over the chosen ones is softmax over their logits.
+            top, chosen = logits.topk(config.top_k, dim=-1)
+            return torch.softmax(top, dim=-1), chosen
         scores = torch.sigmoid(logits) if config.scoring == "sigmoid" else torch.softmax(logits, dim=-1)
         choice = scores if self.score_bias is None else scores + self.score_bias
         if config.num_groups > 1:
@@ -113,8 +125,41 @@ class SparseMoE:
             weights = weights * config.routed_scaling
         return weights, chosen
 
+    def _top_k_softmax(self) -> bool:
+        config = self.config
+        return (
+            config.scoring == "softmax"
+            and config.normalize_top_k
+            and config.num_groups == 1
+            and self.score_bias is None
+            and config.routed_scaling == 1.0
+        )
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         weights, chosen = self.route(x)
+        if x.shape[0] == 1 and isinstance(self.experts, StackedExperts):
+            out = self._single_token(x, weights, chosen)
+        else:
+            out = self._grouped(x, weights, chosen)
+        if self.shared is not None:
+            shared = self.shared(x)
+            if self.shared_gate is not None:
+                shared = shared * torch.sigmoid(self.shared_gate(x))
+            out += shared
+        return out
+
+    def _single_token(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """One token: its experts' results, weighted, summed; no sorting, gathering or scattering."""
+        assert isinstance(self.experts, StackedExperts)
+        out: torch.Tensor | None = None
+        for expert, weight in zip(chosen[0].tolist(), weights[0].tolist(), strict=True):
+            result = self.experts.one(expert, x)
+            out = result.mul_(weight) if out is None else out.add_(result, alpha=weight)
+        assert out is not None
+        return out
+
+    def _grouped(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """Tokens grouped by expert: one batched matmul over padded groups, or one per active expert."""
         flat = chosen.view(-1)
         order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=len(self.experts))
@@ -137,11 +182,6 @@ class SparseMoE:
                     results = self._expert(expert, x.index_select(0, rows))
                     out.index_add_(0, rows, results * weight_of[start : start + count])
                     start += count
-        if self.shared is not None:
-            shared = self.shared(x)
-            if self.shared_gate is not None:
-                shared = shared * torch.sigmoid(self.shared_gate(x))
-            out += shared
         return out
 
     def _expert(self, expert: int, x: torch.Tensor) -> torch.Tensor:
