@@ -28,7 +28,7 @@ def build(
 
     weights = [(rand(2 * WIDTH, HIDDEN), rand(HIDDEN, WIDTH)) for _ in range(EXPERTS)]
     experts = [
-        DenseMLP(Linear(up, pack=False), Linear(down, pack=False), F.silu, True, fused_silu=fused)
+        DenseMLP(Linear(up, pack=False), Linear(down, pack=False), F.silu, True, fused=fused)
         for up, down in weights
     ]
     config = MoEConfig(num_experts=EXPERTS, top_k=TOP_K, intermediate_size=WIDTH, normalize_top_k=True)
@@ -62,7 +62,7 @@ def test_every_way_of_running_the_experts_gives_the_reference(
     # The C SiLU-and-multiply kernel, where it can be built, and the PyTorch operators.
     for fused in sorted({False, kernels_available(torch.float32)}):
         stacked, _ = build(stacked=True, fused=fused)
-        assert stacked.experts.fused_silu == fused  # type: ignore[union-attr]
+        assert stacked.experts.fused == fused  # type: ignore[union-attr]
         for padding in (0.0, float("inf")):  # never batched, always batched
             monkeypatch.setattr(moe_module, "MAX_PADDING", padding)
             torch.testing.assert_close(stacked(x).double(), expected, atol=1e-5, rtol=1e-5)

@@ -40,7 +40,7 @@ class StackedExperts:
     down: torch.Tensor  # [experts, intermediate, hidden]
     act: Callable[[torch.Tensor], torch.Tensor]
     gated: bool
-    fused_silu: bool = False  # the C SiLU-and-multiply kernel may run
+    fused: bool = False  # the C SiLU-and-multiply kernel may run
 
     @classmethod
     def of(cls, experts: list[DenseMLP]) -> StackedExperts | None:
@@ -53,7 +53,7 @@ class StackedExperts:
         up = torch.stack([w.t() for w in ups]).contiguous()
         down = torch.stack([w.t() for w in downs]).contiguous()
         first = experts[0]
-        return cls(up, down, first.act, first.gated, first.fused_silu and up.device.type == "cpu")
+        return cls(up, down, first.act, first.gated, first.fused and up.device.type == "cpu")
 
     def __len__(self) -> int:
         return self.up.shape[0]
@@ -62,7 +62,7 @@ class StackedExperts:
         if not self.gated:
             return self.act(up)
         width = up.shape[-1] // 2
-        if self.act is F.silu and self.fused_silu:
+        if self.act is F.silu and self.fused:
             return silu_mul(up.reshape(-1, 2 * width), fused=True).view(*up.shape[:-1], width)
         return self.act(up[..., :width]).mul_(up[..., width:])
 
