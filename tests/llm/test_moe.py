@@ -1,6 +1,7 @@
-"""The sparse-MoE MLP's two ways of running its experts give one answer: stacked experts batched over
-padded groups (decode), stacked experts one matmul pair each (uneven or large groups), and the
-experts as separate layers (quantised ones), all against a per-token reference."""
+"""The sparse-MoE MLP's ways of running its experts give one answer: stacked experts in PyTorch's
+grouped matmul (CPU, where it exists), batched over padded groups (decode), one matmul pair each
+(uneven or large groups), straight off the stacked weights (a single token), and the experts as
+separate layers (quantised ones), all against a per-token reference."""
 
 from __future__ import annotations
 
@@ -63,9 +64,12 @@ def test_every_way_of_running_the_experts_gives_the_reference(
     for fused in sorted({False, kernels_available(torch.float32)}):
         stacked, _ = build(stacked=True, fused=fused)
         assert stacked.experts.fused == fused  # type: ignore[union-attr]
-        for padding in (0.0, float("inf")):  # never batched, always batched
-            monkeypatch.setattr(moe_module, "MAX_PADDING", padding)
-            torch.testing.assert_close(stacked(x).double(), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(stacked(x).double(), expected, atol=1e-5, rtol=1e-5)  # grouped
+        with monkeypatch.context() as patch:
+            patch.setattr(moe_module, "_grouped_mm_runs", lambda x, experts: False)
+            for padding in (0.0, float("inf")):  # never batched, always batched
+                patch.setattr(moe_module, "MAX_PADDING", padding)
+                torch.testing.assert_close(stacked(x).double(), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_top_k_softmax_routing_is_the_renormalised_softmax() -> None:
@@ -82,7 +86,30 @@ def test_top_k_softmax_routing_is_the_renormalised_softmax() -> None:
     torch.testing.assert_close(weights.double(), expected, atol=1e-6, rtol=1e-6)
 
 
+def test_grouped_matmul_runs_on_cpu_where_pytorch_has_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    stacked, _ = build(stacked=True)
+    calls: list[tuple[int, ...]] = []
+    original = StackedExperts.grouped
+
+    def spy(self: StackedExperts, x: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(ends.tolist()))
+        return original(self, x, ends)
+
+    monkeypatch.setattr(StackedExperts, "grouped", spy)
+    x = torch.randn(10, HIDDEN, generator=torch.Generator().manual_seed(2))
+    stacked(x)
+    if not hasattr(F, "grouped_mm"):
+        assert calls == []
+        return
+    _, chosen = stacked.route(x)
+    assert calls == [tuple(torch.bincount(chosen.view(-1), minlength=EXPERTS).cumsum(0).tolist())]
+    calls.clear()
+    stacked(x[:1])  # a single token takes its own path
+    assert calls == []
+
+
 def test_batched_path_is_taken_for_even_small_groups(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(moe_module, "_grouped_mm_runs", lambda x, experts: False)
     stacked, _ = build(stacked=True)
     calls: list[tuple[int, ...]] = []
     original = StackedExperts.batched

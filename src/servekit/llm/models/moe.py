@@ -6,13 +6,13 @@ then grouped by expert (never a loop over tokens) and the weighted results scatt
 ``index_add_``.
 
 Float experts are held stacked (``StackedExperts``: one ``[experts, hidden, width]`` tensor per
-projection). When every expert gets a few tokens, as in a decode step of a batch, the groups are padded
-to the largest one and all experts run in one batched matmul per projection: a constant number of
-operators per layer, where one matmul pair per expert made a step of a small model cost its operator
-count. When the groups are uneven or large (prefill), or at batch 1, each active expert runs its own
-matmul pair over its tokens. A single token (a decode step of one sequence) skips the grouping and
-runs its ``top_k`` experts straight off the stacked weights. Quantised experts stay one ``DenseMLP``
-each.
+projection). On CPUs, where PyTorch has a grouped matmul (``F.grouped_mm``), the tokens sorted by
+expert go through it: one operator per projection, no padding. Elsewhere, when every expert gets a
+few tokens (a decode step of a batch), the groups are padded to the largest one and all experts run
+in one batched matmul per projection; when the groups are uneven or large (prefill), each active
+expert runs its own matmul pair over its tokens. A single token (a decode step of one sequence)
+skips the grouping and runs its ``top_k`` experts straight off the stacked weights. Quantised
+experts stay one ``DenseMLP`` each.
 """
 
 from __future__ import annotations
@@ -69,9 +69,25 @@ class StackedExperts:
     def one(self, expert: int, x: torch.Tensor) -> torch.Tensor:
         return self._activate(x @ self.up[expert]) @ self.down[expert]
 
+    def grouped(self, x: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        """``x``: every expert's rows one after the other, expert ``e``'s ending at ``ends[e]`` (int32)."""
+        return F.grouped_mm(self._activate(F.grouped_mm(x, self.up, offs=ends)), self.down, offs=ends)
+
     def batched(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``[experts, rows, hidden]`` (each expert's rows, zero-padded) -> ``[experts, rows, hidden]``."""
         return torch.bmm(self._activate(torch.bmm(x, self.up)), self.down)
+
+
+def _grouped_mm_runs(x: torch.Tensor, experts: StackedExperts) -> bool:
+    """Whether PyTorch's grouped matmul (no padding, one operator per projection) runs here: CPU
+    float tensors on a PyTorch that has it (older CPU builds also want 16-byte aligned operands)."""
+    return (
+        hasattr(F, "grouped_mm")
+        and x.device.type == "cpu"
+        and x.dtype == experts.up.dtype
+        and experts.up.data_ptr() % 16 == 0
+        and experts.down.data_ptr() % 16 == 0
+    )
 
 
 def _plain(projection: Projection) -> torch.Tensor | None:
@@ -166,6 +182,9 @@ class SparseMoE:
         token_of = order // self.top_k
         weight_of = weights.view(-1)[order].to(x.dtype).unsqueeze(1)
         out = torch.zeros_like(x)
+        if isinstance(self.experts, StackedExperts) and _grouped_mm_runs(x, self.experts):
+            results = self.experts.grouped(x.index_select(0, token_of), counts.cumsum(0, dtype=torch.int32))
+            return out.index_add_(0, token_of, results * weight_of)
         widest = int(counts.max())
         if isinstance(self.experts, StackedExperts) and len(self.experts) * widest <= MAX_PADDING * len(flat):
             expert_of = flat[order]
