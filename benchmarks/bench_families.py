@@ -1,15 +1,21 @@
 """Throughput of the engine on non-Llama families against transformers ``generate``, same run, and
 the cost of a sparse-MoE step against a dense step of the same active parameter count.
 
-Checkpoints are random, written with transformers (``tests/llm/tiny_models.build_family_checkpoint``)
-at a small but not tiny size (hidden 256, 4 layers, MLP 1024). Workload: ``--num-prompts`` random
-prompts of 16-80 tokens, each generating ``--max-tokens`` tokens (greedy, eos ignored); the engine
-gets them all at once, transformers as one static left-padded batch, both in float32.
+Checkpoints are random, written with transformers (``tests/llm/tiny_models.build_family_checkpoint``),
+4 layers, at ``--width small`` (hidden 256, MLP 1024) or ``--width wide`` (GPT-2 small's hidden 768,
+12 heads, MLP 3072). Workload: ``--num-prompts`` random prompts of 16-80 tokens, each generating
+``--max-tokens`` tokens (greedy, eos ignored); the engine gets them all at once, transformers as one
+static left-padded batch, both in float32. The two alternate ``--repeats`` times; medians are
+reported, with the range of the paired ratios.
 
-MoE vs dense: Mixtral with 8 experts of width 512, top-2 (1024 active MLP columns per token) against
-a Llama of MLP width 1024, otherwise identical; one decode step of ``--num-prompts`` sequences.
+MoE vs dense: Mixtral with 8 experts of half the dense MLP width, top-2 (the dense MLP's width of
+active columns per token) against a Llama of that MLP width, otherwise identical: a prefill step of
+``batch`` prompts of 16 tokens and a decode step of ``batch`` sequences, at batch 1 and
+``--num-prompts``. At batch 1 the MoE step reads as many expert weights as the dense step reads MLP
+weights; at batch 32 every expert is active, so it reads four times as many.
 
-    PYTHONPATH=src:. .venv/bin/python benchmarks/bench_families.py [--threads 2] [--num-prompts 32] [--max-tokens 64]
+    PYTHONPATH=src:. .venv/bin/python benchmarks/bench_families.py [--threads 2] [--num-prompts 32]
+        [--max-tokens 64] [--repeats 3] [--width small|wide] [--families gpt2,phi,mixtral] [--moe-only]
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import argparse
 import logging
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -26,23 +33,48 @@ from typing import Any
 import torch
 from benchmarks.bench_engine import run_engine, static_generate
 
+from servekit.cpu import cpu_flags, cpu_model
 from servekit.llm.loaders import load_model_source
 from servekit.llm.model_runner import ForwardBatch, ModelRunner
 from tests.llm.tiny_models import build_family_checkpoint
 
-LLAMA_SHAPE = {
-    "hidden_size": 256,
-    "intermediate_size": 1024,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 4,
-    "max_position_embeddings": 512,
+# "small": the recorded shape (operator count matters at this width); "wide": GPT-2 small's widths
+# (hidden 768, 12 heads, MLP 3072) at the same depth, where the matmuls dominate.
+WIDTHS = {
+    "small": {"hidden": 256, "heads": 4, "mlp": 1024},
+    "wide": {"hidden": 768, "heads": 12, "mlp": 3072},
 }
-FAMILIES: dict[str, dict[str, Any]] = {
-    "gpt2": {"n_embd": 256, "n_layer": 4, "n_head": 4, "n_positions": 512, "n_inner": 1024},
-    "phi": {**LLAMA_SHAPE, "partial_rotary_factor": 0.5},
-    "mixtral": {**LLAMA_SHAPE, "intermediate_size": 512, "num_local_experts": 8, "num_experts_per_tok": 2},
-}
+
+
+def shapes(width: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The dense Llama shape and each family's shape; Mixtral's 8 experts of half the MLP width,
+    top-2, have the dense MLP's active width."""
+    w = WIDTHS[width]
+    llama = {
+        "hidden_size": w["hidden"],
+        "intermediate_size": w["mlp"],
+        "num_hidden_layers": 4,
+        "num_attention_heads": w["heads"],
+        "num_key_value_heads": w["heads"],
+        "max_position_embeddings": 512,
+    }
+    families: dict[str, dict[str, Any]] = {
+        "gpt2": {
+            "n_embd": w["hidden"],
+            "n_layer": 4,
+            "n_head": w["heads"],
+            "n_positions": 512,
+            "n_inner": w["mlp"],
+        },
+        "phi": {**llama, "partial_rotary_factor": 0.5},
+        "mixtral": {
+            **llama,
+            "intermediate_size": w["mlp"] // 2,
+            "num_local_experts": 8,
+            "num_experts_per_tok": 2,
+        },
+    }
+    return llama, families
 
 
 def prompts_for(vocab: int, count: int) -> list[list[int]]:
@@ -63,20 +95,39 @@ def transformers_throughput(directory: Path, prompts: list[list[int]], max_token
     return generated.numel() / seconds
 
 
-def decode_step_seconds(directory: Path, batch: int, steps: int = 20) -> float:
+def step_seconds(directory: Path, batch: int, steps: int = 20) -> tuple[float, float]:
+    """Median seconds of a prefill step (``batch`` prompts of 16 tokens) and of a decode step
+    (``batch`` sequences, one token each)."""
     source = load_model_source(str(directory))
     runner = ModelRunner(
         source.config, source.iter_weights(), block_size=16, num_blocks=batch * 8, max_model_len=128
     )
     prompts = prompts_for(source.config.vocab_size, batch)
     tables = [list(range(i * 8, (i + 1) * 8)) for i in range(batch)]
-    runner.execute(ForwardBatch([p[:16] for p in prompts], [0] * batch, tables))
-    times = []
+    prefill = ForwardBatch([p[:16] for p in prompts], [0] * batch, tables)
+    runner.execute(prefill)
+    prefills = []
+    for _ in range(5):  # the same prompts again: the cache is overwritten with the same keys
+        started = time.perf_counter()
+        runner.execute(prefill)
+        prefills.append(time.perf_counter() - started)
+    decodes = []
     for step in range(steps):
         started = time.perf_counter()
         runner.execute(ForwardBatch([[p[step % 16]] for p in prompts], [16 + step] * batch, tables))
-        times.append(time.perf_counter() - started)
-    return sorted(times)[len(times) // 2]
+        decodes.append(time.perf_counter() - started)
+    return statistics.median(prefills), statistics.median(decodes)
+
+
+def machine() -> str:
+    flags = sorted(f for f in cpu_flags() if f.startswith(("avx", "fma", "amx")))
+    return f"{cpu_model()} ({' '.join(flags)}), load average {' '.join(Path('/proc/loadavg').read_text().split()[:3])}"
+
+
+def ratios(ours: list[float], theirs: list[float]) -> str:
+    """Median ratio, and its range over the paired repeats."""
+    paired = sorted(a / b for a, b in zip(ours, theirs, strict=True))
+    return f"{statistics.median(ours) / statistics.median(theirs):.2f}x ({paired[0]:.2f}-{paired[-1]:.2f})"
 
 
 def main() -> None:
@@ -86,33 +137,62 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--num-prompts", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats (medians are reported)")
+    parser.add_argument("--width", choices=sorted(WIDTHS), default="small")
+    parser.add_argument("--families", default=",".join(shapes("small")[1]), help="comma-separated subset")
     parser.add_argument("--moe-only", action="store_true", help="only the MoE-vs-dense step costs")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
+    dense_shape, family_shapes = shapes(args.width)
+    chosen = args.families.split(",")
+    unknown = set(chosen) - family_shapes.keys()
+    if unknown:
+        parser.error(f"unknown families {sorted(unknown)} (known: {', '.join(family_shapes)})")
     out = sys.stdout
+    out.write(f"{machine()}; {args.threads} threads, width {args.width} {WIDTHS[args.width]}\n\n")
     with tempfile.TemporaryDirectory() as tmp:
-        out.write(
-            "| family | servekit engine tok/s | transformers static batch tok/s | ratio |\n|---|---:|---:|---:|\n"
-        )
-        for family, config in FAMILIES.items():
-            directory = build_family_checkpoint(Path(tmp) / family, family, config)
-            if args.moe_only:
-                continue
-            vocab = load_model_source(str(directory)).config.vocab_size
-            prompts = prompts_for(vocab, args.num_prompts)
-            ours = engine_throughput(directory, prompts, args.max_tokens)
-            theirs = transformers_throughput(directory, prompts, args.max_tokens)
-            out.write(f"| {family} | {ours:.0f} | {theirs:.0f} | {ours / theirs:.2f}x |\n")
-            out.flush()
-        dense = build_family_checkpoint(Path(tmp) / "dense", "llama", LLAMA_SHAPE)
-        moe = Path(tmp) / "mixtral"
-        for batch in sorted({1, args.num_prompts}):
-            dense_step, moe_step = decode_step_seconds(dense, batch), decode_step_seconds(moe, batch)
+        directories = {
+            family: build_family_checkpoint(Path(tmp) / family, family, family_shapes[family])
+            for family in {*chosen, "mixtral"}
+        }
+        directories["dense"] = build_family_checkpoint(Path(tmp) / "dense", "llama", dense_shape)
+        if not args.moe_only:
             out.write(
-                f"\nMoE decode step (batch {batch}, 8 experts top-2 of width 512): {moe_step * 1e3:.2f} ms; "
-                f"dense step (MLP width 1024): {dense_step * 1e3:.2f} ms; ratio {moe_step / dense_step:.2f}x\n"
+                f"| family | servekit engine tok/s | transformers static batch {args.num_prompts} tok/s "
+                "| ratio (range) |\n|---|---:|---:|---:|\n"
             )
+            for family in chosen:
+                vocab = load_model_source(str(directories[family])).config.vocab_size
+                prompts = prompts_for(vocab, args.num_prompts)
+                ours, theirs = [], []
+                for _ in range(args.repeats):  # alternating, so a change of load hits both
+                    ours.append(engine_throughput(directories[family], prompts, args.max_tokens))
+                    theirs.append(transformers_throughput(directories[family], prompts, args.max_tokens))
+                out.write(
+                    f"| {family} | {statistics.median(ours):.0f} | {statistics.median(theirs):.0f} "
+                    f"| {ratios(ours, theirs)} |\n"
+                )
+                out.flush()
+        out.write(
+            "\nMoE (8 experts top-2, each half the dense MLP width) vs dense (same active MLP width), "
+            "median ms per step:\n\n| batch | MoE prefill | dense prefill | ratio | MoE decode | dense decode | ratio |\n"
+            "|---:|---:|---:|---:|---:|---:|---:|\n"
+        )
+        for batch in sorted({1, args.num_prompts}):
+            moe_runs, dense_runs = [], []
+            for _ in range(args.repeats):
+                moe_runs.append(step_seconds(directories["mixtral"], batch))
+                dense_runs.append(step_seconds(directories["dense"], batch))
+            moe_prefill, moe_decode = ([run[i] for run in moe_runs] for i in (0, 1))
+            dense_prefill, dense_decode = ([run[i] for run in dense_runs] for i in (0, 1))
+            out.write(
+                f"| {batch} | {statistics.median(moe_prefill) * 1e3:.2f} | {statistics.median(dense_prefill) * 1e3:.2f} "
+                f"| {ratios(moe_prefill, dense_prefill)} | {statistics.median(moe_decode) * 1e3:.2f} "
+                f"| {statistics.median(dense_decode) * 1e3:.2f} | {ratios(moe_decode, dense_decode)} |\n"
+            )
+            out.flush()
+        out.write(f"\nafter: {machine()}\n")
 
 
 if __name__ == "__main__":

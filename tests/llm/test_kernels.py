@@ -9,12 +9,13 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from servekit.cpu import cpu_flags
 from servekit.llm import kernels
 from servekit.llm.attention import build_attention_metadata, paged_attention
 from servekit.llm.kernels import attention_simd_lanes, load_library
-from servekit.llm.kernels.elementwise import add_rms_norm, silu_mul
+from servekit.llm.kernels.elementwise import add_rms_norm, gelu_tanh, silu_mul
 from servekit.llm.kernels.int8 import dequantize, quantize_rows
 
 pytestmark = pytest.mark.skipif(kernels._compiler() is None, reason="no C compiler on this machine")
@@ -185,6 +186,15 @@ def test_elementwise_kernels_match_pytorch(dtype: torch.dtype, atol: float) -> N
         atol=atol,
         rtol=atol,
     )
+
+    # GELU's tanh form (gelu_new), far tails included, against PyTorch's in float64.
+    x = torch.cat(
+        [torch.randn(700, generator=generator) * 4, torch.tensor([-200.0, -30.0, -9.0, 0.0, 9.0, 200.0])]
+    )
+    x = x.view(2, -1).to(dtype)
+    expected_gelu = F.gelu(x.double(), approximate="tanh")
+    torch.testing.assert_close(gelu_tanh(x, fused=True).double(), expected_gelu, atol=atol, rtol=atol)
+    torch.testing.assert_close(gelu_tanh(x, fused=False).double(), expected_gelu, atol=atol, rtol=atol)
 
 
 def test_the_attention_kernel_uses_the_widest_vectors_this_cpu_has() -> None:

@@ -1,6 +1,7 @@
-"""The sparse-MoE MLP's two ways of running its experts give one answer: stacked experts batched over
-padded groups (decode), stacked experts one matmul pair each (uneven or large groups), and the
-experts as separate layers (quantised ones), all against a per-token reference."""
+"""The sparse-MoE MLP's ways of running its experts give one answer: stacked experts in PyTorch's
+grouped matmul (CPU, where it exists), batched over padded groups (decode), one matmul pair each
+(uneven or large groups), straight off the stacked weights (a single token), and the experts as
+separate layers (quantised ones), all against a per-token reference."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from servekit.llm.kernels import kernels_available
 from servekit.llm.model_config import MoEConfig
 from servekit.llm.models import moe as moe_module
 from servekit.llm.models.layers import DenseMLP
@@ -17,7 +19,9 @@ from servekit.llm.models.moe import SparseMoE, StackedExperts
 HIDDEN, WIDTH, EXPERTS, TOP_K = 24, 16, 8, 2
 
 
-def build(stacked: bool, seed: int = 0) -> tuple[SparseMoE, list[tuple[torch.Tensor, torch.Tensor]]]:
+def build(
+    stacked: bool, seed: int = 0, fused: bool = False
+) -> tuple[SparseMoE, list[tuple[torch.Tensor, torch.Tensor]]]:
     generator = torch.Generator().manual_seed(seed)
 
     def rand(*shape: int) -> torch.Tensor:
@@ -25,7 +29,8 @@ def build(stacked: bool, seed: int = 0) -> tuple[SparseMoE, list[tuple[torch.Ten
 
     weights = [(rand(2 * WIDTH, HIDDEN), rand(HIDDEN, WIDTH)) for _ in range(EXPERTS)]
     experts = [
-        DenseMLP(Linear(up, pack=False), Linear(down, pack=False), F.silu, True) for up, down in weights
+        DenseMLP(Linear(up, pack=False), Linear(down, pack=False), F.silu, True, fused=fused)
+        for up, down in weights
     ]
     config = MoEConfig(num_experts=EXPERTS, top_k=TOP_K, intermediate_size=WIDTH, normalize_top_k=True)
     stack = StackedExperts.of(experts) if stacked else None
@@ -53,15 +58,58 @@ def test_every_way_of_running_the_experts_gives_the_reference(
 ) -> None:
     x = torch.randn(tokens, HIDDEN, generator=torch.Generator().manual_seed(tokens))
     separate, weights = build(stacked=False)
-    stacked, _ = build(stacked=True)
     expected = reference(separate, weights, x)
     torch.testing.assert_close(separate(x).double(), expected, atol=1e-5, rtol=1e-5)
-    for padding in (0.0, float("inf")):  # never batched, always batched
-        monkeypatch.setattr(moe_module, "MAX_PADDING", padding)
-        torch.testing.assert_close(stacked(x).double(), expected, atol=1e-5, rtol=1e-5)
+    # The C SiLU-and-multiply kernel, where it can be built, and the PyTorch operators.
+    for fused in sorted({False, kernels_available(torch.float32)}):
+        stacked, _ = build(stacked=True, fused=fused)
+        assert stacked.experts.fused == fused  # type: ignore[union-attr]
+        torch.testing.assert_close(stacked(x).double(), expected, atol=1e-5, rtol=1e-5)  # grouped
+        with monkeypatch.context() as patch:
+            patch.setattr(moe_module, "_grouped_mm_runs", lambda x, experts: False)
+            for padding in (0.0, float("inf")):  # never batched, always batched
+                patch.setattr(moe_module, "MAX_PADDING", padding)
+                torch.testing.assert_close(stacked(x).double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_top_k_softmax_routing_is_the_renormalised_softmax() -> None:
+    """Mixtral's routing, computed as a softmax over the chosen experts' logits, against softmax over
+    all experts, top-k, renormalised."""
+    moe, _ = build(stacked=True)
+    x = torch.randn(50, HIDDEN, generator=torch.Generator().manual_seed(7))
+    weights, chosen = moe.route(x)
+    probabilities = torch.softmax(moe.router(x).double(), dim=-1)
+    expected_chosen = probabilities.topk(TOP_K, dim=-1).indices
+    expected = probabilities.gather(1, expected_chosen)
+    expected = expected / expected.sum(dim=-1, keepdim=True)
+    assert torch.equal(chosen, expected_chosen)
+    torch.testing.assert_close(weights.double(), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_grouped_matmul_runs_on_cpu_where_pytorch_has_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    stacked, _ = build(stacked=True)
+    calls: list[tuple[int, ...]] = []
+    original = StackedExperts.grouped
+
+    def spy(self: StackedExperts, x: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(ends.tolist()))
+        return original(self, x, ends)
+
+    monkeypatch.setattr(StackedExperts, "grouped", spy)
+    x = torch.randn(10, HIDDEN, generator=torch.Generator().manual_seed(2))
+    stacked(x)
+    if not hasattr(F, "grouped_mm"):
+        assert calls == []
+        return
+    _, chosen = stacked.route(x)
+    assert calls == [tuple(torch.bincount(chosen.view(-1), minlength=EXPERTS).cumsum(0).tolist())]
+    calls.clear()
+    stacked(x[:1])  # a single token takes its own path
+    assert calls == []
 
 
 def test_batched_path_is_taken_for_even_small_groups(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(moe_module, "_grouped_mm_runs", lambda x, experts: False)
     stacked, _ = build(stacked=True)
     calls: list[tuple[int, ...]] = []
     original = StackedExperts.batched

@@ -2,7 +2,7 @@
 
 The engine's hot loops that PyTorch cannot express without copies or many small operators (attention
 straight over the paged KV cache, the int8 quantise/rescale passes around an int8 matmul, residual
-add + RMSNorm, SiLU-and-multiply, matmuls straight on GGUF's quantised weight blocks) are written in C here. The source ships with the package; the first process that needs a
+add + RMSNorm, SiLU-and-multiply, tanh GELU, matmuls straight on GGUF's quantised weight blocks) are written in C here. The source ships with the package; the first process that needs a
 kernel compiles it (``-O3 -march=native``, a second or so) into a cache directory keyed by the
 source, the compiler and the CPU, and every later process loads the cached library. Without a C
 compiler, or with ``SERVEKIT_KERNELS=0``, every caller falls back to its pure PyTorch path.
@@ -102,6 +102,8 @@ _SIGNATURES: dict[str, list[type]] = {
     "add_rms_norm": [_POINTER, _POINTER, _POINTER, _POINTER, _INT64, _INT64, ctypes.c_float, _INT],
     # gate_up [rows, 2 * cols], out [rows, cols], rows, cols, dtype
     "silu_mul": [_POINTER, _POINTER, _INT64, _INT64, _INT],
+    # x, out (same shape, contiguous), elements, dtype
+    "gelu_tanh": [_POINTER, _POINTER, _INT64, _INT],
     "attention_simd_lanes": [],
     # x float32, rows, cols (K), weight blocks, out rows (N), bytes per weight row, GGML type, bias (or
     # NULL), out float32, threads, schedule (0 auto, 1 row by row, 2 tiled)

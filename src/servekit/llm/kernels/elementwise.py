@@ -55,3 +55,15 @@ def silu_mul(gate_up: torch.Tensor, *, fused: bool) -> torch.Tensor:
     out = torch.empty((gate_up.shape[0], width), dtype=gate_up.dtype)
     library.silu_mul(gate_up.data_ptr(), out.data_ptr(), gate_up.shape[0], width, DTYPE_CODES[gate_up.dtype])
     return out
+
+
+def gelu_tanh(x: torch.Tensor, *, fused: bool) -> torch.Tensor:
+    """GELU in its tanh approximation (``gelu_new``, ``gelu_pytorch_tanh``), one C pass when ``fused``."""
+    if not fused:
+        return F.gelu(x, approximate="tanh")
+    library = load_library()
+    assert library is not None
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    library.gelu_tanh(x.data_ptr(), out.data_ptr(), x.numel(), DTYPE_CODES[x.dtype])
+    return out

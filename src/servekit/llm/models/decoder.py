@@ -290,7 +290,7 @@ class DecoderLM:
             else self._linear(store, f"{prefix}up", pack=pack)
         )
         down = self._linear(store, f"{prefix}down", pack=pack)
-        return DenseMLP(up, down, self.act, gated, fused_silu=self.fused_elementwise)
+        return DenseMLP(up, down, self.act, gated, fused=self.fused_elementwise)
 
     def _build(self, store: dict[str, torch.Tensor]) -> None:
         config = self.config

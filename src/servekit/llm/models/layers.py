@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from servekit.llm.kernels.elementwise import silu_mul
+from servekit.llm.kernels.elementwise import gelu_tanh, silu_mul
 from servekit.llm.models.linear import Int8Linear, Linear
 from servekit.llm.models.quantized_linear import QuantizedLinear
 
@@ -16,7 +16,7 @@ Projection = Linear | Int8Linear | QuantizedLinear
 
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    return F.gelu(x, approximate="tanh")
+    return gelu_tanh(x, fused=False)
 
 
 # HF ``hidden_act`` names -> the function (gelu_new / gelu_pytorch_tanh / gelu_fast are one tanh form).
@@ -61,13 +61,14 @@ class DenseMLP:
     down: Projection
     act: Callable[[torch.Tensor], torch.Tensor]
     gated: bool
-    fused_silu: bool = False  # the C SiLU-and-multiply kernel may run
+    fused: bool = False  # the C elementwise kernels (SiLU-and-multiply, tanh GELU) may run
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         up = self.up(x)
+        fused = self.fused and up.device.type == "cpu"
         if not self.gated:
-            return self.down(self.act(up))
+            return self.down(gelu_tanh(up, fused=True) if fused and self.act is _gelu_tanh else self.act(up))
         if self.act is F.silu:
-            return self.down(silu_mul(up, fused=self.fused_silu and up.device.type == "cpu"))
+            return self.down(silu_mul(up, fused=fused))
         width = up.shape[1] // 2
         return self.down(self.act(up[:, :width]).mul_(up[:, width:]))

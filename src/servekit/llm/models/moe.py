@@ -6,11 +6,13 @@ then grouped by expert (never a loop over tokens) and the weighted results scatt
 ``index_add_``.
 
 Float experts are held stacked (``StackedExperts``: one ``[experts, hidden, width]`` tensor per
-projection). When every expert gets a few tokens, as in a decode step of a batch, the groups are padded
-to the largest one and all experts run in one batched matmul per projection: a constant number of
-operators per layer, where one matmul pair per expert made a step of a small model cost its operator
-count. When the groups are uneven or large (prefill), or at batch 1, each active expert runs its own
-matmul pair over its tokens. Quantised experts stay one ``DenseMLP`` each.
+projection). On CPUs, where PyTorch has a grouped matmul (``F.grouped_mm``), the tokens sorted by
+expert go through it: one operator per projection, no padding. Elsewhere, when every expert gets a
+few tokens (a decode step of a batch), the groups are padded to the largest one and all experts run
+in one batched matmul per projection; when the groups are uneven or large (prefill), each active
+expert runs its own matmul pair over its tokens. A single token (a decode step of one sequence)
+skips the grouping and runs its ``top_k`` experts straight off the stacked weights. Quantised
+experts stay one ``DenseMLP`` each.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
+from servekit.llm.kernels.elementwise import silu_mul
 from servekit.llm.model_config import MoEConfig
 from servekit.llm.models.layers import DenseMLP, Projection
 from servekit.llm.models.linear import Linear
@@ -36,6 +40,7 @@ class StackedExperts:
     down: torch.Tensor  # [experts, intermediate, hidden]
     act: Callable[[torch.Tensor], torch.Tensor]
     gated: bool
+    fused: bool = False  # the C SiLU-and-multiply kernel may run
 
     @classmethod
     def of(cls, experts: list[DenseMLP]) -> StackedExperts | None:
@@ -47,7 +52,8 @@ class StackedExperts:
             return None
         up = torch.stack([w.t() for w in ups]).contiguous()
         down = torch.stack([w.t() for w in downs]).contiguous()
-        return cls(up, down, experts[0].act, experts[0].gated)
+        first = experts[0]
+        return cls(up, down, first.act, first.gated, first.fused and up.device.type == "cpu")
 
     def __len__(self) -> int:
         return self.up.shape[0]
@@ -56,14 +62,32 @@ class StackedExperts:
         if not self.gated:
             return self.act(up)
         width = up.shape[-1] // 2
+        if self.act is F.silu and self.fused:
+            return silu_mul(up.reshape(-1, 2 * width), fused=True).view(*up.shape[:-1], width)
         return self.act(up[..., :width]).mul_(up[..., width:])
 
     def one(self, expert: int, x: torch.Tensor) -> torch.Tensor:
         return self._activate(x @ self.up[expert]) @ self.down[expert]
 
+    def grouped(self, x: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        """``x``: every expert's rows one after the other, expert ``e``'s ending at ``ends[e]`` (int32)."""
+        return F.grouped_mm(self._activate(F.grouped_mm(x, self.up, offs=ends)), self.down, offs=ends)
+
     def batched(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``[experts, rows, hidden]`` (each expert's rows, zero-padded) -> ``[experts, rows, hidden]``."""
         return torch.bmm(self._activate(torch.bmm(x, self.up)), self.down)
+
+
+def _grouped_mm_runs(x: torch.Tensor, experts: StackedExperts) -> bool:
+    """Whether PyTorch's grouped matmul (no padding, one operator per projection) runs here: CPU
+    float tensors on a PyTorch that has it (older CPU builds also want 16-byte aligned operands)."""
+    return (
+        hasattr(F, "grouped_mm")
+        and x.device.type == "cpu"
+        and x.dtype == experts.up.dtype
+        and experts.up.data_ptr() % 16 == 0
+        and experts.down.data_ptr() % 16 == 0
+    )
 
 
 def _plain(projection: Projection) -> torch.Tensor | None:
@@ -91,6 +115,10 @@ class SparseMoE:
         """Each token's ``top_k`` experts and their weights (float32), the family's way."""
         config = self.config
         logits = self.router(x).float()
+        if self._top_k_softmax():
+            # softmax over all experts renormalised over the chosen ones is softmax over their logits.
+            top, chosen = logits.topk(config.top_k, dim=-1)
+            return torch.softmax(top, dim=-1), chosen
         scores = torch.sigmoid(logits) if config.scoring == "sigmoid" else torch.softmax(logits, dim=-1)
         choice = scores if self.score_bias is None else scores + self.score_bias
         if config.num_groups > 1:
@@ -113,14 +141,50 @@ class SparseMoE:
             weights = weights * config.routed_scaling
         return weights, chosen
 
+    def _top_k_softmax(self) -> bool:
+        config = self.config
+        return (
+            config.scoring == "softmax"
+            and config.normalize_top_k
+            and config.num_groups == 1
+            and self.score_bias is None
+            and config.routed_scaling == 1.0
+        )
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         weights, chosen = self.route(x)
+        if x.shape[0] == 1 and isinstance(self.experts, StackedExperts):
+            out = self._single_token(x, weights, chosen)
+        else:
+            out = self._grouped(x, weights, chosen)
+        if self.shared is not None:
+            shared = self.shared(x)
+            if self.shared_gate is not None:
+                shared = shared * torch.sigmoid(self.shared_gate(x))
+            out += shared
+        return out
+
+    def _single_token(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """One token: its experts' results, weighted, summed; no sorting, gathering or scattering."""
+        assert isinstance(self.experts, StackedExperts)
+        out: torch.Tensor | None = None
+        for expert, weight in zip(chosen[0].tolist(), weights[0].tolist(), strict=True):
+            result = self.experts.one(expert, x)
+            out = result.mul_(weight) if out is None else out.add_(result, alpha=weight)
+        assert out is not None
+        return out
+
+    def _grouped(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """Tokens grouped by expert: one batched matmul over padded groups, or one per active expert."""
         flat = chosen.view(-1)
         order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=len(self.experts))
         token_of = order // self.top_k
         weight_of = weights.view(-1)[order].to(x.dtype).unsqueeze(1)
         out = torch.zeros_like(x)
+        if isinstance(self.experts, StackedExperts) and _grouped_mm_runs(x, self.experts):
+            results = self.experts.grouped(x.index_select(0, token_of), counts.cumsum(0, dtype=torch.int32))
+            return out.index_add_(0, token_of, results * weight_of)
         widest = int(counts.max())
         if isinstance(self.experts, StackedExperts) and len(self.experts) * widest <= MAX_PADDING * len(flat):
             expert_of = flat[order]
@@ -137,11 +201,6 @@ class SparseMoE:
                     results = self._expert(expert, x.index_select(0, rows))
                     out.index_add_(0, rows, results * weight_of[start : start + count])
                     start += count
-        if self.shared is not None:
-            shared = self.shared(x)
-            if self.shared_gate is not None:
-                shared = shared * torch.sigmoid(self.shared_gate(x))
-            out += shared
         return out
 
     def _expert(self, expert: int, x: torch.Tensor) -> torch.Tensor:
