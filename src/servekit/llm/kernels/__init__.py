@@ -31,7 +31,13 @@ logger = logging.getLogger(__name__)
 
 SOURCES = tuple(
     Path(__file__).with_name(name)
-    for name in ("paged_attention.c", "int8_rows.c", "elementwise.c", "quantized_matmul.c")
+    for name in (
+        "paged_attention.c",
+        "int8_rows.c",
+        "elementwise.c",
+        "quantized_matmul.c",
+        "rotary_cache.c",
+    )
 )
 HEADERS = (Path(__file__).with_name("dtypes.h"),)
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fPIC", "-shared", "-pthread")
@@ -103,6 +109,19 @@ _SIGNATURES: dict[str, list[type]] = {
     # gate_up [rows, 2 * cols], out [rows, cols], rows, cols, dtype
     "silu_mul": [_POINTER, _POINTER, _INT64, _INT64, _INT],
     "attention_simd_lanes": [],
+    # qkv float32, row stride, cos, sin (or NULL), rotary dim, slots int64, cache, cache dtype;
+    # tokens, heads, kv heads, head_dim, block_size
+    "rotary_write_kv": [
+        _POINTER,
+        _INT64,
+        _POINTER,
+        _POINTER,
+        _INT64,
+        _POINTER,
+        _POINTER,
+        _INT,
+        *[_INT64] * 5,
+    ],
     # x float32, rows, cols (K), weight blocks, out rows (N), bytes per weight row, GGML type, bias (or
     # NULL), out float32, threads, schedule (0 auto, 1 row by row, 2 tiled)
     "quantized_matmul": [
