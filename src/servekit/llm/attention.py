@@ -242,15 +242,16 @@ def paged_attention(
     if not cached:
         layer_cache[metadata.write_blocks, 0, :, metadata.write_offsets] = key
         layer_cache[metadata.write_blocks, 1, :, metadata.write_offsets] = value
-    key = key.to(query.dtype)
-    value = value.to(query.dtype)
+    if key.dtype != query.dtype:
+        key = key.to(query.dtype)
+        value = value.to(query.dtype)
 
     outputs: list[torch.Tensor] = []
     num_decode = metadata.num_decode
     if num_decode and metadata.decode_lens is not None:
         assert metadata.decode_tables is not None and not options.eager
         out = paged_decode_attention(
-            query[:num_decode],
+            query[:num_decode] if num_decode < query.shape[0] else query,
             layer_cache,
             metadata.decode_tables,
             metadata.decode_lens,

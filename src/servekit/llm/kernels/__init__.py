@@ -137,6 +137,23 @@ _SIGNATURES: dict[str, list[type]] = {
         _INT,
         _INT,
     ],
+    # x float32, rows, K; gate_up blocks, bytes per row, type; intermediate; down blocks, bytes per
+    # row, type; scratch float32, out float32, threads
+    "quantized_silu_mlp": [
+        _POINTER,
+        _INT64,
+        _INT64,
+        _POINTER,
+        _INT64,
+        _INT,
+        _INT64,
+        _POINTER,
+        _INT64,
+        _INT,
+        _POINTER,
+        _POINTER,
+        _INT,
+    ],
     # weight blocks, bytes per row, GGML type, K, row indices int64, count, out float32
     "dequantize_rows": [_POINTER, _INT64, _INT, _INT64, _POINTER, _INT64, _POINTER],
     "quantized_simd_lanes": [],
@@ -145,6 +162,7 @@ _RETURNS_INT = (
     "paged_decode_attention",
     "attention_simd_lanes",
     "quantized_matmul",
+    "quantized_silu_mlp",
     "dequantize_rows",
     "quantized_simd_lanes",
 )

@@ -35,9 +35,12 @@ def paged_decode_attention(
         raise ValueError("block_tables and context_lens must be int32")
     if not layer_cache.is_contiguous():
         raise ValueError("the layer cache must be contiguous")
-    query = query.contiguous()
-    block_tables = block_tables.contiguous()
-    context_lens = context_lens.contiguous()
+    if not query.is_contiguous():
+        query = query.contiguous()
+    if not block_tables.is_contiguous():
+        block_tables = block_tables.contiguous()
+    if not context_lens.is_contiguous():
+        context_lens = context_lens.contiguous()
     out = torch.empty((num_seqs, num_heads * head_dim), dtype=query.dtype)
     status = library.paged_decode_attention(
         query.data_ptr(),

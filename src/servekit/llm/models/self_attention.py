@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from servekit.llm.attention import AttentionMetadata, AttentionOptions, paged_attention
-from servekit.llm.kernels.attention import rotary_write_kv
+from servekit.llm.kernels.attention import paged_decode_attention, rotary_write_kv
 from servekit.llm.models.layers import Norm, Projection
 from servekit.llm.models.rotary import RotaryEmbedding
 
@@ -47,6 +47,17 @@ class SelfAttention:
                 qkv, cos, sin, slots, layer_cache, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim
             )
             query = qkv[:, :q_width].view(tokens, heads, head_dim)
+            if not metadata.prefills and metadata.decode_tables is not None and not options.eager:
+                assert metadata.decode_lens is not None  # a pure decode step: the kernel reads the cache
+                out = paged_decode_attention(
+                    query,
+                    layer_cache,
+                    metadata.decode_tables,
+                    metadata.decode_lens,
+                    sliding_window=metadata.sliding_window,
+                    scale=options.scale,
+                )
+                return self.o(out)
             key = qkv[:, q_width : q_width + kv_width].view(tokens, kv_heads, head_dim)
             value = qkv[:, q_width + kv_width :].view(tokens, kv_heads, head_dim)
             out = paged_attention(query, key, value, layer_cache, metadata, options, cached=True)
