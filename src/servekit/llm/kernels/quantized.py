@@ -66,8 +66,10 @@ def quantized_matmul(
     out_features = blocks.shape[0]
     if bias is not None and (bias.dtype != torch.float32 or bias.shape != (out_features,)):
         raise ValueError("bias must be float32 [out_features]")
-    x = x.contiguous()
-    bias = None if bias is None else bias.contiguous()
+    if not x.is_contiguous():
+        x = x.contiguous()
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()
     out = torch.empty((rows, out_features), dtype=torch.float32)
     status = library.quantized_matmul(
         x.data_ptr(),
