@@ -15,8 +15,11 @@ from servekit.cpu import cpu_flags
 from servekit.llm import kernels
 from servekit.llm.attention import build_attention_metadata, paged_attention
 from servekit.llm.kernels import attention_simd_lanes, load_library
+from servekit.llm.kernels.attention import rotary_write_kv
 from servekit.llm.kernels.elementwise import add_rms_norm, gelu_tanh, silu_mul
 from servekit.llm.kernels.int8 import dequantize, quantize_rows
+from servekit.llm.model_config import ModelConfig
+from servekit.llm.models.rotary import RotaryEmbedding
 
 pytestmark = pytest.mark.skipif(kernels._compiler() is None, reason="no C compiler on this machine")
 
@@ -208,3 +211,55 @@ def test_the_attention_kernel_uses_the_widest_vectors_this_cpu_has() -> None:
     else:
         expected = 1
     assert attention_simd_lanes() == expected
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rotary_dim", [16, 8, None])
+def test_rotary_and_cache_write_kernel_matches_pytorch(kv_dtype: torch.dtype, rotary_dim: int | None) -> None:
+    """One C pass: rotary on q/k (whole or partial head), keys/values into their (shuffled) slots."""
+    heads, kv_heads, head_dim, block_size, tokens = 6, 2, 16, 4, 7
+    generator = torch.Generator().manual_seed(5)
+    qkv = torch.randn((tokens, (heads + 2 * kv_heads) * head_dim), generator=generator)
+    positions = torch.tensor([0, 3, 4, 5, 17, 18, 40])
+    slots = torch.randperm(12 * block_size, generator=generator)[:tokens]
+    cache = torch.randn((12, 2, kv_heads, block_size, head_dim), generator=generator).to(kv_dtype)
+    config = ModelConfig(
+        architecture="LlamaForCausalLM",
+        vocab_size=10,
+        hidden_size=heads * head_dim,
+        intermediate_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=64,
+        rotary_dim=rotary_dim,
+    )
+    cos_sin = RotaryEmbedding(config, max_model_len=64, dtype=torch.float32).cos_sin(positions, 40)
+    q_width, kv_width = heads * head_dim, kv_heads * head_dim
+    query = RotaryEmbedding.apply(qkv[:, :q_width].reshape(tokens, heads, head_dim), *cos_sin)
+    key = RotaryEmbedding.apply(
+        qkv[:, q_width : q_width + kv_width].reshape(tokens, kv_heads, head_dim), *cos_sin
+    )
+    value = qkv[:, q_width + kv_width :].reshape(tokens, kv_heads, head_dim)
+    expected = cache.clone()
+    expected[slots // block_size, 0, :, slots % block_size] = key.to(kv_dtype)
+    expected[slots // block_size, 1, :, slots % block_size] = value.to(kv_dtype)
+
+    got = qkv.clone()
+    rotary_write_kv(got, *cos_sin, slots, cache, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim)
+    torch.testing.assert_close(got[:, :q_width], query.reshape(tokens, -1), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(
+        got[:, q_width:], torch.cat([key, value], 1).reshape(tokens, -1), atol=1e-6, rtol=1e-6
+    )
+    torch.testing.assert_close(cache.float(), expected.float(), atol=1e-6, rtol=1e-6)
+
+    plain = qkv.clone()  # no rotary: only the cache write
+    rotary_write_kv(
+        plain, None, None, slots, cache, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim
+    )
+    torch.testing.assert_close(plain, qkv, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="slots"):
+        rotary_write_kv(
+            qkv, None, None, slots.int(), cache, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim
+        )

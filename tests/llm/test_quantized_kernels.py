@@ -22,10 +22,12 @@ from servekit.llm.kernels.quantized import (
     BLOCK_TYPES,
     QuantizedTensor,
     quantized_matmul,
+    quantized_silu_mlp,
     quantized_simd_lanes,
 )
 from servekit.llm.loaders import load_model_source
 from servekit.llm.model_runner import ForwardBatch, ModelRunner
+from servekit.llm.models.layers import DenseMLP
 from servekit.llm.models.quantized_linear import QuantizedLinear
 from tests.llm.test_engine import make_engine, run_all
 from tests.llm.test_loaders_gguf import write_gguf
@@ -133,6 +135,38 @@ def test_fused_projection_of_mixed_types() -> None:
         torch.testing.assert_close(
             linear(x).double(), expected, rtol=0, atol=1e-4 * float(expected.abs().max())
         )
+
+
+@pytest.mark.parametrize(("up_type", "down_type"), [(Q.Q4_1, Q.Q4_1), (Q.Q4_0, Q.Q8_0), (Q.Q4_K, Q.Q6_K)])
+def test_fused_mlp_is_the_three_kernels(up_type: Any, down_type: Any) -> None:
+    """The decode MLP in one call (gate/up, SiLU-and-multiply, down) computes what the separate
+    calls do, and the float64 reference within float32 noise; DenseMLP takes it below 16 rows."""
+    hidden, inter = 512, 256
+    gate_up = QuantizedTensor(
+        torch.from_numpy(random_blocks(up_type, 2 * inter, hidden, seed=3)), int(up_type), (2 * inter, hidden)
+    )
+    down = QuantizedTensor(
+        torch.from_numpy(random_blocks(down_type, hidden, inter, seed=4)), int(down_type), (hidden, inter)
+    )
+    mlp = DenseMLP(
+        QuantizedLinear([gate_up]), QuantizedLinear([down]), torch.nn.functional.silu, True, fused=True
+    )
+    assert mlp.blocks is not None
+    w_up, w_down = gate_up.dequantize().double(), down.dequantize().double()
+    for rows in (1, 2, 5, 15, 16):
+        x = torch.randn(rows, hidden)
+        projected = quantized_matmul(x, gate_up.blocks, gate_up.ggml_type)
+        act = torch.nn.functional.silu(projected[:, :inter]) * projected[:, inter:]
+        separate = quantized_matmul(act, down.blocks, down.ggml_type)
+        if rows < 16:
+            fused = quantized_silu_mlp(x, gate_up, down)
+            torch.testing.assert_close(fused, separate, rtol=1e-5, atol=1e-6 * float(separate.abs().max()))
+        reference_up = x.double() @ w_up.T
+        reference = (torch.nn.functional.silu(reference_up[:, :inter]) * reference_up[:, inter:]) @ w_down.T
+        error = float((mlp(x).double() - reference).abs().max() / reference.abs().max())
+        assert error < 1e-5, (rows, error)
+    with pytest.raises(ValueError, match="do not fit"):
+        quantized_silu_mlp(torch.randn(1, hidden), down, gate_up)
 
 
 # -- through the loader and the engine ------------------------------------------------------------

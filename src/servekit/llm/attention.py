@@ -60,6 +60,7 @@ class AttentionMetadata:
     decode_tables: torch.Tensor | None = None
     decode_lens: torch.Tensor | None = None
     sliding_window: int | None = None
+    slot_mapping: torch.Tensor | None = None  # int64 [num_tokens]: block * block_size + offset
     # The same step's metadata for the other sliding windows some layers use, keyed by window.
     variants: dict[int | None, AttentionMetadata] = field(default_factory=dict)
 
@@ -153,6 +154,7 @@ def build_attention_metadata(
         decode_tables=decode_tables,
         decode_lens=decode_lens,
         sliding_window=sliding_window,
+        slot_mapping=slot_mapping,
     )
 
 
@@ -216,8 +218,12 @@ def paged_attention(
     layer_cache: torch.Tensor,
     metadata: AttentionMetadata,
     options: AttentionOptions = PLAIN,
+    *,
+    cached: bool = False,
 ) -> torch.Tensor:
     """Write the new keys/values into the cache and attend; returns ``[num_tokens, heads * head_dim]``.
+
+    ``cached``: the caller already wrote them (``kernels.attention.rotary_write_kv``).
 
     ``query``: ``[num_tokens, num_heads, head_dim]``; ``key``, ``value``: ``[num_tokens, num_kv_heads,
     head_dim]`` (rotary embedding already applied to queries and keys); ``layer_cache``: ``[num_blocks,
@@ -233,17 +239,19 @@ def paged_attention(
         # same results whether their keys come from this step or from the (prefix) cache.
         key = key.to(layer_cache.dtype)
         value = value.to(layer_cache.dtype)
-    layer_cache[metadata.write_blocks, 0, :, metadata.write_offsets] = key
-    layer_cache[metadata.write_blocks, 1, :, metadata.write_offsets] = value
-    key = key.to(query.dtype)
-    value = value.to(query.dtype)
+    if not cached:
+        layer_cache[metadata.write_blocks, 0, :, metadata.write_offsets] = key
+        layer_cache[metadata.write_blocks, 1, :, metadata.write_offsets] = value
+    if key.dtype != query.dtype:
+        key = key.to(query.dtype)
+        value = value.to(query.dtype)
 
     outputs: list[torch.Tensor] = []
     num_decode = metadata.num_decode
     if num_decode and metadata.decode_lens is not None:
         assert metadata.decode_tables is not None and not options.eager
         out = paged_decode_attention(
-            query[:num_decode],
+            query[:num_decode] if num_decode < query.shape[0] else query,
             layer_cache,
             metadata.decode_tables,
             metadata.decode_lens,

@@ -72,6 +72,7 @@ class PagedKVCache:
         self._storage = torch.zeros(
             (num_layers, num_blocks, 2, num_kv_heads, block_size, head_dim), dtype=dtype, device=device
         )
+        self._layers = list(self._storage.unbind(0))  # one view per layer, made once
         logger.info(
             "allocated KV cache on %s: %d blocks x %d tokens, %.1f MiB",
             self._storage.device,
@@ -86,7 +87,7 @@ class PagedKVCache:
 
     def layer(self, index: int) -> torch.Tensor:
         """Layer ``index``'s blocks, ``[num_blocks, 2, num_kv_heads, block_size, head_dim]`` (a view)."""
-        return self._storage[index]
+        return self._layers[index]
 
     def keys(self, layer: int) -> torch.Tensor:
         """``[num_blocks, num_kv_heads, block_size, head_dim]`` view of one layer's keys."""

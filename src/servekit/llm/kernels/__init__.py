@@ -31,7 +31,13 @@ logger = logging.getLogger(__name__)
 
 SOURCES = tuple(
     Path(__file__).with_name(name)
-    for name in ("paged_attention.c", "int8_rows.c", "elementwise.c", "quantized_matmul.c")
+    for name in (
+        "paged_attention.c",
+        "int8_rows.c",
+        "elementwise.c",
+        "quantized_matmul.c",
+        "rotary_cache.c",
+    )
 )
 HEADERS = (Path(__file__).with_name("dtypes.h"),)
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fPIC", "-shared", "-pthread")
@@ -105,6 +111,19 @@ _SIGNATURES: dict[str, list[type]] = {
     # x, out (same shape, contiguous), elements, dtype
     "gelu_tanh": [_POINTER, _POINTER, _INT64, _INT],
     "attention_simd_lanes": [],
+    # qkv float32, row stride, cos, sin (or NULL), rotary dim, slots int64, cache, cache dtype;
+    # tokens, heads, kv heads, head_dim, block_size
+    "rotary_write_kv": [
+        _POINTER,
+        _INT64,
+        _POINTER,
+        _POINTER,
+        _INT64,
+        _POINTER,
+        _POINTER,
+        _INT,
+        *[_INT64] * 5,
+    ],
     # x float32, rows, cols (K), weight blocks, out rows (N), bytes per weight row, GGML type, bias (or
     # NULL), out float32, threads, schedule (0 auto, 1 row by row, 2 tiled)
     "quantized_matmul": [
@@ -120,6 +139,23 @@ _SIGNATURES: dict[str, list[type]] = {
         _INT,
         _INT,
     ],
+    # x float32, rows, K; gate_up blocks, bytes per row, type; intermediate; down blocks, bytes per
+    # row, type; scratch float32, out float32, threads
+    "quantized_silu_mlp": [
+        _POINTER,
+        _INT64,
+        _INT64,
+        _POINTER,
+        _INT64,
+        _INT,
+        _INT64,
+        _POINTER,
+        _INT64,
+        _INT,
+        _POINTER,
+        _POINTER,
+        _INT,
+    ],
     # weight blocks, bytes per row, GGML type, K, row indices int64, count, out float32
     "dequantize_rows": [_POINTER, _INT64, _INT, _INT64, _POINTER, _INT64, _POINTER],
     "quantized_simd_lanes": [],
@@ -128,6 +164,7 @@ _RETURNS_INT = (
     "paged_decode_attention",
     "attention_simd_lanes",
     "quantized_matmul",
+    "quantized_silu_mlp",
     "dequantize_rows",
     "quantized_simd_lanes",
 )

@@ -27,7 +27,7 @@ def add_rms_norm(
     library = load_library()
     assert library is not None and hidden.is_contiguous()
     rows, cols = hidden.shape
-    if delta is not None:
+    if delta is not None and not delta.is_contiguous():
         delta = delta.contiguous()
     out = torch.empty_like(hidden)
     library.add_rms_norm(

@@ -17,6 +17,8 @@ BLOCK_TYPES: dict[int, tuple[int, int]] = {
     14: (256, 210),  # Q6_K
 }
 SCHEDULES = {"auto": 0, "rows": 1, "tiled": 2}
+# Below this many rows of x, "auto" runs the row-by-row schedule (TILED_FROM_ROWS in the C source).
+ROW_SCHEDULE_MAX_ROWS = 16
 
 
 def quantized_simd_lanes() -> int:
@@ -64,8 +66,10 @@ def quantized_matmul(
     out_features = blocks.shape[0]
     if bias is not None and (bias.dtype != torch.float32 or bias.shape != (out_features,)):
         raise ValueError("bias must be float32 [out_features]")
-    x = x.contiguous()
-    bias = None if bias is None else bias.contiguous()
+    if not x.is_contiguous():
+        x = x.contiguous()
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()
     out = torch.empty((rows, out_features), dtype=torch.float32)
     status = library.quantized_matmul(
         x.data_ptr(),
@@ -84,6 +88,47 @@ def quantized_matmul(
         raise MemoryError("quantized_matmul could not allocate its scratch memory")
     if status != 0:
         raise ValueError(f"quantized_matmul refused its arguments (status {status})")
+    return out
+
+
+def quantized_silu_mlp(
+    x: torch.Tensor, gate_up: QuantizedTensor, down: QuantizedTensor, *, num_threads: int | None = None
+) -> torch.Tensor:
+    """``down(silu(gate(x)) * up(x))`` in float32 with no biases, in one kernel call (one parallel
+    region): ``gate_up`` holds the gate rows then the up rows ``[2 * inter, in]``, ``down`` is
+    ``[in, inter]``; ``x``: float32 ``[rows, in]``. The decode-sized (row-by-row) schedule."""
+    library = load_library()
+    if library is None:
+        raise RuntimeError("the C kernels are not available (see servekit.llm.kernels)")
+    if x.dtype != torch.float32 or x.dim() != 2:
+        raise ValueError(f"x must be a 2-D float32 tensor, got {x.dtype} {tuple(x.shape)}")
+    rows, in_features = x.shape
+    inter = gate_up.shape[0] // 2
+    if gate_up.shape != (2 * inter, in_features) or down.shape != (in_features, inter):
+        raise ValueError(f"gate_up {gate_up.shape} and down {down.shape} do not fit x of {in_features}")
+    if not x.is_contiguous():
+        x = x.contiguous()
+    scratch = torch.empty(rows * 3 * inter, dtype=torch.float32)
+    out = torch.empty((rows, in_features), dtype=torch.float32)
+    status = library.quantized_silu_mlp(
+        x.data_ptr(),
+        rows,
+        in_features,
+        gate_up.blocks.data_ptr(),
+        gate_up.blocks.shape[1],
+        gate_up.ggml_type,
+        inter,
+        down.blocks.data_ptr(),
+        down.blocks.shape[1],
+        down.ggml_type,
+        scratch.data_ptr(),
+        out.data_ptr(),
+        num_threads or torch.get_num_threads(),
+    )
+    if status == -1:
+        raise MemoryError("quantized_silu_mlp could not allocate its scratch memory")
+    if status != 0:
+        raise ValueError(f"quantized_silu_mlp refused its arguments (status {status})")
     return out
 
 

@@ -267,6 +267,7 @@ class DecoderLM:
             num_kv_heads=self.heads.num_kv_heads,
             head_dim=config.head_dim,
             norm_per_head=config.qk_norm_per_head,
+            fused=self.fused_elementwise and self.dtype == torch.float32,
         )
 
     def _moe(self, store: dict[str, torch.Tensor], prefix: str, moe: MoEConfig) -> SparseMoE:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from servekit.llm.kernels.elementwise import gelu_tanh, silu_mul
+from servekit.llm.kernels.quantized import ROW_SCHEDULE_MAX_ROWS, QuantizedTensor, quantized_silu_mlp
 from servekit.llm.models.linear import Int8Linear, Linear
 from servekit.llm.models.quantized_linear import QuantizedLinear
 
@@ -63,7 +64,31 @@ class DenseMLP:
     gated: bool
     fused: bool = False  # the C elementwise kernels (SiLU-and-multiply, tanh GELU) may run
 
+    def __post_init__(self) -> None:
+        # Both projections on GGUF blocks, unbiased: decode-sized batches run the whole MLP in one call.
+        self.blocks: tuple[QuantizedTensor, QuantizedTensor] | None = None
+        up, down = self.up, self.down
+        if (
+            self.fused
+            and self.gated
+            and self.act is F.silu
+            and isinstance(up, QuantizedLinear)
+            and isinstance(down, QuantizedLinear)
+            and len(up.parts) == 1
+            and len(down.parts) == 1
+            and up.bias is None
+            and down.bias is None
+        ):
+            self.blocks = (up.parts[0], down.parts[0])
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            self.blocks is not None
+            and x.shape[0] < ROW_SCHEDULE_MAX_ROWS
+            and x.dtype == torch.float32
+            and x.device.type == "cpu"
+        ):
+            return quantized_silu_mlp(x, *self.blocks)
         up = self.up(x)
         fused = self.fused and up.device.type == "cpu"
         if not self.gated:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from servekit.llm.attention import AttentionMetadata, AttentionOptions, paged_attention
+from servekit.llm.kernels.attention import paged_decode_attention, rotary_write_kv
 from servekit.llm.models.layers import Norm, Projection
 from servekit.llm.models.rotary import RotaryEmbedding
 
@@ -24,6 +25,7 @@ class SelfAttention:
     num_kv_heads: int
     head_dim: int
     norm_per_head: bool = True  # q/k norms over each head (Qwen3) or over all heads (OLMo 2)
+    fused: bool = False  # the C kernels may rotate q/k and write the cache (float32 on a CPU)
 
     def __call__(
         self,
@@ -37,6 +39,29 @@ class SelfAttention:
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv(normed)
         q_width, kv_width = heads * head_dim, kv_heads * head_dim
+        slots = metadata.slot_mapping
+        if self.fused and self.q_norm is None and slots is not None and qkv.device.type == "cpu":
+            # One C pass instead of ~20 operators: rotary in place, then keys/values into the cache.
+            cos, sin = rotary if rotary is not None else (None, None)
+            rotary_write_kv(
+                qkv, cos, sin, slots, layer_cache, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim
+            )
+            query = qkv[:, :q_width].view(tokens, heads, head_dim)
+            if not metadata.prefills and metadata.decode_tables is not None and not options.eager:
+                assert metadata.decode_lens is not None  # a pure decode step: the kernel reads the cache
+                out = paged_decode_attention(
+                    query,
+                    layer_cache,
+                    metadata.decode_tables,
+                    metadata.decode_lens,
+                    sliding_window=metadata.sliding_window,
+                    scale=options.scale,
+                )
+                return self.o(out)
+            key = qkv[:, q_width : q_width + kv_width].view(tokens, kv_heads, head_dim)
+            value = qkv[:, q_width + kv_width :].view(tokens, kv_heads, head_dim)
+            out = paged_attention(query, key, value, layer_cache, metadata, options, cached=True)
+            return self.o(out)
         query = qkv[:, :q_width]
         key = qkv[:, q_width : q_width + kv_width]
         value = qkv[:, q_width + kv_width :].view(tokens, kv_heads, head_dim)
