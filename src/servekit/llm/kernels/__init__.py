@@ -31,7 +31,13 @@ logger = logging.getLogger(__name__)
 
 SOURCES = tuple(
     Path(__file__).with_name(name)
-    for name in ("paged_attention.c", "int8_rows.c", "elementwise.c", "quantized_matmul.c")
+    for name in (
+        "paged_attention.c",
+        "int8_rows.c",
+        "elementwise.c",
+        "quantized_matmul.c",
+        "quantized_gemm.c",
+    )
 )
 HEADERS = (Path(__file__).with_name("dtypes.h"),)
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fPIC", "-shared", "-pthread")
@@ -121,6 +127,10 @@ _SIGNATURES: dict[str, list[type]] = {
     # weight blocks, bytes per row, GGML type, K, row indices int64, count, out float32
     "dequantize_rows": [_POINTER, _INT64, _INT, _INT64, _POINTER, _INT64, _POINTER],
     "quantized_simd_lanes": [],
+    # x float32, rows (M), cols (K), weight blocks, out rows (N), bytes per weight row, GGML type,
+    # bias (or NULL), out float32, threads
+    "quantized_gemm": [_POINTER, _INT64, _INT64, _POINTER, _INT64, _INT64, _INT, _POINTER, _POINTER, _INT],
+    "quantized_gemm_lanes": [],
 }
 _RETURNS_INT = (
     "paged_decode_attention",
@@ -128,6 +138,8 @@ _RETURNS_INT = (
     "quantized_matmul",
     "dequantize_rows",
     "quantized_simd_lanes",
+    "quantized_gemm",
+    "quantized_gemm_lanes",
 )
 
 
