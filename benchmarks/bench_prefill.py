@@ -27,7 +27,14 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_llama_server import bench_env, default_gguf, llama_command, servekit_command, server  # noqa: E402
+from bench_llama_server import (  # noqa: E402
+    bench_env,
+    default_gguf,
+    llama_command,
+    servekit_command,
+    server,
+    server_arguments,
+)
 from bench_serve import free_port  # noqa: E402
 
 
@@ -62,19 +69,11 @@ def measure(url: str, args: argparse.Namespace, seed: int) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--llama-server", required=True, help="the llama-server binary (build_llama_server.sh)"
-    )
-    parser.add_argument("--model", type=Path, default=None, help="GGUF file (default: the default model's)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser = server_arguments(__doc__)
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--singles", type=int, default=3)
     parser.add_argument("--burst", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--servekit-arg", action="append", default=[], help="extra `servekit serve` flag")
     args = parser.parse_args()
     # What bench_llama_server's command builders read, for prompts of this length and no prefix.
     args.prefix_len, args.input_len, args.output_len = 0, args.prompt_len, 1
