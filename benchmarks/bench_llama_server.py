@@ -139,22 +139,26 @@ def workloads(args: argparse.Namespace) -> list[Workload]:
     return found
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def server_arguments(doc: str | None) -> argparse.ArgumentParser:
+    """A parser with the options of both servers (binary, GGUF, threads, extra servekit flags)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--llama-server", required=True, help="the llama-server binary (build_llama_server.sh)"
     )
     parser.add_argument("--model", type=Path, default=None, help="GGUF file (default: the default model's)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--servekit-arg", action="append", default=[], help="extra `servekit serve` flag")
+    return parser
+
+
+def main() -> None:
+    parser = server_arguments(__doc__)
     parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32])
     parser.add_argument("--prefix-concurrency", type=int, default=8)
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--prefix-len", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--servekit-arg", action="append", default=[], help="extra `servekit serve` flag")
     parser.add_argument("--log-dir", type=Path, default=None, help="keep the servers' logs and reports here")
     args = parser.parse_args()
     gguf = args.model or default_gguf()

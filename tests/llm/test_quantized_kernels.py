@@ -262,15 +262,16 @@ def test_default_model_on_its_blocks_matches_the_dequantised_model() -> None:
 
 
 def _build(tmp_path: Path, flags: list[str]) -> Path:
+    """The quantised matmul kernels (``quantized_matmul.c``, ``quantized_gemm.c``) built with ``flags``."""
     from servekit.llm.kernels import _compiler
 
     compiler = _compiler()
     if compiler is None:
         pytest.skip("no C compiler")
-    source = Path(kernels.__file__).with_name("quantized_matmul.c")
+    sources = [str(Path(kernels.__file__).with_name(n)) for n in ("quantized_matmul.c", "quantized_gemm.c")]
     target = tmp_path / "quantized.so"
     subprocess.run(
-        [compiler, "-O2", "-ffast-math", "-fPIC", "-shared", *flags, "-o", str(target), str(source)],
+        [compiler, "-O2", "-ffast-math", "-fPIC", "-shared", *flags, "-o", str(target), *sources],
         check=True,
         capture_output=True,
         timeout=300,

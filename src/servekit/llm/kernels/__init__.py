@@ -37,6 +37,7 @@ SOURCES = tuple(
         "elementwise.c",
         "quantized_matmul.c",
         "rotary_cache.c",
+        "quantized_gemm.c",
     )
 )
 HEADERS = (Path(__file__).with_name("dtypes.h"),)
@@ -159,6 +160,10 @@ _SIGNATURES: dict[str, list[type]] = {
     # weight blocks, bytes per row, GGML type, K, row indices int64, count, out float32
     "dequantize_rows": [_POINTER, _INT64, _INT, _INT64, _POINTER, _INT64, _POINTER],
     "quantized_simd_lanes": [],
+    # x float32, rows (M), cols (K), weight blocks, out rows (N), bytes per weight row, GGML type,
+    # bias (or NULL), out float32, threads
+    "quantized_gemm": [_POINTER, _INT64, _INT64, _POINTER, _INT64, _INT64, _INT, _POINTER, _POINTER, _INT],
+    "quantized_gemm_lanes": [],
 }
 _RETURNS_INT = (
     "paged_decode_attention",
@@ -167,6 +172,8 @@ _RETURNS_INT = (
     "quantized_silu_mlp",
     "dequantize_rows",
     "quantized_simd_lanes",
+    "quantized_gemm",
+    "quantized_gemm_lanes",
 )
 
 

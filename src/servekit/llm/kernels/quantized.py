@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,60 @@ def _check(blocks: torch.Tensor, ggml_type: int, in_features: int) -> None:
         raise ValueError(f"rows of {blocks.shape[1]} bytes do not hold {in_features} values")
 
 
+@dataclass(frozen=True)
+class MatmulCall:
+    """A matmul kernel's checked arguments on ``blocks`` (x, rows, K, blocks, N, bytes per row, type,
+    bias or NULL, out, threads) with the tensors they point into, alive as long as the call."""
+
+    arguments: tuple[object, ...]
+    out: torch.Tensor
+    inputs: tuple[torch.Tensor | None, ...]
+
+    @classmethod
+    def of(
+        cls,
+        x: torch.Tensor,
+        blocks: torch.Tensor,
+        ggml_type: int,
+        bias: torch.Tensor | None,
+        num_threads: int | None,
+    ) -> MatmulCall:
+        if x.dtype != torch.float32 or x.dim() != 2:
+            raise ValueError(f"x must be a 2-D float32 tensor, got {x.dtype} {tuple(x.shape)}")
+        rows, in_features = x.shape
+        _check(blocks, ggml_type, in_features)
+        out_features = blocks.shape[0]
+        if bias is not None and (bias.dtype != torch.float32 or bias.shape != (out_features,)):
+            raise ValueError("bias must be float32 [out_features]")
+        if not x.is_contiguous():
+            x = x.contiguous()
+        if bias is not None and not bias.is_contiguous():
+            bias = bias.contiguous()
+        out = torch.empty((rows, out_features), dtype=torch.float32)
+        arguments = (
+            x.data_ptr(),
+            rows,
+            in_features,
+            blocks.data_ptr(),
+            out_features,
+            blocks.shape[1],
+            ggml_type,
+            None if bias is None else bias.data_ptr(),
+            out.data_ptr(),
+            num_threads or torch.get_num_threads(),
+        )
+        return cls(arguments, out, (x, blocks, bias))
+
+    def run(self, kernel: Callable[..., int], *extra: object) -> torch.Tensor:
+        """``kernel(*arguments, *extra)``; its output, or the error its status says."""
+        status = kernel(*self.arguments, *extra)
+        if status == -1:
+            raise MemoryError(f"{kernel.__name__} could not allocate its scratch memory")
+        if status != 0:
+            raise ValueError(f"{kernel.__name__} refused its arguments (status {status})")
+        return self.out
+
+
 def quantized_matmul(
     x: torch.Tensor,
     blocks: torch.Tensor,
@@ -59,36 +114,8 @@ def quantized_matmul(
     library = load_library()
     if library is None:
         raise RuntimeError("the C kernels are not available (see servekit.llm.kernels)")
-    if x.dtype != torch.float32 or x.dim() != 2:
-        raise ValueError(f"x must be a 2-D float32 tensor, got {x.dtype} {tuple(x.shape)}")
-    rows, in_features = x.shape
-    _check(blocks, ggml_type, in_features)
-    out_features = blocks.shape[0]
-    if bias is not None and (bias.dtype != torch.float32 or bias.shape != (out_features,)):
-        raise ValueError("bias must be float32 [out_features]")
-    if not x.is_contiguous():
-        x = x.contiguous()
-    if bias is not None and not bias.is_contiguous():
-        bias = bias.contiguous()
-    out = torch.empty((rows, out_features), dtype=torch.float32)
-    status = library.quantized_matmul(
-        x.data_ptr(),
-        rows,
-        in_features,
-        blocks.data_ptr(),
-        out_features,
-        blocks.shape[1],
-        ggml_type,
-        None if bias is None else bias.data_ptr(),
-        out.data_ptr(),
-        num_threads or torch.get_num_threads(),
-        SCHEDULES[schedule],
-    )
-    if status == -1:
-        raise MemoryError("quantized_matmul could not allocate its scratch memory")
-    if status != 0:
-        raise ValueError(f"quantized_matmul refused its arguments (status {status})")
-    return out
+    call = MatmulCall.of(x, blocks, ggml_type, bias, num_threads)
+    return call.run(library.quantized_matmul, SCHEDULES[schedule])
 
 
 def quantized_silu_mlp(

@@ -12,6 +12,11 @@ from __future__ import annotations
 import torch
 
 from servekit.llm.kernels.quantized import QuantizedTensor, quantized_matmul
+from servekit.llm.kernels.quantized_gemm import quantized_gemm
+
+# Rows of x from which the GEMM (quantized_gemm.c) beats the row-by-row kernel: CPU time on the AVX2
+# EPYC, SmolLM2's Q4_1 shapes: 8 rows 1.61 ms (row kernel) vs 1.79 ms, 12 rows 2.36 vs 1.76 ms.
+GEMM_FROM_ROWS = 12
 
 
 class QuantizedLinear:
@@ -37,15 +42,16 @@ class QuantizedLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         source = x if x.dtype == torch.float32 else x.float()
+        matmul = quantized_gemm if source.shape[0] >= GEMM_FROM_ROWS else quantized_matmul
         if len(self.parts) == 1:
             part = self.parts[0]
-            out = quantized_matmul(source, part.blocks, part.ggml_type, self.bias)
+            out = matmul(source, part.blocks, part.ggml_type, self.bias)
         else:
             pieces, start = [], 0
             for part in self.parts:
                 rows = part.shape[0]
                 bias = None if self.bias is None else self.bias[start : start + rows]
-                pieces.append(quantized_matmul(source, part.blocks, part.ggml_type, bias))
+                pieces.append(matmul(source, part.blocks, part.ggml_type, bias))
                 start += rows
             out = torch.cat(pieces, dim=1)
         return out if x.dtype == torch.float32 else out.to(x.dtype)

@@ -1,0 +1,142 @@
+/* Prefill: y = x @ W.T (+ bias) for many rows of x, W as GGUF's quantised blocks.
+ *
+ * The same numbers as quantized_matmul.c (the weights dequantised exactly, float32 products with the
+ * activations unrounded, one float32 sum per output over K in order), laid out for compute rather than
+ * for bytes read: prefill has M rows of x per weight row, so dequantising a weight row once per call
+ * costs 1/M of its multiply-adds, and what is left is a register-blocked GEMM.
+ *
+ *  - x is packed once per call into panels of PM rows, k-major ([K][PM]), zero-padded past M;
+ *  - each thread takes groups of GN weight rows, dequantises them into its own scratch ([GN][K],
+ *    a bounded buffer of L2 size; no float32 weight survives the call) with quantized_matmul.c's
+ *    dequantize_rows;
+ *  - a PM x NC micro-kernel keeps PM/LANES x NC vector accumulators in registers: per k, PM/LANES
+ *    vector loads of x and NC broadcasts of weights feed PM/LANES x NC FMAs.
+ * Vector width by the CPU the library is built for (-march=native, cached per CPU): AVX-512 16 lanes,
+ * AVX2 + FMA 8, else 4 (SSE, NEON or scalar code: what the compiler makes of GCC's generic vectors),
+ * all from one source.
+ * Threads: OpenMP over weight-row groups, on the process's OpenMP pool (PyTorch's).
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* quantized_matmul.c: rows `indices` of w dequantised into out [count][k]; 0 or -2 (bad geometry). */
+int dequantize_rows(const uint8_t *w, int64_t row_bytes, int type, int64_t k, const int64_t *indices,
+                    int64_t count, float *out);
+
+#if defined(__AVX512F__)
+#define LANES 16
+#define NC 12 /* 32 registers: 2 x 12 accumulators */
+#elif defined(__AVX2__) && defined(__FMA__)
+#define LANES 8
+#define NC 6 /* 16 registers: 2 x 6 accumulators, 2 x loads, 1 broadcast */
+#else
+#define LANES 4
+#define NC 6
+#endif
+#define MV 2                 /* vectors of x rows per micro-kernel */
+#define PM (MV * LANES)      /* x rows of a panel */
+#define GN (4 * NC)          /* weight rows dequantised together */
+#ifndef XBLOCK_BYTES
+#define XBLOCK_BYTES (512 * 1024) /* x rows met by each dequantised weight group: about L2 */
+#endif
+
+typedef float vec_t __attribute__((vector_size(LANES * sizeof(float))));
+
+int quantized_gemm_lanes(void) { return LANES; }
+
+/* x rows [first, first + rows) (rows <= PM) into panel [k][PM], zeros past `rows`. */
+static void pack_panel(const float *x, int64_t k, int64_t first, int64_t rows, float *panel) {
+    if (rows < PM) memset(panel, 0, sizeof(float) * (size_t)(k * PM));
+    for (int64_t r = 0; r < rows; r++) {
+        const float *src = x + (first + r) * k;
+        for (int64_t i = 0; i < k; i++) panel[i * PM + r] = src[i];
+    }
+}
+
+/* acc_out[c][r] = sum_i panel[i][r] * w[c][i]: PM x rows against NC weight rows of `ldw` floats. */
+static inline __attribute__((always_inline)) void micro_kernel(const float *panel, const float *w,
+                                                               int64_t ldw, int64_t k, float *acc_out) {
+    vec_t acc[MV][NC];
+    for (int v = 0; v < MV; v++)
+        for (int c = 0; c < NC; c++)
+            acc[v][c] = (vec_t){0};
+    for (int64_t i = 0; i < k; i++) {
+        vec_t xv[MV];
+        for (int v = 0; v < MV; v++) xv[v] = *(const vec_t *)(panel + i * PM + v * LANES);
+        for (int c = 0; c < NC; c++) {
+            const vec_t wv = (vec_t){0} + w[c * ldw + i];
+            for (int v = 0; v < MV; v++) acc[v][c] += xv[v] * wv;
+        }
+    }
+    for (int c = 0; c < NC; c++)
+        for (int v = 0; v < MV; v++) *(vec_t *)(acc_out + c * PM + v * LANES) = acc[v][c];
+}
+
+/* x float32 [m][k] contiguous, w [n][row_bytes] blocks of GGML `type`, out float32 [m][n]; bias
+ * float32 [n] or NULL. Returns 0, -1 (out of memory) or -2 (unknown type or wrong geometry). */
+int quantized_gemm(const float *x, int64_t m, int64_t k, const uint8_t *w, int64_t n,
+                   int64_t row_bytes, int type, const float *bias, float *out, int threads) {
+    if (dequantize_rows(w, row_bytes, type, k, NULL, 0, NULL) != 0) return -2; /* geometry only */
+    if (threads < 1) threads = 1;
+    if (m <= 0 || n <= 0) return 0;
+    const int64_t panels = (m + PM - 1) / PM, groups = (n + GN - 1) / GN;
+    int64_t block_rows = XBLOCK_BYTES / (int64_t)sizeof(float) / k / PM * PM;
+    if (block_rows < PM) block_rows = PM;
+    float *packed = aligned_alloc(64, sizeof(float) * (size_t)(panels * PM * k));
+    if (packed == NULL) return -1;
+    int status = 0;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads)
+#endif
+    {
+        float *wbuf = aligned_alloc(64, sizeof(float) * (size_t)(GN * k));
+        float *acc = aligned_alloc(64, sizeof(float) * (size_t)(GN * PM));
+        if (wbuf == NULL || acc == NULL) {
+#ifdef _OPENMP
+#pragma omp atomic write
+#endif
+            status = -1;
+        }
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (int64_t p = 0; p < panels; p++) {
+            const int64_t rows = m - p * PM < PM ? m - p * PM : PM;
+            pack_panel(x, k, p * PM, rows, packed + p * PM * k);
+        }
+        /* x in blocks of `block_rows` rows (L2-sized), each met by every weight group: the groups
+         * are dequantised again per block (cheap next to block_rows multiply-adds per weight). */
+        for (int64_t m0 = 0; m0 < m; m0 += block_rows) {
+            const int64_t m1 = m - m0 < block_rows ? m : m0 + block_rows;
+#ifdef _OPENMP
+#pragma omp for schedule(static) nowait
+#endif
+            for (int64_t g = 0; g < groups; g++) {
+                if (wbuf == NULL || acc == NULL) continue;
+                const int64_t first = g * GN;
+                const int64_t count = n - first < GN ? n - first : GN;
+                int64_t indices[GN];
+                for (int64_t r = 0; r < count; r++) indices[r] = first + r;
+                dequantize_rows(w, row_bytes, type, k, indices, count, wbuf);
+                const int64_t padded = (count + NC - 1) / NC * NC;
+                if (padded > count)
+                    memset(wbuf + count * k, 0, sizeof(float) * (size_t)((padded - count) * k));
+                for (int64_t p0 = m0; p0 < m1; p0 += PM) {
+                    for (int64_t s = 0; s < padded; s += NC)
+                        micro_kernel(packed + p0 * k, wbuf + s * k, k, k, acc + s * PM);
+                    const int mr = (int)(m1 - p0 < PM ? m1 - p0 : PM);
+                    for (int r = 0; r < mr; r++) {
+                        float *dst = out + (p0 + r) * n + first;
+                        for (int64_t c = 0; c < count; c++)
+                            dst[c] = acc[c * PM + r] + (bias ? bias[first + c] : 0.0f);
+                    }
+                }
+            }
+        }
+        free(wbuf);
+        free(acc);
+    }
+    free(packed);
+    return status;
+}
