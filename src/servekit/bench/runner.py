@@ -129,13 +129,14 @@ async def _post(session: Any, url: str, body: dict[str, Any], headers: dict[str,
     """POST once more on a fresh connection when a pooled keep-alive one turns out closed.
 
     Servers cap the requests per connection (llama-server's HTTP library closes after a few), and
-    a connection closed between two requests fails the next one before any byte is sent back.
+    a connection closed between two requests fails the next one before any byte comes back: as a
+    disconnect, or as an error writing the request when the close lands during the write.
     """
     import aiohttp
 
     try:
         return await session.post(url, json=body, headers=headers)
-    except aiohttp.ServerDisconnectedError:
+    except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
         return await session.post(url, json=body, headers=headers)
 
 
