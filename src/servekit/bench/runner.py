@@ -130,14 +130,19 @@ async def _post(session: Any, url: str, body: dict[str, Any], headers: dict[str,
 
     Servers cap the requests per connection (llama-server's HTTP library closes after a few), and
     a connection closed between two requests fails the next one before any byte comes back: as a
-    disconnect, or as an error writing the request when the close lands during the write.
+    disconnect, or as an error writing the request when the close lands during the write. A failed
+    connection leaves the pool, but the next one taken may be closed too: one more attempt per
+    connection the pool can hold, so the last ones go out on a fresh connection.
     """
     import aiohttp
 
-    try:
-        return await session.post(url, json=body, headers=headers)
-    except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
-        return await session.post(url, json=body, headers=headers)
+    attempts = max(1, getattr(session.connector, "limit", 0) or 1) + 1
+    for _ in range(attempts - 1):
+        try:
+            return await session.post(url, json=body, headers=headers)
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+            continue
+    return await session.post(url, json=body, headers=headers)
 
 
 def arrival_gaps(count: int, rate: float, burstiness: float, seed: int) -> list[float]:
