@@ -222,6 +222,44 @@ static inline void dot4(const float *w, const float *x, int64_t ldx, int64_t k, 
 
 #if defined(__AVX2__) && defined(__FMA__)
 #define HAVE_FUSED_BLOCKS 1
+/* The 32 integer codes of a Q4_0/Q4_1/Q8_0 block as floats in `q`, with its w = d * q + c terms
+ * (`*c` is 0 for Q8_0). */
+static inline __attribute__((always_inline)) void block_codes(const uint8_t *block, int type, __m256 q[4],
+                                                              float *d, float *c) {
+    if (type == GGML_Q8_0) {
+        *d = half_to_float(block);
+        *c = 0.0f;
+        for (int p = 0; p < 4; p++)
+            q[p] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(block + 2 + 8 * p))));
+        return;
+    }
+    if (type == GGML_Q4_1) {
+        int32_t dm;
+        memcpy(&dm, block, sizeof dm);
+        const __m128 both = _mm_cvtph_ps(_mm_cvtsi32_si128(dm));
+        *d = _mm_cvtss_f32(both);
+        *c = _mm_cvtss_f32(_mm_movehdup_ps(both));
+    } else {
+        *d = half_to_float(block);
+        *c = -8.0f * *d;
+    }
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    const __m128i bytes = _mm_loadu_si128((const __m128i *)(block + (type == GGML_Q4_1 ? 4 : 2)));
+    const __m128i lo = _mm_and_si128(bytes, mask);
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+    q[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+    q[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+    q[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+    q[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+}
+
+static inline float hsum256(__m256 a) {
+    __m128 v = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+    v = _mm_add_ss(v, _mm_shuffle_ps(v, v, 1));
+    return _mm_cvtss_f32(v);
+}
+
 /* The 32-weight types without a dequantised row: w = d * q + c per block, so a block contributes
  * d * <q, x> + c * sum(x) (sums of x per block precomputed, `xsums` [rows][blocks]). The integer
  * codes are converted in registers and each x row's block is read once per weight block. */
@@ -233,27 +271,10 @@ static inline __attribute__((always_inline)) void dot_blocks(const uint8_t *row,
     float offsets[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     for (int r = 0; r < 4; r++) acc[r] = _mm256_setzero_ps();
     const int block_bytes = type == GGML_Q4_0 ? 18 : type == GGML_Q4_1 ? 20 : 34;
-    const __m128i mask = _mm_set1_epi8(0x0F);
     for (int64_t b = 0; b < blocks; b++) {
-        const uint8_t *block = row + b * block_bytes;
-        const float d = half_to_float(block);
-        float c = 0.0f;
+        float d, c;
         __m256 q[4];
-        if (type == GGML_Q8_0) {
-            for (int p = 0; p < 4; p++)
-                q[p] = _mm256_cvtepi32_ps(
-                    _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(block + 2 + 8 * p))));
-        } else {
-            const uint8_t *qs = block + (type == GGML_Q4_1 ? 4 : 2);
-            c = type == GGML_Q4_1 ? half_to_float(block + 2) : -8.0f * d;
-            const __m128i bytes = _mm_loadu_si128((const __m128i *)qs);
-            const __m128i lo = _mm_and_si128(bytes, mask);
-            const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
-            q[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-            q[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
-            q[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-            q[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
-        }
+        block_codes(row + b * block_bytes, type, q, &d, &c);
         const __m256 vd = _mm256_set1_ps(d);
         for (int r = 0; r < 4; r++) {
             if (r < mr) {
@@ -267,14 +288,7 @@ static inline __attribute__((always_inline)) void dot_blocks(const uint8_t *row,
             }
         }
     }
-    for (int r = 0; r < 4; r++) {
-        if (r < mr) {
-            __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
-            v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-            v = _mm_add_ss(v, _mm_shuffle_ps(v, v, 1));
-            res[r] = _mm_cvtss_f32(v) + offsets[r];
-        }
-    }
+    for (int r = 0; r < mr; r++) res[r] = hsum256(acc[r]) + offsets[r];
 }
 
 /* One x row against `nw` (<= 4) weight rows at once: each x block is loaded once for all of them
@@ -287,7 +301,6 @@ static inline __attribute__((always_inline)) void gemv_blocks(const uint8_t *w, 
     float offsets[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     for (int r = 0; r < 4; r++) acc[r] = _mm256_setzero_ps();
     const int block_bytes = type == GGML_Q4_0 ? 18 : type == GGML_Q4_1 ? 20 : 34;
-    const __m128i mask = _mm_set1_epi8(0x0F);
     for (int64_t b = 0; b < blocks; b++) {
         const float *xb = x + 32 * b;
         const __m256 x0 = _mm256_loadu_ps(xb), x1 = _mm256_loadu_ps(xb + 8);
@@ -295,48 +308,17 @@ static inline __attribute__((always_inline)) void gemv_blocks(const uint8_t *w, 
         const float xsum = xsums[b];
         for (int r = 0; r < 4; r++) {
             if (r >= nw) break;
-            const uint8_t *block = w + r * row_bytes + b * block_bytes;
-            __m256 q0, q1, q2, q3, vd;
-            if (type == GGML_Q8_0) {
-                vd = _mm256_set1_ps(half_to_float(block));
-                q0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(block + 2))));
-                q1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(block + 10))));
-                q2 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(block + 18))));
-                q3 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(block + 26))));
-            } else {
-                float d, c;
-                if (type == GGML_Q4_1) {
-                    int32_t dm;
-                    memcpy(&dm, block, sizeof dm);
-                    const __m128 both = _mm_cvtph_ps(_mm_cvtsi32_si128(dm));
-                    d = _mm_cvtss_f32(both);
-                    c = _mm_cvtss_f32(_mm_movehdup_ps(both));
-                } else {
-                    d = half_to_float(block);
-                    c = -8.0f * d;
-                }
-                vd = _mm256_set1_ps(d);
-                offsets[r] += c * xsum;
-                const __m128i bytes = _mm_loadu_si128((const __m128i *)(block + (type == GGML_Q4_1 ? 4 : 2)));
-                const __m128i lo = _mm_and_si128(bytes, mask);
-                const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
-                q0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-                q1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
-                q2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-                q3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
-            }
-            const __m256 s01 = _mm256_fmadd_ps(q1, x1, _mm256_mul_ps(q0, x0));
-            const __m256 s23 = _mm256_fmadd_ps(q3, x3, _mm256_mul_ps(q2, x2));
+            float d, c;
+            __m256 q[4];
+            block_codes(w + r * row_bytes + b * block_bytes, type, q, &d, &c);
+            const __m256 vd = _mm256_set1_ps(d);
+            if (type != GGML_Q8_0) offsets[r] += c * xsum;
+            const __m256 s01 = _mm256_fmadd_ps(q[1], x1, _mm256_mul_ps(q[0], x0));
+            const __m256 s23 = _mm256_fmadd_ps(q[3], x3, _mm256_mul_ps(q[2], x2));
             acc[r] = _mm256_fmadd_ps(vd, _mm256_add_ps(s01, s23), acc[r]);
         }
     }
-    for (int r = 0; r < 4; r++) {
-        if (r >= nw) break;
-        __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
-        v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-        v = _mm_add_ss(v, _mm_shuffle_ps(v, v, 1));
-        res[r] = _mm_cvtss_f32(v) + offsets[r];
-    }
+    for (int r = 0; r < nw; r++) res[r] = hsum256(acc[r]) + offsets[r];
 }
 #else
 #define HAVE_FUSED_BLOCKS 0
