@@ -55,14 +55,23 @@ def default_gguf() -> Path:
 
 
 @contextlib.contextmanager
-def server(command: list[str], url: str, env: dict[str, str], log: Path) -> Iterator[None]:
+def server(kind: str, gguf: Path, args: argparse.Namespace, parallel: int, log: Path) -> Iterator[str]:
+    """``servekit`` or ``llama-server`` serving ``gguf`` with ``args.threads`` threads (llama-server
+    with ``parallel`` slots) on a free loopback port, its output in ``log``; yields its URL."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    if kind == "servekit":
+        command = servekit_command(gguf, port, args)
+    else:
+        command = llama_command(args.llama_server, gguf, port, args, parallel)
+    env = {**bench_env(), "OMP_NUM_THREADS": str(args.threads)}
     with open(log, "w") as out:
         process = subprocess.Popen(
             command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
     try:
         wait_healthy(url, process, timeout=600)
-        yield
+        yield url
     finally:
         stop(process)
 
@@ -170,18 +179,11 @@ def main() -> None:
         tmp.mkdir(parents=True, exist_ok=True)
         for repeat in range(args.repeats):
             for kind in ("servekit", "llama-server"):
-                port = free_port()
-                url = f"http://127.0.0.1:{port}"
-                if kind == "servekit":
-                    command = servekit_command(gguf, port, args)
-                else:
-                    command = llama_command(args.llama_server, gguf, port, args, parallel)
-                env = {**bench_env(), "OMP_NUM_THREADS": str(args.threads)}
                 print(
                     f"# run {repeat + 1}/{args.repeats}: {kind}; load average {os.getloadavg()[0]:.1f}",
                     flush=True,
                 )
-                with server(command, url, env, tmp / f"{kind}-{repeat}.log"):
+                with server(kind, gguf, args, parallel, tmp / f"{kind}-{repeat}.log") as url:
                     for index, workload in enumerate(loads):
                         figures = run_bench(url, workload, args, tmp / f"{kind}-{repeat}-{index}.json")
                         results.setdefault((kind, workload.name), []).append(figures)

@@ -28,14 +28,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from bench_llama_server import (  # noqa: E402
-    bench_env,
     default_gguf,
-    llama_command,
-    servekit_command,
     server,
     server_arguments,
 )
-from bench_serve import free_port  # noqa: E402
 
 
 def prompt(seed: int, length: int) -> list[int]:
@@ -81,15 +77,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         for repeat in range(args.repeats):
             for kind in ("servekit", "llama-server"):
-                port = free_port()
-                url = f"http://127.0.0.1:{port}"
-                if kind == "servekit":
-                    command = servekit_command(gguf, port, args)
-                else:
-                    command = llama_command(args.llama_server, gguf, port, args, args.burst)
-                env = {**bench_env(), "OMP_NUM_THREADS": str(args.threads)}
                 load = os.getloadavg()[0]
-                with server(command, url, env, Path(scratch) / f"{kind}-{repeat}.log"):
+                with server(kind, gguf, args, args.burst, Path(scratch) / f"{kind}-{repeat}.log") as url:
                     figures = measure(url, args, seed=repeat * 10_000)
                 after = os.getloadavg()[0]
                 print(
