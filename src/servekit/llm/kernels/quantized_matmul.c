@@ -64,7 +64,11 @@ static inline qvec_t qadd(qvec_t a, qvec_t b) { return a + b; }
 static inline float qsum(qvec_t v) { return v; }
 #endif
 
-#define GEMV_ROWS 2 /* weight rows of a batch-1 pass (Q4_0, Q4_1): 2 measured best on the AVX2 EPYC */
+#define GEMV_ROWS 2 /* weight rows of a batch-1 pass: 2 measured best on the AVX2 EPYC (3 and 4 slower) */
+/* Batch 1 streams the weights from DRAM at a few bytes per cycle: the hardware prefetcher alone left
+ * the 4-bit row kernel at 6.6 ns per block streamed against 4.0 cache-resident (1 thread, EPYC);
+ * fetching 2 KiB ahead of each row brings it to ~4.0 (1.5 and 3 KiB measured worse). */
+#define PREFETCH_BYTES 2048
 #define MR 6            /* x rows of the prefill micro-kernel */
 #define NR (2 * QLANES) /* weight rows of a prefill tile */
 
@@ -291,31 +295,89 @@ static inline __attribute__((always_inline)) void dot_blocks(const uint8_t *row,
     for (int r = 0; r < mr; r++) res[r] = hsum256(acc[r]) + offsets[r];
 }
 
-/* One x row against `nw` (<= 4) weight rows at once: each x block is loaded once for all of them
- * and the rows' accumulator chains are independent (the single-row loop waits on one FMA chain). */
+/* Batch 1 (one x row), codes converted without widening them byte by byte: a block's code bytes
+ * are loaded as 32-bit lanes and each code is masked in place (the AND leaves q * 2^s in its lane,
+ * s its bit position), so one AND and one int-to-float conversion make 8 weights. The x row is
+ * permuted and scaled once per call to match (`permute_block`: the weight j's x lands in the lane
+ * of its code, times 2^-s), so every product is (q * 2^s) * (x * 2^-s) = q * x exactly as float32
+ * rounds it (powers of two scale exactly; x below ~1e-30 would lose bits: no activation is).
+ * Q4_0/Q4_1: the 16 code bytes in both halves of a vector; lane i of the low half sees byte 4i+c's
+ * low nibble, of the high half its high nibble (for c = 3, shifted down 4 bits first: the top
+ * nibble would be the sign). Q8_0: the 32 code bytes; lane i sees byte 4i+c, shifted to the top
+ * byte (then the lane is a signed q * 2^24). */
+static inline void permute_block(const float *x, int type, float *out) {
+    for (int j = 0; j < 32; j++) {
+        int slot, shift;
+        if (type == GGML_Q8_0) {
+            slot = (j & 3) * 8 + (j >> 2);
+            shift = 24;
+        } else {
+            const int high = j >= 16, byte = j & 15, c = byte & 3;
+            slot = c * 8 + high * 4 + (byte >> 2);
+            shift = c < 3 ? 8 * c + 4 * high : 20 + 4 * high;
+        }
+        out[slot] = x[j] * (1.0f / (float)(1u << shift));
+    }
+}
+
+static inline __attribute__((always_inline)) void codes_in_place(const uint8_t *codes, int type, __m256 q[4]) {
+    if (type == GGML_Q8_0) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)codes);
+        const __m256i top = _mm256_set1_epi32((int)0xFF000000u);
+        q[0] = _mm256_cvtepi32_ps(_mm256_slli_epi32(v, 24));
+        q[1] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_slli_epi32(v, 16), top));
+        q[2] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_slli_epi32(v, 8), top));
+        q[3] = _mm256_cvtepi32_ps(_mm256_and_si256(v, top));
+        return;
+    }
+    const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)codes));
+    q[0] = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_setr_epi32(0xF, 0xF, 0xF, 0xF, 0xF0, 0xF0, 0xF0, 0xF0)));
+    q[1] = _mm256_cvtepi32_ps(
+        _mm256_and_si256(v, _mm256_setr_epi32(0xF00, 0xF00, 0xF00, 0xF00, 0xF000, 0xF000, 0xF000, 0xF000)));
+    q[2] = _mm256_cvtepi32_ps(_mm256_and_si256(
+        v, _mm256_setr_epi32(0xF0000, 0xF0000, 0xF0000, 0xF0000, 0xF00000, 0xF00000, 0xF00000, 0xF00000)));
+    q[3] = _mm256_cvtepi32_ps(_mm256_and_si256(
+        _mm256_srli_epi32(v, 4),
+        _mm256_setr_epi32(0xF00000, 0xF00000, 0xF00000, 0xF00000, 0xF000000, 0xF000000, 0xF000000, 0xF000000)));
+}
+
+/* One (permuted) x row `xp` against `nw` (<= 4) weight rows at once: each x block is loaded once
+ * for all of them and the rows' accumulator chains are independent. */
 static inline __attribute__((always_inline)) void gemv_blocks(const uint8_t *w, int64_t row_bytes,
                                                               int nw, int type, int64_t blocks,
-                                                              const float *x, const float *xsums,
+                                                              const float *xp, const float *xsums,
                                                               float *res) {
     __m256 acc[4];
     float offsets[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     for (int r = 0; r < 4; r++) acc[r] = _mm256_setzero_ps();
     const int block_bytes = type == GGML_Q4_0 ? 18 : type == GGML_Q4_1 ? 20 : 34;
+    const int head = type == GGML_Q4_1 ? 4 : 2;
     for (int64_t b = 0; b < blocks; b++) {
-        const float *xb = x + 32 * b;
+        const float *xb = xp + 32 * b;
         const __m256 x0 = _mm256_loadu_ps(xb), x1 = _mm256_loadu_ps(xb + 8);
         const __m256 x2 = _mm256_loadu_ps(xb + 16), x3 = _mm256_loadu_ps(xb + 24);
         const float xsum = xsums[b];
         for (int r = 0; r < 4; r++) {
             if (r >= nw) break;
+            const uint8_t *block = w + r * row_bytes + b * block_bytes;
             float d, c;
+            if (type == GGML_Q4_1) {
+                int32_t dm;
+                memcpy(&dm, block, sizeof dm);
+                const __m128 both = _mm_cvtph_ps(_mm_cvtsi32_si128(dm));
+                d = _mm_cvtss_f32(both);
+                c = _mm_cvtss_f32(_mm_movehdup_ps(both));
+            } else {
+                d = half_to_float(block);
+                c = -8.0f * d;
+            }
             __m256 q[4];
-            block_codes(w + r * row_bytes + b * block_bytes, type, q, &d, &c);
-            const __m256 vd = _mm256_set1_ps(d);
+            __builtin_prefetch(block + PREFETCH_BYTES);
+            codes_in_place(block + head, type, q);
             if (type != GGML_Q8_0) offsets[r] += c * xsum;
             const __m256 s01 = _mm256_fmadd_ps(q[1], x1, _mm256_mul_ps(q[0], x0));
             const __m256 s23 = _mm256_fmadd_ps(q[3], x3, _mm256_mul_ps(q[2], x2));
-            acc[r] = _mm256_fmadd_ps(vd, _mm256_add_ps(s01, s23), acc[r]);
+            acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_add_ps(s01, s23), acc[r]);
         }
     }
     for (int r = 0; r < nw; r++) res[r] = hsum256(acc[r]) + offsets[r];
@@ -324,12 +386,13 @@ static inline __attribute__((always_inline)) void gemv_blocks(const uint8_t *w, 
 #define HAVE_FUSED_BLOCKS 0
 #endif
 
-/* Per-block sums of x ([m][k / 32]) for the fused-block path; NULL when it does not apply. */
+/* What the fused-block path needs of x: its per-block sums [m][k / 32], then for one row (m == 1)
+ * the row permuted for gemv_blocks [k]; NULL when the path does not apply. */
 static float *block_sums(const float *x, int64_t m, int64_t k, int type, int *status) {
 #if HAVE_FUSED_BLOCKS
     if (type == GGML_Q4_0 || type == GGML_Q4_1 || type == GGML_Q8_0) {
         const int64_t blocks = k / 32;
-        float *xsums = malloc(sizeof(float) * (size_t)(m * blocks));
+        float *xsums = malloc(sizeof(float) * (size_t)(m * blocks + (m == 1 ? k : 0)));
         if (xsums == NULL) {
             *status = -1;
             return NULL;
@@ -338,6 +401,7 @@ static float *block_sums(const float *x, int64_t m, int64_t k, int type, int *st
             float total = 0.0f;
             for (int e = 0; e < 32; e++) total += x[i * 32 + e];
             xsums[i] = total;
+            if (m == 1) permute_block(x + i * 32, type, xsums + blocks + i * 32);
         }
         return xsums;
     }
@@ -354,7 +418,8 @@ static void rows_body(const float *x, int64_t m, int64_t k, const uint8_t *w, in
 #if HAVE_FUSED_BLOCKS
     if (xsums != NULL) {
         const int64_t blocks = k / 32;
-        if (m == 1 && type != GGML_Q8_0) { /* (Q8_0 measured slower this way: one row at a time) */
+        if (m == 1) {
+            const float *xp = xsums + blocks; /* (block_sums: the permuted row after the sums) */
             const int64_t groups = (n + GEMV_ROWS - 1) / GEMV_ROWS;
 #ifdef _OPENMP
 #pragma omp for schedule(static)
@@ -364,12 +429,15 @@ static void rows_body(const float *x, int64_t m, int64_t k, const uint8_t *w, in
                 float res[4];
                 if (j + GEMV_ROWS <= n) {
                     const uint8_t *wj = w + j * row_bytes;
-                    if (type == GGML_Q4_1) gemv_blocks(wj, row_bytes, GEMV_ROWS, GGML_Q4_1, blocks, x, xsums, res);
-                    else gemv_blocks(wj, row_bytes, GEMV_ROWS, GGML_Q4_0, blocks, x, xsums, res);
+                    if (type == GGML_Q4_1) gemv_blocks(wj, row_bytes, GEMV_ROWS, GGML_Q4_1, blocks, xp, xsums, res);
+                    else if (type == GGML_Q4_0) gemv_blocks(wj, row_bytes, GEMV_ROWS, GGML_Q4_0, blocks, xp, xsums, res);
+                    else /* (Q8_0 rows in pairs measured 2.5x slower streaming the LM head: one at a time) */
+                        for (int r = 0; r < GEMV_ROWS; r++)
+                            gemv_blocks(wj + r * row_bytes, row_bytes, 1, GGML_Q8_0, blocks, xp, xsums, res + r);
                     for (int r = 0; r < GEMV_ROWS; r++) out[j + r] = res[r] + (bias ? bias[j + r] : 0.0f);
                 } else {
                     for (int64_t jj = j; jj < n; jj++) {
-                        gemv_blocks(w + jj * row_bytes, row_bytes, 1, type, blocks, x, xsums, res);
+                        gemv_blocks(w + jj * row_bytes, row_bytes, 1, type, blocks, xp, xsums, res);
                         out[jj] = res[0] + (bias ? bias[jj] : 0.0f);
                     }
                 }
@@ -450,7 +518,8 @@ int quantized_silu_mlp(const float *x, int64_t m, int64_t k, const uint8_t *gate
     if (status != 0) return status;
     float *projected = scratch, *act = scratch + m * 2 * inter;
     const int down_fused = HAVE_FUSED_BLOCKS && (down_type == GGML_Q4_0 || down_type == GGML_Q4_1 || down_type == GGML_Q8_0);
-    float *act_sums = down_fused ? malloc(sizeof(float) * (size_t)(m * (inter / 32))) : NULL;
+    /* the down input's block_sums (its sums, and for one row the row permuted), made as it is computed */
+    float *act_sums = down_fused ? malloc(sizeof(float) * (size_t)(m * (inter / 32) + (m == 1 ? inter : 0))) : NULL;
     if (down_fused && act_sums == NULL) {
         free(xsums);
         return -1;
@@ -474,7 +543,10 @@ int quantized_silu_mlp(const float *x, int64_t m, int64_t k, const uint8_t *gate
                 act[i * inter + c] = value;
                 total += value;
             }
-            if (act_sums != NULL) act_sums[b] = total;
+            if (act_sums != NULL) {
+                act_sums[b] = total;
+                if (m == 1) permute_block(act + c0, down_type, act_sums + inter / 32 + c0);
+            }
         }
         rows_body(act, m, inter, down, k, down_bytes, down_type, NULL, out, act_sums, &status);
     }
