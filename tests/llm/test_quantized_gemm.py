@@ -72,7 +72,7 @@ def test_gemm_agrees_with_the_row_kernel_and_refuses_what_it_does() -> None:
     x = torch.randn(24, 96)
     torch.testing.assert_close(
         quantized_gemm.quantized_gemm(x, blocks, int(Q.Q4_1)),
-        quantized_matmul(x, blocks, int(Q.Q4_1), schedule="rows"),
+        quantized_matmul(x, blocks, int(Q.Q4_1)),
         rtol=0,
         atol=1e-5,
     )

@@ -126,20 +126,8 @@ _SIGNATURES: dict[str, list[type]] = {
         *[_INT64] * 5,
     ],
     # x float32, rows, cols (K), weight blocks, out rows (N), bytes per weight row, GGML type, bias (or
-    # NULL), out float32, threads, schedule (0 auto, 1 row by row, 2 tiled)
-    "quantized_matmul": [
-        _POINTER,
-        _INT64,
-        _INT64,
-        _POINTER,
-        _INT64,
-        _INT64,
-        _INT,
-        _POINTER,
-        _POINTER,
-        _INT,
-        _INT,
-    ],
+    # NULL), out float32, threads
+    "quantized_matmul": [_POINTER, _INT64, _INT64, _POINTER, _INT64, _INT64, _INT, _POINTER, _POINTER, _INT],
     # x float32, rows, K; gate_up blocks, bytes per row, type; intermediate; down blocks, bytes per
     # row, type; scratch float32, out float32, threads
     "quantized_silu_mlp": [

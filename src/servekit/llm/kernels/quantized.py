@@ -17,9 +17,6 @@ BLOCK_TYPES: dict[int, tuple[int, int]] = {
     12: (256, 144),  # Q4_K
     14: (256, 210),  # Q6_K
 }
-SCHEDULES = {"auto": 0, "rows": 1, "tiled": 2}
-# Below this many rows of x, "auto" runs the row-by-row schedule (TILED_FROM_ROWS in the C source).
-ROW_SCHEDULE_MAX_ROWS = 16
 
 
 def quantized_simd_lanes() -> int:
@@ -106,16 +103,16 @@ def quantized_matmul(
     ggml_type: int,
     bias: torch.Tensor | None = None,
     *,
-    schedule: str = "auto",
     num_threads: int | None = None,
 ) -> torch.Tensor:
     """``x @ W.T + bias`` in float32, ``W`` being ``blocks`` (``[out, bytes per row]`` uint8, GGUF's
-    blocks of ``ggml_type``) dequantised; ``x``: float32 ``[rows, in]``."""
+    blocks of ``ggml_type``) dequantised; ``x``: float32 ``[rows, in]``. The row kernel: made for
+    decode's few rows (``quantized_gemm`` is the one for many)."""
     library = load_library()
     if library is None:
         raise RuntimeError("the C kernels are not available (see servekit.llm.kernels)")
     call = MatmulCall.of(x, blocks, ggml_type, bias, num_threads)
-    return call.run(library.quantized_matmul, SCHEDULES[schedule])
+    return call.run(library.quantized_matmul)
 
 
 def quantized_silu_mlp(

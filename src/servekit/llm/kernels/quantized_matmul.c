@@ -5,13 +5,12 @@
  * float32) and multiplied in float32 with the float32 activations as they are: the result is the one
  * of x @ dequantize(W).T up to float32 summation order.
  *
- * Two schedules, both reading every weight block once per call:
- *  - few rows of x (decode): a weight row is applied to every row of x at once (up to four x rows
- *    per pass); Q4_0/Q4_1/Q8_0 on AVX2 convert each block's codes in registers and apply its scale
- *    (and offset, through per-block sums of x) once per block; the K-quants, or without AVX2, the
- *    row is dequantised into an L1-resident buffer first;
- *  - many rows (prefill): a tile of NR weight rows is dequantised into a packed [K][NR] buffer (L2)
- *    and an MR x NR register-blocked FMA kernel runs over all rows of x.
+ * The schedule is the one of few rows of x (decode; many rows go to quantized_gemm.c's GEMM): each
+ * weight block is read once per call and applied to every row of x (one row: two weight rows per
+ * pass, gemv_blocks; more: up to four x rows per weight row, dot_blocks). Q4_0/Q4_1/Q8_0 on AVX2
+ * convert each block's codes in registers and apply its scale (and offset, through per-block sums
+ * of x) once per block; the K-quants, or without AVX2, the row is dequantised into an L1-resident
+ * buffer first.
  * The vector width is the one of the CPU the library is compiled on (-march=native, cached per CPU):
  * AVX-512 (16 lanes), else AVX2 + FMA (8), else a portable loop the compiler vectorises as it can.
  * Threads: OpenMP over output rows, on the process's OpenMP pool (PyTorch's).
@@ -31,8 +30,6 @@ enum { GGML_Q4_0 = 2, GGML_Q4_1 = 3, GGML_Q8_0 = 8, GGML_Q4_K = 12, GGML_Q6_K = 
 #define QLANES 16
 typedef __m512 qvec_t;
 #define qload _mm512_loadu_ps
-#define qstore _mm512_storeu_ps
-#define qset1 _mm512_set1_ps
 #define qzero _mm512_setzero_ps
 #define qfmadd _mm512_fmadd_ps
 #define qadd _mm512_add_ps
@@ -41,8 +38,6 @@ static inline float qsum(qvec_t v) { return _mm512_reduce_add_ps(v); }
 #define QLANES 8
 typedef __m256 qvec_t;
 #define qload _mm256_loadu_ps
-#define qstore _mm256_storeu_ps
-#define qset1 _mm256_set1_ps
 #define qzero _mm256_setzero_ps
 #define qfmadd _mm256_fmadd_ps
 #define qadd _mm256_add_ps
@@ -56,8 +51,6 @@ static inline float qsum(qvec_t v) {
 #define QLANES 1
 typedef float qvec_t;
 static inline qvec_t qload(const float *p) { return *p; }
-static inline void qstore(float *p, qvec_t v) { *p = v; }
-static inline qvec_t qset1(float v) { return v; }
 static inline qvec_t qzero(void) { return 0.0f; }
 static inline qvec_t qfmadd(qvec_t a, qvec_t b, qvec_t c) { return a * b + c; }
 static inline qvec_t qadd(qvec_t a, qvec_t b) { return a + b; }
@@ -69,8 +62,6 @@ static inline float qsum(qvec_t v) { return v; }
  * the 4-bit row kernel at 6.6 ns per block streamed against 4.0 cache-resident (1 thread, EPYC);
  * fetching 2 KiB ahead of each row brings it to ~4.0 (1.5 and 3 KiB measured worse). */
 #define PREFETCH_BYTES 2048
-#define MR 6            /* x rows of the prefill micro-kernel */
-#define NR (2 * QLANES) /* weight rows of a prefill tile */
 
 int quantized_simd_lanes(void) { return QLANES; }
 
@@ -555,102 +546,16 @@ int quantized_silu_mlp(const float *x, int64_t m, int64_t k, const uint8_t *gate
     return status;
 }
 
-/* -- prefill: a packed tile of NR dequantised weight rows against all x rows ----------------- */
-
-static inline __attribute__((always_inline)) void micro_kernel(const float *packed, const float *x,
-                                                               int64_t k, int mr, float *tile) {
-    qvec_t acc[MR][2];
-    for (int r = 0; r < MR; r++) acc[r][0] = acc[r][1] = qzero();
-    for (int64_t i = 0; i < k; i++) {
-        const qvec_t w0 = qload(packed + i * NR), w1 = qload(packed + i * NR + QLANES);
-        for (int r = 0; r < MR; r++) {
-            if (r < mr) {
-                const qvec_t xv = qset1(x[r * k + i]);
-                acc[r][0] = qfmadd(xv, w0, acc[r][0]);
-                acc[r][1] = qfmadd(xv, w1, acc[r][1]);
-            }
-        }
-    }
-    for (int r = 0; r < MR; r++) {
-        if (r < mr) {
-            qstore(tile + r * NR, acc[r][0]);
-            qstore(tile + r * NR + QLANES, acc[r][1]);
-        }
-    }
-}
-
-static int matmul_tiles(const float *x, int64_t m, int64_t k, const uint8_t *w, int64_t n,
-                        int64_t row_bytes, int type, const float *bias, float *out, int threads) {
-    const int64_t tiles = (n + NR - 1) / NR;
-    int block, block_bytes;
-    block_geometry(type, &block, &block_bytes);
-    int status = 0;
-#ifdef _OPENMP
-#pragma omp parallel num_threads(threads)
-#endif
-    {
-        float *row = aligned_alloc(64, sizeof(float) * (size_t)block * NR);
-        float *packed = aligned_alloc(64, sizeof(float) * (size_t)k * NR);
-        if (row == NULL || packed == NULL) status = -1;
-#ifdef _OPENMP
-#pragma omp for schedule(static)
-#endif
-        for (int64_t t = 0; t < tiles; t++) {
-            if (row == NULL || packed == NULL) continue;
-            const int64_t first = t * NR;
-            const int nr = (int)(n - first < NR ? n - first : NR);
-            /* Block by block: NR rows' blocks into `row` ([NR][block]), then written out k-major
-             * (contiguous stores of NR values). */
-            const int64_t block_row_bytes = row_bytes / (k / block);
-            for (int64_t b = 0; b < k / block; b++) {
-                for (int r = 0; r < NR; r++) {
-                    if (r < nr) {
-                        dequant_row(w + (first + r) * row_bytes + b * block_row_bytes, type, block, row + r * block);
-                    } else {
-                        memset(row + r * block, 0, sizeof(float) * (size_t)block);
-                    }
-                }
-                for (int i = 0; i < block; i++)
-                    for (int r = 0; r < NR; r++) packed[(b * block + i) * NR + r] = row[r * block + i];
-            }
-            float tile[MR * NR];
-            for (int64_t i = 0; i < m; i += MR) {
-                const int mr = (int)(m - i < MR ? m - i : MR);
-                if (mr == MR) {
-                    micro_kernel(packed, x + i * k, k, MR, tile);
-                } else {
-                    micro_kernel(packed, x + i * k, k, mr, tile);
-                }
-                for (int r = 0; r < mr; r++) {
-                    float *dst = out + (i + r) * n + first;
-                    for (int c = 0; c < nr; c++) dst[c] = tile[r * NR + c] + (bias ? bias[first + c] : 0.0f);
-                }
-            }
-        }
-        free(row);
-        free(packed);
-    }
-    return status;
-}
-
-/* Rows of x from which the tiled schedule wins (CPU time on the AVX2 EPYC, SmolLM2 shapes: rows
- * path faster at 8 rows, tiled at 32: its packing is amortised). */
-#define TILED_FROM_ROWS 16
-
 /* x float32 [m][k] contiguous, w [n][row_bytes], out float32 [m][n]; bias float32 [n] or NULL.
- * schedule: 0 by the number of rows, 1 row by row (decode), 2 tiled (prefill).
  * Returns 0, -1 (out of memory) or -2 (unknown type, or k not whole blocks / row_bytes wrong). */
 int quantized_matmul(const float *x, int64_t m, int64_t k, const uint8_t *w, int64_t n,
-                     int64_t row_bytes, int type, const float *bias, float *out, int threads,
-                     int schedule) {
+                     int64_t row_bytes, int type, const float *bias, float *out, int threads) {
     int block_size, block_bytes;
     if (block_geometry(type, &block_size, &block_bytes) != 0 || k % block_size != 0 ||
         row_bytes != k / block_size * block_bytes)
         return -2;
     if (threads < 1) threads = 1;
     if (m <= 0 || n <= 0) return 0;
-    if (schedule == 0) schedule = m >= TILED_FROM_ROWS ? 2 : 1;
-    if (schedule == 2) return matmul_tiles(x, m, k, w, n, row_bytes, type, bias, out, threads);
     return matmul_rows(x, m, k, w, n, row_bytes, type, bias, out, threads);
 }
 

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from servekit.llm.kernels.elementwise import gelu_tanh, silu_mul
-from servekit.llm.kernels.quantized import ROW_SCHEDULE_MAX_ROWS, QuantizedTensor, quantized_silu_mlp
+from servekit.llm.kernels.quantized import QuantizedTensor, quantized_silu_mlp
 from servekit.llm.models.linear import Int8Linear, Linear
-from servekit.llm.models.quantized_linear import QuantizedLinear
+from servekit.llm.models.quantized_linear import GEMM_FROM_ROWS, QuantizedLinear
 
 Projection = Linear | Int8Linear | QuantizedLinear
 
@@ -84,7 +84,7 @@ class DenseMLP:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if (
             self.blocks is not None
-            and x.shape[0] < ROW_SCHEDULE_MAX_ROWS
+            and x.shape[0] < GEMM_FROM_ROWS
             and x.dtype == torch.float32
             and x.device.type == "cpu"
         ):
