@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from servekit.cpu import cpu_flags
 from servekit.llm import kernels
 from servekit.llm.attention import build_attention_metadata, paged_attention
+from servekit.llm.kernels import attention as kernel_attention
 from servekit.llm.kernels import attention_simd_lanes, load_library
-from servekit.llm.kernels.attention import rotary_write_kv
+from servekit.llm.kernels.attention import attention_threads, rotary_write_kv
 from servekit.llm.kernels.elementwise import add_rms_norm, gelu_tanh, silu_mul
 from servekit.llm.kernels.int8 import dequantize, quantize_rows
 from servekit.llm.model_config import ModelConfig
@@ -113,6 +114,22 @@ def test_decode_kernel_matches_the_pytorch_path(
         keys, values = keys[-window:], values[-window:]
     weights = torch.softmax(keys @ query[last, 0].float() / head_dim**0.5, dim=0)
     torch.testing.assert_close(got[last, :head_dim], weights @ values, atol=max(atol, 1e-5), rtol=0)
+
+
+def test_decode_attention_wakes_a_second_thread_only_for_enough_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert attention_threads(1, 4, 16, 3) == 1  # batch 1, 64 keys: the calling thread alone
+    assert attention_threads(32, 64, 16, 3) == 2  # PyTorch's 2 threads (the fixture)
+    lengths = [1, 2, 5, 17, 33, 64]
+    case = decode_case(
+        heads=9, kv_heads=3, head_dim=64, lengths=lengths, dtype=torch.float32, kv_dtype=torch.float32
+    )
+    alone = attend(case, lengths, kernel=True, window=None, dtype=torch.float32)
+    monkeypatch.setattr(kernel_attention, "KEYS_PER_THREAD", 1)  # the threaded split of these sequences
+    split = attend(case, lengths, kernel=True, window=None, dtype=torch.float32)
+    torch.testing.assert_close(split, alone, atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        split, attend(case, lengths, kernel=False, window=None, dtype=torch.float32), atol=1e-5, rtol=0
+    )
 
 
 def test_kernels_build_into_the_cache_dir_and_can_be_disabled(

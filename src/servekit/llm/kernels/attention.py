@@ -6,6 +6,17 @@ import torch
 
 from servekit.llm.kernels import DTYPE_CODES, load_library
 
+# Cached keys (x kv heads, over every sequence's block table) per thread below which the kernel runs
+# on the calling thread alone: waking a second thread costs ~20 us here (AMD EPYC, passive waiting),
+# as much as one sequence's 3 kv heads over ~500 keys take (batch 1: 2 threads won from ~1,000 keys).
+KEYS_PER_THREAD = 1536
+
+
+def attention_threads(num_seqs: int, max_blocks: int, block_size: int, num_kv_heads: int) -> int:
+    """Threads for a decode-attention call of this size on PyTorch's pool (at least one)."""
+    work = num_seqs * max_blocks * block_size * num_kv_heads
+    return max(1, min(torch.get_num_threads(), work // KEYS_PER_THREAD))
+
 
 def paged_decode_attention(
     query: torch.Tensor,
@@ -58,7 +69,7 @@ def paged_decode_attention(
         DTYPE_CODES[query.dtype],
         DTYPE_CODES[layer_cache.dtype],
         head_dim**-0.5 if scale is None else scale,
-        num_threads or torch.get_num_threads(),
+        num_threads or attention_threads(num_seqs, block_tables.shape[1], block_size, num_kv_heads),
     )
     if status != 0:
         raise MemoryError("paged_decode_attention could not allocate its scratch memory")
