@@ -15,7 +15,7 @@ import torch
 
 from servekit.cpu import cpu_flags
 from servekit.llm import kernels
-from servekit.llm.kernels import kernels_available, quantized_gemm
+from servekit.llm.kernels import kernels_available, quantized, quantized_gemm
 from servekit.llm.kernels.quantized import QuantizedTensor, quantized_matmul
 from servekit.llm.kernels.quantized_gemm import quantized_gemm_lanes
 from servekit.llm.models import quantized_linear
@@ -107,7 +107,7 @@ def test_projection_dispatches_by_row_count(monkeypatch: pytest.MonkeyPatch) -> 
         return wrapped
 
     monkeypatch.setattr(quantized_linear, "quantized_gemm", spy("gemm", quantized_gemm.quantized_gemm))
-    monkeypatch.setattr(quantized_linear, "quantized_matmul", spy("rows", quantized_matmul))
+    monkeypatch.setattr(quantized.RowKernel, "__call__", spy("rows", quantized.RowKernel.__call__))
     part = QuantizedTensor(torch.from_numpy(random_blocks(Q.Q8_0, 20, 64)), int(Q.Q8_0), (20, 64))
     linear = QuantizedLinear([part])
     weight = part.dequantize().double()

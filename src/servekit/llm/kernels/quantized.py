@@ -89,12 +89,51 @@ class MatmulCall:
 
     def run(self, kernel: Callable[..., int], *extra: object) -> torch.Tensor:
         """``kernel(*arguments, *extra)``; its output, or the error its status says."""
-        status = kernel(*self.arguments, *extra)
-        if status == -1:
-            raise MemoryError(f"{kernel.__name__} could not allocate its scratch memory")
-        if status != 0:
-            raise ValueError(f"{kernel.__name__} refused its arguments (status {status})")
+        _check_status(kernel(*self.arguments, *extra), kernel.__name__)
         return self.out
+
+
+def _check_status(status: int, name: str) -> None:
+    if status == -1:
+        raise MemoryError(f"{name} could not allocate its scratch memory")
+    if status != 0:
+        raise ValueError(f"{name} refused its arguments (status {status})")
+
+
+class RowKernel:
+    """The row kernel (``quantized_matmul``) bound to one weight and its bias: their checks and
+    pointers made once, so a decode-sized call checks only x (~8 us a call less here: 60 calls a
+    batch-1 step of the default model)."""
+
+    __slots__ = ("_fixed", "_keep", "in_features", "out_features")
+
+    def __init__(self, weight: QuantizedTensor, bias: torch.Tensor | None = None) -> None:
+        rows, cols = weight.shape
+        _check(weight.blocks, weight.ggml_type, cols)
+        if bias is not None and (
+            bias.dtype != torch.float32 or bias.shape != (rows,) or not bias.is_contiguous()
+        ):
+            raise ValueError("bias must be contiguous float32 [out_features]")
+        self._keep = (weight.blocks, bias)  # alive as long as the pointers below
+        bias_pointer = None if bias is None else bias.data_ptr()
+        self._fixed = (weight.blocks.data_ptr(), rows, weight.blocks.shape[1], weight.ggml_type, bias_pointer)
+        self.in_features, self.out_features = cols, rows
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T + bias`` in float32; ``x``: float32 ``[rows, in]``."""
+        library = load_library()
+        if library is None:
+            raise RuntimeError("the C kernels are not available (see servekit.llm.kernels)")
+        if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != self.in_features:
+            raise ValueError(f"x must be float32 [rows, {self.in_features}], got {x.dtype} {tuple(x.shape)}")
+        if not x.is_contiguous():
+            x = x.contiguous()
+        out = torch.empty((x.shape[0], self.out_features), dtype=torch.float32)
+        status = library.quantized_matmul(
+            x.data_ptr(), x.shape[0], self.in_features, *self._fixed, out.data_ptr(), torch.get_num_threads()
+        )
+        _check_status(status, "quantized_matmul")
+        return out
 
 
 def quantized_matmul(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from servekit.llm.kernels.quantized import QuantizedTensor, quantized_matmul
+from servekit.llm.kernels.quantized import QuantizedTensor, RowKernel
 from servekit.llm.kernels.quantized_gemm import quantized_gemm
 
 # Rows of x from which the GEMM (quantized_gemm.c) beats the row-by-row kernel: CPU time on the AVX2
@@ -23,7 +23,7 @@ class QuantizedLinear:
     """``y = x @ W.T + bias`` in float32 with ``W`` the row-wise concatenation of ``parts`` (fused
     projections such as q/k/v may store their parts in different types: each runs its own kernel)."""
 
-    __slots__ = ("bias", "in_features", "out_features", "parts")
+    __slots__ = ("bias", "in_features", "out_features", "parts", "row_kernels")
 
     def __init__(self, parts: list[QuantizedTensor], bias: torch.Tensor | None = None) -> None:
         if not parts or len({p.shape[1] for p in parts}) != 1:
@@ -39,19 +39,27 @@ class QuantizedLinear:
         self.in_features = parts[0].shape[1]
         self.out_features = sum(p.shape[0] for p in parts)
         self.bias = None if bias is None else bias.float().contiguous()
+        self.row_kernels = [
+            RowKernel(part, bias) for part, bias in zip(merged, self._part_biases(), strict=True)
+        ]
+
+    def _part_biases(self) -> list[torch.Tensor | None]:
+        biases: list[torch.Tensor | None] = []
+        start = 0
+        for part in self.parts:
+            rows = part.shape[0]
+            biases.append(None if self.bias is None else self.bias[start : start + rows].contiguous())
+            start += rows
+        return biases
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         source = x if x.dtype == torch.float32 else x.float()
-        matmul = quantized_gemm if source.shape[0] >= GEMM_FROM_ROWS else quantized_matmul
-        if len(self.parts) == 1:
-            part = self.parts[0]
-            out = matmul(source, part.blocks, part.ggml_type, self.bias)
+        if source.shape[0] < GEMM_FROM_ROWS:
+            pieces = [kernel(source) for kernel in self.row_kernels]
         else:
-            pieces, start = [], 0
-            for part in self.parts:
-                rows = part.shape[0]
-                bias = None if self.bias is None else self.bias[start : start + rows]
-                pieces.append(matmul(source, part.blocks, part.ggml_type, bias))
-                start += rows
-            out = torch.cat(pieces, dim=1)
+            pieces = [
+                quantized_gemm(source, part.blocks, part.ggml_type, bias)
+                for part, bias in zip(self.parts, self._part_biases(), strict=True)
+            ]
+        out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
         return out if x.dtype == torch.float32 else out.to(x.dtype)
