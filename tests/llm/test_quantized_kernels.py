@@ -301,7 +301,7 @@ def test_avx512_path_compiles(tmp_path: Path) -> None:
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="x86 target flags")
 def test_portable_path_matches_the_reference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     library = ctypes.CDLL(str(_build(tmp_path, ["-march=x86-64"])))
-    for name in ("quantized_matmul", "dequantize_rows", "quantized_simd_lanes"):
+    for name in ("quantized_matmul", "quantized_silu_mlp", "dequantize_rows", "quantized_simd_lanes"):
         function = getattr(library, name)
         function.restype, function.argtypes = ctypes.c_int, kernels._SIGNATURES[name]
     monkeypatch.setattr(quantized, "load_library", lambda: library)
@@ -315,3 +315,16 @@ def test_portable_path_matches_the_reference(tmp_path: Path, monkeypatch: pytest
             reference = x.double().numpy() @ weight.T
             got = quantized.quantized_matmul(x, torch.from_numpy(blocks), int(qtype))
             assert np.abs(got.double().numpy() - reference).max() / np.abs(reference).max() < 1e-5, qtype
+    hidden, inter = 64, 96  # the fused MLP on this build: Q4_1 gate/up, Q8_0 down
+    gate_up = QuantizedTensor(
+        torch.from_numpy(random_blocks(Q.Q4_1, 2 * inter, hidden)), int(Q.Q4_1), (2 * inter, hidden)
+    )
+    down = QuantizedTensor(
+        torch.from_numpy(random_blocks(Q.Q8_0, hidden, inter)), int(Q.Q8_0), (hidden, inter)
+    )
+    for rows in (1, 3):
+        x = torch.randn(rows, hidden)
+        up = x.double() @ gate_up.dequantize().double().T
+        reference = (torch.nn.functional.silu(up[:, :inter]) * up[:, inter:]) @ down.dequantize().double().T
+        got = quantized.quantized_silu_mlp(x, gate_up, down)
+        assert float((got.double() - reference).abs().max() / reference.abs().max()) < 1e-5, rows

@@ -215,6 +215,31 @@ static inline void dot4(const float *w, const float *x, int64_t ldx, int64_t k, 
     for (int r = 0; r < 4; r++) res[r] = qsum(qadd(a[r][0], a[r][1]));
 }
 
+/* Batch 1 (one x row), codes converted without widening them byte by byte: a block's code bytes
+ * are loaded as 32-bit lanes and each code is masked in place (the AND leaves q * 2^s in its lane,
+ * s its bit position), so one AND and one int-to-float conversion make 8 weights. The x row is
+ * permuted and scaled once per call to match (`permute_block`: the weight j's x lands in the lane
+ * of its code, times 2^-s), so every product is (q * 2^s) * (x * 2^-s) = q * x exactly as float32
+ * rounds it (powers of two scale exactly; x below ~1e-30 would lose bits: no activation is).
+ * Q4_0/Q4_1: the 16 code bytes in both halves of a vector; lane i of the low half sees byte 4i+c's
+ * low nibble, of the high half its high nibble (for c = 3, shifted down 4 bits first: the top
+ * nibble would be the sign). Q8_0: the 32 code bytes; lane i sees byte 4i+c, shifted to the top
+ * byte (then the lane is a signed q * 2^24). */
+static inline void permute_block(const float *x, int type, float *out) {
+    for (int j = 0; j < 32; j++) {
+        int slot, shift;
+        if (type == GGML_Q8_0) {
+            slot = (j & 3) * 8 + (j >> 2);
+            shift = 24;
+        } else {
+            const int high = j >= 16, byte = j & 15, c = byte & 3;
+            slot = c * 8 + high * 4 + (byte >> 2);
+            shift = c < 3 ? 8 * c + 4 * high : 20 + 4 * high;
+        }
+        out[slot] = x[j] * (1.0f / (float)(1u << shift));
+    }
+}
+
 #if defined(__AVX2__) && defined(__FMA__)
 #define HAVE_FUSED_BLOCKS 1
 /* The 32 integer codes of a Q4_0/Q4_1/Q8_0 block as floats in `q`, with its w = d * q + c terms
@@ -284,31 +309,6 @@ static inline __attribute__((always_inline)) void dot_blocks(const uint8_t *row,
         }
     }
     for (int r = 0; r < mr; r++) res[r] = hsum256(acc[r]) + offsets[r];
-}
-
-/* Batch 1 (one x row), codes converted without widening them byte by byte: a block's code bytes
- * are loaded as 32-bit lanes and each code is masked in place (the AND leaves q * 2^s in its lane,
- * s its bit position), so one AND and one int-to-float conversion make 8 weights. The x row is
- * permuted and scaled once per call to match (`permute_block`: the weight j's x lands in the lane
- * of its code, times 2^-s), so every product is (q * 2^s) * (x * 2^-s) = q * x exactly as float32
- * rounds it (powers of two scale exactly; x below ~1e-30 would lose bits: no activation is).
- * Q4_0/Q4_1: the 16 code bytes in both halves of a vector; lane i of the low half sees byte 4i+c's
- * low nibble, of the high half its high nibble (for c = 3, shifted down 4 bits first: the top
- * nibble would be the sign). Q8_0: the 32 code bytes; lane i sees byte 4i+c, shifted to the top
- * byte (then the lane is a signed q * 2^24). */
-static inline void permute_block(const float *x, int type, float *out) {
-    for (int j = 0; j < 32; j++) {
-        int slot, shift;
-        if (type == GGML_Q8_0) {
-            slot = (j & 3) * 8 + (j >> 2);
-            shift = 24;
-        } else {
-            const int high = j >= 16, byte = j & 15, c = byte & 3;
-            slot = c * 8 + high * 4 + (byte >> 2);
-            shift = c < 3 ? 8 * c + 4 * high : 20 + 4 * high;
-        }
-        out[slot] = x[j] * (1.0f / (float)(1u << shift));
-    }
 }
 
 static inline __attribute__((always_inline)) void codes_in_place(const uint8_t *codes, int type, __m256 q[4]) {
