@@ -7,10 +7,11 @@ once, a new one added as soon as one finishes. Every time is read from ``time.pr
 of the process's threads), so a request's TTFT is the CPU the engine spent between its arrival and
 its first token: the figure a quiet machine with the same threads would show in wall time, up to
 the threads' parallel efficiency. Each ``--budgets`` value (tokens per step,
-``max_num_batched_tokens``) runs in turn on the same prompts.
+``max_num_batched_tokens``) runs with each ``--caps`` value (``prefill_tokens_per_step``), in turn
+on the same prompts.
 
     PYTHONPATH=src OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_schedule.py \
-        [--threads 1] [--concurrency 32] [--requests 64] [--budgets 2048,512,256]
+        [--threads 1] [--concurrency 32] [--requests 64] [--budgets 2048] [--caps 0,256]
 """
 
 from __future__ import annotations
@@ -28,9 +29,14 @@ from servekit.cpu import cpu_model
 from servekit.llm import EngineConfig, LLMEngine, SamplingParams
 
 
-def run(budget: int, args: argparse.Namespace) -> dict[str, float]:
+def run(budget: int, cap: int, args: argparse.Namespace) -> dict[str, float]:
     engine = LLMEngine(
-        EngineConfig(model=args.model, max_num_seqs=args.concurrency, max_num_batched_tokens=budget)
+        EngineConfig(
+            model=args.model,
+            max_num_seqs=args.concurrency,
+            max_num_batched_tokens=budget,
+            prefill_tokens_per_step=cap,
+        )
     )
     vocab = engine.model_config.vocab_size
     rng = random.Random(0)
@@ -84,7 +90,13 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--budgets", type=lambda s: [int(x) for x in s.split(",")], default=[2048, 512, 256])
+    parser.add_argument("--budgets", type=lambda s: [int(x) for x in s.split(",")], default=[2048])
+    parser.add_argument(
+        "--caps",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[0, 256],
+        help="prefill_tokens_per_step values (0: no cap), each run with each budget",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -92,15 +104,19 @@ def main() -> None:
         f"CPU: {cpu_model()}; {args.threads} threads; load average {os.getloadavg()[0]:.1f}; "
         f"c={args.concurrency}, {args.requests} requests, {args.input_len}/{args.output_len} tokens"
     )
-    print("| tokens per step | TTFT p50 (CPU s) | TTFT p90 (CPU s) | output tok per CPU s | steps |")
-    print("|---:|---:|---:|---:|---:|")
+    print(
+        "| tokens per step | prompt tokens per step | TTFT p50 (CPU s) | TTFT p90 (CPU s) "
+        "| output tok per CPU s | steps |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|")
     for budget in args.budgets:
-        result = run(budget, args)
-        print(
-            f"| {budget} | {result['ttft_p50']:.2f} | {result['ttft_p90']:.2f} | "
-            f"{result['tok_per_cpu_s']:.2f} | {result['steps']} |",
-            flush=True,
-        )
+        for cap in args.caps:
+            result = run(budget, cap, args)
+            print(
+                f"| {budget} | {cap or '-'} | {result['ttft_p50']:.2f} | {result['ttft_p90']:.2f} | "
+                f"{result['tok_per_cpu_s']:.2f} | {result['steps']} |",
+                flush=True,
+            )
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
 
