@@ -8,6 +8,8 @@ mistake or a slot overwritten too early changes the outputs.
 from __future__ import annotations
 
 import random
+import statistics
+from typing import Any
 
 import pytest
 
@@ -71,9 +73,14 @@ def run_to_completion(
     chunked: bool = True,
     prefix_caching: bool = True,
     arrivals: dict[int, list[SequenceGroup]] | None = None,
+    prefill_cap: int = 0,
+    first_token_work: dict[str, int] | None = None,
 ) -> tuple[dict[str, list[list[int]]], Scheduler, SlotModel]:
     bm = BlockManager(num_blocks, block_size, prefix_caching)
-    scheduler = Scheduler(SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len, chunked), bm)
+    config = SchedulerConfig(
+        max_num_seqs, max_num_batched_tokens, max_model_len, chunked, prefill_tokens_per_step=prefill_cap
+    )
+    scheduler = Scheduler(config, bm)
     model = SlotModel(num_blocks, block_size)
     for group in groups:
         scheduler.add(group)
@@ -96,6 +103,8 @@ def run_to_completion(
                 seq.group.prompt_computed = True
             if item.completes:
                 seq.append_token(predictions[seq.seq_id], None, None)
+                if first_token_work is not None:  # tokens computed until its first token: its TTFT
+                    first_token_work.setdefault(seq.group.request_id, model.computed_tokens)
                 if len(seq.output_token_ids) >= seq.max_tokens:
                     seq.finish("length")
                     scheduler.finish(seq)
@@ -241,3 +250,72 @@ def test_abort_at_random_points_returns_every_block() -> None:
         live = [g for g in live if not g.is_finished]
     assert not scheduler.has_unfinished()
     assert bm.num_free_blocks == num_blocks
+
+
+# -- the prompt cap (prefill_tokens_per_step) -----------------------------------------------------
+
+
+def burst(count: int, length: int, max_tokens: int = 4) -> list[SequenceGroup]:
+    rng = random.Random(count * 7 + length)
+    return [
+        make_group(f"p{i}", [rng.randrange(VOCAB) for _ in range(length)], max_tokens) for i in range(count)
+    ]
+
+
+def apply(plan: SchedulerOutput) -> list[tuple[str, int]]:
+    """Mark the plan computed (a token appended where it completes); its (request, tokens) pairs."""
+    for item in plan.scheduled:
+        item.seq.num_computed_tokens = item.start + item.num_tokens
+        if item.completes:
+            item.seq.append_token(1, None, None)
+    return [(item.seq.group.request_id, item.num_tokens) for item in plan.scheduled]
+
+
+def test_prompt_cap_takes_pending_prompts_in_arrival_order() -> None:
+    scheduler = Scheduler(
+        SchedulerConfig(32, 2048, 256, True, prefill_tokens_per_step=256), BlockManager(512, 16)
+    )
+    for group in burst(8, 100):
+        scheduler.add(group)
+    assert apply(scheduler.schedule()) == [("p0", 100), ("p1", 100), ("p2", 56)]
+    # The decodes ride along; the prompt in progress goes on first, then the next ones in order.
+    assert apply(scheduler.schedule()) == [
+        ("p0", 1),
+        ("p1", 1),
+        ("p2", 44),
+        ("p3", 100),
+        ("p4", 100),
+        ("p5", 12),
+    ]
+    assert apply(scheduler.schedule()) == [
+        ("p0", 1), ("p1", 1), ("p2", 1), ("p3", 1), ("p4", 1), ("p5", 88), ("p6", 100), ("p7", 68)
+    ]  # fmt: skip
+
+
+def test_a_lone_prompt_takes_the_whole_budget() -> None:
+    scheduler = Scheduler(
+        SchedulerConfig(32, 2048, 1024, True, prefill_tokens_per_step=256), BlockManager(512, 16)
+    )
+    scheduler.add(burst(1, 1000)[0])
+    assert apply(scheduler.schedule()) == [("p0", 1000)]
+    # Without chunked prefill there is no cap: prompts are never split.
+    unchunked = Scheduler(
+        SchedulerConfig(32, 2048, 1024, False, prefill_tokens_per_step=256), BlockManager(512, 16)
+    )
+    for group in burst(3, 300):
+        unchunked.add(group)
+    assert apply(unchunked.schedule()) == [("p0", 300), ("p1", 300), ("p2", 300)]
+
+
+def test_prompt_cap_gives_the_same_outputs_and_earlier_first_tokens() -> None:
+    capped_work: dict[str, int] = {}
+    uncapped_work: dict[str, int] = {}
+    common: dict[str, Any] = {"max_num_batched_tokens": 512, "num_blocks": 512, "max_model_len": 128}
+    capped, _, _ = run_to_completion(burst(16, 60, 8), prefill_cap=64, first_token_work=capped_work, **common)
+    uncapped, _, _ = run_to_completion(burst(16, 60, 8), first_token_work=uncapped_work, **common)
+    assert capped == uncapped
+    order = [capped_work[f"p{i}"] for i in range(16)]
+    assert order == sorted(order)  # first come, first served
+    # Uncapped, 8 prompts finish together after 512 tokens of work and the other 8 after ~970; capped,
+    # each finishes about 60 tokens after the one before it.
+    assert statistics.mean(order) < 0.8 * statistics.mean(uncapped_work.values())

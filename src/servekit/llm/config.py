@@ -130,6 +130,11 @@ class EngineConfig:
         "tokens computed per engine step (default: 2048 with chunked prefill, else max_model_len)",
         env=("MAX_NUM_BATCHED_TOKENS",),
     )
+    prefill_tokens_per_step: int = setting(
+        256,
+        "prompt tokens one step computes while several prompts are pending (they then finish one after "
+        "another, which lowers TTFT under bursts; a lone prompt takes max_num_batched_tokens; 0: no cap)",
+    )
     block_size: int = setting(16, "tokens per KV-cache block", env=("BLOCK_SIZE",))
     kv_cache_memory: int | str = setting(
         "auto",
@@ -210,6 +215,11 @@ class EngineConfig:
         for name, value in positive.items():
             if value is not None and value < 1:
                 raise EngineConfigError(f"{name} must be at least 1, got {value}", name)
+        if self.prefill_tokens_per_step < 0:
+            raise EngineConfigError(
+                f"prefill_tokens_per_step must be non-negative, got {self.prefill_tokens_per_step}",
+                "prefill_tokens_per_step",
+            )
         if self.max_queued_requests is not None and self.max_queued_requests < 0:
             raise EngineConfigError(
                 f"max_queued_requests must be non-negative, got {self.max_queued_requests}",

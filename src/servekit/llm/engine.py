@@ -162,6 +162,7 @@ class LLMEngine:
                 max_model_len=self.max_model_len,
                 enable_chunked_prefill=cfg.enable_chunked_prefill,
                 max_queued_requests=cfg.max_queued_requests,
+                prefill_tokens_per_step=cfg.prefill_tokens_per_step,
             ),
             self.block_manager,
         )

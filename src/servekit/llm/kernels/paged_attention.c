@@ -96,92 +96,155 @@ static inline float vsum(vec_t v) {
 
 #if HAVE_SIMD
 #define MAX_CHUNKS (256 / LANES) /* head_dim up to 256 */
+#define MAX_GROUP 64             /* query heads per KV head */
+#define KEYS 4                   /* keys whose scores one pass computes together */
+#define HEADS 3                  /* query heads of a group computed together */
+#define TILE 4                   /* output vectors per head kept in registers while values stream */
+#define PREFETCH 16              /* rows ahead to prefetch */
+
+/* Scores of keys [0, n) for query heads q[0..hn) (hn <= HEADS, a constant at each call site):
+ * per KEYS keys, hn x KEYS independent FMA chains over the head dimension, each key row loaded
+ * once for all hn heads. */
+static inline __attribute__((always_inline)) void head_scores(const vec_t *q, int hn, int chunks,
+                                                              const void **keys, const void **values,
+                                                              int n, float *sg, int64_t stride,
+                                                              int kv_dtype, int row_bytes) {
+    int i = 0;
+    for (; i + KEYS <= n; i += KEYS) {
+        /* Rows sit in 4 KiB runs (a cache block's keys of one head) scattered over the cache, where
+         * the hardware prefetcher stops: fetch the keys PREFETCH rows ahead, and the values the
+         * weighted sum reads next. */
+        if (values != NULL && i + PREFETCH + KEYS <= n)
+            for (int k = 0; k < KEYS; k++)
+                for (int b = 0; b < row_bytes; b += 64) {
+                    __builtin_prefetch((const char *)keys[i + PREFETCH + k] + b);
+                    __builtin_prefetch((const char *)values[i + PREFETCH + k] + b);
+                }
+        vec_t dot[HEADS][KEYS];
+        for (int g = 0; g < hn; g++)
+            for (int k = 0; k < KEYS; k++) dot[g][k] = vzero();
+        for (int c = 0; c < chunks; c++) {
+            vec_t row[KEYS];
+            for (int k = 0; k < KEYS; k++) row[k] = vload(keys[i + k], LANES * c, kv_dtype);
+            for (int g = 0; g < hn; g++)
+                for (int k = 0; k < KEYS; k++) dot[g][k] = vfmadd(q[g * MAX_CHUNKS + c], row[k], dot[g][k]);
+        }
+        for (int g = 0; g < hn; g++)
+            for (int k = 0; k < KEYS; k++) sg[g * stride + i + k] = vsum(dot[g][k]);
+    }
+    for (; i < n; i++) {
+        vec_t dot[HEADS];
+        for (int g = 0; g < hn; g++) dot[g] = vzero();
+        for (int c = 0; c < chunks; c++) {
+            const vec_t row = vload(keys[i], LANES * c, kv_dtype);
+            for (int g = 0; g < hn; g++) dot[g] = vfmadd(q[g * MAX_CHUNKS + c], row, dot[g]);
+        }
+        for (int g = 0; g < hn; g++) sg[g * stride + i] = vsum(dot[g]);
+    }
+}
+
+/* out[g] = sum_i weights[g][i] * values[i] for heads [0, hn), TILE vectors at a time: hn x TILE
+ * accumulators in registers, each value vector loaded once for all hn heads. */
+static inline __attribute__((always_inline)) void head_values(const float *weights, int64_t stride, int hn,
+                                                              int chunks, const void **values, int n,
+                                                              vec_t *acc_out, int kv_dtype) {
+    for (int c0 = 0; c0 < chunks; c0 += TILE) {
+        const int width = chunks - c0 < TILE ? chunks - c0 : TILE;
+        vec_t acc[HEADS][TILE];
+        for (int g = 0; g < hn; g++)
+            for (int c = 0; c < TILE; c++) acc[g][c] = vzero();
+        if (width == TILE) {
+            for (int i = 0; i < n; i++) {
+                vec_t row[TILE];
+                for (int c = 0; c < TILE; c++) row[c] = vload(values[i], LANES * (c0 + c), kv_dtype);
+                for (int g = 0; g < hn; g++) {
+                    const vec_t weight = vset1(weights[g * stride + i]);
+                    for (int c = 0; c < TILE; c++) acc[g][c] = vfmadd(weight, row[c], acc[g][c]);
+                }
+            }
+        } else {
+            for (int i = 0; i < n; i++)
+                for (int g = 0; g < hn; g++) {
+                    const vec_t weight = vset1(weights[g * stride + i]);
+                    for (int c = 0; c < width; c++)
+                        acc[g][c] = vfmadd(weight, vload(values[i], LANES * (c0 + c), kv_dtype), acc[g][c]);
+                }
+        }
+        for (int g = 0; g < hn; g++)
+            for (int c = 0; c < width; c++) acc_out[g * MAX_CHUNKS + c0 + c] = acc[g][c];
+    }
+}
 
 /* The same computation as the portable loop in run_job, for head_dim a multiple of LANES, in the
- * widest vectors the CPU has. Keys are walked block by block (no division per key) and each key or
- * value is loaded once for all the query heads of its group. */
-static void run_unit_simd(const job_t *job, int s, int h, float *scores) {
+ * widest vectors the CPU has; `kv_dtype` is a constant at each call site, so every load is
+ * specialised. Each key and value row is located once (`keys`, `values`: row pointers by
+ * position), and the query heads of the group are taken HEADS at a time, so that each row loaded
+ * from the cache serves all of them. */
+static inline __attribute__((always_inline)) void unit_simd(const job_t *job, int s, int h, float *scores,
+                                                            const void **keys, const void **values,
+                                                            const int kv_dtype) {
     const int group = job->num_heads / job->num_kv_heads;
     const int d = job->head_dim, chunks = d / LANES, bs = job->block_size;
     const int len = job->context_lens[s];
     int first = 0;
     if (job->sliding_window > 0 && len > job->sliding_window) first = len - job->sliding_window;
-    const int n = len - first;
+    const int n = len > first ? len - first : 0;
     const int32_t *table = job->block_tables + (int64_t)s * job->max_blocks;
     const int64_t q_offset = ((int64_t)s * job->num_heads + (int64_t)h * group) * d;
-    const int dtype = job->dtype, kv_dtype = job->kv_dtype;
+    const int dtype = job->dtype;
+    const int64_t item = kv_dtype == DTYPE_F32 ? 4 : 2;
+    for (int t = first, i = 0; t < len; t++, i++) {
+        const int32_t block = table[t / bs];
+        keys[i] = (const char *)job->cache + row_offset(job, block, 0, h, t % bs) * item;
+        values[i] = (const char *)job->cache + row_offset(job, block, 1, h, t % bs) * item;
+    }
     const vec_t scale = vset1(job->scale);
-    vec_t q[group * chunks], acc[group * chunks], row[MAX_CHUNKS];
-    for (int g = 0; g < group; g++)
-        for (int c = 0; c < chunks; c++) {
-            q[g * chunks + c] = vmul(vload(job->query, q_offset + (int64_t)g * d + LANES * c, dtype), scale);
-            acc[g * chunks + c] = vzero();
-        }
-    float total[group], peak[group];
-    for (int g = 0; g < group; g++) peak[g] = -INFINITY, total[g] = 0.0f;
-    if (n > 0) {
-        for (int pass = 0; pass < 2; pass++) {
-            int index = 0;
-            for (int b = first / bs; b <= (len - 1) / bs; b++) {
-                const int from = b == first / bs ? first % bs : 0;
-                const int to = b == (len - 1) / bs ? (len - 1) % bs + 1 : bs;
-                int64_t base = row_offset(job, table[b], pass, h, from);
-                int o = from;
-                /* Scores of four keys at a time: four independent dot-product chains instead of one
-                 * chain of dependent FMAs per key. */
-                for (; pass == 0 && o + 4 <= to; o += 4, index += 4, base += 4 * (int64_t)d) {
-                    for (int g = 0; g < group; g++) {
-                        vec_t dot[4];
-                        for (int k = 0; k < 4; k++) dot[k] = vzero();
-                        for (int c = 0; c < chunks; c++) {
-                            const vec_t qc = q[g * chunks + c];
-                            for (int k = 0; k < 4; k++)
-                                dot[k] = vfmadd(qc, vload(job->cache, base + (int64_t)k * d + LANES * c, kv_dtype),
-                                                dot[k]);
-                        }
-                        for (int k = 0; k < 4; k++) {
-                            const float score = vsum(dot[k]);
-                            scores[(int64_t)g * n + index + k] = score;
-                            peak[g] = score > peak[g] ? score : peak[g];
-                        }
-                    }
-                }
-                for (; o < to; o++, index++, base += d) {
-                    for (int c = 0; c < chunks; c++) row[c] = vload(job->cache, base + LANES * c, kv_dtype);
-                    if (pass == 0) {
-                        for (int g = 0; g < group; g++) {
-                            vec_t dot = vmul(q[g * chunks], row[0]);
-                            for (int c = 1; c < chunks; c++) dot = vfmadd(q[g * chunks + c], row[c], dot);
-                            const float score = vsum(dot);
-                            scores[(int64_t)g * n + index] = score;
-                            peak[g] = score > peak[g] ? score : peak[g];
-                        }
-                    } else {
-                        for (int g = 0; g < group; g++) {
-                            const vec_t weight = vset1(scores[(int64_t)g * n + index]);
-                            for (int c = 0; c < chunks; c++)
-                                acc[g * chunks + c] = vfmadd(weight, row[c], acc[g * chunks + c]);
-                        }
-                    }
-                }
-            }
-            if (pass == 0) {
-                for (int g = 0; g < group; g++) {
-                    float *sg = scores + (int64_t)g * n;
-                    for (int i = 0; i < n; i++) {
-                        sg[i] = expf(sg[i] - peak[g]);
-                        total[g] += sg[i];
-                    }
-                }
-            }
-        }
-    }
     float out[MAX_CHUNKS * LANES];
-    for (int g = 0; g < group; g++) {
-        const vec_t inv = vset1(n > 0 ? 1.0f / total[g] : 0.0f);
-        for (int c = 0; c < chunks; c++) vstore(out + LANES * c, vmul(acc[g * chunks + c], inv));
-        store_row(job->out, q_offset + (int64_t)g * d, out, d, dtype);
+    for (int g0 = 0; g0 < group; g0 += HEADS) {
+        const int hn = group - g0 < HEADS ? group - g0 : HEADS;
+        vec_t q[HEADS * MAX_CHUNKS], acc[HEADS * MAX_CHUNKS];
+        for (int g = 0; g < hn; g++)
+            for (int c = 0; c < chunks; c++)
+                q[g * MAX_CHUNKS + c] =
+                    vmul(vload(job->query, q_offset + (int64_t)(g0 + g) * d + LANES * c, dtype), scale);
+        if (hn == 3)
+            head_scores(q, 3, chunks, keys, g0 == 0 ? values : NULL, n, scores, n, kv_dtype, (int)(d * item));
+        else if (hn == 2)
+            head_scores(q, 2, chunks, keys, g0 == 0 ? values : NULL, n, scores, n, kv_dtype, (int)(d * item));
+        else
+            head_scores(q, 1, chunks, keys, g0 == 0 ? values : NULL, n, scores, n, kv_dtype, (int)(d * item));
+        float total[HEADS];
+        for (int g = 0; g < hn; g++) {
+            float *sg = scores + (int64_t)g * n, peak = -INFINITY, sum = 0.0f;
+            for (int i = 0; i < n; i++) peak = sg[i] > peak ? sg[i] : peak;
+            for (int i = 0; i < n; i++) {
+                sg[i] = expf(sg[i] - peak);
+                sum += sg[i];
+            }
+            total[g] = sum;
+        }
+        if (hn == 3)
+            head_values(scores, n, 3, chunks, values, n, acc, kv_dtype);
+        else if (hn == 2)
+            head_values(scores, n, 2, chunks, values, n, acc, kv_dtype);
+        else
+            head_values(scores, n, 1, chunks, values, n, acc, kv_dtype);
+        for (int g = 0; g < hn; g++) {
+            const vec_t inv = vset1(n > 0 ? 1.0f / total[g] : 0.0f);
+            for (int c = 0; c < chunks; c++) vstore(out + LANES * c, vmul(acc[g * MAX_CHUNKS + c], inv));
+            store_row(job->out, q_offset + (int64_t)(g0 + g) * d, out, d, dtype);
+        }
     }
+}
+
+static void run_unit_simd(const job_t *job, int s, int h, float *scores, const void **keys,
+                          const void **values) {
+    if (job->kv_dtype == DTYPE_F32)
+        unit_simd(job, s, h, scores, keys, values, DTYPE_F32);
+    else if (job->kv_dtype == DTYPE_BF16)
+        unit_simd(job, s, h, scores, keys, values, DTYPE_BF16);
+    else
+        unit_simd(job, s, h, scores, keys, values, DTYPE_F16);
 }
 #endif
 
@@ -203,9 +266,10 @@ static void *run_job(void *arg) {
     float *q = malloc(sizeof(float) * (size_t)group * (size_t)d);
     float *acc = malloc(sizeof(float) * (size_t)group * (size_t)d);
     float *row = malloc(sizeof(float) * (size_t)d);
-    if (!scores || !q || !acc || !row) {
+    const void **rows = malloc(sizeof(void *) * 2 * (size_t)(max_len > 0 ? max_len : 1));
+    if (!scores || !q || !acc || !row || !rows) {
         job->status = -1;
-        free(scores), free(q), free(acc), free(row);
+        free(scores), free(q), free(acc), free(row), free(rows);
         return NULL;
     }
     const int units = job->num_seqs * job->num_kv_heads;
@@ -215,7 +279,7 @@ static void *run_job(void *arg) {
         const int h = unit % job->num_kv_heads;
 #if HAVE_SIMD
         if (vectorised) {
-            run_unit_simd(job, s, h, scores);
+            run_unit_simd(job, s, h, scores, rows, rows + (max_len > 0 ? max_len : 1));
             continue;
         }
 #endif
@@ -268,7 +332,7 @@ static void *run_job(void *arg) {
         for (int g = 0; g < group; g++)
             store_row(job->out, q_offset + (int64_t)g * d, acc + (int64_t)g * d, d, job->dtype);
     }
-    free(scores), free(q), free(acc), free(row);
+    free(scores), free(q), free(acc), free(row), free(rows);
     return NULL;
 }
 
