@@ -50,6 +50,8 @@ _DROP_RESPONSE = frozenset(
         b"upgrade",
         b"trailer",
         b"content-length",
+        b"date",  # the proxy's own date and server headers are sent
+        b"server",
         REQUEST_ID.encode(),
     }
 )
