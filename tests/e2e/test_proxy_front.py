@@ -78,7 +78,7 @@ def proxied(tmp_path: Path) -> Iterator[tuple[str, int, FakeNode]]:
 def test_pipelined_requests_fast_and_asgi_on_one_connection(proxied: tuple[str, int, FakeNode]) -> None:
     """Pipelined on one keep-alive connection, answered in order: proxied requests (the direct path),
     a chunked body, the key refused, a body past the limit, a stream, and ASGI routes between them."""
-    url, port, node = proxied
+    _, port, node = proxied
     stream = orjson.dumps({"model": "fake-model", "messages": [], "stream": True})
     requests = [
         _request("POST", "/v1/completions", COMPLETION, {"X-Request-Id": "r-1"}),
