@@ -140,3 +140,10 @@ def test_headers_past_the_limit_and_a_missing_key(proxied: tuple[str, int, FakeN
     assert missing.status_code == 401
     assert missing.json()["error"]["message"] == "Invalid or missing API key"
     assert node.requests == []
+
+
+def test_uvicorn_still_has_the_hook_the_direct_front_overrides() -> None:
+    """Without it every request would silently take the slower ASGI path (still correct)."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    assert "_start_asgi_task" in vars(HttpToolsProtocol)

@@ -196,4 +196,6 @@ def _nothing() -> None:
 
 def protocol_for(app: ProxyApp) -> type[asyncio.Protocol]:
     """The protocol class to give uvicorn (``http=``) for serving ``app``."""
+    if not hasattr(HttpToolsProtocol, "_start_asgi_task"):  # the hook this relies on (uvicorn 0.54)
+        logger.warning("this uvicorn has no _start_asgi_task: every request goes through ASGI")
     return type("BoundProxyProtocol", (ProxyProtocol,), {"fast": app.fast})
