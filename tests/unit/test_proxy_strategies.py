@@ -7,9 +7,11 @@ import random
 
 import pytest
 
+from servekit.proxy.config import STRATEGIES
 from servekit.proxy.health import NodeHealth
 from servekit.proxy.prefix_cache import PrefixIndex
 from servekit.proxy.registry import Node
+from servekit.proxy.requests import route_of
 from servekit.proxy.sessions import SessionRing
 from servekit.proxy.strategies import (
     CacheAware,
@@ -186,3 +188,11 @@ def test_make_strategy_knows_every_name() -> None:
 
     for name in STRATEGIES:
         assert make_strategy(name, random.Random(0)).choose(nodes(2), Route(session="s", prompt="p")).url
+
+
+def test_only_cache_aware_reads_the_prompt_and_route_of_builds_it_only_then() -> None:
+    users = [name for name in STRATEGIES if make_strategy(name, random.Random(0)).uses_prompt]
+    assert users == ["cache_aware"]
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "user": "u1"}
+    assert route_of(body, None) == Route(model="m", session="u1", prompt="<user>hi")
+    assert route_of(body, "s", with_prompt=False) == Route(model="m", session="s", prompt="")

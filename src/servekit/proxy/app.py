@@ -20,11 +20,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from servekit.errors import ServerError
 from servekit.http.auth import APIKeyCheck
-from servekit.http.limits import MaxBodySizeMiddleware, MaxHeaderSizeMiddleware
+from servekit.http.limits import MAX_HEADER_BYTES, MaxBodySizeMiddleware, MaxHeaderSizeMiddleware
 from servekit.openai.errors import OpenAIError, invalid, json_object
 from servekit.prometheus import CONTENT_TYPE
 from servekit.proxy.config import ProxyConfig, ProxyConfigError, normalize_url
 from servekit.proxy.forward import REQUEST_ID, Forward
+from servekit.proxy.front import FastPath, ProxyApp
 from servekit.proxy.openapi import proxy_openapi
 from servekit.proxy.registry import Node
 from servekit.proxy.service import HTTP_ERRORS, NodeUnreachable, Proxy
@@ -57,13 +58,13 @@ class _Gate:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            error = self._refusal(scope)
+            error = self.refusal(scope)
             if error is not None:
                 await error.response()(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
-    def _refusal(self, scope: Scope) -> OpenAIError | None:
+    def refusal(self, scope: Scope) -> OpenAIError | None:
         if self.check is not None and scope["path"] not in OPEN_PATHS:
             try:
                 self.check(Request(scope))
@@ -78,7 +79,7 @@ class _Routes:
     """The proxied routes straight to their endpoint: the hot path skips Starlette's router and
     exception middlewares. Everything else (other methods too) goes through ``app``."""
 
-    def __init__(self, app: ASGIApp, direct: dict[str, ASGIApp]) -> None:
+    def __init__(self, app: ASGIApp, direct: dict[str, Forward]) -> None:
         self.app = app
         self.direct = direct
 
@@ -283,7 +284,7 @@ def _version() -> str:
     return str(__version__)
 
 
-def build_app(config: ProxyConfig, proxy: Proxy | None = None) -> ASGIApp:
+def build_app(config: ProxyConfig, proxy: Proxy | None = None) -> ProxyApp:
     proxy = proxy or Proxy(config)
     nodes = NodesAPI(proxy)
     front = FrontAPI(proxy)
@@ -302,7 +303,7 @@ def build_app(config: ProxyConfig, proxy: Proxy | None = None) -> ASGIApp:
     async def openapi(request: Request) -> Response:
         return Response(document, media_type="application/json")
 
-    direct: dict[str, ASGIApp] = {path: forward for path in PROXIED}
+    direct: dict[str, Forward] = {path: forward for path in PROXIED}
     direct["/v1/chat/interactive"] = Forward(proxy, _interactive_chooser(proxy))
     routes = [HTTPRoute(path, endpoint, methods=["POST"]) for path, endpoint in direct.items()]
     routes += [
@@ -322,5 +323,7 @@ def build_app(config: ProxyConfig, proxy: Proxy | None = None) -> ASGIApp:
     handlers = {HTTPException: _http_error, ServerError: _server_error}
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
     app.state.proxy = proxy
-    limited = MaxBodySizeMiddleware(_Routes(app, direct), parse_size(config.max_request_body_size))
-    return MaxHeaderSizeMiddleware(_Gate(limited, config.api_key))
+    max_body = parse_size(config.max_request_body_size)
+    gate = _Gate(MaxBodySizeMiddleware(_Routes(app, direct), max_body), config.api_key)
+    fast = FastPath(direct, gate.refusal, max_body, MAX_HEADER_BYTES)
+    return ProxyApp(MaxHeaderSizeMiddleware(gate, MAX_HEADER_BYTES), fast)

@@ -39,6 +39,7 @@ def run_proxy(config: ProxyConfig) -> None:
 
     from servekit.http.graceful import GracefulServer
     from servekit.proxy.app import build_app
+    from servekit.proxy.front import protocol_for
 
     level = config.log_level.lower()
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -50,12 +51,13 @@ def run_proxy(config: ProxyConfig) -> None:
         len(config.nodes),
         "" if len(config.nodes) == 1 else "s",
     )
+    app = build_app(config)
     options = uvicorn.Config(
-        build_app(config),
+        app,
         host=config.host,
         port=config.port,
         loop="uvloop",
-        http="httptools",
+        http=protocol_for(app),  # httptools, the proxied routes served without ASGI
         log_level=level,
         access_log=level == "debug",
         proxy_headers=False,  # the proxy uses no client address: no X-Forwarded-* work per request

@@ -6,8 +6,9 @@ import enum
 import logging
 import time
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from servekit.errors import ServerError
 from servekit.openai.errors import OpenAIError, json_object
@@ -49,6 +50,8 @@ _DROP_RESPONSE = frozenset(
         b"upgrade",
         b"trailer",
         b"content-length",
+        b"date",  # the proxy's own date and server headers are sent
+        b"server",
         REQUEST_ID.encode(),
     }
 )
@@ -77,30 +80,81 @@ async def _read_body(receive: Receive) -> bytes | None:
             return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-def _start(status: int, headers: list[tuple[bytes, bytes]]) -> Message:
-    return {"type": "http.response.start", "status": status, "headers": headers}
+Headers = list[tuple[bytes, bytes]]
 
 
-def _body(data: bytes, more: bool = False) -> Message:
-    return {"type": "http.response.body", "body": data, "more_body": more}
+class Reply(Protocol):
+    """Where an exchange's answer goes: the client's side of the proxy (ASGI's ``send``, or the
+    proxy's own HTTP protocol, ``servekit.proxy.front``)."""
+
+    async def whole(self, status: int, headers: Headers, body: bytes) -> None:
+        """A whole answer; ``headers`` carry its content-length."""
+        ...
+
+    async def start(self, status: int, headers: Headers) -> None:
+        """The head of a streamed answer."""
+        ...
+
+    async def chunk(self, data: bytes) -> None: ...
+
+    async def end(self) -> None: ...
+
+    def watch(self, receive: Receive, left: Callable[[], None]) -> Callable[[], None]:
+        """Call ``left`` if the client goes away; returns what stops watching."""
+        ...
 
 
-async def send_error(send: Send, error: OpenAIError, request_id: str) -> None:
+class AsgiReply:
+    def __init__(self, send: Send) -> None:
+        self.send = send
+
+    async def whole(self, status: int, headers: Headers, body: bytes) -> None:
+        await self.send({"type": "http.response.start", "status": status, "headers": headers})
+        await self.send({"type": "http.response.body", "body": body, "more_body": False})
+
+    async def start(self, status: int, headers: Headers) -> None:
+        await self.send({"type": "http.response.start", "status": status, "headers": headers})
+
+    async def chunk(self, data: bytes) -> None:
+        await self.send({"type": "http.response.body", "body": data, "more_body": True})
+
+    async def end(self) -> None:
+        await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def watch(self, receive: Receive, left: Callable[[], None]) -> Callable[[], None]:
+        watcher = asyncio.get_running_loop().create_task(_watch(receive, left))
+
+        def stop() -> None:
+            watcher.cancel()
+
+        return stop
+
+
+async def _watch(receive: Receive, left: Callable[[], None]) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    left()
+
+
+async def send_error(reply: Reply, error: OpenAIError, request_id: str) -> None:
     response = error.response()
     response.headers[REQUEST_ID] = request_id
-    await send(_start(response.status_code, response.raw_headers))
-    await send(_body(bytes(response.body)))
+    await reply.whole(response.status_code, response.raw_headers, bytes(response.body))
 
 
 class Forward:
-    """The ASGI endpoint of one proxied route. ``choose`` overrides the strategy (interactive sessions
+    """The endpoint of one proxied route. ``choose`` overrides the strategy (interactive sessions
     always go to the node that holds them)."""
 
     def __init__(self, proxy: Proxy, choose: Chooser | None = None) -> None:
         self.proxy = proxy
         self.choose: Chooser = choose or proxy.strategy.choose
+        self.wants_prompt = proxy.strategy.uses_prompt
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.serve(scope, receive, AsgiReply(send))
+
+    async def serve(self, scope: Scope, receive: Receive, reply: Reply) -> None:
         arrived = time.perf_counter()
         request_id = session = content_type = None
         forwarded = []
@@ -121,24 +175,30 @@ class Forward:
             body = await _read_body(receive)
             if body is None:
                 return
-            route = route_of(json_object(body), session)
+            route = route_of(json_object(body), session, self.wants_prompt)
         except ServerError as error:  # the body's size limit
-            await send_error(send, OpenAIError.from_server_error(error), request_id)
+            await send_error(reply, OpenAIError.from_server_error(error), request_id)
             return
         except OpenAIError as error:
-            await send_error(send, error, request_id)
+            await send_error(reply, error, request_id)
             return
         target = scope.get("raw_path") or scope["path"].encode()
         if scope["query_string"]:
             target += b"?" + scope["query_string"]
         exchange = _Exchange(
-            self, scope["method"], target, b"".join(forwarded), body, route, request_id, send, arrived
+            self, scope["method"], target, b"".join(forwarded), body, route, request_id, reply, arrived
         )
         # A client that leaves cancels the exchange: its upstream connection closes, which the node
         # takes as a disconnect and aborts the request (its sequence and KV blocks freed).
         task = asyncio.current_task()
         assert task is not None
-        watcher = asyncio.get_running_loop().create_task(_watch(receive, exchange, task))
+
+        def left() -> None:
+            if not exchange.finished:
+                exchange.client_left = True
+                task.cancel()
+
+        stop_watching = reply.watch(receive, left)
         try:
             await exchange.run()
         except asyncio.CancelledError:
@@ -147,15 +207,7 @@ class Forward:
             task.uncancel()
         finally:
             exchange.finished = True
-            watcher.cancel()
-
-
-async def _watch(receive: Receive, exchange: _Exchange, task: asyncio.Task[None]) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    if not exchange.finished:
-        exchange.client_left = True
-        task.cancel()
+            stop_watching()
 
 
 class _Exchange:
@@ -168,7 +220,7 @@ class _Exchange:
         body: bytes,
         route: Route,
         request_id: str,
-        send: Send,
+        reply: Reply,
         arrived: float,
     ) -> None:
         self.proxy = forward.proxy
@@ -179,9 +231,9 @@ class _Exchange:
         self.body = body
         self.route = route
         self.request_id = request_id
-        self.send = send
+        self.reply = reply
         self.arrived = arrived
-        self.last_503: tuple[int, list[tuple[bytes, bytes]], bytes] | None = None
+        self.last_503: tuple[int, Headers, bytes] | None = None
         self.responded = False
         self.client_left = False
         self.finished = False
@@ -199,7 +251,7 @@ class _Exchange:
             error = OpenAIError(
                 404, f"The model '{model}' does not exist (served: {known})", "model", "model_not_found"
             )
-            await send_error(self.send, error, self.request_id)
+            await send_error(self.reply, error, self.request_id)
             return
         tried: set[str] = set()
         previous: Node | None = None
@@ -221,15 +273,15 @@ class _Exchange:
             previous = node
         if self.last_503 is not None:
             status, headers, content = self.last_503
-            await self.send(_start(status, headers))
-            await self.send(_body(content))
+            headers.append((b"content-length", b"%d" % len(content)))
+            await self.reply.whole(status, headers, content)
             return
         proxy.metrics.no_node += 1
         what = f"model '{model}'" if model else "this request"
         error = OpenAIError(
             503, f"No healthy node serves {what} right now; retry later", code="no_healthy_node"
         )
-        await send_error(self.send, error, self.request_id)
+        await send_error(self.reply, error, self.request_id)
 
     async def _attempt(self, node: Node, last: bool) -> _Outcome:
         proxy = self.proxy
@@ -251,7 +303,7 @@ class _Exchange:
             except HTTP_ERRORS as error:
                 failed = True
                 logger.warning("request %s: %s failed: %r", self.request_id, node.url, error)
-                await send_error(self.send, _node_failed(error), self.request_id)
+                await send_error(self.reply, _node_failed(error), self.request_id)
                 return _Outcome.DONE
             failed = response.status >= 500
             headers = self._response_headers(response)
@@ -281,42 +333,42 @@ class _Exchange:
                 node.latencies.append(elapsed)
                 counters.latency.observe(elapsed)
 
-    def _response_headers(self, response: Response) -> list[tuple[bytes, bytes]]:
+    def _response_headers(self, response: Response) -> Headers:
         headers = [(k, v) for k, v in response.raw_headers if k.lower() not in _DROP_RESPONSE]
         headers.append((_REQUEST_ID, self.request_id.encode()))
         return headers
 
-    async def _whole(self, node: Node, response: Response, headers: list[tuple[bytes, bytes]]) -> bool:
+    async def _whole(self, node: Node, response: Response, headers: Headers) -> bool:
         """Read the whole answer, then send it: a node failing halfway gets a real 503. True if it failed."""
         try:
             content = await response.read()
         except HTTP_ERRORS as error:
-            await send_error(self.send, _node_failed(error), self.request_id)
+            await send_error(self.reply, _node_failed(error), self.request_id)
             return True
         self._first_byte()
         headers.append((b"content-length", b"%d" % len(content)))
-        await self.send(_start(response.status, headers))
-        await self.send(_body(content))
+        await self.reply.whole(response.status, headers, content)
         return False
 
-    async def _stream(self, node: Node, response: Response, headers: list[tuple[bytes, bytes]]) -> bool:
+    async def _stream(self, node: Node, response: Response, headers: Headers) -> bool:
         """Pass the stream on chunk by chunk; a node failing after the first byte ends an SSE stream with
         an error event and ``[DONE]``. True if it failed."""
-        await self.send(_start(response.status, headers))
+        reply = self.reply
+        await reply.start(response.status, headers)
         first = True
         try:
             async for chunk in response.chunks():
                 if first:
                     self._first_byte()
                     first = False
-                await self.send(_body(chunk, more=True))
+                await reply.chunk(chunk)
         except HTTP_ERRORS as error:
             logger.warning("request %s: %s failed mid-stream: %r", self.request_id, node.url, error)
             if response.header(b"content-type").startswith("text/event-stream"):
-                await self.send(_body(_node_failed(error).sse_event() + DONE, more=True))
-            await self.send(_body(b""))
+                await reply.chunk(_node_failed(error).sse_event() + DONE)
+            await reply.end()
             return True
-        await self.send(_body(b""))
+        await reply.end()
         return False
 
     def _first_byte(self) -> None:

@@ -39,8 +39,9 @@ def _prompt(data: dict[str, Any]) -> str:
     return ""
 
 
-def route_of(data: dict[str, Any], session: str | None) -> Route:
-    """``session``: the ``X-Session-Id`` header's value, which comes before the body's fields."""
+def route_of(data: dict[str, Any], session: str | None, with_prompt: bool = True) -> Route:
+    """``session``: the ``X-Session-Id`` header's value, which comes before the body's fields;
+    ``with_prompt``: whether routing looks at the prompt's text (only then is it put together)."""
     model = data.get("model")
     if model is not None and not isinstance(model, str):
         raise invalid("'model' must be a string", "model")
@@ -50,4 +51,4 @@ def route_of(data: dict[str, Any], session: str | None) -> Route:
             if value is not None and not isinstance(value, dict | list):
                 session = str(value)
                 break
-    return Route(model=model, session=session, prompt=_prompt(data))
+    return Route(model=model, session=session, prompt=_prompt(data) if with_prompt else "")

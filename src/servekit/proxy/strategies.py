@@ -26,6 +26,8 @@ class Route:
 
 
 class Strategy(Protocol):
+    uses_prompt: bool  # reads ``Route.prompt`` (when False, the prompt's text is not extracted)
+
     def choose(self, nodes: Sequence[Node], route: Route) -> Node:
         """One of ``nodes`` (never empty)."""
         ...
@@ -36,6 +38,8 @@ class Strategy(Protocol):
 
 
 class _Stateless:
+    uses_prompt = False
+
     def forget(self, url: str) -> None:
         return None
 
@@ -124,6 +128,8 @@ class SessionAffinity:
     """A session's requests go to one node (consistent hashing with bounded load); requests without a
     session go to the least-loaded node."""
 
+    uses_prompt = False
+
     def __init__(self, rng: random.Random, load_factor: float = 1.25) -> None:
         self.ring = SessionRing(load_factor=load_factor)
         self.fallback = LeastLoad(rng)
@@ -146,6 +152,8 @@ class CacheAware:
     and more than ``balance_rel`` times its load: then the least-loaded node serves the request even on
     a cache hit, so one hot prefix cannot pile every request onto one node.
     """
+
+    uses_prompt = True
 
     def __init__(
         self,
