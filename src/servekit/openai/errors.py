@@ -11,10 +11,12 @@ from pydantic import ValidationError
 from starlette.responses import Response
 
 from servekit.errors import ServerError
+from servekit.json_values import ModelT, validate_json
 from servekit.llm.errors import EngineClosedError, EngineInputError, QueueFullError
 from servekit.openai.sse import sse_json
 
 RETRY_AFTER_S = "1"
+
 
 # OpenAI's error types by status code; anything else in the 4xx range is an invalid request.
 _ERROR_TYPES = {
@@ -120,6 +122,16 @@ def json_object(body: bytes) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise OpenAIError(400, "The request body must be a JSON object", code="invalid_json")
     return data
+
+
+def parse_body(body: bytes, model: type[ModelT]) -> ModelT:
+    """A JSON object body validated by ``model``, strictly as JSON Schema reads /openapi.json (no
+    false for 0, no "1" for 1, but 1.0 is the integer 1); every failure is a 400 naming the field."""
+    try:
+        return validate_json(model, body, strict=True)
+    except ValidationError as error:
+        json_object(body)  # not JSON, or not an object: told so
+        raise OpenAIError.from_validation_error(error) from None
 
 
 def openai_error(error: BaseException, rename: Callable[[str], str] | None = None) -> OpenAIError | None:
