@@ -171,7 +171,11 @@ def field_path(loc: tuple[int | str, ...] | list[int | str]) -> str:
 
 def _is_union_tag(part: str) -> bool:
     # pydantic names the branch it tried in a union: "str", "list[...]", "function-after[...]", ...
-    return "[" in part or part in ("str", "int", "float", "bool", "dict", "list", "none")
+    # A constrained branch (min_length, ge, ...) is "constrained-str", "constrained-int", ...
+    return "[" in part or part.startswith("constrained-") or part in _TYPE_TAGS
+
+
+_TYPE_TAGS = ("str", "int", "float", "bool", "dict", "list", "none")
 
 
 def _is_validation_detail(detail: Any) -> bool:
