@@ -286,6 +286,27 @@ def test_penalties_exact_values() -> None:
     assert torch.allclose(logits, expected)
 
 
+def test_a_penalty_below_the_dtype_keeps_logits_finite_and_tokens_in_the_vocab() -> None:
+    # 1e-300 is 0 in float32: dividing by it gave inf, multiplying a masked -inf gave NaN, and the
+    # draw an index past the vocabulary (the engine loop then failed in the embedding).
+    logits = torch.tensor([[2.0, -1.0, float("-inf"), 0.5]])
+    apply_penalties(logits, [[0, 1, 2]], [[]], [0.0], [0.0], [1e-300])
+    assert not torch.isnan(logits).any() and torch.isfinite(logits[0, [0, 1, 3]]).all()
+    assert logits[0, 0] > 1e37 and logits[0, 2] == float("-inf")  # penalised up; masked stays masked
+    sampler = Sampler([EOS])
+    for temperature in (0.0, 1.0):
+        sampled = sampler.sample(
+            torch.tensor([[2.0, -1.0, 0.3, 0.5]]),
+            [state(prompt=[0, 1], repetition_penalty=1e-300, temperature=temperature, seed=1)],
+        )
+        assert sampled[0].token_id == 0
+
+
+def test_inverse_cdf_sample_stays_in_the_vocabulary_on_a_row_without_mass() -> None:
+    probs = torch.tensor([[float("nan")] * 4, [0.0, 0.0, 1.0, 0.0]])
+    assert inverse_cdf_sample(probs, torch.tensor([0.5, 0.5])).tolist() == [3, 2]
+
+
 def test_penalties_match_a_token_by_token_reference() -> None:
     torch.manual_seed(13)
     vocab, rows = 30, 8

@@ -11,14 +11,12 @@ SEED = 17
 MAX_EXAMPLES = 8
 ROOT = Path(__file__).resolve().parents[2]
 HOOKS = "tests.reliability.schemathesis_hooks"
-# positive_data_acceptance expects every schema-valid body to be accepted; against a loaded model,
-# what only the model can check (chat-template roles, vocabulary, context length, an empty prompt's
-# zero tokens) is a 400 no static schema knows, so those runs exclude it.
-MODEL_CHECKED = "positive_data_acceptance"
+# Every check runs, positive_data_acceptance too: /openapi.json carries the loaded model's bounds
+# (servekit.specs.llm.schemas); the hooks drop only the rejections JSON Schema cannot express.
 
 
 def schemathesis(
-    url: str, tmp_path: Path, *extra: str, exclude: str | None = MODEL_CHECKED, timeout: float = 240
+    url: str, tmp_path: Path, *extra: str, exclude: str | None = None, timeout: float = 400
 ) -> subprocess.CompletedProcess[str]:
     executable = Path(sys.executable).parent / "schemathesis"
     excluded = ["--exclude-checks", exclude] if exclude else []

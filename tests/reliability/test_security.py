@@ -1,4 +1,4 @@
-"""Security promises, one test each: auth on every documented route (serve and proxy), keys compared
+"""Security promises, one test each: auth on every documented route (serve, core, proxy), keys compared
 in constant time, body/header/JSON-depth limits (serve and proxy), no server-side fetch of URLs in
 requests, chat templates sandboxed, template paths refused from the API, secrets redacted in
 /server_info, and the client's key never forwarded by the proxy to a node."""
@@ -60,9 +60,9 @@ def documented_operations(document: dict[str, Any]) -> list[tuple[str, str]]:
     ]
 
 
-def assert_every_route_needs(url: str, document: dict[str, Any], key: str) -> None:
+def assert_every_route_needs(url: str, document: dict[str, Any], key: str, at_least: int = 11) -> None:
     operations = documented_operations(document)
-    assert len(operations) > 10
+    assert len(operations) >= at_least
     for method, path in operations:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"X-API-Key": key + "x"}):
             answer = httpx.request(method, f"{url}{path}", json={}, headers=headers, timeout=30)
@@ -75,6 +75,23 @@ def test_auth_on_every_documented_route_of_serve(server: RunningServer) -> None:
     document = httpx.get(f"{server.url}/openapi.json", timeout=10).json()
     assert_every_route_needs(server.url, document, KEY)
     assert httpx.get(f"{server.url}/v1/models", headers={"X-API-Key": KEY}, timeout=10).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("app", "env", "paths"),
+    [
+        ("plain_apis.py", {"LIT_SERVER_API_KEY": KEY}, {"/order", "/echo"}),
+        ("openai_echo.py", {"ECHO_API_KEY": KEY}, {"/v1/chat/completions"}),
+    ],
+)
+def test_auth_on_every_documented_route_of_the_core(
+    app: str, env: dict[str, str], paths: set[str], tmp_path: Path
+) -> None:
+    with serve_script(Path(__file__).parent / "apps" / app, tmp_path, env=env) as server:
+        document = httpx.get(f"{server.url}/openapi.json", timeout=10).json()
+        assert paths <= set(document["paths"])
+        assert_every_route_needs(server.url, document, KEY, at_least=len(paths))
+        assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
 
 
 def test_keys_are_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -284,6 +284,11 @@ def build_app(
             errors=[*_error_statuses(config, has_body=True), 422],
         )
 
+    if not config.disable_openapi_url:
+        specs = [api.spec for api in config.apis if api.spec is not None]
+        # Before FastAPI's own route: the specs complete the document with what their workers know.
+        app.router.routes.insert(0, Route("/openapi.json", _openapi_endpoint(app, specs), methods=["GET"]))
+
     tools = mcp_tools(config.apis)
     if tools:
         from servekit.http.mcp import MCPEndpoint
@@ -442,3 +447,13 @@ def _plain_endpoint(
         return StreamingResponse(body_iterator(), media_type="application/x-ndjson")
 
     return predict
+
+
+def _openapi_endpoint(app: FastAPI, specs: Sequence[LitSpec]) -> Callable[[Request], Any]:
+    async def openapi(request: Request) -> Response:
+        document = app.openapi()
+        for spec in specs:
+            document = await spec.openapi_document(document)
+        return Response(orjson.dumps(document), media_type="application/json")
+
+    return openapi

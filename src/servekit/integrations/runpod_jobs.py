@@ -7,8 +7,10 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ValidationError
+
 from servekit.llm.sampling_params import SamplingParams
-from servekit.openai.errors import invalid
+from servekit.openai.errors import OpenAIError, invalid
 from servekit.specs.llm.protocol import GenerateRequest
 
 # worker-vllm's sampling_params table: vLLM's SamplingParams defaults (max_tokens 16, temperature 1.0).
@@ -93,9 +95,12 @@ def _native_job(job_input: Mapping[str, Any]) -> NativeJob:
     sampling = job_input.get("sampling_params") or {}
     if not isinstance(sampling, Mapping):
         raise invalid("sampling_params must be an object", "sampling_params")
-    request = GenerateRequest.model_validate(
-        {"sampling_params": {"max_tokens": NATIVE_MAX_TOKENS, **sampling}}
-    )
+    try:
+        request = GenerateRequest.model_validate(
+            {"sampling_params": {"max_tokens": NATIVE_MAX_TOKENS, **sampling}}
+        )
+    except ValidationError as error:  # names the parameter: sampling_params.<name>
+        raise OpenAIError.from_validation_error(error) from None
     return NativeJob(
         prompt=None if messages is not None else prompt,
         messages=messages,

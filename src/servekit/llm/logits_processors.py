@@ -109,9 +109,12 @@ def apply_penalties(
         ids, _ = padded_token_ids(seen, vocab_size, device)
         # Every position of an id computes from the same original logit, so duplicates agree.
         values = logits.gather(1, ids)
-        penalty = per_row(repetition_penalties)
+        # A penalty below the dtype's smallest normal number (1e-300 in float32 is 0) would turn a
+        # logit into inf or NaN, and the draw into an index past the vocabulary: kept finite.
+        finfo = torch.finfo(dtype)
+        penalty = per_row(repetition_penalties).clamp_(min=finfo.tiny)
         has_ids = torch.tensor([bool(row) for row in seen], device=device).unsqueeze(1)
-        penalised = torch.where(values > 0, values / penalty, values * penalty)
+        penalised = torch.where(values > 0, values / penalty, values * penalty).clamp_(max=finfo.max)
         logits.scatter_(1, ids, torch.where(has_ids, penalised, values))
 
     use_frequency = any(f != 0.0 for f in frequency_penalties)
@@ -217,4 +220,5 @@ def inverse_cdf_sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Ten
         uniforms.unsqueeze(1).to(cdf.dtype) * total, torch.nextafter(total, torch.zeros_like(total))
     )
     # The first index whose cumulative mass exceeds the target; zero-probability tokens never qualify.
-    return torch.searchsorted(cdf, target, right=True).squeeze(1)
+    # Clamped: a row of NaNs (no mass anywhere) must not index past the vocabulary.
+    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from servekit.llm.sampling_params import SamplingParams
 from servekit.openai.errors import invalid
@@ -23,6 +23,16 @@ from servekit.openai.types import (
 
 class ChatCompletionRequest(SamplingFields):
     """The body of ``POST /v1/chat/completions``."""
+
+    # top_logprobs (but 0) needs logprobs: true, as to_sampling_params checks.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "anyOf": [
+                {"properties": {"top_logprobs": {"enum": [None, 0]}}},
+                {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}},
+            ]
+        }
+    )
 
     prompt_param: ClassVar[str] = "messages"
 

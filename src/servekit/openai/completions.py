@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from servekit.llm.sampling_params import SamplingParams
-from servekit.openai.sampling import SamplingFields
+from servekit.openai.sampling import SamplingFields, TokenId
 
-Prompt = str | list[str] | list[int] | list[list[int]]
+Text = Annotated[str, Field(min_length=1)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+# Non-empty: no text, no token array and no list of them may be empty.
+Prompt = (
+    Text
+    | Annotated[list[Text], Field(min_length=1)]
+    | TokenIds
+    | Annotated[list[TokenIds], Field(min_length=1)]
+)
 
 
 class CompletionRequest(SamplingFields):
@@ -20,15 +28,6 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = Field(None, ge=0, le=20)
     suffix: str | None = None
     add_special_tokens: bool = True
-
-    @field_validator("prompt")
-    @classmethod
-    def _check_prompt(cls, value: Any) -> Any:
-        if isinstance(value, list) and not value:
-            raise ValueError("must not be empty")
-        if isinstance(value, list) and isinstance(value[0], list) and any(not p for p in value):
-            raise ValueError("token-id prompts must not be empty")
-        return value
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts: a string, strings, token ids, or lists of token ids."""

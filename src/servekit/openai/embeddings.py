@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-EmbeddingInput = str | list[str] | list[int] | list[list[int]]
+from servekit.openai.completions import Prompt
+
+# Non-empty, as /openapi.json says: no empty string, token array, or list of them.
+EmbeddingInput = Prompt
 
 
 class EmbeddingRequest(BaseModel):
@@ -19,20 +22,6 @@ class EmbeddingRequest(BaseModel):
     dimensions: int | None = Field(None, ge=1)
     encoding_format: Literal["float", "base64"] = "float"
     user: str | None = None
-
-    @field_validator("input")
-    @classmethod
-    def _not_empty(cls, value: EmbeddingInput) -> EmbeddingInput:
-        if isinstance(value, str):
-            if not value:
-                raise ValueError("the input must not be an empty string")
-            return value
-        if not value:
-            raise ValueError("the input must not be an empty list")
-        for item in value:
-            if (isinstance(item, str | list)) and not item:
-                raise ValueError("the input must not contain empty strings or empty token arrays")
-        return value
 
     def inputs(self) -> list[str] | list[list[int]]:
         """The inputs as a list: one string or one token array per embedding to compute."""

@@ -11,10 +11,12 @@ from pydantic import ValidationError
 from starlette.responses import Response
 
 from servekit.errors import ServerError
+from servekit.json_values import ModelT, validate_json
 from servekit.llm.errors import EngineClosedError, EngineInputError, QueueFullError
 from servekit.openai.sse import sse_json
 
 RETRY_AFTER_S = "1"
+
 
 # OpenAI's error types by status code; anything else in the 4xx range is an invalid request.
 _ERROR_TYPES = {
@@ -122,6 +124,16 @@ def json_object(body: bytes) -> dict[str, Any]:
     return data
 
 
+def parse_body(body: bytes, model: type[ModelT]) -> ModelT:
+    """A JSON object body validated by ``model``, strictly as JSON Schema reads /openapi.json (no
+    false for 0, no "1" for 1, but 1.0 is the integer 1); every failure is a 400 naming the field."""
+    try:
+        return validate_json(model, body, strict=True)
+    except ValidationError as error:
+        json_object(body)  # not JSON, or not an object: told so
+        raise OpenAIError.from_validation_error(error) from None
+
+
 def openai_error(error: BaseException, rename: Callable[[str], str] | None = None) -> OpenAIError | None:
     """The client-facing error for ``error``, or None when it is a server bug (a 500).
 
@@ -159,7 +171,11 @@ def field_path(loc: tuple[int | str, ...] | list[int | str]) -> str:
 
 def _is_union_tag(part: str) -> bool:
     # pydantic names the branch it tried in a union: "str", "list[...]", "function-after[...]", ...
-    return "[" in part or part in ("str", "int", "float", "bool", "dict", "list", "none")
+    # A constrained branch (min_length, ge, ...) is "constrained-str", "constrained-int", ...
+    return "[" in part or part.startswith("constrained-") or part in _TYPE_TAGS
+
+
+_TYPE_TAGS = ("str", "int", "float", "bool", "dict", "list", "none")
 
 
 def _is_validation_detail(detail: Any) -> bool:

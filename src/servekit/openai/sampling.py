@@ -18,7 +18,12 @@ from servekit.llm.sampling_params import SamplingParams
 from servekit.openai.errors import invalid
 from servekit.openai.types import ResponseFormat, StreamOptions
 
-TokenIdText = Annotated[str, Field(pattern=r"^[0-9]+$")]  # JSON object keys are strings
+# Token ids are marked in /openapi.json, so that the server can bound them by its model's vocabulary
+# (servekit.specs.llm.schemas); as JSON object keys they are strings.
+TOKEN_ID = "x-token-id"
+TOKEN_ID_KEY = "x-token-id-key"
+TokenId = Annotated[int, Field(ge=0, json_schema_extra={TOKEN_ID: True})]
+TokenIdText = Annotated[str, Field(pattern=r"^[0-9]+$", json_schema_extra={TOKEN_ID_KEY: True})]
 Bias = Annotated[float, Field(ge=-100, le=100)]
 StopText = Annotated[str, Field(min_length=1)]
 # A JSON object written as text: "format" says so in /openapi.json, which types alone cannot.
@@ -70,7 +75,7 @@ class SamplingFields(BaseModel):
     logit_bias: dict[TokenIdText, Bias] | None = None
     seed: int | None = None
     stop: StopText | list[StopText] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = None
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)

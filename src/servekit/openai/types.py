@@ -145,7 +145,7 @@ class JSONSchema(BaseModel):
 
     name: str = "response"
     description: str | None = None
-    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    schema_: dict[str, Any] = Field(alias="schema")
     strict: bool | None = False
 
 

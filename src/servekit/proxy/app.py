@@ -26,7 +26,7 @@ from servekit.prometheus import CONTENT_TYPE
 from servekit.proxy.config import ProxyConfig, ProxyConfigError, normalize_url
 from servekit.proxy.forward import REQUEST_ID, Forward
 from servekit.proxy.front import FastPath, ProxyApp
-from servekit.proxy.openapi import proxy_openapi
+from servekit.proxy.openapi import node_model_infos, nodes_document, proxy_openapi
 from servekit.proxy.registry import Node
 from servekit.proxy.service import HTTP_ERRORS, NodeUnreachable, Proxy
 from servekit.proxy.strategies import Route
@@ -298,10 +298,11 @@ def build_app(config: ProxyConfig, proxy: Proxy | None = None) -> ProxyApp:
             await proxy.close()
 
     forward = Forward(proxy)
-    document = orjson.dumps(proxy_openapi(_version(), bool(config.api_key)))
+    document = proxy_openapi(_version(), bool(config.api_key))
 
     async def openapi(request: Request) -> Response:
-        return Response(document, media_type="application/json")
+        infos = await node_model_infos(proxy, config.health_check_timeout * 5)
+        return Response(orjson.dumps(nodes_document(document, infos)), media_type="application/json")
 
     direct: dict[str, Forward] = {path: forward for path in PROXIED}
     direct["/v1/chat/interactive"] = Forward(proxy, _interactive_chooser(proxy))

@@ -203,6 +203,11 @@ class LitSpec:
     def bind_front(self, front: FrontHandle) -> None:
         self._front = front
 
+    async def openapi_document(self, document: dict[str, Any]) -> dict[str, Any]:
+        """``/openapi.json`` as this spec's running API reads it (runs in the front, on each request
+        of the document): e.g. the loaded model's bounds written into the request bodies."""
+        return document
+
     async def metrics_text(self) -> str:
         """Prometheus text the spec adds to the server's ``/metrics`` (runs in the front)."""
         return ""

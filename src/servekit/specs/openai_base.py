@@ -7,12 +7,12 @@ import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response
 
 from servekit.errors import ServerError
-from servekit.openai.errors import OpenAIError, json_object
+from servekit.openai.errors import OpenAIError, parse_body
 from servekit.specs.base import LitSpec
 
 if TYPE_CHECKING:
@@ -74,10 +74,4 @@ class OpenAIBaseSpec(LitSpec):
 
 async def read_json_body(http_request: Request, model: type[ModelT]) -> ModelT:
     """Parse and validate the request body; every failure is a 400 naming what is wrong."""
-    body = await http_request.body()
-    json_object(body)
-    try:
-        # Strict, as JSON Schema reads /openapi.json: no false for 0, no "1" for 1.
-        return model.model_validate_json(body, strict=True)
-    except ValidationError as error:
-        raise OpenAIError.from_validation_error(error) from None
+    return parse_body(await http_request.body(), model)

@@ -11,7 +11,7 @@ import orjson
 from pydantic import BaseModel, ValidationError
 
 from servekit.errors import ServerError
-from servekit.json_values import jsonable
+from servekit.json_values import jsonable, validate_json
 
 
 def accepts_context(hook: Callable[..., Any]) -> bool:
@@ -75,7 +75,7 @@ def validation_error_detail(error: ValidationError) -> list[dict[str, Any]]:
 def parse_json_body(body: bytes, model: type[BaseModel] | None) -> Any:
     if model is not None:
         try:
-            return model.model_validate_json(body)
+            return validate_json(model, body)
         except ValidationError as error:
             if any(e["type"] == "json_invalid" for e in error.errors()):
                 raise ServerError(

@@ -15,6 +15,7 @@ from servekit.errors import internal_error_detail
 from servekit.openai.errors import OpenAIError, invalid, openai_error
 from servekit.specs.llm.config import ServeConfig
 from servekit.specs.llm.ops import Op
+from servekit.specs.llm.schemas import chat_roles
 from servekit.specs.llm.spec import LLMServerSpec
 
 logger = logging.getLogger(__name__)
@@ -153,6 +154,7 @@ class LLMServerAPI(LitAPI):
             "kv_cache_dtype": str(llm_engine.kv_cache_dtype).removeprefix("torch."),
             "kv_cache_tokens": rt.kv_tokens,
             "has_chat_template": rt.inputs.chat_template_source is not None,
+            "chat_roles": chat_roles(rt.inputs),
             "is_generation": True,
             "created": int(rt.started),
         }

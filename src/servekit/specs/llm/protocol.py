@@ -5,12 +5,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from servekit.llm.sampling_params import SamplingParams
 from servekit.openai.errors import invalid
+from servekit.openai.sampling import TokenId, TokenIdText
 from servekit.openai.types import ChatMessage
 
 
@@ -20,12 +21,61 @@ class _Lenient(BaseModel):
     model_config = ConfigDict(extra="allow", protected_namespaces=())
 
 
+Text = Annotated[str, Field(min_length=1)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+
+
+def _one_of_required(*names: str) -> dict[str, Any]:
+    """A body that needs at least one of ``names``, given and not null (JSON Schema's ``anyOf``)."""
+    return {
+        "anyOf": [{"required": [name], "properties": {name: {"not": {"type": "null"}}}} for name in names]
+    }
+
+
+class GenerateSamplingParams(BaseModel):
+    """``/generate``'s ``sampling_params``: the engine's ``SamplingParams`` under SGLang's names
+    (``max_new_tokens``, ``min_new_tokens``) or vLLM's. A field sent as ``null`` takes its default;
+    an unknown one is refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_new_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
+    min_new_tokens: int | None = Field(None, ge=0)
+    min_tokens: int | None = Field(None, ge=0)
+    n: int | None = Field(None, ge=1, le=128)
+    best_of: int | None = Field(None, ge=1, le=128)
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0, le=1)
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    repetition_penalty: float | None = Field(None, gt=0, le=2)
+    logit_bias: dict[TokenIdText, float] | None = None
+    seed: int | None = None
+    stop: Text | list[Text] | None = None
+    stop_token_ids: list[TokenId] | None = None
+    include_stop_str_in_output: bool | None = None
+    ignore_eos: bool | None = None
+    skip_special_tokens: bool | None = None
+    spaces_between_special_tokens: bool | None = None
+    use_beam_search: bool | None = None
+    length_penalty: float | None = None
+    early_stopping: bool | None = None
+
+
 class GenerateRequest(_Lenient):
     """SGLang-style ``/generate``: one prompt (text or ids) or a batch of them."""
 
-    text: str | list[str] | None = None
-    input_ids: list[int] | list[list[int]] | None = None
-    sampling_params: dict[str, Any] = Field(default_factory=dict)
+    model_config = ConfigDict(json_schema_extra=_one_of_required("text", "input_ids"))
+
+    text: Text | Annotated[list[Text], Field(min_length=1)] | None = None
+    input_ids: TokenIds | Annotated[list[TokenIds], Field(min_length=1)] | None = None
+    sampling_params: GenerateSamplingParams = Field(
+        default_factory=lambda: GenerateSamplingParams.model_validate({})
+    )
     stream: bool = False
     rid: str | list[str] | None = None
     return_logprob: bool = False
@@ -55,38 +105,31 @@ class GenerateRequest(_Lenient):
 
     def to_sampling_params(self) -> SamplingParams:
         """``sampling_params`` with SGLang's names (max_new_tokens, min_new_tokens, ...)."""
-        values = dict(self.sampling_params)
+        values = self.sampling_params.model_dump(exclude_none=True)
         if "max_new_tokens" in values:
             values["max_tokens"] = values.pop("max_new_tokens")
         values.setdefault("max_tokens", 128)
         if "min_new_tokens" in values:
             values["min_tokens"] = values.pop("min_new_tokens")
-        if values.get("stop") is None:
-            values.pop("stop", None)
-        allowed = set(SamplingParams.__dataclass_fields__) - {
-            "logits_processors",
-            "logprobs",
-            "prompt_logprobs",
-        }
-        unknown = sorted(set(values) - allowed)
-        if unknown:
-            raise invalid(f"unknown sampling parameter {unknown[0]!r}", f"sampling_params.{unknown[0]}")
         if values.get("logit_bias"):
-            try:
-                values["logit_bias"] = {int(k): float(v) for k, v in values["logit_bias"].items()}
-            except (TypeError, ValueError, AttributeError):
-                raise invalid(
-                    "logit_bias must map token ids to numbers", "sampling_params.logit_bias"
-                ) from None
+            values["logit_bias"] = {int(k): v for k, v in values["logit_bias"].items()}
         values["logprobs"] = self.top_logprobs_num if self.return_logprob else None
-        try:
-            return SamplingParams(**values)
-        except TypeError as error:
-            raise invalid(f"invalid sampling_params: {error}", "sampling_params") from None
+        return SamplingParams(**values)
 
 
 class InteractiveRequest(_Lenient):
-    """LMDeploy-style ``/v1/chat/interactive``: the server keeps the conversation of ``session_id``."""
+    """LMDeploy-style ``/v1/chat/interactive``: the server keeps the conversation of ``session_id``.
+    A turn needs a prompt; ``cancel`` and ``end`` do not."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "anyOf": [
+                {"required": ["cancel"], "properties": {"cancel": {"const": True}}},
+                {"required": ["end"], "properties": {"end": {"const": True}}},
+                {"required": ["prompt"], "properties": {"prompt": {"minLength": 1, "minItems": 1}}},
+            ]
+        }
+    )
 
     prompt: str | list[ChatMessage] = ""
     session_id: int = -1
@@ -99,23 +142,25 @@ class InteractiveRequest(_Lenient):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(-1, ge=-1)
     repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     seed: int | None = None
 
 
 class TokenizeRequest(_Lenient):
+    model_config = ConfigDict(json_schema_extra=_one_of_required("prompt", "messages"))
+
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 
 
 class DetokenizeRequest(_Lenient):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[TokenId]
 
 
 class AbortRequest(_Lenient):

@@ -11,8 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import ValidationError
+
 from servekit.openai.chat import ChatCompletionRequest
-from servekit.openai.errors import invalid
+from servekit.openai.errors import OpenAIError, invalid
 from servekit.openai.sse import new_id
 from servekit.openai.types import ChatMessage, StreamOptions
 from servekit.specs.llm.protocol import InteractiveRequest
@@ -39,6 +41,12 @@ class Turn:
 
     def chat_request(self, body: InteractiveRequest) -> ChatCompletionRequest:
         messages = [ChatMessage.model_validate(m) for m in self.history + self.new_messages]
+        try:
+            return self._chat_request(messages, body)
+        except ValidationError as error:  # a bound of chat's the interactive fields do not share
+            raise OpenAIError.from_validation_error(error) from None
+
+    def _chat_request(self, messages: list[ChatMessage], body: InteractiveRequest) -> ChatCompletionRequest:
         return ChatCompletionRequest.model_validate(
             {
                 "messages": messages,

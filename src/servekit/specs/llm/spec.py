@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import orjson
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
@@ -22,7 +22,7 @@ from servekit.errors import ServerError
 from servekit.openai.chat import ChatCompletionRequest
 from servekit.openai.completions import CompletionRequest
 from servekit.openai.embeddings import EmbeddingRequest
-from servekit.openai.errors import OpenAIError, detail_message, invalid
+from servekit.openai.errors import OpenAIError, detail_message, invalid, parse_body
 from servekit.openai.sse import DONE, new_id, sse_event
 from servekit.specs.base import LitSpec, documented, until_disconnected
 from servekit.specs.llm.config import ServeConfig
@@ -37,6 +37,7 @@ from servekit.specs.llm.protocol import (
     InteractiveRequest,
     TokenizeRequest,
 )
+from servekit.specs.llm.schemas import bound_document
 from servekit.specs.llm.sessions import SessionStore
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class LLMServerSpec(LitSpec):
         super().__init__()
         self.config = config if config is not None else ServeConfig()
         self._model_info: dict[str, Any] | None = None
+        self._openapi: tuple[dict[str, Any], dict[str, Any]] | None = None  # (generated, bounded)
         self._sessions = SessionStore()
         routes: list[tuple[str, Any, list[str]]] = [
             ("/v1/chat/completions", self.chat_completions, ["POST"]),
@@ -86,22 +88,21 @@ class LLMServerSpec(LitSpec):
         state = super().__getstate__()
         state["_sessions"] = SessionStore()
         state["_model_info"] = None
+        state["_openapi"] = None
         return state
 
     # ------------------------------------------------------------------------------- errors
     def error_response(self, exc: ServerError) -> Response:
         return OpenAIError.from_server_error(exc).response()
 
+    async def openapi_document(self, document: dict[str, Any]) -> dict[str, Any]:
+        if self._openapi is None or self._openapi[0] is not document:
+            self._openapi = (document, bound_document(document, await self._info()))
+        return self._openapi[1]
+
     # ------------------------------------------------------------------------------ helpers
     async def _parse(self, request: Request, model: type[BaseModel]) -> Any:
-        body = await request.body()
-        try:
-            # Strict, as JSON Schema reads /openapi.json: no false for 0, no "1" for 1.
-            return model.model_validate_json(body or b"{}", strict=True)
-        except ValidationError as error:
-            if any(e["type"] == "json_invalid" for e in error.errors()):
-                raise invalid("The request body is not valid JSON", None, code="invalid_json") from None
-            raise OpenAIError.from_validation_error(error) from None
+        return parse_body(await request.body() or b"{}", model)
 
     async def _info(self) -> dict[str, Any]:
         if self._model_info is None:

@@ -34,8 +34,6 @@ def response_format_factory(tokenizer: Tokenizer, request: SamplingFields) -> Pr
     elif fmt is not None and fmt.type != "text":
         kind = fmt.type
         if fmt.type == "json_schema":
-            if fmt.json_schema.schema_ is None:
-                raise invalid("response_format json_schema needs a 'schema'", "response_format.json_schema")
             schema = fmt.json_schema.schema_
     if kind is None:
         return None
