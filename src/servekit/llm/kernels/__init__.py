@@ -38,6 +38,7 @@ SOURCES = tuple(
         "quantized_matmul.c",
         "rotary_cache.c",
         "quantized_gemm.c",
+        "expert_matmul.c",
     )
 )
 HEADERS = (Path(__file__).with_name("dtypes.h"),)
@@ -164,6 +165,10 @@ _SIGNATURES: dict[str, list[type]] = {
     # bias (or NULL), out float32, threads
     "quantized_gemm": [_POINTER, _INT64, _INT64, _POINTER, _INT64, _INT64, _INT, _POINTER, _POINTER, _INT],
     "quantized_gemm_lanes": [],
+    # x float32, K, group ends int32, group experts int32, groups, experts, packed weights, N, out,
+    # threads
+    "expert_matmul": [_POINTER, _INT64, _POINTER, _POINTER, _INT, _INT, _POINTER, _INT64, _POINTER, _INT],
+    "expert_panel_columns": [],
 }
 _RETURNS_INT = (
     "paged_decode_attention",
@@ -174,6 +179,8 @@ _RETURNS_INT = (
     "quantized_simd_lanes",
     "quantized_gemm",
     "quantized_gemm_lanes",
+    "expert_matmul",
+    "expert_panel_columns",
 )
 
 

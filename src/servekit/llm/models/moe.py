@@ -23,7 +23,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from servekit.llm.kernels import load_library
 from servekit.llm.kernels.elementwise import silu_mul
+from servekit.llm.kernels.expert_matmul import PackedExperts, expert_matmul
 from servekit.llm.model_config import MoEConfig
 from servekit.llm.models.layers import DenseMLP, Projection
 from servekit.llm.models.linear import Linear
@@ -34,17 +36,21 @@ MAX_PADDING = 2.0
 
 @dataclass
 class StackedExperts:
-    """Every expert's ``down(act(gate(x)) * up(x))`` (or ``down(act(up(x)))``), weights stacked."""
+    """Every expert's ``down(act(gate(x)) * up(x))`` (or ``down(act(up(x)))``), weights stacked:
+    plain ``[experts, in, out]`` tensors, or packed once for the C grouped matmul (``panels``, CPU
+    float32 where the kernels build), never both."""
 
-    up: torch.Tensor  # [experts, hidden, width]: [gate | up] columns when gated
-    down: torch.Tensor  # [experts, intermediate, hidden]
+    up: torch.Tensor | None  # [experts, hidden, width]: [gate | up] columns when gated
+    down: torch.Tensor | None  # [experts, intermediate, hidden]
     act: Callable[[torch.Tensor], torch.Tensor]
     gated: bool
     fused: bool = False  # the C SiLU-and-multiply kernel may run
+    panels: tuple[PackedExperts, PackedExperts] | None = None  # (up, down) for expert_matmul
 
     @classmethod
-    def of(cls, experts: list[DenseMLP]) -> StackedExperts | None:
-        """The experts stacked, or None when they cannot be (quantised, biased, or not float)."""
+    def of(cls, experts: list[DenseMLP], *, pack: bool = True) -> StackedExperts | None:
+        """The experts stacked, or None when they cannot be (quantised, biased, or not float).
+        ``pack``: packed for the C grouped matmul when it can run here."""
         weights = [(_plain(e.up), _plain(e.down)) for e in experts]
         ups = [up for up, _ in weights if up is not None]
         downs = [down for _, down in weights if down is not None]
@@ -53,10 +59,18 @@ class StackedExperts:
         up = torch.stack([w.t() for w in ups]).contiguous()
         down = torch.stack([w.t() for w in downs]).contiguous()
         first = experts[0]
-        return cls(up, down, first.act, first.gated, first.fused and up.device.type == "cpu")
+        fused = first.fused and up.device.type == "cpu"
+        if pack and up.dtype == torch.float32 and up.device.type == "cpu" and load_library() is not None:
+            panels = (PackedExperts.of(up), PackedExperts.of(down))
+            return cls(None, None, first.act, first.gated, fused, panels)
+        return cls(up, down, first.act, first.gated, fused)
 
     def __len__(self) -> int:
-        return self.up.shape[0]
+        return self.panels[0].num_experts if self.panels is not None else self._plain()[0].shape[0]
+
+    def _plain(self) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.up is not None and self.down is not None, "the experts are packed"
+        return self.up, self.down
 
     def _activate(self, up: torch.Tensor) -> torch.Tensor:
         if not self.gated:
@@ -67,27 +81,43 @@ class StackedExperts:
         return self.act(up[..., :width]).mul_(up[..., width:])
 
     def one(self, expert: int, x: torch.Tensor) -> torch.Tensor:
-        return self._activate(x @ self.up[expert]) @ self.down[expert]
+        if self.panels is not None:
+            ends = torch.tensor([x.shape[0]], dtype=torch.int32)
+            return self._packed(x, ends, torch.tensor([expert], dtype=torch.int32))
+        up, down = self._plain()
+        return self._activate(x @ up[expert]) @ down[expert]
+
+    def grouped_runs(self, x: torch.Tensor) -> bool:
+        """Whether ``grouped`` runs here: packed experts on float32 rows, or PyTorch's grouped matmul
+        (no padding, one operator per projection) on CPU float tensors where it exists (older CPU
+        builds also want 16-byte aligned operands)."""
+        if self.panels is not None:
+            return x.dtype == torch.float32 and x.device.type == "cpu"
+        up, down = self._plain()
+        return (
+            hasattr(F, "grouped_mm")
+            and x.device.type == "cpu"
+            and x.dtype == up.dtype
+            and up.data_ptr() % 16 == 0
+            and down.data_ptr() % 16 == 0
+        )
 
     def grouped(self, x: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
         """``x``: every expert's rows one after the other, expert ``e``'s ending at ``ends[e]`` (int32)."""
-        return F.grouped_mm(self._activate(F.grouped_mm(x, self.up, offs=ends)), self.down, offs=ends)
+        if self.panels is not None:
+            return self._packed(x, ends, torch.arange(len(ends), dtype=torch.int32))
+        up, down = self._plain()
+        return F.grouped_mm(self._activate(F.grouped_mm(x, up, offs=ends)), down, offs=ends)
+
+    def _packed(self, x: torch.Tensor, ends: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        assert self.panels is not None
+        up, down = self.panels
+        return expert_matmul(self._activate(expert_matmul(x, ends, experts, up)), ends, experts, down)
 
     def batched(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``[experts, rows, hidden]`` (each expert's rows, zero-padded) -> ``[experts, rows, hidden]``."""
-        return torch.bmm(self._activate(torch.bmm(x, self.up)), self.down)
-
-
-def _grouped_mm_runs(x: torch.Tensor, experts: StackedExperts) -> bool:
-    """Whether PyTorch's grouped matmul (no padding, one operator per projection) runs here: CPU
-    float tensors on a PyTorch that has it (older CPU builds also want 16-byte aligned operands)."""
-    return (
-        hasattr(F, "grouped_mm")
-        and x.device.type == "cpu"
-        and x.dtype == experts.up.dtype
-        and experts.up.data_ptr() % 16 == 0
-        and experts.down.data_ptr() % 16 == 0
-    )
+        up, down = self._plain()
+        return torch.bmm(self._activate(torch.bmm(x, up)), down)
 
 
 def _plain(projection: Projection) -> torch.Tensor | None:
@@ -182,11 +212,15 @@ class SparseMoE:
         token_of = order // self.top_k
         weight_of = weights.view(-1)[order].to(x.dtype).unsqueeze(1)
         out = torch.zeros_like(x)
-        if isinstance(self.experts, StackedExperts) and _grouped_mm_runs(x, self.experts):
+        if isinstance(self.experts, StackedExperts) and self.experts.grouped_runs(x):
             results = self.experts.grouped(x.index_select(0, token_of), counts.cumsum(0, dtype=torch.int32))
             return out.index_add_(0, token_of, results * weight_of)
         widest = int(counts.max())
-        if isinstance(self.experts, StackedExperts) and len(self.experts) * widest <= MAX_PADDING * len(flat):
+        if (
+            isinstance(self.experts, StackedExperts)
+            and self.experts.panels is None
+            and len(self.experts) * widest <= MAX_PADDING * len(flat)
+        ):
             expert_of = flat[order]
             row_of = torch.arange(len(flat)) - (counts.cumsum(0) - counts)[expert_of]
             grouped = x.new_zeros(len(self.experts), widest, x.shape[1])
