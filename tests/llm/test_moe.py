@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from servekit.llm.kernels import kernels_available
-from servekit.llm.kernels.expert_matmul import PackedExperts, expert_matmul
+from servekit.llm.kernels.expert_matmul import PackedExperts, expert_matmul, expert_order
 from servekit.llm.model_config import MoEConfig
 from servekit.llm.models import moe as moe_module
 from servekit.llm.models.layers import DenseMLP
@@ -136,26 +136,27 @@ def test_quantised_or_biased_experts_are_not_stacked() -> None:
 
 @pytest.mark.skipif(not kernels_available(torch.float32), reason="needs the C kernels")
 @pytest.mark.parametrize("tokens", [1, 3, 32, 200])
-def test_packed_experts_give_the_reference(tokens: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The C grouped matmul on packed experts: grouped (several tokens), a single token, and one
-    expert at a time (the per-expert path) all match the float64 reference."""
+def test_packed_experts_give_the_reference(tokens: int) -> None:
+    """The C grouped matmul on packed experts, from one token to a prefill's worth, matches the
+    float64 reference; only the packed layout is kept."""
     x = torch.randn(tokens, HIDDEN, generator=torch.Generator().manual_seed(100 + tokens))
     moe, weights = build(stacked=True, fused=True, pack=True)
     assert isinstance(moe.experts, StackedExperts) and moe.experts.panels is not None
-    assert moe.experts.up is None  # one layout kept, not two
-    expected = reference(moe, weights, x)
-    calls: list[int] = []
-    original = StackedExperts.grouped
+    assert moe.experts.up is None and moe.experts.down is None
+    torch.testing.assert_close(moe(x).double(), reference(moe, weights, x), atol=1e-5, rtol=1e-5)
 
-    def spy(self: StackedExperts, x: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-        calls.append(len(ends))
-        return original(self, x, ends)
 
-    monkeypatch.setattr(StackedExperts, "grouped", spy)
-    torch.testing.assert_close(moe(x).double(), expected, atol=1e-5, rtol=1e-5)
-    assert calls == ([] if tokens == 1 else [EXPERTS])
-    monkeypatch.setattr(StackedExperts, "grouped_runs", lambda self, x: False)
-    torch.testing.assert_close(moe(x).double(), expected, atol=1e-5, rtol=1e-5)  # expert by expert
+def test_expert_order_sorts_slots_by_expert_stably() -> None:
+    if not kernels_available(torch.float32):
+        pytest.skip("needs the C kernels")
+    chosen = torch.randint(0, EXPERTS, (37, TOP_K), generator=torch.Generator().manual_seed(3))
+    order, tokens, ends = expert_order(chosen, EXPERTS)
+    flat = chosen.view(-1)
+    assert order.tolist() == flat.argsort(stable=True).tolist()
+    assert tokens.tolist() == (flat.argsort(stable=True) // TOP_K).tolist()
+    assert ends.tolist() == torch.bincount(flat, minlength=EXPERTS).cumsum(0).tolist()
+    with pytest.raises(ValueError, match="expert ids"):
+        expert_order(torch.tensor([[0, EXPERTS]]), EXPERTS)
 
 
 @pytest.mark.skipif(not kernels_available(torch.float32), reason="needs the C kernels")
@@ -171,10 +172,30 @@ def test_expert_matmul_multiplies_each_group_by_its_expert(in_features: int, out
     sizes, experts = [3, 0, 1, 61, 7, 13], [4, 0, 2, 1, 4, 3]
     x = torch.randn(sum(sizes), in_features, generator=generator)
     ends = torch.tensor(sizes, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-    got = expert_matmul(x, ends, torch.tensor(experts, dtype=torch.int32), packed)
+    ids = torch.tensor(experts, dtype=torch.int32)
+    got = expert_matmul(x, ends, ids, packed)
     rows = [e for e, size in zip(experts, sizes, strict=True) for _ in range(size)]
     expected = torch.stack([x[r].double() @ weights[e].double() for r, e in enumerate(rows)])
     torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+    # Rows gathered from x, results scaled and written to permuted rows.
+    source = torch.randperm(x.shape[0], generator=generator).to(torch.int32)
+    target = torch.randperm(x.shape[0], generator=generator).to(torch.int32)
+    scale = torch.rand(x.shape[0], generator=generator)
+    shuffled = x[source.long()]  # sorted row r reads shuffled[source.argsort()[r]], that is x[r]
+    moved = expert_matmul(shuffled, ends, ids, packed, x_rows=source.argsort().to(torch.int32))
+    torch.testing.assert_close(moved.double(), expected, atol=1e-5, rtol=1e-5)
+    placed = expert_matmul(x, ends, ids, packed, out_rows=target, scale=scale)
+    torch.testing.assert_close(
+        placed[target.long()].double(),
+        expected * scale[target.long()].double().unsqueeze(1),
+        atol=1e-5,
+        rtol=1e-5,
+    )
+    bad_rows = torch.full((x.shape[0],), x.shape[0], dtype=torch.int32)
+    with pytest.raises(ValueError, match="in range"):
+        expert_matmul(x, ends, ids, packed, x_rows=bad_rows)
+    with pytest.raises(ValueError, match="in range"):
+        expert_matmul(x, ends, ids, packed, out_rows=bad_rows)
     with pytest.raises(ValueError, match="in range"):
         expert_matmul(x, ends, torch.tensor([4, 0, 2, 1, 4, 5], dtype=torch.int32), packed)
     with pytest.raises(ValueError, match="last group"):

@@ -165,9 +165,26 @@ _SIGNATURES: dict[str, list[type]] = {
     # bias (or NULL), out float32, threads
     "quantized_gemm": [_POINTER, _INT64, _INT64, _POINTER, _INT64, _INT64, _INT, _POINTER, _POINTER, _INT],
     "quantized_gemm_lanes": [],
-    # x float32, K, group ends int32, group experts int32, groups, experts, packed weights, N, out,
-    # threads
-    "expert_matmul": [_POINTER, _INT64, _POINTER, _POINTER, _INT, _INT, _POINTER, _INT64, _POINTER, _INT],
+    # x float32, its rows, K, x rows int32 (or NULL), group ends int32, group experts int32, groups, experts,
+    # packed weights, N, out, out rows int32 (or NULL), scale float32 (or NULL), threads
+    "expert_matmul": [
+        _POINTER,
+        _INT64,
+        _INT64,
+        _POINTER,
+        _POINTER,
+        _POINTER,
+        _INT,
+        _INT,
+        _POINTER,
+        _INT64,
+        _POINTER,
+        _POINTER,
+        _POINTER,
+        _INT,
+    ],
+    # chosen int64, slots, top_k, experts, order int32, tokens int32, ends int32
+    "expert_order": [_POINTER, _INT64, _INT, _INT, _POINTER, _POINTER, _POINTER],
     "expert_panel_columns": [],
 }
 _RETURNS_INT = (
@@ -180,6 +197,7 @@ _RETURNS_INT = (
     "quantized_gemm",
     "quantized_gemm_lanes",
     "expert_matmul",
+    "expert_order",
     "expert_panel_columns",
 )
 

@@ -1,5 +1,8 @@
 /* Grouped matmul for mixture-of-experts layers: out[r] = x[r] @ W[e] for the rows r of each group,
- * group g's rows ending at ends[g] and multiplied by expert experts[g].
+ * group g's rows ending at ends[g] and multiplied by expert experts[g]; optionally the rows of x are
+ * gathered (x_rows), and the results scaled and written to other rows (out_rows, scale), so a layer's
+ * dispatch (tokens sorted by expert: expert_order) and combine (each token's top-k results weighted,
+ * in slot order) need no separate gather, multiply or scatter.
  *
  * With a batch of B tokens over E experts, top-k, each expert meets about B * k / E rows (8 at
  * batch 32 with 8 experts, top-2): a GEMM library's small-M path, or a loop of per-expert matmuls,
@@ -36,56 +39,84 @@ typedef float vec_t __attribute__((vector_size(LANES * sizeof(float)), aligned(4
 
 int expert_panel_columns(void) { return NB; }
 
-/* ROWS rows of x (stride k) against one panel [k][NB], into acc. */
+/* ROWS rows (pointers xr) against one panel [k][NB], into acc; with SPLIT, even and odd k into two
+ * accumulator sets (few rows: one FMA chain per vector would wait on its own latency). */
 #define PANEL_LOOP(ROWS)                                                                  \
     for (int64_t i = 0; i < k; i++) {                                                     \
         vec_t w[NV];                                                                      \
         for (int v = 0; v < NV; v++) w[v] = *(const vec_t *)(panel + i * NB + v * LANES); \
         for (int r = 0; r < (ROWS); r++) {                                                \
-            const vec_t xv = (vec_t){0} + x[r * k + i];                                   \
+            const vec_t xv = (vec_t){0} + xr[r][i];                                       \
             for (int v = 0; v < NV; v++) acc[r][v] += xv * w[v];                          \
         }                                                                                 \
     }
+#define PANEL_LOOP_SPLIT(ROWS)                                                                  \
+    {                                                                                           \
+        vec_t odd[ROWS][NV];                                                                    \
+        for (int r = 0; r < (ROWS); r++)                                                        \
+            for (int v = 0; v < NV; v++) odd[r][v] = (vec_t){0};                                \
+        int64_t i = 0;                                                                          \
+        for (; i + 1 < k; i += 2) {                                                             \
+            vec_t w0[NV], w1[NV];                                                               \
+            for (int v = 0; v < NV; v++) {                                                      \
+                w0[v] = *(const vec_t *)(panel + i * NB + v * LANES);                           \
+                w1[v] = *(const vec_t *)(panel + (i + 1) * NB + v * LANES);                     \
+            }                                                                                   \
+            for (int r = 0; r < (ROWS); r++) {                                                  \
+                const vec_t x0 = (vec_t){0} + xr[r][i], x1 = (vec_t){0} + xr[r][i + 1];         \
+                for (int v = 0; v < NV; v++) {                                                  \
+                    acc[r][v] += x0 * w0[v];                                                    \
+                    odd[r][v] += x1 * w1[v];                                                    \
+                }                                                                               \
+            }                                                                                   \
+        }                                                                                       \
+        for (; i < k; i++)                                                                      \
+            for (int r = 0; r < (ROWS); r++)                                                    \
+                for (int v = 0; v < NV; v++)                                                    \
+                    acc[r][v] += ((vec_t){0} + xr[r][i]) * *(const vec_t *)(panel + i * NB + v * LANES); \
+        for (int r = 0; r < (ROWS); r++)                                                        \
+            for (int v = 0; v < NV; v++) acc[r][v] += odd[r][v];                                \
+    }
 
-static void store(vec_t acc[MR][NV], int rows, float *out, int64_t ldo, int cols) {
+/* acc rows to their destinations, times their scales, cols (<= NB) columns. */
+static void store(vec_t acc[MR][NV], int rows, float *const *dst, const float *scale, int cols) {
     for (int r = 0; r < rows; r++) {
-        float *dst = out + r * ldo;
+        const vec_t s = (vec_t){0} + scale[r];
         if (cols == NB) {
-            for (int v = 0; v < NV; v++) *(vec_t *)(dst + v * LANES) = acc[r][v];
+            for (int v = 0; v < NV; v++) *(vec_t *)(dst[r] + v * LANES) = acc[r][v] * s;
         } else {
             float row[NB];
-            for (int v = 0; v < NV; v++) *(vec_t *)(row + v * LANES) = acc[r][v];
-            for (int c = 0; c < cols; c++) dst[c] = row[c];
+            for (int v = 0; v < NV; v++) *(vec_t *)(row + v * LANES) = acc[r][v] * s;
+            for (int c = 0; c < cols; c++) dst[r][c] = row[c];
         }
     }
 }
 
-/* MR rows of x (stride k) against one panel [k][NB] -> out (stride ldo), cols (<= NB) columns. */
-static void kernel_full(const float *x, int64_t k, const float *panel, float *out, int64_t ldo,
-                        int cols) {
-    vec_t acc[MR][NV];
-    for (int r = 0; r < MR; r++)
-        for (int v = 0; v < NV; v++) acc[r][v] = (vec_t){0};
-#pragma GCC unroll 1
-    PANEL_LOOP(MR)
-    store(acc, MR, out, ldo, cols);
-}
-
-/* The same for rows < MR. */
-static void kernel_tail(const float *x, int64_t k, int rows, const float *panel, float *out,
-                        int64_t ldo, int cols) {
+/* `rows` rows of x (xr) against one panel [k][NB] -> dst rows (times scale), cols columns. */
+static void run_block(const float *const *xr, int64_t k, int rows, const float *panel,
+                      float *const *dst, const float *scale, int cols) {
     vec_t acc[MR][NV];
     for (int r = 0; r < MR; r++)
         for (int v = 0; v < NV; v++) acc[r][v] = (vec_t){0};
     switch (rows) { /* a constant row count per case keeps the accumulators in registers */
+    case MR: {
+#pragma GCC unroll 1
+        PANEL_LOOP(MR)
+        break;
+    }
+#define SPLIT_CASE(R)          \
+    case R: {                  \
+        PANEL_LOOP_SPLIT(R)    \
+        break;                 \
+    }
 #define TAIL_CASE(R)       \
     case R: {              \
         PANEL_LOOP(R)      \
         break;             \
     }
-        TAIL_CASE(1)
-        TAIL_CASE(2)
-        TAIL_CASE(3)
+        SPLIT_CASE(1)
+        SPLIT_CASE(2)
+        SPLIT_CASE(3)
         TAIL_CASE(4)
         TAIL_CASE(5)
 #if MR > 6
@@ -97,17 +128,48 @@ static void kernel_tail(const float *x, int64_t k, int rows, const float *panel,
         TAIL_CASE(11)
 #endif
 #undef TAIL_CASE
+#undef SPLIT_CASE
     default:
         break;
     }
-    store(acc, rows, out, ldo, cols);
+    store(acc, rows, dst, scale, cols);
 }
 
-/* x float32 [rows][k]; ends int32 [groups] (group g's rows end at ends[g], non-decreasing); experts
- * int32 [groups] (the expert of each group, < num_experts); w float32 [num_experts][panels][k][NB]
- * with panels = ceil(n / NB); out float32 [rows][n]. Returns 0, or -2 on bad geometry. */
-int expert_matmul(const float *x, int64_t k, const int32_t *ends, const int32_t *experts, int groups,
-                  int num_experts, const float *w, int64_t n, float *out, int threads) {
+/* Tokens' chosen experts (int64 [slots], slot = token * top_k + j) sorted by expert, stably:
+ * order[r] the slot of sorted row r, tokens[r] its token, ends[e] the end of expert e's rows.
+ * Returns 0, or -2 when an expert id is out of range. */
+int expert_order(const int64_t *chosen, int64_t slots, int top_k, int num_experts, int32_t *order,
+                 int32_t *tokens, int32_t *ends) {
+    if (top_k < 1 || num_experts < 1) return -2;
+    for (int e = 0; e < num_experts; e++) ends[e] = 0;
+    for (int64_t s = 0; s < slots; s++) {
+        if (chosen[s] < 0 || chosen[s] >= num_experts) return -2;
+        ends[chosen[s]]++;
+    }
+    int32_t next[num_experts];
+    int32_t total = 0;
+    for (int e = 0; e < num_experts; e++) {
+        next[e] = total;
+        total += ends[e];
+        ends[e] = total;
+    }
+    for (int64_t s = 0; s < slots; s++) {
+        const int32_t r = next[chosen[s]]++;
+        order[r] = (int32_t)s;
+        tokens[r] = (int32_t)(s / top_k);
+    }
+    return 0;
+}
+
+/* x float32 [.][k]; sorted row r reads x row x_rows[r] (x_rows NULL: row r); ends int32 [groups]
+ * (group g's sorted rows end at ends[g], non-decreasing); experts int32 [groups] (< num_experts);
+ * w float32 [num_experts][panels][k][NB], panels = ceil(n / NB); sorted row r's result goes to out
+ * row out_rows[r] (NULL: row r), times scale[that out row] (scale NULL: 1). out_rows must not repeat.
+ * x has x_count rows; every index is checked against its range.
+ * Returns 0, or -2 on bad geometry. */
+int expert_matmul(const float *x, int64_t x_count, int64_t k, const int32_t *x_rows, const int32_t *ends,
+                  const int32_t *experts, int groups, int num_experts, const float *w, int64_t n,
+                  float *out, const int32_t *out_rows, const float *scale, int threads) {
     if (threads < 1) threads = 1;
     if (k <= 0 || n <= 0 || groups < 0) return -2;
     const int64_t panels = (n + NB - 1) / NB;
@@ -120,6 +182,10 @@ int expert_matmul(const float *x, int64_t k, const int32_t *ends, const int32_t 
         start = ends[g];
     }
     if (tasks == 0) return 0;
+    for (int32_t r = 0; r < start; r++) { /* start: the rows of out */
+        if ((x_rows ? x_rows[r] : r) >= x_count || (x_rows && x_rows[r] < 0)) return -2;
+        if (out_rows && (out_rows[r] < 0 || out_rows[r] >= start)) return -2;
+    }
     int32_t task_group[tasks], task_row[tasks];
     tasks = 0;
     start = 0;
@@ -144,10 +210,17 @@ int expert_matmul(const float *x, int64_t k, const int32_t *ends, const int32_t 
         const int cols = (int)(n - p * NB < NB ? n - p * NB : NB);
         for (int32_t r = first; r < last; r += MR) {
             const int rows = last - r < MR ? last - r : MR;
-            if (rows == MR)
-                kernel_full(x + r * k, k, panel, out + r * n + p * NB, n, cols);
-            else
-                kernel_tail(x + r * k, k, rows, panel, out + r * n + p * NB, n, cols);
+            const float *xr[MR];
+            float *dst[MR];
+            float sc[MR];
+            for (int i = 0; i < rows; i++) {
+                const int64_t src = x_rows ? x_rows[r + i] : r + i;
+                const int64_t row = out_rows ? out_rows[r + i] : r + i;
+                xr[i] = x + src * k;
+                dst[i] = out + row * n + p * NB;
+                sc[i] = scale ? scale[row] : 1.0f;
+            }
+            run_block(xr, k, rows, panel, dst, sc, cols);
         }
     }
     return 0;

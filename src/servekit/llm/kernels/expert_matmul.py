@@ -3,6 +3,7 @@ once into column panels, then each group of rows multiplied by its expert's weig
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 
 import torch
@@ -28,9 +29,7 @@ class PackedExperts:
 
     @classmethod
     def of(cls, stacked: torch.Tensor) -> PackedExperts:
-        library = load_library()
-        if library is None:
-            raise RuntimeError("the C kernels are not available (see servekit.llm.kernels)")
+        library = _library()
         if stacked.dtype != torch.float32 or stacked.dim() != 3 or stacked.device.type != "cpu":
             raise ValueError(
                 f"expected CPU float32 [experts, in, out] weights, got {stacked.dtype} {tuple(stacked.shape)}"
@@ -49,30 +48,69 @@ class PackedExperts:
         return panel.permute(1, 0, 2).reshape(self.in_features, -1)[:, : self.out_features]
 
 
+def expert_order(chosen: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each token's chosen experts (int64 ``[tokens, top_k]``) sorted by expert, stably: the slot
+    (``token * top_k + j``) of every sorted row, its token, and where each expert's rows end (int32)."""
+    library = _library()
+    if chosen.dtype != torch.int64 or chosen.dim() != 2:
+        raise ValueError(f"chosen must be int64 [tokens, top_k], got {chosen.dtype} {tuple(chosen.shape)}")
+    chosen = chosen.contiguous()
+    order = torch.empty(chosen.numel(), dtype=torch.int32)
+    tokens = torch.empty(chosen.numel(), dtype=torch.int32)
+    ends = torch.empty(num_experts, dtype=torch.int32)
+    status = library.expert_order(
+        chosen.data_ptr(),
+        chosen.numel(),
+        chosen.shape[1],
+        num_experts,
+        order.data_ptr(),
+        tokens.data_ptr(),
+        ends.data_ptr(),
+    )
+    if status != 0:
+        raise ValueError(f"expert ids must be in 0..{num_experts - 1}")
+    return order, tokens, ends
+
+
 def expert_matmul(
     x: torch.Tensor,
     ends: torch.Tensor,
     experts: torch.Tensor,
     weights: PackedExperts,
     *,
+    x_rows: torch.Tensor | None = None,
+    out_rows: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
     num_threads: int | None = None,
 ) -> torch.Tensor:
-    """``out[r] = x[r] @ W[experts[g]]`` for the rows ``r`` of group ``g`` (rows ``ends[g-1]`` to
-    ``ends[g]``); ``x``: float32 ``[rows, in]``, ``ends``/``experts``: int32 ``[groups]``."""
-    library = load_library()
-    if library is None:
-        raise RuntimeError("the C kernels are not available (see servekit.llm.kernels)")
+    """``out[out_rows[r]] = scale[out_rows[r]] * x[x_rows[r]] @ W[experts[g]]`` for the sorted rows
+    ``r`` of group ``g`` (rows ``ends[g-1]`` to ``ends[g]``); without ``x_rows`` / ``out_rows`` row
+    ``r`` itself, without ``scale`` 1. ``x``: float32 ``[.., in]``; ``ends``, ``experts``, ``x_rows``,
+    ``out_rows``: int32; ``scale``: float32 ``[out rows]``. ``out`` has ``ends[-1]`` rows; ``out_rows``
+    must be a permutation of them."""
+    library = _library()
     if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != weights.in_features:
         raise ValueError(f"x must be float32 [rows, {weights.in_features}], got {x.dtype} {tuple(x.shape)}")
     if ends.dtype != torch.int32 or experts.dtype != torch.int32 or ends.shape != experts.shape:
         raise ValueError("ends and experts must be int32 tensors of one length")
-    if ends.numel() and int(ends[-1]) != x.shape[0]:
-        raise ValueError(f"the last group must end at row {x.shape[0]}, not {int(ends[-1])}")
+    rows = int(ends[-1]) if ends.numel() else 0
+    for name, index in (("x_rows", x_rows), ("out_rows", out_rows)):
+        if index is not None and (index.dtype != torch.int32 or index.shape != (rows,)):
+            raise ValueError(f"{name} must be int32 [{rows}]")
+    if x_rows is None and x.shape[0] != rows:
+        raise ValueError(f"the last group must end at row {x.shape[0]}, not {rows}")
+    if scale is not None and (scale.dtype != torch.float32 or scale.shape != (rows,)):
+        raise ValueError(f"scale must be float32 [{rows}]")
     x, ends, experts = x.contiguous(), ends.contiguous(), experts.contiguous()
-    out = torch.empty((x.shape[0], weights.out_features), dtype=torch.float32)
+    x_rows = None if x_rows is None else x_rows.contiguous()
+    out_rows = None if out_rows is None else out_rows.contiguous()
+    scale = None if scale is None else scale.contiguous()
+    out = torch.empty((rows, weights.out_features), dtype=torch.float32)
     status = library.expert_matmul(
         x.data_ptr(),
+        x.shape[0],
         weights.in_features,
+        None if x_rows is None else x_rows.data_ptr(),
         ends.data_ptr(),
         experts.data_ptr(),
         ends.numel(),
@@ -80,8 +118,17 @@ def expert_matmul(
         weights.panels.data_ptr(),
         weights.out_features,
         out.data_ptr(),
+        None if out_rows is None else out_rows.data_ptr(),
+        None if scale is None else scale.data_ptr(),
         num_threads or torch.get_num_threads(),
     )
     if status != 0:
-        raise ValueError("expert_matmul: ends must be non-decreasing and experts in range")
+        raise ValueError("expert_matmul: ends must be non-decreasing, experts and rows in range")
     return out
+
+
+def _library() -> ctypes.CDLL:
+    library = load_library()
+    if library is None:
+        raise RuntimeError("the C kernels are not available (see servekit.llm.kernels)")
+    return library
