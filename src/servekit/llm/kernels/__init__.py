@@ -2,7 +2,8 @@
 
 The engine's hot loops that PyTorch cannot express without copies or many small operators (attention
 straight over the paged KV cache, the int8 quantise/rescale passes around an int8 matmul, residual
-add + RMSNorm, SiLU-and-multiply, tanh GELU, matmuls straight on GGUF's quantised weight blocks) are written in C here. The source ships with the package; the first process that needs a
+add + RMSNorm, SiLU-and-multiply, tanh GELU, matmuls straight on GGUF's quantised weight blocks, the
+mixture-of-experts grouped matmul over packed expert weights) are written in C here. The source ships with the package; the first process that needs a
 kernel compiles it (``-O3 -march=native``, a second or so) into a cache directory keyed by the
 source, the compiler and the CPU, and every later process loads the cached library. Without a C
 compiler, or with ``SERVEKIT_KERNELS=0``, every caller falls back to its pure PyTorch path.
