@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from servekit.llm.kernels import kernels_available
-from servekit.llm.kernels.expert_matmul import PackedExperts, expert_matmul, expert_order
+from servekit.llm.kernels.expert_matmul import PackedExperts, expert_matmul, expert_order, gated_fits
 from servekit.llm.model_config import MoEConfig
 from servekit.llm.models import moe as moe_module
 from servekit.llm.models.layers import DenseMLP
@@ -200,3 +200,24 @@ def test_expert_matmul_multiplies_each_group_by_its_expert(in_features: int, out
         expert_matmul(x, ends, torch.tensor([4, 0, 2, 1, 4, 5], dtype=torch.int32), packed)
     with pytest.raises(ValueError, match="last group"):
         expert_matmul(x[:-1], ends, torch.tensor(experts, dtype=torch.int32), packed)
+
+
+@pytest.mark.skipif(not kernels_available(torch.float32), reason="needs the C kernels")
+def test_gated_expert_matmul_applies_silu_and_multiply() -> None:
+    """The up projection with SiLU-and-multiply in the kernel, against float64; widths whose halves
+    are not whole panels are refused."""
+    generator = torch.Generator().manual_seed(11)
+    columns = 2 * 16 * 3  # three panels per half on AVX2 (two on AVX-512's wider panels: not whole)
+    weights = torch.randn(3, 20, columns, generator=generator)
+    packed = PackedExperts.of(weights)
+    ends, experts = torch.tensor([5, 5, 12], dtype=torch.int32), torch.tensor([2, 0, 1], dtype=torch.int32)
+    x = torch.randn(12, 20, generator=generator)
+    if not gated_fits(packed):
+        with pytest.raises(ValueError, match="gated"):
+            expert_matmul(x, ends, experts, packed, gated=True)
+        return
+    got = expert_matmul(x, ends, experts, packed, gated=True)
+    rows = [2] * 5 + [1] * 7
+    full = torch.stack([x[r].double() @ weights[e].double() for r, e in enumerate(rows)])
+    half = columns // 2
+    torch.testing.assert_close(got.double(), F.silu(full[:, :half]) * full[:, half:], atol=1e-5, rtol=1e-5)

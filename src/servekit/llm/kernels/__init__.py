@@ -167,7 +167,7 @@ _SIGNATURES: dict[str, list[type]] = {
     "quantized_gemm": [_POINTER, _INT64, _INT64, _POINTER, _INT64, _INT64, _INT, _POINTER, _POINTER, _INT],
     "quantized_gemm_lanes": [],
     # x float32, its rows, K, x rows int32 (or NULL), group ends int32, group experts int32, groups, experts,
-    # packed weights, N, out, out rows int32 (or NULL), scale float32 (or NULL), threads
+    # packed weights, N, out, out rows int32 (or NULL), scale float32 (or NULL), gated, threads
     "expert_matmul": [
         _POINTER,
         _INT64,
@@ -182,6 +182,7 @@ _SIGNATURES: dict[str, list[type]] = {
         _POINTER,
         _POINTER,
         _POINTER,
+        _INT,
         _INT,
     ],
     # chosen int64, slots, top_k, experts, order int32, tokens int32, ends int32

@@ -19,6 +19,7 @@
  * AVX2 + FMA 8, else 4 (GCC's generic vectors), from one source.
  * Threads: OpenMP over (group, row chunk, panel) tasks, on the process's OpenMP pool (PyTorch's).
  */
+#include <math.h>
 #include <stdint.h>
 
 #if defined(__AVX512F__)
@@ -165,14 +166,17 @@ int expert_order(const int64_t *chosen, int64_t slots, int top_k, int num_expert
  * (group g's sorted rows end at ends[g], non-decreasing); experts int32 [groups] (< num_experts);
  * w float32 [num_experts][panels][k][NB], panels = ceil(n / NB); sorted row r's result goes to out
  * row out_rows[r] (NULL: row r), times scale[that out row] (scale NULL: 1). out_rows must not repeat.
- * x has x_count rows; every index is checked against its range.
+ * x has x_count rows; every index is checked against its range. gated: W's columns are [gate | up]
+ * (n a multiple of 2 * NB) and out gets silu(gate) * up, n / 2 columns (SwiGLU's up projection).
  * Returns 0, or -2 on bad geometry. */
 int expert_matmul(const float *x, int64_t x_count, int64_t k, const int32_t *x_rows, const int32_t *ends,
                   const int32_t *experts, int groups, int num_experts, const float *w, int64_t n,
-                  float *out, const int32_t *out_rows, const float *scale, int threads) {
+                  float *out, const int32_t *out_rows, const float *scale, int gated, int threads) {
     if (threads < 1) threads = 1;
-    if (k <= 0 || n <= 0 || groups < 0) return -2;
-    const int64_t panels = (n + NB - 1) / NB;
+    if (k <= 0 || n <= 0 || groups < 0 || (gated && n % (2 * NB))) return -2;
+    const int64_t all_panels = (n + NB - 1) / NB;
+    /* gated: out panel p is silu(gate panel p) * (up panel p + half), out has n / 2 columns */
+    const int64_t panels = gated ? all_panels / 2 : all_panels, ldo = gated ? n / 2 : n;
     /* Tasks: (group, chunk of RC rows) pairs, each against every panel. */
     int64_t tasks = 0;
     int32_t start = 0;
@@ -197,7 +201,7 @@ int expert_matmul(const float *x, int64_t x_count, int64_t k, const int32_t *x_r
         }
         start = ends[g];
     }
-    const int64_t expert_floats = panels * k * NB;
+    const int64_t expert_floats = all_panels * k * NB;
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(threads) schedule(static) if (tasks * panels * k >= 4096)
 #endif
@@ -217,10 +221,28 @@ int expert_matmul(const float *x, int64_t x_count, int64_t k, const int32_t *x_r
                 const int64_t src = x_rows ? x_rows[r + i] : r + i;
                 const int64_t row = out_rows ? out_rows[r + i] : r + i;
                 xr[i] = x + src * k;
-                dst[i] = out + row * n + p * NB;
+                dst[i] = out + row * ldo + p * NB;
                 sc[i] = scale ? scale[row] : 1.0f;
             }
-            run_block(xr, k, rows, panel, dst, sc, cols);
+            if (!gated) {
+                run_block(xr, k, rows, panel, dst, sc, cols);
+                continue;
+            }
+            float gate[MR * NB], up[MR * NB];
+            float *gate_rows[MR], *up_rows[MR];
+            float ones[MR];
+            for (int i = 0; i < rows; i++) {
+                ones[i] = 1.0f;
+                gate_rows[i] = gate + i * NB;
+                up_rows[i] = up + i * NB;
+            }
+            run_block(xr, k, rows, panel, gate_rows, ones, NB);
+            run_block(xr, k, rows, panel + panels * k * NB, up_rows, ones, NB);
+            for (int i = 0; i < rows; i++)
+                for (int c = 0; c < NB; c++) {
+                    const float v = gate[i * NB + c];
+                    dst[i][c] = sc[i] * (v / (1.0f + expf(-v)) * up[i * NB + c]);
+                }
         }
     }
     return 0;

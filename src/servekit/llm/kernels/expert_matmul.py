@@ -48,6 +48,11 @@ class PackedExperts:
         return panel.permute(1, 0, 2).reshape(self.in_features, -1)[:, : self.out_features]
 
 
+def gated_fits(weights: PackedExperts) -> bool:
+    """Whether the gate and up halves of ``weights``' columns fall on whole panels (``gated``)."""
+    return weights.out_features % (2 * int(_library().expert_panel_columns())) == 0
+
+
 def expert_order(chosen: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each token's chosen experts (int64 ``[tokens, top_k]``) sorted by expert, stably: the slot
     (``token * top_k + j``) of every sorted row, its token, and where each expert's rows end (int32)."""
@@ -81,13 +86,15 @@ def expert_matmul(
     x_rows: torch.Tensor | None = None,
     out_rows: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
+    gated: bool = False,
     num_threads: int | None = None,
 ) -> torch.Tensor:
     """``out[out_rows[r]] = scale[out_rows[r]] * x[x_rows[r]] @ W[experts[g]]`` for the sorted rows
     ``r`` of group ``g`` (rows ``ends[g-1]`` to ``ends[g]``); without ``x_rows`` / ``out_rows`` row
     ``r`` itself, without ``scale`` 1. ``x``: float32 ``[.., in]``; ``ends``, ``experts``, ``x_rows``,
     ``out_rows``: int32; ``scale``: float32 ``[out rows]``. ``out`` has ``ends[-1]`` rows; ``out_rows``
-    must be a permutation of them."""
+    must be a permutation of them. ``gated``: ``W``'s columns are ``[gate | up]`` and ``out`` gets
+    ``silu(gate) * up`` (half the columns); needs ``gated_fits``."""
     library = _library()
     if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != weights.in_features:
         raise ValueError(f"x must be float32 [rows, {weights.in_features}], got {x.dtype} {tuple(x.shape)}")
@@ -105,7 +112,13 @@ def expert_matmul(
     x_rows = None if x_rows is None else x_rows.contiguous()
     out_rows = None if out_rows is None else out_rows.contiguous()
     scale = None if scale is None else scale.contiguous()
-    out = torch.empty((rows, weights.out_features), dtype=torch.float32)
+    if gated and not gated_fits(weights):
+        raise ValueError(
+            f"a gated projection needs a multiple of {2 * _library().expert_panel_columns()} columns"
+        )
+    out = torch.empty(
+        (rows, weights.out_features // 2 if gated else weights.out_features), dtype=torch.float32
+    )
     status = library.expert_matmul(
         x.data_ptr(),
         x.shape[0],
@@ -120,6 +133,7 @@ def expert_matmul(
         out.data_ptr(),
         None if out_rows is None else out_rows.data_ptr(),
         None if scale is None else scale.data_ptr(),
+        int(gated),
         num_threads or torch.get_num_threads(),
     )
     if status != 0:

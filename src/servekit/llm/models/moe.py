@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from servekit.llm.kernels import load_library
 from servekit.llm.kernels.elementwise import silu_mul
-from servekit.llm.kernels.expert_matmul import PackedExperts, expert_matmul, expert_order
+from servekit.llm.kernels.expert_matmul import PackedExperts, expert_matmul, expert_order, gated_fits
 from servekit.llm.model_config import MoEConfig
 from servekit.llm.models.layers import DenseMLP, Projection
 from servekit.llm.models.linear import Linear
@@ -116,7 +116,10 @@ class StackedExperts:
         up, down = self.panels
         order, tokens, ends = expert_order(chosen, len(self))
         experts = torch.arange(len(self), dtype=torch.int32)
-        hidden = self._activate(expert_matmul(x, ends, experts, up, x_rows=tokens))
+        if self.gated and self.act is F.silu and gated_fits(up):  # SiLU-and-multiply in the kernel
+            hidden = expert_matmul(x, ends, experts, up, x_rows=tokens, gated=True)
+        else:
+            hidden = self._activate(expert_matmul(x, ends, experts, up, x_rows=tokens))
         slots = expert_matmul(hidden, ends, experts, down, out_rows=order, scale=weights.reshape(-1).float())
         return slots.view(*chosen.shape, -1).sum(dim=1)
 
