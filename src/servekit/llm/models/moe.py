@@ -8,8 +8,8 @@ then grouped by expert (never a loop over tokens) and the weighted results scatt
 Float experts are held stacked (``StackedExperts``: one ``[experts, hidden, width]`` tensor per
 projection). Float32 experts on a CPU where the C kernels build are packed once into column panels
 for the C grouped matmul (``kernels.expert_matmul``): a counting sort of the tokens by expert, then
-one call per projection that gathers each expert's rows itself and writes the weighted results in
-slot order, summed over the ``top_k`` slots; at a decode step's few rows per expert it runs about
+one call per projection that gathers each expert's rows itself (and applies SwiGLU's
+SiLU-and-multiply) or writes the weighted results in slot order, summed over the ``top_k`` slots; at a decode step's few rows per expert it runs about
 twice as fast as a loop of per-expert GEMMs, which stall packing weights and waiting on memory.
 Otherwise, on CPUs where PyTorch has a grouped matmul (``F.grouped_mm``), the tokens sorted by
 expert go through it: one operator per projection, no padding. Elsewhere, when every expert gets a
