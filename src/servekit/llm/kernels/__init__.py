@@ -2,7 +2,8 @@
 
 The engine's hot loops that PyTorch cannot express without copies or many small operators (attention
 straight over the paged KV cache, the int8 quantise/rescale passes around an int8 matmul, residual
-add + RMSNorm, SiLU-and-multiply, tanh GELU, matmuls straight on GGUF's quantised weight blocks) are written in C here. The source ships with the package; the first process that needs a
+add + RMSNorm, SiLU-and-multiply, tanh GELU, matmuls straight on GGUF's quantised weight blocks, the
+mixture-of-experts grouped matmul over packed expert weights) are written in C here. The source ships with the package; the first process that needs a
 kernel compiles it (``-O3 -march=native``, a second or so) into a cache directory keyed by the
 source, the compiler and the CPU, and every later process loads the cached library. Without a C
 compiler, or with ``SERVEKIT_KERNELS=0``, every caller falls back to its pure PyTorch path.
@@ -38,6 +39,7 @@ SOURCES = tuple(
         "quantized_matmul.c",
         "rotary_cache.c",
         "quantized_gemm.c",
+        "expert_matmul.c",
     )
 )
 HEADERS = (Path(__file__).with_name("dtypes.h"),)
@@ -152,6 +154,28 @@ _SIGNATURES: dict[str, list[type]] = {
     # bias (or NULL), out float32, threads
     "quantized_gemm": [_POINTER, _INT64, _INT64, _POINTER, _INT64, _INT64, _INT, _POINTER, _POINTER, _INT],
     "quantized_gemm_lanes": [],
+    # x float32, its rows, K, x rows int32 (or NULL), group ends int32, group experts int32, groups, experts,
+    # packed weights, N, out, out rows int32 (or NULL), scale float32 (or NULL), gated, threads
+    "expert_matmul": [
+        _POINTER,
+        _INT64,
+        _INT64,
+        _POINTER,
+        _POINTER,
+        _POINTER,
+        _INT,
+        _INT,
+        _POINTER,
+        _INT64,
+        _POINTER,
+        _POINTER,
+        _POINTER,
+        _INT,
+        _INT,
+    ],
+    # chosen int64, slots, top_k, experts, order int32, tokens int32, ends int32
+    "expert_order": [_POINTER, _INT64, _INT, _INT, _POINTER, _POINTER, _POINTER],
+    "expert_panel_columns": [],
 }
 _RETURNS_INT = (
     "paged_decode_attention",
@@ -162,6 +186,9 @@ _RETURNS_INT = (
     "quantized_simd_lanes",
     "quantized_gemm",
     "quantized_gemm_lanes",
+    "expert_matmul",
+    "expert_order",
+    "expert_panel_columns",
 )
 
 
