@@ -3,6 +3,7 @@ NumPy values, sets and tuples): the one conversion every encoder of servekit use
 
 from __future__ import annotations
 
+import json
 from typing import Any, TypeVar
 
 import orjson
@@ -31,12 +32,14 @@ def validate_json(model: type[ModelT], body: bytes, *, strict: bool | None = Non
     except ValidationError as error:
         if not any(e["type"] == "int_type" and isinstance(e["input"], float) for e in error.errors()):
             raise
-        retry = orjson.dumps(_integral_floats_as_ints(orjson.loads(body)))
+        # The standard library's encoder: orjson cannot write an integer past 64 bits, and 1e300 is as
+        # much an integer to JSON Schema (and to pydantic, written as digits) as 1.0 is.
+        retry = json.dumps(_integral_floats_as_ints(orjson.loads(body)))
     return model.model_validate_json(retry, strict=strict)
 
 
 def _integral_floats_as_ints(value: Any) -> Any:
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+    if isinstance(value, float) and value.is_integer():
         return int(value)
     if isinstance(value, dict):
         return {key: _integral_floats_as_ints(item) for key, item in value.items()}

@@ -73,7 +73,9 @@ def test_the_proxy_bounds_only_by_nodes_that_agree() -> None:
 def test_integral_floats_are_integers_and_nothing_else_is_coerced() -> None:
     body = parse_body(b'{"tokens": [1.0, 2], "model": null}', DetokenizeRequest)
     assert body.tokens == [1, 2]
-    for bad in (b'{"tokens": [1.5]}', b'{"tokens": ["1"]}', b'{"tokens": [true]}', b'{"tokens": [1e300]}'):
+    # Past 64 bits too, as the same integer written in digits is.
+    assert parse_body(b'{"tokens": [1e20]}', DetokenizeRequest).tokens == [10**20]
+    for bad in (b'{"tokens": [1.5]}', b'{"tokens": ["1"]}', b'{"tokens": [true]}', b'{"tokens": [1e-300]}'):
         with pytest.raises(OpenAIError) as error:
             parse_body(bad, DetokenizeRequest)
         assert error.value.status_code == 400
