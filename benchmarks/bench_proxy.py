@@ -3,7 +3,9 @@
 overhead: short non-streamed completions (max_tokens 1) through the proxy vs direct to the one node
 behind it: latency p50 one request at a time (the two paths alternate request by request, so drift
 hits both), then throughput at concurrency C (direct and proxied runs alternate, ``--repeats`` times). With
-``--stub-node`` the node is a stub that answers at once: only the proxy's own cost is left to see.
+``--stub-node`` the node is a stub that answers at once: only the proxy's own cost is left to see;
+``--stub-delay-ms`` makes it answer as late as a model node would, idle meanwhile (the proxy then
+wakes up cold for every request, as in front of a model node).
 
 routing: R replicas, S sessions each with its own long system prompt sent T times (a new question
 each turn, sessions interleaved), at concurrency C, once per strategy (random, session, cache_aware):
@@ -104,16 +106,56 @@ async def completion(session: aiohttp.ClientSession, url: str, model: str, index
     return time.perf_counter() - started
 
 
+WARM_UP = 5
+
+
 async def latencies(direct: str, proxied: str, model: str, count: int) -> tuple[list[float], list[float]]:
+    """``count`` pairs, one request of each path, alternating so that both see the same machine; the
+    order within a pair alternates too (direct first in even pairs), so neither path always runs
+    right after the other."""
     async with aiohttp.ClientSession() as session:
         for url in (direct, proxied):
-            for i in range(5):  # warm-up
+            for i in range(WARM_UP):
                 await completion(session, url, model, i)
         a, b = [], []
-        for i in range(count):  # alternate, so that both see the same machine
-            a.append(await completion(session, direct, model, i))
-            b.append(await completion(session, proxied, model, i))
+        for i in range(count):
+            if i % 2 == 0:
+                a.append(await completion(session, direct, model, i))
+                b.append(await completion(session, proxied, model, i))
+            else:
+                b.append(await completion(session, proxied, model, i))
+                a.append(await completion(session, direct, model, i))
         return a, b
+
+
+def run_seconds(pid: int) -> float:
+    """CPU time of a process's live threads in nanoseconds' resolution (/proc/PID/task/*/schedstat),
+    where /proc/PID/stat counts clock ticks (10 ms): for the small figure of an idle process."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            total += int((task / "schedstat").read_text().split()[0])
+    return total / 1e9
+
+
+def idle_cpu_rate(pid: int, seconds: float) -> float:
+    """CPU seconds per second a process spends with no request to serve (the proxy's health checks
+    and load scrapes, uvicorn's tick): the share of "CPU per request" that is not the requests'."""
+    before, started = run_seconds(pid), time.monotonic()
+    time.sleep(seconds)  # a measuring window, not a synchronisation
+    return (run_seconds(pid) - before) / (time.monotonic() - started)
+
+
+def added_by_order(a: list[float], b: list[float]) -> str:
+    """The median paired difference of the pairs where direct went first, of those where the proxy
+    did, and of each third of the run (its spread)."""
+    pairs = [y - x for x, y in zip(a, b, strict=True)]
+    parts = [("direct first", pairs[0::2]), ("proxy first", pairs[1::2])]
+    third = max(len(pairs) // 3, 1)
+    parts += [
+        (f"pairs {k * third}-{(k + 1) * third - 1}", pairs[k * third : (k + 1) * third]) for k in range(3)
+    ]
+    return ", ".join(f"{name} {statistics.median(v) * 1e3:+.2f} ms" for name, v in parts if v)
 
 
 async def throughput(url: str, model: str, count: int, concurrency: int) -> float:
@@ -130,9 +172,10 @@ async def throughput(url: str, model: str, count: int, concurrency: int) -> floa
 
 
 @contextlib.contextmanager
-def stub_node(port: int, url: str) -> Iterator[subprocess.Popen[bytes]]:
+def stub_node(port: int, url: str, delay_ms: float) -> Iterator[subprocess.Popen[bytes]]:
     script = Path(__file__).resolve().parent / "stub_node.py"
-    proc = subprocess.Popen([sys.executable, str(script), str(port)], env=ENV, start_new_session=True)
+    command = [sys.executable, str(script), str(port), str(delay_ms)]
+    proc = subprocess.Popen(command, env=ENV, start_new_session=True)
     try:
         wait_healthy(url, proc)
         yield proc
@@ -144,7 +187,7 @@ def overhead(args: argparse.Namespace) -> None:
     node_port, proxy_port = free_port(), free_port()
     direct, proxied = f"http://127.0.0.1:{node_port}", f"http://127.0.0.1:{proxy_port}"
     node_process = (
-        stub_node(node_port, direct)
+        stub_node(node_port, direct, args.stub_delay_ms)
         if args.stub_node
         else process(node_args(args.model, node_port, args.threads), direct)
     )
@@ -153,8 +196,11 @@ def overhead(args: argparse.Namespace) -> None:
         process(proxy_args(proxy_port, "least_load", [direct]), proxied) as proxy,
     ):
         model = model_id(direct)
+        idle = idle_cpu_rate(proxy.pid, args.idle_seconds)
         cpu_before = cpu_seconds(proxy.pid), cpu_seconds(node.pid)
+        started = time.monotonic()
         a, b = asyncio.run(latencies(direct, proxied, model, args.requests))
+        latency_wall = time.monotonic() - started
         cpu_proxy = cpu_seconds(proxy.pid) - cpu_before[0]
         cpu_node = cpu_seconds(node.pid) - cpu_before[1]
         p_direct, p_proxy = percentiles(a), percentiles(b)
@@ -168,10 +214,13 @@ def overhead(args: argparse.Namespace) -> None:
     )
     added = statistics.median(y - x for x, y in zip(a, b, strict=True))
     print(f"added latency, median of paired differences: {added * 1e3:+.2f} ms ({args.requests} pairs)")
+    print(f"  by order and by third of the run: {added_by_order(a, b)}")
     # CPU time does not depend on how busy the machine is, unlike latencies on a shared machine.
-    proxied_count = args.requests + 5
+    proxied_count = args.requests + WARM_UP
+    net = cpu_proxy - idle * latency_wall
     print(
-        f"CPU per proxied request: proxy {cpu_proxy / proxied_count * 1e3:.2f} ms "
+        f"CPU per proxied request: proxy {cpu_proxy / proxied_count * 1e3:.2f} ms, "
+        f"{net / proxied_count * 1e3:.2f} ms without its idle {idle * 1e3:.1f} ms/s "
         f"(node, for each direct + proxied pair: {cpu_node / (2 * proxied_count) * 1e3:.2f} ms per request)"
     )
     print(f"latency p90: direct {p_direct['p90'] * 1e3:.2f} ms, proxy {p_proxy['p90'] * 1e3:.2f} ms")
@@ -289,6 +338,18 @@ def main() -> None:
         "--stub-node",
         action="store_true",
         help="overhead: behind the proxy a stub that answers at once (benchmarks/stub_node.py), not a model",
+    )
+    parser.add_argument(
+        "--stub-delay-ms",
+        type=float,
+        default=0.0,
+        help="overhead: the stub answers a completion this late, idle meanwhile (as a node's model step)",
+    )
+    parser.add_argument(
+        "--idle-seconds",
+        type=float,
+        default=3.0,
+        help="overhead: how long the proxy's idle CPU is measured before the latency loop",
     )
     args = parser.parse_args()
     overhead(args) if args.mode == "overhead" else routing(args)
