@@ -10,7 +10,6 @@ import contextlib
 import contextvars
 import logging
 import os
-import random
 from collections.abc import Iterable, Iterator
 
 HEADER = "x-request-id"
@@ -23,17 +22,6 @@ current_request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 
 def new_request_id() -> str:
     return os.urandom(16).hex()  # as random as uuid4().hex, without building a UUID per request
-
-
-class RequestIds:
-    """New request ids for a hot path: 128 bits from a generator seeded once from the OS, so no
-    syscall per id (ids must be unique, not secret). One per owner; a forked child makes its own."""
-
-    def __init__(self) -> None:
-        self._bits = random.Random(os.urandom(32)).getrandbits
-
-    def new(self) -> str:
-        return format(self._bits(128), "032x")
 
 
 def check_request_id(value: str) -> str | None:

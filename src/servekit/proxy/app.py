@@ -30,7 +30,7 @@ from servekit.proxy.openapi import node_model_infos, nodes_document, proxy_opena
 from servekit.proxy.registry import Node
 from servekit.proxy.service import HTTP_ERRORS, NodeUnreachable, Proxy
 from servekit.proxy.strategies import Route
-from servekit.request_id import check_request_id
+from servekit.request_id import check_request_id, new_request_id
 from servekit.sizes import parse_size
 from servekit.specs.llm.protocol import AbortRequest
 
@@ -244,7 +244,7 @@ class FrontAPI:
                 raise OpenAIError.from_validation_error(error) from None
         headers = {
             "content-type": "application/json",
-            REQUEST_ID: request.headers.get(REQUEST_ID) or self.proxy.request_ids.new(),
+            REQUEST_ID: request.headers.get(REQUEST_ID) or new_request_id(),
         }
         answers = await self.proxy.broadcast(request.method, request.url.path, body, headers)
         ok = all(200 <= a["status"] < 300 for a in answers)

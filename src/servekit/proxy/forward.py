@@ -19,6 +19,7 @@ from servekit.proxy.service import HTTP_ERRORS, Proxy, node_headers
 from servekit.proxy.strategies import Route
 from servekit.proxy.upstream import ConnectFailed, Response, header_block
 from servekit.request_id import HEADER as REQUEST_ID
+from servekit.request_id import new_request_id
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +150,6 @@ class Forward:
         self.proxy = proxy
         self.choose: Chooser = choose or proxy.strategy.choose
         self.wants_prompt = proxy.strategy.uses_prompt
-        self.new_request_id = proxy.request_ids.new
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self.serve(scope, receive, AsgiReply(send))
@@ -167,7 +167,7 @@ class Forward:
                     session = value.decode("latin-1")
                 elif name == b"content-type":
                     content_type = value
-        request_id = request_id or self.new_request_id()
+        request_id = request_id or new_request_id()
         if content_type is None:
             forwarded.append(b"content-type: application/json\r\n")
         forwarded.append(b"x-request-id: %s\r\n" % request_id.encode("latin-1"))

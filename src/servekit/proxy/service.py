@@ -21,7 +21,6 @@ from servekit.proxy.sessions import SessionRing
 from servekit.proxy.state import load_state, save_state
 from servekit.proxy.strategies import make_strategy
 from servekit.proxy.upstream import UPSTREAM_ERRORS, Pool, header_block
-from servekit.request_id import RequestIds
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +60,6 @@ class Proxy:
         self.strategy = make_strategy(config.routing_strategy, rng)
         self.interactive_ring = SessionRing()  # interactive sessions live on one node: always that one
         self.metrics = ProxyMetrics()
-        self.request_ids = RequestIds()  # for requests that come without one
         self._pool: Pool | None = None
         self._checker: asyncio.Task[None] | None = None
         self._scrape_load = config.routing_strategy in (
