@@ -42,7 +42,8 @@
 
 typedef float vec_t __attribute__((vector_size(LANES * sizeof(float)), aligned(4)));
 
-/* Requests the cache lines of the panel row PREFETCH bytes after `row`. */
+/* Requests the cache lines of the panel row PREFETCH bytes after `row` (a prefetch never faults, so
+ * past the last panel it is harmless). */
 static inline void fetch_ahead(const float *row) {
     for (int b = 0; b < NB * (int)sizeof(float); b += 64) __builtin_prefetch((const char *)row + PREFETCH + b, 0, 0);
 }
