@@ -5,8 +5,13 @@ Checkpoints are random, written with transformers (``tests/llm/tiny_models.build
 4 layers, at ``--width small`` (hidden 256, MLP 1024) or ``--width wide`` (GPT-2 small's hidden 768,
 12 heads, MLP 3072). Workload: ``--num-prompts`` random prompts of 16-80 tokens, each generating
 ``--max-tokens`` tokens (greedy, eos ignored); the engine gets them all at once, transformers as one
-static left-padded batch, both in float32. The two alternate ``--repeats`` times; medians are
-reported, with the range of the paired ratios.
+static left-padded batch, both in float32. Each side is built once per family and warmed with one
+untimed pass of the same workload (first-call costs such as oneDNN's per-shape kernels and the
+allocator's growth are out of both); then they alternate ``--repeats`` times, the side that goes
+first swapping every repeat, after a ``gc.collect()`` each. The engine's prefix cache is reset
+before every pass and the run fails if it hit (a repeated prompt must be computed again). Medians are
+reported, with the range of the paired ratios; at ``--threads 1`` also the ratio of process CPU
+times, which a loaded machine disturbs less than wall time.
 
 MoE vs dense: Mixtral with 8 experts of half the dense MLP width, top-2 (the dense MLP's width of
 active columns per token) against a Llama of that MLP width, otherwise identical: a prefill step of
@@ -21,24 +26,30 @@ weights; at batch 32 every expert is active, so it reads four times as many.
 from __future__ import annotations
 
 import argparse
+import gc
+import itertools
 import logging
 import random
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from benchmarks.bench_engine import run_engine, static_generate
+from benchmarks.bench_engine import static_generate
 
 from servekit.cpu import cpu_flags, cpu_model
+from servekit.llm.config import EngineConfig
+from servekit.llm.engine import LLMEngine
 from servekit.llm.loaders import load_model_source
 from servekit.llm.model_runner import ForwardBatch, ModelRunner
+from servekit.llm.sampling_params import SamplingParams
 from tests.llm.tiny_models import build_family_checkpoint
 
-# "small": the recorded shape (operator count matters at this width); "wide": GPT-2 small's widths
+# "small": the recorded shape (per-operator costs matter at this width); "wide": GPT-2 small's widths
 # (hidden 768, 12 heads, MLP 3072) at the same depth, where the matmuls dominate.
 WIDTHS = {
     "small": {"hidden": 256, "heads": 4, "mlp": 1024},
@@ -82,22 +93,68 @@ def prompts_for(vocab: int, count: int) -> list[list[int]]:
     return [[rng.randrange(vocab) for _ in range(16 + (i * 37) % 65)] for i in range(count)]
 
 
-def engine_throughput(directory: Path, prompts: list[list[int]], max_tokens: int) -> float:
-    result, _ = run_engine(load_model_source(str(directory)), prompts, max_tokens, "float32")
-    return result.tokens_per_second
+class Side:
+    """One side of the comparison, built once: ``run()`` generates the workload and returns
+    (generated tokens per wall second, per process CPU second)."""
+
+    def __init__(self, generate: Callable[[], int], expected: int) -> None:
+        self.generate, self.expected = generate, expected
+        self._checked()  # the untimed warm-up pass
+
+    def _checked(self) -> int:
+        tokens = self.generate()
+        if tokens != self.expected:
+            raise RuntimeError(f"generated {tokens} tokens, not the workload's {self.expected}")
+        return tokens
+
+    def run(self) -> tuple[float, float]:
+        gc.collect()
+        wall, cpu = time.perf_counter(), time.process_time()
+        tokens = self._checked()
+        return tokens / (time.perf_counter() - wall), tokens / (time.process_time() - cpu)
 
 
-def transformers_throughput(directory: Path, prompts: list[list[int]], max_tokens: int) -> float:
+def engine_side(directory: Path, prompts: list[list[int]], max_tokens: int) -> Side:
+    config = EngineConfig(
+        dtype="float32",
+        max_model_len=max(len(p) for p in prompts) + max_tokens + 16,
+        max_num_seqs=len(prompts),
+    )
+    engine = LLMEngine(config, source=load_model_source(str(directory)))
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    passes = itertools.count()
+
+    def generate() -> int:
+        engine.reset_prefix_cache()
+        hits = engine.get_stats().prefix_cache_hits
+        tag = next(passes)
+        for index, prompt in enumerate(prompts):
+            engine.add_request(f"{tag}-{index}", prompt_token_ids=prompt, params=params)
+        generated = 0
+        while engine.has_unfinished_requests():
+            for output in engine.step(final_only=True):
+                generated += len(output.outputs[0].token_ids)
+        if engine.get_stats().prefix_cache_hits != hits:
+            raise RuntimeError("the engine reused cached prompt blocks: the comparison would be unfair")
+        return generated
+
+    return Side(generate, len(prompts) * max_tokens)
+
+
+def transformers_side(directory: Path, prompts: list[list[int]], max_tokens: int) -> Side:
     from transformers import AutoModelForCausalLM
 
     model: Any = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
-    seconds, generated = static_generate(model, prompts, max_tokens, pad=0)
-    return generated.numel() / seconds
+    return Side(
+        lambda: static_generate(model, prompts, max_tokens, pad=0)[1].numel(), len(prompts) * max_tokens
+    )
 
 
-def step_seconds(directory: Path, batch: int, steps: int = 20) -> tuple[float, float]:
-    """Median seconds of a prefill step (``batch`` prompts of 16 tokens) and of a decode step
-    (``batch`` sequences, one token each)."""
+def step_seconds(
+    directory: Path, batch: int, clock: Callable[[], float], steps: int = 20
+) -> tuple[float, float]:
+    """Median seconds (of ``clock``) of a prefill step (``batch`` prompts of 16 tokens) and of a
+    decode step (``batch`` sequences, one token each)."""
     source = load_model_source(str(directory))
     runner = ModelRunner(
         source.config, source.iter_weights(), block_size=16, num_blocks=batch * 8, max_model_len=128
@@ -108,14 +165,14 @@ def step_seconds(directory: Path, batch: int, steps: int = 20) -> tuple[float, f
     runner.execute(prefill)
     prefills = []
     for _ in range(5):  # the same prompts again: the cache is overwritten with the same keys
-        started = time.perf_counter()
+        started = clock()
         runner.execute(prefill)
-        prefills.append(time.perf_counter() - started)
+        prefills.append(clock() - started)
     decodes = []
     for step in range(steps):
-        started = time.perf_counter()
+        started = clock()
         runner.execute(ForwardBatch([[p[step % 16]] for p in prompts], [16 + step] * batch, tables))
-        decodes.append(time.perf_counter() - started)
+        decodes.append(clock() - started)
     return statistics.median(prefills), statistics.median(decodes)
 
 
@@ -158,32 +215,49 @@ def main() -> None:
         }
         directories["dense"] = build_family_checkpoint(Path(tmp) / "dense", "llama", dense_shape)
         if not args.moe_only:
+            cpu_column = args.threads == 1
             out.write(
                 f"| family | servekit engine tok/s | transformers static batch {args.num_prompts} tok/s "
-                "| ratio (range) |\n|---|---:|---:|---:|\n"
+                "| ratio (range) |"
+                + (" CPU-time ratio (range) |" if cpu_column else "")
+                + "\n|---|---:|---:|---:|"
+                + ("---:|" if cpu_column else "")
+                + "\n"
             )
             for family in chosen:
                 vocab = load_model_source(str(directories[family])).config.vocab_size
                 prompts = prompts_for(vocab, args.num_prompts)
-                ours, theirs = [], []
-                for _ in range(args.repeats):  # alternating, so a change of load hits both
-                    ours.append(engine_throughput(directories[family], prompts, args.max_tokens))
-                    theirs.append(transformers_throughput(directories[family], prompts, args.max_tokens))
-                out.write(
-                    f"| {family} | {statistics.median(ours):.0f} | {statistics.median(theirs):.0f} "
-                    f"| {ratios(ours, theirs)} |\n"
-                )
+                sides = {
+                    "engine": engine_side(directories[family], prompts, args.max_tokens),
+                    "transformers": transformers_side(directories[family], prompts, args.max_tokens),
+                }
+                runs: dict[str, list[tuple[float, float]]] = {name: [] for name in sides}
+                for repeat in range(args.repeats):  # alternating, so a change of load hits both
+                    for name in sorted(sides, reverse=repeat % 2 == 1):
+                        runs[name].append(sides[name].run())
+                del sides
+                ours, theirs = ([wall for wall, _ in runs[name]] for name in ("engine", "transformers"))
+                row = f"| {family} | {statistics.median(ours):.0f} | {statistics.median(theirs):.0f} | {ratios(ours, theirs)} |"
+                if cpu_column:
+                    row += f" {ratios(*([cpu for _, cpu in runs[name]] for name in ('engine', 'transformers')))} |"
+                out.write(row + "\n")
                 out.flush()
+        # One thread: process CPU time, which other processes on the machine disturb less.
+        clock, clock_name = (
+            (time.process_time, "process CPU time") if args.threads == 1 else (time.perf_counter, "wall time")
+        )
         out.write(
             "\nMoE (8 experts top-2, each half the dense MLP width) vs dense (same active MLP width), "
-            "median ms per step:\n\n| batch | MoE prefill | dense prefill | ratio | MoE decode | dense decode | ratio |\n"
+            f"median ms per step ({clock_name}):\n\n| batch | MoE prefill | dense prefill | ratio | MoE decode | dense decode | ratio |\n"
             "|---:|---:|---:|---:|---:|---:|---:|\n"
         )
         for batch in sorted({1, args.num_prompts}):
             moe_runs, dense_runs = [], []
-            for _ in range(args.repeats):
-                moe_runs.append(step_seconds(directories["mixtral"], batch))
-                dense_runs.append(step_seconds(directories["dense"], batch))
+            for repeat in range(args.repeats):  # alternating, the first swapping every repeat
+                for name in sorted(("mixtral", "dense"), reverse=repeat % 2 == 0):
+                    (moe_runs if name == "mixtral" else dense_runs).append(
+                        step_seconds(directories[name], batch, clock)
+                    )
             moe_prefill, moe_decode = ([run[i] for run in moe_runs] for i in (0, 1))
             dense_prefill, dense_decode = ([run[i] for run in dense_runs] for i in (0, 1))
             out.write(

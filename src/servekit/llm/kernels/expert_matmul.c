@@ -35,8 +35,18 @@
 #define NV 2              /* vectors of a panel row */
 #define NB (NV * LANES)   /* columns of a panel */
 #define RC 48             /* rows of x met by a panel per pass */
+/* Bytes of the panel stream requested ahead of the loads. With few rows per expert the panels come
+ * from memory (every expert's weights, once per call) and the hardware prefetcher alone left the
+ * loop waiting on them: 10-30% slower at 2-16 rows per expert (1 thread, 48 MB of experts). */
+#define PREFETCH 2048
 
 typedef float vec_t __attribute__((vector_size(LANES * sizeof(float)), aligned(4)));
+
+/* Requests the cache lines of the panel row PREFETCH bytes after `row` (a prefetch never faults, so
+ * past the last panel it is harmless). */
+static inline void fetch_ahead(const float *row) {
+    for (int b = 0; b < NB * (int)sizeof(float); b += 64) __builtin_prefetch((const char *)row + PREFETCH + b, 0, 0);
+}
 
 int expert_panel_columns(void) { return NB; }
 
@@ -45,6 +55,7 @@ int expert_panel_columns(void) { return NB; }
 #define PANEL_LOOP(ROWS)                                                                  \
     for (int64_t i = 0; i < k; i++) {                                                     \
         vec_t w[NV];                                                                      \
+        fetch_ahead(panel + i * NB);                                                      \
         for (int v = 0; v < NV; v++) w[v] = *(const vec_t *)(panel + i * NB + v * LANES); \
         for (int r = 0; r < (ROWS); r++) {                                                \
             const vec_t xv = (vec_t){0} + xr[r][i];                                       \
@@ -59,6 +70,8 @@ int expert_panel_columns(void) { return NB; }
         int64_t i = 0;                                                                          \
         for (; i + 1 < k; i += 2) {                                                             \
             vec_t w0[NV], w1[NV];                                                               \
+            fetch_ahead(panel + i * NB);                                                        \
+            fetch_ahead(panel + (i + 1) * NB);                                                  \
             for (int v = 0; v < NV; v++) {                                                      \
                 w0[v] = *(const vec_t *)(panel + i * NB + v * LANES);                           \
                 w1[v] = *(const vec_t *)(panel + (i + 1) * NB + v * LANES);                     \

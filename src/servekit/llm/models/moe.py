@@ -52,6 +52,9 @@ class StackedExperts:
     fused: bool = False  # the C SiLU-and-multiply kernel may run
     panels: tuple[PackedExperts, PackedExperts] | None = None  # (up, down) for expert_matmul
 
+    def __post_init__(self) -> None:
+        self.expert_ids = torch.arange(len(self), dtype=torch.int32)  # each expert its own group
+
     @classmethod
     def of(cls, experts: list[DenseMLP], *, pack: bool = True) -> StackedExperts | None:
         """The experts stacked, or None when they cannot be (quantised, biased, or not float).
@@ -115,7 +118,7 @@ class StackedExperts:
         assert self.panels is not None
         up, down = self.panels
         order, tokens, ends = expert_order(chosen, len(self))
-        experts = torch.arange(len(self), dtype=torch.int32)
+        experts = self.expert_ids
         if self.gated and self.act is F.silu and gated_fits(up):  # SiLU-and-multiply in the kernel
             hidden = expert_matmul(x, ends, experts, up, x_rows=tokens, gated=True)
         else:
