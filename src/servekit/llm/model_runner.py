@@ -29,7 +29,6 @@ from servekit.llm.kv_cache import (
 )
 from servekit.llm.model_config import ModelConfig
 from servekit.llm.models.registry import get_model_class
-from servekit.memory import retain_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -85,8 +84,6 @@ class ModelRunner:
         self.kv_cache_dtype = kv_cache_dtype or dtype
         self.block_size = block_size
         self.max_model_len = max_model_len or config.max_position_embeddings
-        if self.device.type == "cpu":
-            retain_freed_memory()  # the step's buffers are reused, not page-faulted in each step
         factory = get_model_class(config.architecture)
         with torch.no_grad():
             self.model = factory(
