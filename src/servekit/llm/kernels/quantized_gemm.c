@@ -54,23 +54,26 @@ static void pack_panel(const float *x, int64_t k, int64_t first, int64_t rows, f
     }
 }
 
-/* acc_out[c][r] = sum_i panel[i][r] * w[c][i]: PM x rows against NC weight rows of `ldw` floats. */
+/* acc_out[c][r] = sum_i panel[i][r] * w[c][i] for the first mv * LANES rows of the panel (mv <= MV, a
+ * constant at each call site: a last panel of at most LANES rows costs half a panel, not a whole one)
+ * against NC weight rows of `ldw` floats. */
 static inline __attribute__((always_inline)) void micro_kernel(const float *panel, const float *w,
-                                                               int64_t ldw, int64_t k, float *acc_out) {
+                                                               int64_t ldw, int64_t k, float *acc_out,
+                                                               const int mv) {
     vec_t acc[MV][NC];
-    for (int v = 0; v < MV; v++)
+    for (int v = 0; v < mv; v++)
         for (int c = 0; c < NC; c++)
             acc[v][c] = (vec_t){0};
     for (int64_t i = 0; i < k; i++) {
         vec_t xv[MV];
-        for (int v = 0; v < MV; v++) xv[v] = *(const vec_t *)(panel + i * PM + v * LANES);
+        for (int v = 0; v < mv; v++) xv[v] = *(const vec_t *)(panel + i * PM + v * LANES);
         for (int c = 0; c < NC; c++) {
             const vec_t wv = (vec_t){0} + w[c * ldw + i];
-            for (int v = 0; v < MV; v++) acc[v][c] += xv[v] * wv;
+            for (int v = 0; v < mv; v++) acc[v][c] += xv[v] * wv;
         }
     }
     for (int c = 0; c < NC; c++)
-        for (int v = 0; v < MV; v++) *(vec_t *)(acc_out + c * PM + v * LANES) = acc[v][c];
+        for (int v = 0; v < mv; v++) *(vec_t *)(acc_out + c * PM + v * LANES) = acc[v][c];
 }
 
 #if LANES == 8 && defined(__AVX2__)
@@ -171,9 +174,13 @@ int quantized_gemm(const float *x, int64_t m, int64_t k, const uint8_t *w, int64
                 if (padded > count)
                     memset(wbuf + count * k, 0, sizeof(float) * (size_t)((padded - count) * k));
                 for (int64_t p0 = m0; p0 < m1; p0 += PM) {
-                    for (int64_t s = 0; s < padded; s += NC)
-                        micro_kernel(packed + p0 * k, wbuf + s * k, k, k, acc + s * PM);
                     const int mr = (int)(m1 - p0 < PM ? m1 - p0 : PM);
+                    for (int64_t s = 0; s < padded; s += NC) {
+                        if (mr <= LANES)
+                            micro_kernel(packed + p0 * k, wbuf + s * k, k, k, acc + s * PM, 1);
+                        else
+                            micro_kernel(packed + p0 * k, wbuf + s * k, k, k, acc + s * PM, MV);
+                    }
                     store_tile(acc, mr, count, bias ? bias + first : NULL, out + p0 * n + first, n);
                 }
             }
