@@ -48,9 +48,10 @@ def check(qtype: Any, rows: int, out_rows: int, cols: int, *, bias: bool, seed: 
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
-@pytest.mark.parametrize("rows", [1, 5, 16, 17, 33, 128])
+@pytest.mark.parametrize("rows", [1, 5, 16, 17, 24, 25, 33, 128])
 def test_gemm_matches_float64_reference(qtype: Any, rows: int) -> None:
     # 37 weight rows: not a multiple of the micro-kernel's 6 or 12 columns nor of a row group.
+    # 24 and 25 rows: a last panel of one vector of rows (half a panel: its own kernel) and of one more.
     check(qtype, rows, 37, cols_for(qtype), bias=rows % 2 == 1)
 
 

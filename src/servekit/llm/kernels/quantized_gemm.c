@@ -54,23 +54,74 @@ static void pack_panel(const float *x, int64_t k, int64_t first, int64_t rows, f
     }
 }
 
-/* acc_out[c][r] = sum_i panel[i][r] * w[c][i]: PM x rows against NC weight rows of `ldw` floats. */
+/* acc_out[c][r] = sum_i panel[i][r] * w[c][i] for the first mv * LANES rows of the panel (mv <= MV, a
+ * constant at each call site: a last panel of at most LANES rows costs half a panel, not a whole one)
+ * against NC weight rows of `ldw` floats. */
 static inline __attribute__((always_inline)) void micro_kernel(const float *panel, const float *w,
-                                                               int64_t ldw, int64_t k, float *acc_out) {
+                                                               int64_t ldw, int64_t k, float *acc_out,
+                                                               const int mv) {
     vec_t acc[MV][NC];
-    for (int v = 0; v < MV; v++)
+    for (int v = 0; v < mv; v++)
         for (int c = 0; c < NC; c++)
             acc[v][c] = (vec_t){0};
     for (int64_t i = 0; i < k; i++) {
         vec_t xv[MV];
-        for (int v = 0; v < MV; v++) xv[v] = *(const vec_t *)(panel + i * PM + v * LANES);
+        for (int v = 0; v < mv; v++) xv[v] = *(const vec_t *)(panel + i * PM + v * LANES);
         for (int c = 0; c < NC; c++) {
             const vec_t wv = (vec_t){0} + w[c * ldw + i];
-            for (int v = 0; v < MV; v++) acc[v][c] += xv[v] * wv;
+            for (int v = 0; v < mv; v++) acc[v][c] += xv[v] * wv;
         }
     }
     for (int c = 0; c < NC; c++)
-        for (int v = 0; v < MV; v++) *(vec_t *)(acc_out + c * PM + v * LANES) = acc[v][c];
+        for (int v = 0; v < mv; v++) *(vec_t *)(acc_out + c * PM + v * LANES) = acc[v][c];
+}
+
+#if LANES == 8 && defined(__AVX2__)
+#include <immintrin.h>
+/* r[j] (lane i: element [i][j]) becomes r[i] (lane j: element [i][j]). */
+static inline void transpose8(__m256 r[8]) {
+    __m256 t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        u[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int i = 0; i < 4; i++) {
+        r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+        r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+    }
+}
+#define TILE_T 8
+#else
+#define TILE_T 0
+#endif
+
+/* acc [columns][PM] (column c of the group: x rows of the panel) into dst [rows][ldd] (+ bias [count]):
+ * full 8 x 8 tiles through registers (a scalar copy reading one float of each vector stored by the
+ * micro-kernel cost ~10% of a 32-row GEMM), the edges one by one. */
+static void store_tile(const float *acc, int rows, int64_t count, const float *bias, float *dst, int64_t ldd) {
+    int r0 = 0;
+#if TILE_T
+    const int64_t full_cols = count / TILE_T * TILE_T;
+    for (; r0 + TILE_T <= rows; r0 += TILE_T) {
+        for (int64_t c0 = 0; c0 < full_cols; c0 += TILE_T) {
+            __m256 v[8];
+            for (int j = 0; j < 8; j++) v[j] = _mm256_load_ps(acc + (c0 + j) * PM + r0);
+            transpose8(v);
+            const __m256 b = bias ? _mm256_loadu_ps(bias + c0) : _mm256_setzero_ps();
+            for (int i = 0; i < 8; i++) _mm256_storeu_ps(dst + (r0 + i) * ldd + c0, _mm256_add_ps(v[i], b));
+        }
+        for (int r = r0; r < r0 + TILE_T; r++)
+            for (int64_t c = full_cols; c < count; c++) dst[r * ldd + c] = acc[c * PM + r] + (bias ? bias[c] : 0.0f);
+    }
+#endif
+    for (int r = r0; r < rows; r++)
+        for (int64_t c = 0; c < count; c++) dst[r * ldd + c] = acc[c * PM + r] + (bias ? bias[c] : 0.0f);
 }
 
 /* x float32 [m][k] contiguous, w [n][row_bytes] blocks of GGML `type`, out float32 [m][n]; bias
@@ -123,14 +174,14 @@ int quantized_gemm(const float *x, int64_t m, int64_t k, const uint8_t *w, int64
                 if (padded > count)
                     memset(wbuf + count * k, 0, sizeof(float) * (size_t)((padded - count) * k));
                 for (int64_t p0 = m0; p0 < m1; p0 += PM) {
-                    for (int64_t s = 0; s < padded; s += NC)
-                        micro_kernel(packed + p0 * k, wbuf + s * k, k, k, acc + s * PM);
                     const int mr = (int)(m1 - p0 < PM ? m1 - p0 : PM);
-                    for (int r = 0; r < mr; r++) {
-                        float *dst = out + (p0 + r) * n + first;
-                        for (int64_t c = 0; c < count; c++)
-                            dst[c] = acc[c * PM + r] + (bias ? bias[first + c] : 0.0f);
+                    for (int64_t s = 0; s < padded; s += NC) {
+                        if (mr <= LANES)
+                            micro_kernel(packed + p0 * k, wbuf + s * k, k, k, acc + s * PM, 1);
+                        else
+                            micro_kernel(packed + p0 * k, wbuf + s * k, k, k, acc + s * PM, MV);
                     }
+                    store_tile(acc, mr, count, bias ? bias + first : NULL, out + p0 * n + first, n);
                 }
             }
         }
