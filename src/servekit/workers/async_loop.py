@@ -47,11 +47,11 @@ class _Credit:
         self.available += count
         self._refilled.set()
 
-    async def take(self) -> None:
+    async def refill(self) -> None:
+        """Wait until there is credit (callers check ``available`` first: no coroutine per chunk)."""
         while self.available <= 0:
             self._refilled.clear()
             await self._refilled.wait()
-        self.available -= 1
 
 
 class AsyncRequestProcessor(RequestProcessor):
@@ -130,11 +130,15 @@ class AsyncRequestProcessor(RequestProcessor):
         try:
             if hasattr(items, "__aiter__"):
                 async for item in items:
-                    await credit.take()
+                    if credit.available <= 0:
+                        await credit.refill()
+                    credit.available -= 1
                     self.inbox.reply(job.front, Kind.CHUNK, job.rid, 200, self._stream_bytes(job, item))
             else:
                 for item in items:
-                    await credit.take()
+                    if credit.available <= 0:
+                        await credit.refill()
+                    credit.available -= 1
                     self.inbox.reply(job.front, Kind.CHUNK, job.rid, 200, self._stream_bytes(job, item))
                     await asyncio.sleep(0)  # let other requests and cancellations in between items
             self._event(EventTypes.AFTER_PREDICT)
