@@ -194,17 +194,28 @@ def completion_body(
     return body
 
 
-class CompletionChunks:
-    """The stream chunks of one ``/v1/completions`` response, encoded: byte for byte what
-    ``orjson.dumps(completion_body(...))`` writes, with the envelope (id, model, created, usage
-    field) encoded once per response; a chunk that only carries text (nearly every one) encodes just
-    its index and text."""
+class ChunkEncoder:
+    """The stream chunks of one response, encoded: byte for byte what ``orjson.dumps`` writes of the
+    chunk dict, with everything but the choices (id, model, created, the usage field) encoded once
+    per response from ``empty``, the response's chunk with ``"choices": []``."""
+
+    def __init__(self, empty: dict[str, Any]) -> None:
+        encoded = orjson.dumps(empty)
+        # Escaping makes the key unique: a string value cannot hold an unescaped quote.
+        cut = encoded.index(b'"choices":[]') + len(b'"choices":[')
+        self._head, self._tail = encoded[:cut], encoded[cut:]
+
+    def encode(self, choices: list[dict[str, Any]]) -> bytes:
+        """A chunk of these choices (``completion_choice`` / ``chat_choice_delta`` dicts)."""
+        return self._head + b",".join(orjson.dumps(choice) for choice in choices) + self._tail
+
+
+class CompletionChunks(ChunkEncoder):
+    """The chunks of one ``/v1/completions`` stream; one that only carries text (nearly every
+    chunk) encodes just its index and text."""
 
     def __init__(self, response_id: str, model: str, created: int, with_usage_field: bool) -> None:
-        empty = orjson.dumps(completion_body(response_id, model, created, [], None, with_usage_field))
-        # Escaping makes the key unique: a string value cannot hold an unescaped quote.
-        cut = empty.index(b'"choices":[]') + len(b'"choices":[')
-        self._head, self._tail = empty[:cut], empty[cut:]
+        super().__init__(completion_body(response_id, model, created, [], None, with_usage_field))
 
     def text(self, index: int, text: str) -> bytes:
         """A chunk of one choice's text, not its last (no finish reason, no logprobs)."""
@@ -214,7 +225,3 @@ class CompletionChunks:
             orjson.dumps(text),
             self._tail,
         )
-
-    def encode(self, choices: list[dict[str, Any]]) -> bytes:
-        """A chunk of any choices (``completion_choice`` dicts)."""
-        return self._head + b",".join(orjson.dumps(choice) for choice in choices) + self._tail
