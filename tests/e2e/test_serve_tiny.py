@@ -184,6 +184,41 @@ def test_completions_echo_logprobs_stream(client: openai.OpenAI) -> None:
     assert parts[-1].choices[0].finish_reason == "length"
 
 
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_completions_raw_sse_chunks(server: RunningServer, include_usage: bool) -> None:
+    """Every chunk of a completions stream has the OpenAI layout (fields in order, the usage field
+    only when asked), the texts join to the whole answer, and the stream ends with usage and
+    [DONE]: with one prompt and one choice (the chunks' fast path) and with n=2 over two prompts."""
+    for prompts, n in (("once upon", 1), (["once upon", "a b c"], 2)):
+        body = {"prompt": prompts, "max_tokens": 9, "temperature": 0, "n": n, "ignore_eos": True}
+        whole = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()
+        streamed = {**body, "stream": True, "stream_options": {"include_usage": include_usage}}
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=streamed, timeout=60) as response:
+            assert response.status_code == 200
+            events = sse_events(response)
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        fields = ["id", "object", "created", "model", "choices", *(["usage"] if include_usage else [])]
+        assert all(list(chunk) == fields for chunk in chunks)
+        assert len({(c["id"], c["created"], c["model"], c["object"]) for c in chunks}) == 1
+        assert chunks[0]["id"].startswith("cmpl-") and chunks[0]["object"] == "text_completion"
+        texts: dict[int, str] = {}
+        finishes: dict[int, str] = {}
+        for chunk in chunks:
+            for choice in chunk["choices"]:
+                assert list(choice) == ["index", "text", "logprobs", "finish_reason", "stop_reason"]
+                texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+                if choice["finish_reason"] is not None:
+                    finishes[choice["index"]] = choice["finish_reason"]
+        assert texts == {c["index"]: c["text"] for c in whole["choices"]}
+        assert finishes == {c["index"]: "length" for c in whole["choices"]}
+        if include_usage:
+            assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+            assert all(c["usage"] is None for c in chunks[:-1])
+        else:
+            assert all(c["choices"] for c in chunks)
+
+
 def test_errors(server: RunningServer, client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as bad:
         client.completions.create(model="tiny-llama", prompt="x", temperature=-1)

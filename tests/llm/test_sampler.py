@@ -16,7 +16,7 @@ from servekit.llm.logits_processors import (
     inverse_cdf_sample,
     top_candidates,
 )
-from servekit.llm.sampler import SampledToken, Sampler, make_generator
+from servekit.llm.sampler import SampledToken, Sampler, greedy_tokens, make_generator
 from servekit.llm.sampling_params import SamplingParams, SamplingParamsError
 
 torch.set_num_threads(1)
@@ -63,6 +63,19 @@ def test_greedy_is_argmax_and_leaves_logits_untouched() -> None:
     assert [t.token_id for t in tokens] == logits.argmax(-1).tolist()
     assert all(t.logprob is None and t.top_logprobs is None for t in tokens)
     assert torch.equal(logits, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_greedy_tokens_agree_with_torch_on_ties_nans_and_strided_rows(dtype: torch.dtype) -> None:
+    torch.manual_seed(2)
+    logits = torch.randn(5, 49152).to(dtype)
+    logits[0, 7] = logits[0, 900] = 1e4  # a tie: the first index wins
+    logits[1, 123] = float("nan")  # NaN counts as the largest, as in torch
+    logits[2] = float("-inf")
+    logits[2, 4000] = -1e30
+    for rows in (logits, logits[1:4], logits[::2], logits[:, ::3]):
+        assert greedy_tokens(rows) == rows.argmax(dim=-1).tolist()
+    assert greedy_tokens(logits)[:3] == [7, 123, 4000]
 
 
 def test_mixed_batch_greedy_rows_are_argmax() -> None:

@@ -33,6 +33,7 @@ from servekit.transport import (
     WorkerReady,
     decode_to_front,
     encode,
+    has_message,
 )
 
 logger = logging.getLogger(__name__)
@@ -292,18 +293,11 @@ class Dispatcher:
         assert self._inbox is not None and self._loop is not None
         inbox = self._inbox
         for _ in range(_MAX_MESSAGES_PER_WAKEUP):
-            try:
-                message = inbox.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            self._dispatch(decode_to_front(message))
-        else:
-            # A fast producer must not starve the event loop (clients, disconnects): yield, then go on.
-            self._loop.call_soon(self._on_readable)
-            return
-        # ZMQ's FD is edge-triggered: check once more so no message is left behind unnoticed.
-        if int(inbox.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
-            self._loop.call_soon(self._on_readable)
+            if not has_message(inbox):
+                return
+            self._dispatch(decode_to_front(inbox.recv(zmq.NOBLOCK)))
+        # A fast producer must not starve the event loop (clients, disconnects): yield, then go on.
+        self._loop.call_soon(self._on_readable)
 
     def _dispatch(self, message: Any) -> None:
         if isinstance(message, Reply):

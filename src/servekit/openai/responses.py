@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 if TYPE_CHECKING:
     from servekit.llm.outputs import Logprob, RequestOutput
 
@@ -190,3 +192,36 @@ def completion_body(
     if usage_body is not None or with_usage_field:
         body["usage"] = usage_body
     return body
+
+
+class ChunkEncoder:
+    """The stream chunks of one response, encoded: byte for byte what ``orjson.dumps`` writes of the
+    chunk dict, with everything but the choices (id, model, created, the usage field) encoded once
+    per response from ``empty``, the response's chunk with ``"choices": []``."""
+
+    def __init__(self, empty: dict[str, Any]) -> None:
+        encoded = orjson.dumps(empty)
+        # Escaping makes the key unique: a string value cannot hold an unescaped quote.
+        cut = encoded.index(b'"choices":[]') + len(b'"choices":[')
+        self._head, self._tail = encoded[:cut], encoded[cut:]
+
+    def encode(self, choices: list[dict[str, Any]]) -> bytes:
+        """A chunk of these choices (``completion_choice`` / ``chat_choice_delta`` dicts)."""
+        return self._head + b",".join(orjson.dumps(choice) for choice in choices) + self._tail
+
+
+class CompletionChunks(ChunkEncoder):
+    """The chunks of one ``/v1/completions`` stream; one that only carries text (nearly every
+    chunk) encodes just its index and text."""
+
+    def __init__(self, response_id: str, model: str, created: int, with_usage_field: bool) -> None:
+        super().__init__(completion_body(response_id, model, created, [], None, with_usage_field))
+
+    def text(self, index: int, text: str) -> bytes:
+        """A chunk of one choice's text, not its last (no finish reason, no logprobs)."""
+        return b'%s{"index":%d,"text":%s,"logprobs":null,"finish_reason":null,"stop_reason":null}%s' % (
+            self._head,
+            index,
+            orjson.dumps(text),
+            self._tail,
+        )

@@ -20,7 +20,7 @@ import zmq
 from servekit.api import LitAPI
 from servekit.callbacks import CallbackRunner, EventTypes
 from servekit.request_id import current_request_id
-from servekit.transport import STREAM_WINDOW, Cancel, Credit, Kind, Request, decode_to_worker
+from servekit.transport import STREAM_WINDOW, Cancel, Credit, Kind, Request, decode_to_worker, has_message
 from servekit.workers.inbox import Inbox, Job, JobKey
 from servekit.workers.loops import RequestProcessor
 
@@ -47,11 +47,11 @@ class _Credit:
         self.available += count
         self._refilled.set()
 
-    async def take(self) -> None:
+    async def refill(self) -> None:
+        """Wait until there is credit (callers check ``available`` first: no coroutine per chunk)."""
         while self.available <= 0:
             self._refilled.clear()
             await self._refilled.wait()
-        self.available -= 1
 
 
 class AsyncRequestProcessor(RequestProcessor):
@@ -75,12 +75,8 @@ class AsyncRequestProcessor(RequestProcessor):
 
     def _on_readable(self) -> None:
         socket = self.inbox.pull_socket
-        while True:
-            try:
-                raw = socket.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            message = decode_to_worker(raw)
+        while has_message(socket):
+            message = decode_to_worker(socket.recv(zmq.NOBLOCK))
             key = (message.front, message.rid)
             if isinstance(message, Request):
                 job = Job(*message)
@@ -95,9 +91,6 @@ class AsyncRequestProcessor(RequestProcessor):
                 running = self._tasks.get(key)
                 if running is not None:
                     running.cancel()
-        # ZMQ's FD signals edges: reading EVENTS re-arms it (and tells if a message slipped in).
-        if int(socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
-            asyncio.get_running_loop().call_soon(self._on_readable)
 
     def _forget(self, key: JobKey, task: asyncio.Task[None]) -> None:
         self._tasks.pop(key, None)
@@ -130,11 +123,15 @@ class AsyncRequestProcessor(RequestProcessor):
         try:
             if hasattr(items, "__aiter__"):
                 async for item in items:
-                    await credit.take()
+                    if credit.available <= 0:
+                        await credit.refill()
+                    credit.available -= 1
                     self.inbox.reply(job.front, Kind.CHUNK, job.rid, 200, self._stream_bytes(job, item))
             else:
                 for item in items:
-                    await credit.take()
+                    if credit.available <= 0:
+                        await credit.refill()
+                    credit.available -= 1
                     self.inbox.reply(job.front, Kind.CHUNK, job.rid, 200, self._stream_bytes(job, item))
                     await asyncio.sleep(0)  # let other requests and cancellations in between items
             self._event(EventTypes.AFTER_PREDICT)

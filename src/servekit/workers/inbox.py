@@ -17,6 +17,7 @@ from servekit.transport import (
     WorkerReady,
     decode_to_worker,
     encode,
+    has_message,
     reply,
 )
 
@@ -105,11 +106,8 @@ class Inbox:
         return True
 
     def _drain(self) -> None:
-        while True:
-            try:
-                message = decode_to_worker(self._pull.recv(zmq.NOBLOCK))
-            except zmq.Again:
-                return
+        while has_message(self._pull):
+            message = decode_to_worker(self._pull.recv(zmq.NOBLOCK))
             key = (message.front, message.rid)
             if isinstance(message, Request):
                 self._pending[key] = Job(*message)

@@ -290,7 +290,8 @@ class RequestProcessor:
     def _stream_bytes(self, job: Job, item: Any) -> bytes:
         if self.api.spec is None:
             return stream_item_bytes(self.api.format_encoded_response(item))
-        return to_json(item)  # specs frame the items themselves
+        # Specs frame the items themselves; bytes are an item a spec encoded already.
+        return item if isinstance(item, bytes) else to_json(item)
 
     def _reply_error(self, job: Job, exc: BaseException) -> None:
         if isinstance(exc, KeyboardInterrupt | SystemExit):

@@ -33,7 +33,7 @@ class ChatHandler:
             runtime.config.tool_call_parser, runtime.model_name, runtime.inputs.chat_template_source
         )
 
-    async def run(self, request: ChatCompletionRequest) -> AsyncIterator[dict[str, Any]]:
+    async def run(self, request: ChatCompletionRequest) -> AsyncIterator[dict[str, Any] | bytes]:
         rt = self.rt
         use_tools = request.uses_tools
         factory = tooling.response_format_factory(rt.tokenizer, request)
@@ -98,12 +98,13 @@ class ChatHandler:
         stream: AsyncIterator[RequestOutput],
         use_tools: bool,
         echo: str,
-    ) -> AsyncIterator[dict[str, Any]]:
+    ) -> AsyncIterator[dict[str, Any] | bytes]:
         rt = self.rt
         model = request.model or rt.model_name
         created = now()
         include_usage = request.include_usage
         top = request.top_logprobs or 0
+        chunks = fmt.ChunkEncoder(fmt.chat_chunk(request_id, model, created, [], include_usage))
         states = [self._choice_state(use_tools) for _ in range(n)]
         finished = [False] * n
         role_delta: dict[str, Any] = {"role": "assistant", "content": echo}
@@ -130,7 +131,7 @@ class ChatHandler:
                     if completion.finish_reason is not None:
                         finished[index] = True
                 if choices:
-                    yield fmt.chat_chunk(request_id, model, created, choices, include_usage)
+                    yield chunks.encode(choices)
                 if output.finished:
                     break
                 output = await anext(stream, None)

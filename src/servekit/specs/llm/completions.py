@@ -22,7 +22,8 @@ class CompletionHandler:
     def __init__(self, runtime: Runtime) -> None:
         self.rt = runtime
 
-    async def run(self, request: CompletionRequest) -> AsyncIterator[dict[str, Any]]:
+    async def run(self, request: CompletionRequest) -> AsyncIterator[dict[str, Any] | bytes]:
+        """The response (a dict), or its stream chunks: JSON bytes, or a dict for the usage chunk."""
         rt = self.rt
         if request.suffix:
             raise invalid("suffix is not supported by this server", "suffix", code="unsupported")
@@ -66,11 +67,12 @@ class CompletionHandler:
         firsts: list[RequestOutput],
         streams: list[AsyncIterator[RequestOutput]],
         params: SamplingParams,
-    ) -> AsyncIterator[dict[str, Any]]:
+    ) -> AsyncIterator[dict[str, Any] | bytes]:
         rt = self.rt
         model = request.model or rt.model_name
         created = now()
         include_usage = request.include_usage
+        chunks = fmt.CompletionChunks(request_id, model, created, include_usage)
         lasts: list[RequestOutput] = list(firsts)
         text_offsets = [0] * (len(ids) * params.n)
         merged = interleave(list(zip(firsts, streams, strict=True)))
@@ -78,6 +80,15 @@ class CompletionHandler:
         try:
             async for position, output in merged:
                 lasts[position] = output
+                if len(output.outputs) == 1 and echoed[position]:
+                    completion = output.outputs[0]
+                    if completion.finish_reason is None and not completion.logprobs_delta:
+                        # The usual chunk: one choice's new text, encoded on its template.
+                        if completion.text_delta:
+                            index = position * params.n + completion.index
+                            text_offsets[index] += len(completion.text_delta)
+                            yield chunks.text(index, completion.text_delta)
+                        continue
                 choices = []
                 for completion in output.outputs:
                     index = position * params.n + completion.index
@@ -89,7 +100,7 @@ class CompletionHandler:
                         choices.append(choice)
                 echoed[position] = True
                 if choices:
-                    yield fmt.completion_body(request_id, model, created, choices, None, include_usage)
+                    yield chunks.encode(choices)
         except asyncio.CancelledError:
             if not any(rt.requests.was_aborted(i) for i in ids):
                 rt.counters.record_cancel()

@@ -76,6 +76,14 @@ async def interleave(
     pairs: Sequence[tuple[RequestOutput, AsyncIterator[RequestOutput]]],
 ) -> AsyncGenerator[tuple[int, RequestOutput], None]:
     """The outputs of several requests as they come, each tagged with its request's position."""
+    if len(pairs) == 1:
+        # One request (the usual case) needs no pump task and queue: one event-loop hop less per token.
+        first, stream = pairs[0]
+        yield 0, first
+        if not first.finished:
+            async for following in stream:
+                yield 0, following
+        return
     queue: asyncio.Queue[tuple[int, RequestOutput | None]] = asyncio.Queue()
 
     async def pump(position: int, first: RequestOutput, stream: AsyncIterator[RequestOutput]) -> None:
