@@ -234,7 +234,9 @@ class ModelRunner:
         want_all = batch.all_logits or [False] * num_seqs
         if self.native_decode is not None and num_seqs == 1 and len(batch.token_ids[0]) == 1:
             with torch.no_grad():
-                logits = self.native_decode(batch.token_ids[0][0], batch.start_positions[0], batch.block_tables[0])
+                logits = self.native_decode(
+                    batch.token_ids[0][0], batch.start_positions[0], batch.block_tables[0]
+                )
             return ForwardOutput(logits, [logits if want_all[0] else None])
         block_size = self.block_size
         device = self.device

@@ -94,7 +94,9 @@ def _build(model: DecoderLM, kv_cache: PagedKVCache) -> NativeDecode:
     _require(model.device.type == "cpu" and model.dtype == torch.float32, "not float32 on a CPU")
     _require(not model.tp.enabled, "tensor parallelism")
     for method in ("forward", "compute_logits", "_attend", "_add_norm"):
-        _require(getattr(type(model), method) is getattr(DecoderLM, method), f"{type(model).__name__}.{method}")
+        _require(
+            getattr(type(model), method) is getattr(DecoderLM, method), f"{type(model).__name__}.{method}"
+        )
     _require(config.residual == "pre", f"residual {config.residual!r}")
     _require(config.positions == "rope" and model.pos_embed is None, f"{config.positions} positions")
     _require(model.embed_norm is None and config.embedding_scale is None, "a scaled or normed embedding")
@@ -112,7 +114,9 @@ def _build(model: DecoderLM, kv_cache: PagedKVCache) -> NativeDecode:
         _require(isinstance(attention, SelfAttention), "attention other than SelfAttention")
         assert isinstance(attention, SelfAttention)
         _require(attention.q_norm is None and attention.k_norm is None, "q/k norms")
-        _require(isinstance(mlp, DenseMLP) and mlp.gated and mlp.act is F.silu, "an MLP other than gated SiLU")
+        _require(
+            isinstance(mlp, DenseMLP) and mlp.gated and mlp.act is F.silu, "an MLP other than gated SiLU"
+        )
         assert isinstance(mlp, DenseMLP)
         _require(block.post_attn_norm is None and block.post_mlp_norm is None, "post-norms")
         _require(block.rotary <= 0, "a second rotary table")
@@ -129,7 +133,9 @@ def _build(model: DecoderLM, kv_cache: PagedKVCache) -> NativeDecode:
         inter = gate_up_rows // 2
         layer.cache = kv_cache.layer(index).data_ptr()
         layer.window = block.window or 0
-    _require(model.lm_head is not None and model.final_norm is not None and model.embed is not None, "no weights")
+    _require(
+        model.lm_head is not None and model.final_norm is not None and model.embed is not None, "no weights"
+    )
     assert model.lm_head is not None and model.embed is not None
     lm_head, vocab = _projection(model.lm_head.head, keep)
     final_norm = _norm(model.final_norm, eps)
@@ -168,4 +174,3 @@ def _build(model: DecoderLM, kv_cache: PagedKVCache) -> NativeDecode:
     struct.gate_up = pointer
     keep += [scratch, embed, final_norm, kv_cache, model]
     return NativeDecode(DecodeStepKernel(struct, layers, keep), rotary)
-
