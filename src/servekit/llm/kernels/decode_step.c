@@ -96,7 +96,6 @@ typedef struct {
 
 typedef struct {
     atomic_int arrived, generation, sleepers;
-    int threads;
 } barrier_t;
 
 static int64_t now_ns(void) {
@@ -105,10 +104,11 @@ static int64_t now_ns(void) {
     return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
 }
 
-static void barrier_wait(barrier_t *b) {
-    if (b->threads <= 1) return;
+/* `threads`: the team's size, the same in every thread */
+static void barrier_wait(barrier_t *b, int threads) {
+    if (threads <= 1) return;
     const int generation = atomic_load(&b->generation);
-    if (atomic_fetch_add(&b->arrived, 1) == b->threads - 1) { /* the last one in releases the others */
+    if (atomic_fetch_add(&b->arrived, 1) == threads - 1) { /* the last one in releases the others */
         atomic_store(&b->arrived, 0);
         atomic_fetch_add(&b->generation, 1);
 #ifdef __linux__
@@ -205,7 +205,7 @@ static int step_body(const dmodel_t *m, int64_t token, int64_t position, const i
             rms_norm(l == 0 ? normed : m->residual, layer->attn_norm, normed, hidden, eps);
             project(&layer->qkv, normed, hidden, m->qkv, t, threads, &scratch);
         }
-        barrier_wait(barrier);
+        barrier_wait(barrier, threads);
         if (status == 0) {
             float *q = m->qkv, *k = q + q_width;
             /* the KV heads of this thread's attention units (paged_attention.c: t, t + threads, ...):
@@ -220,19 +220,19 @@ static int step_body(const dmodel_t *m, int64_t token, int64_t position, const i
                                              (float)m->scale, t, threads) != 0)
                 status = -1;
         }
-        barrier_wait(barrier);
+        barrier_wait(barrier, threads);
         if (status == 0) {
             int64_t begin, end;
             project(&layer->o, m->attn, q_width, m->delta, t, threads, &scratch);
             share(hidden, t, threads, &begin, &end);
             for (int64_t j = begin; j < end; j++) m->residual[j] += m->delta[j];
         }
-        barrier_wait(barrier);
+        barrier_wait(barrier, threads);
         if (status == 0) {
             rms_norm(m->residual, layer->mlp_norm, normed, hidden, eps);
             project(&layer->gate_up, normed, hidden, m->gate_up, t, threads, &scratch);
         }
-        barrier_wait(barrier);
+        barrier_wait(barrier, threads);
         if (status == 0) {
             for (int64_t c = 0; c < inter; c++) {
                 const float gate = m->gate_up[c], up = m->gate_up[inter + c];
@@ -244,7 +244,7 @@ static int step_body(const dmodel_t *m, int64_t token, int64_t position, const i
             share(hidden, t, threads, &begin, &end);
             for (int64_t j = begin; j < end; j++) m->residual[j] += m->delta[j];
         }
-        barrier_wait(barrier);
+        barrier_wait(barrier, threads);
     }
     if (status == 0) {
         rms_norm(m->residual, m->final_norm, normed, hidden, eps);
@@ -269,16 +269,13 @@ int decode_step(const dmodel_t *m, int64_t token, int64_t position, const int32_
     atomic_init(&barrier.arrived, 0);
     atomic_init(&barrier.generation, 0);
     atomic_init(&barrier.sleepers, 0);
-    barrier.threads = 1;
     int status = 0;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(threads)
     {
-#pragma omp single
-        barrier.threads = omp_get_num_threads(); /* (what the runtime gave: maybe fewer) */
-        /* (the single's implicit barrier publishes the count) */
+        /* (the team the runtime gave: maybe fewer than asked) */
         const int own = step_body(m, token, position, table, table_len, cos, sin, logits, omp_get_thread_num(),
-                                  barrier.threads, &barrier);
+                                  omp_get_num_threads(), &barrier);
         if (own != 0) {
 #pragma omp atomic write
             status = own;
@@ -300,24 +297,21 @@ int64_t decode_barrier_check(int threads, int64_t rounds) {
     atomic_init(&barrier.arrived, 0);
     atomic_init(&barrier.generation, 0);
     atomic_init(&barrier.sleepers, 0);
-    barrier.threads = 1;
     volatile int64_t slots[MAX_THREADS];
     int64_t stale = 0;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(threads) reduction(+ : stale)
     {
-#pragma omp single
-        barrier.threads = omp_get_num_threads();
-        const int t = omp_get_thread_num();
+        const int t = omp_get_thread_num(), team = omp_get_num_threads();
         for (int64_t r = 0; r < rounds; r++) {
             slots[t] = r;
-            barrier_wait(&barrier);
-            for (int i = 0; i < barrier.threads; i++) stale += slots[i] != r;
-            barrier_wait(&barrier);
+            barrier_wait(&barrier, team);
+            for (int i = 0; i < team; i++) stale += slots[i] != r;
+            barrier_wait(&barrier, team);
         }
     }
 #else
-    (void)rounds, (void)slots;
+    (void)rounds, (void)slots, (void)barrier;
 #endif
     return stale;
 }
