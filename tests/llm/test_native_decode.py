@@ -18,7 +18,7 @@ import torch
 from servekit.llm import SamplingParams
 from servekit.llm.kernels import _SIGNATURES, SOURCES, kernels_available
 from servekit.llm.kernels import decode_step as decode_step_module
-from servekit.llm.kernels.decode_step import barrier_check
+from servekit.llm.kernels.decode_step import phases_check
 from servekit.llm.kernels.quantized import QuantizedTensor
 from servekit.llm.loaders import load_model_source
 from servekit.llm.model_runner import ForwardBatch, ModelRunner
@@ -154,10 +154,10 @@ def test_every_block_type_including_k_quants(tmp_path: Path) -> None:
     compare_greedy(native, reference, [3, 1, 4, 1, 5, 9, 2, 6], 12, list(range(8)))
 
 
-def test_barrier_holds() -> None:
-    """Every thread sees every other thread's write of the round; 3 threads on 2 cores sleep in it."""
-    assert barrier_check(2, 20_000) == 0
-    assert barrier_check(3, 2_000) == 0
+def test_phase_waits_hold() -> None:
+    """Past a phase's wait every chunk's write is seen; 3 threads on 2 cores sleep in it."""
+    assert phases_check(2, 20_000) == 0
+    assert phases_check(3, 2_000) == 0
 
 
 def test_only_what_it_can_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -222,11 +222,11 @@ def _portable_library(tmp_path: Path) -> ctypes.CDLL:
         [*command, "-o", str(target), *map(str, SOURCES), "-lm"], check=True, capture_output=True, timeout=300
     )
     library = ctypes.CDLL(str(target))
-    for name in ("decode_step", "decode_barrier_check"):
+    for name in ("decode_step", "decode_phases_check"):
         function = getattr(library, name)
         function.argtypes = _SIGNATURES[name]
     library.decode_step.restype = ctypes.c_int
-    library.decode_barrier_check.restype = ctypes.c_int64
+    library.decode_phases_check.restype = ctypes.c_int64
     return library
 
 
@@ -237,7 +237,8 @@ def test_portable_build(tiny_gguf: Path, tmp_path: Path, monkeypatch: pytest.Mon
     torch.set_num_threads(2)
     library = _portable_library(tmp_path)
     monkeypatch.setattr(decode_step_module, "load_library", lambda: library)
-    assert library.decode_barrier_check(2, 2000) == 0
+    assert library.decode_phases_check(2, 2000) == 0
+    assert library.decode_phases_check(3, 200) == 0
     source = load_model_source(str(tiny_gguf))
     native, reference = runners(source.config, source.iter_weight_blocks(), block_size=4, num_blocks=8)
     compare_greedy(native, reference, [9, 8, 7, 6, 5], 10, list(range(8)))

@@ -180,7 +180,7 @@ _SIGNATURES: dict[str, list[type]] = {
     # model struct, token, position, block table int32, its length, cos, sin (or NULL), logits, threads
     "decode_step": [_POINTER, _INT64, _INT64, _POINTER, _INT64, _POINTER, _POINTER, _POINTER, _INT],
     # threads, rounds
-    "decode_barrier_check": [_INT, _INT64],
+    "decode_phases_check": [_INT, _INT64],
 }
 _RETURNS_INT = (
     "paged_decode_attention",
@@ -196,7 +196,7 @@ _RETURNS_INT = (
     "expert_panel_columns",
     "decode_step",
 )
-_RETURNS_INT64 = ("decode_barrier_check",)
+_RETURNS_INT64 = ("decode_phases_check",)
 
 
 @functools.cache

@@ -137,9 +137,9 @@ class DecodeStepKernel:
         return logits
 
 
-def barrier_check(threads: int, rounds: int) -> int:
-    """Stale values seen through ``decode_step.c``'s barrier over ``rounds`` rounds (0: it holds)."""
+def phases_check(threads: int, rounds: int) -> int:
+    """Stale values seen past ``decode_step.c``'s phase waits over ``rounds`` phases (0: they hold)."""
     library = load_library()
     if library is None:
         raise RuntimeError("the C kernels are not available (see servekit.llm.kernels)")
-    return int(library.decode_barrier_check(threads, rounds))
+    return int(library.decode_phases_check(threads, rounds))
