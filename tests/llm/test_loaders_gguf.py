@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +53,12 @@ def gguf_name(hf_name: str) -> str:
     }[hf_name]
 
 
-def write_gguf(directory: Path, out: Path, arch: str) -> dict[str, np.ndarray]:
+def write_gguf(
+    directory: Path, out: Path, arch: str, block_type: Callable[[str], Any] | None = None
+) -> dict[str, np.ndarray]:
     """Convert a tiny HF checkpoint to GGUF as llama.cpp would; return the exact float32 tensors a
-    correct loader must give back (quantisation applied, permutation not)."""
+    correct loader must give back (quantisation applied, permutation not). ``block_type``: the GGML
+    type of each 2-D tensor by HF name (default: F16 and Q8_0 alternating)."""
     import gguf
     from safetensors.numpy import load_file
 
@@ -87,13 +91,14 @@ def write_gguf(directory: Path, out: Path, arch: str) -> dict[str, np.ndarray]:
         if array.ndim == 1:
             writer.add_tensor(gguf_name(name), stored)
             expected[name] = array
-        elif index % 2 == 0:
+        elif block_type is None and index % 2 == 0:
             writer.add_tensor(gguf_name(name), stored.astype(np.float16))
             expected[name] = array.astype(np.float16).astype(np.float32)
         else:
-            quantized = gguf.quants.quantize(stored, gguf.GGMLQuantizationType.Q8_0)
-            writer.add_tensor(gguf_name(name), quantized, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-            roundtrip = gguf.quants.dequantize(quantized, gguf.GGMLQuantizationType.Q8_0)
+            qtype = gguf.GGMLQuantizationType.Q8_0 if block_type is None else block_type(name)
+            quantized = gguf.quants.quantize(stored, qtype)
+            writer.add_tensor(gguf_name(name), quantized, raw_dtype=qtype)
+            roundtrip = gguf.quants.dequantize(quantized, qtype)
             if arch == "llama" and ".q_proj." in name:
                 roundtrip = unpermute_rows(torch.from_numpy(roundtrip), heads).numpy()
             elif arch == "llama" and ".k_proj." in name:

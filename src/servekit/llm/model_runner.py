@@ -28,6 +28,7 @@ from servekit.llm.kv_cache import (
     num_blocks_for_budget,
 )
 from servekit.llm.model_config import ModelConfig
+from servekit.llm.models.native_decode import NativeDecode, native_decode_enabled, native_decode_step
 from servekit.llm.models.registry import get_model_class
 
 logger = logging.getLogger(__name__)
@@ -128,6 +129,10 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         if cuda_graphs:
             self.graphs = self._decode_graphs(max_num_seqs)
+        # A decode step of exactly one sequence in one C call (native_decode), where the model allows.
+        self.native_decode: NativeDecode | None = None
+        if self.decode_kernel and not tp.enabled and self.graphs is None and native_decode_enabled():
+            self.native_decode = native_decode_step(self.model, self.kv_cache)
 
     def _decode_graphs(self, max_num_seqs: int) -> DecodeGraphs | None:
         capture = self.device.type == "cuda"
@@ -227,6 +232,12 @@ class ModelRunner:
         if self.graphs is not None and self.graphs.supports(batch):
             return ForwardOutput(self.graphs.run(batch), [None] * num_seqs)
         want_all = batch.all_logits or [False] * num_seqs
+        if self.native_decode is not None and num_seqs == 1 and len(batch.token_ids[0]) == 1:
+            with torch.no_grad():
+                logits = self.native_decode(
+                    batch.token_ids[0][0], batch.start_positions[0], batch.block_tables[0]
+                )
+            return ForwardOutput(logits, [logits if want_all[0] else None])
         block_size = self.block_size
         device = self.device
 

@@ -40,6 +40,7 @@ SOURCES = tuple(
         "rotary_cache.c",
         "quantized_gemm.c",
         "expert_matmul.c",
+        "decode_step.c",
     )
 )
 HEADERS = (Path(__file__).with_name("dtypes.h"),)
@@ -176,6 +177,10 @@ _SIGNATURES: dict[str, list[type]] = {
     # chosen int64, slots, top_k, experts, order int32, tokens int32, ends int32
     "expert_order": [_POINTER, _INT64, _INT, _INT, _POINTER, _POINTER, _POINTER],
     "expert_panel_columns": [],
+    # model struct, token, position, block table int32, its length, cos, sin (or NULL), logits, threads
+    "decode_step": [_POINTER, _INT64, _INT64, _POINTER, _INT64, _POINTER, _POINTER, _POINTER, _INT],
+    # threads, rounds
+    "decode_phases_check": [_INT, _INT64],
 }
 _RETURNS_INT = (
     "paged_decode_attention",
@@ -189,7 +194,9 @@ _RETURNS_INT = (
     "expert_matmul",
     "expert_order",
     "expert_panel_columns",
+    "decode_step",
 )
+_RETURNS_INT64 = ("decode_phases_check",)
 
 
 @functools.cache
@@ -229,6 +236,8 @@ def load_library() -> ctypes.CDLL | None:
         return None
     for name, argtypes in _SIGNATURES.items():
         function = getattr(library, name)
-        function.restype = ctypes.c_int if name in _RETURNS_INT else None
+        function.restype = (
+            ctypes.c_int64 if name in _RETURNS_INT64 else ctypes.c_int if name in _RETURNS_INT else None
+        )
         function.argtypes = argtypes
     return library

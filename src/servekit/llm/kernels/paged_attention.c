@@ -339,6 +339,20 @@ static void *run_job(void *arg) {
 /* The float32 lanes of the vector path this build runs (1: the portable loop only). */
 int attention_simd_lanes(void) { return HAVE_SIMD ? LANES_OR_ONE : 1; }
 
+/* The share of thread `thread_index` of `num_threads` (KV heads t, t + n, ...: units as run_job
+ * splits them) of one sequence's decode attention over float32 query/out, on the calling thread:
+ * decode_step.c runs it inside its own parallel region. Returns 0, or -1 without scratch memory. */
+int paged_decode_attention_share(const float *query, const void *cache, const int32_t *block_table,
+                                 int32_t context_len, float *out, int num_heads, int num_kv_heads, int head_dim,
+                                 int block_size, int max_blocks, int sliding_window, int kv_dtype, float scale,
+                                 int thread_index, int num_threads) {
+    job_t job = {query, cache, block_table, &context_len, out, 1, num_heads, num_kv_heads, head_dim,
+                 block_size, max_blocks, sliding_window, DTYPE_F32, kv_dtype, scale, num_threads,
+                 thread_index, 0};
+    run_job(&job);
+    return job.status;
+}
+
 /* Returns 0 on success, -1 when scratch memory could not be had.
  * Built with OpenMP, the threads are those of the process's OpenMP runtime: loaded after PyTorch,
  * the library binds to the libgomp PyTorch already loaded (same soname), so attention runs on the

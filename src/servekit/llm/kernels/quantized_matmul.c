@@ -377,28 +377,84 @@ static inline __attribute__((always_inline)) void gemv_blocks(const uint8_t *w, 
 #define HAVE_FUSED_BLOCKS 0
 #endif
 
-/* What the fused-block path needs of x: its per-block sums [m][k / 32], then for one row (m == 1)
- * the row permuted for gemv_blocks [k]; NULL when the path does not apply. */
+/* The per-block sums of x [m][k / 32], then for one row (m == 1) the row permuted for gemv_blocks [k]. */
+static void fill_block_sums(const float *x, int64_t m, int64_t k, int type, float *xsums) {
+    const int64_t blocks = k / 32;
+    for (int64_t i = 0; i < m * blocks; i++) {
+        float total = 0.0f;
+        for (int e = 0; e < 32; e++) total += x[i * 32 + e];
+        xsums[i] = total;
+        if (m == 1) permute_block(x + i * 32, type, xsums + blocks + i * 32);
+    }
+}
+
+static inline int fused_type(int type) {
+    return HAVE_FUSED_BLOCKS && (type == GGML_Q4_0 || type == GGML_Q4_1 || type == GGML_Q8_0);
+}
+
+/* What the fused-block path needs of x (fill_block_sums, in memory of its own); NULL when the path
+ * does not apply. */
 static float *block_sums(const float *x, int64_t m, int64_t k, int type, int *status) {
+    if (!fused_type(type)) return NULL;
+    float *xsums = malloc(sizeof(float) * (size_t)(m * (k / 32) + (m == 1 ? k : 0)));
+    if (xsums == NULL) {
+        *status = -1;
+        return NULL;
+    }
+    fill_block_sums(x, m, k, type, xsums);
+    return xsums;
+}
+
 #if HAVE_FUSED_BLOCKS
-    if (type == GGML_Q4_0 || type == GGML_Q4_1 || type == GGML_Q8_0) {
-        const int64_t blocks = k / 32;
-        float *xsums = malloc(sizeof(float) * (size_t)(m * blocks + (m == 1 ? k : 0)));
-        if (xsums == NULL) {
-            *status = -1;
-            return NULL;
+/* Batch 1, output rows [j, min(j + GEMV_ROWS, end)) from the permuted row and its sums. */
+static inline void gemv_group(const uint8_t *w, int64_t row_bytes, int type, int64_t blocks, const float *xsums,
+                              const float *bias, float *out, int64_t j, int64_t end) {
+    const float *xp = xsums + blocks; /* (fill_block_sums: the permuted row after the sums) */
+    float res[4];
+    if (j + GEMV_ROWS <= end) {
+        const uint8_t *wj = w + j * row_bytes;
+        if (type == GGML_Q4_1) gemv_blocks(wj, row_bytes, GEMV_ROWS, GGML_Q4_1, blocks, xp, xsums, res);
+        else if (type == GGML_Q4_0) gemv_blocks(wj, row_bytes, GEMV_ROWS, GGML_Q4_0, blocks, xp, xsums, res);
+        else /* (Q8_0 rows in pairs measured 2.5x slower streaming the LM head: one at a time) */
+            for (int r = 0; r < GEMV_ROWS; r++)
+                gemv_blocks(wj + r * row_bytes, row_bytes, 1, GGML_Q8_0, blocks, xp, xsums, res + r);
+        for (int r = 0; r < GEMV_ROWS; r++) out[j + r] = res[r] + (bias ? bias[j + r] : 0.0f);
+    } else {
+        for (int64_t jj = j; jj < end; jj++) {
+            gemv_blocks(w + jj * row_bytes, row_bytes, 1, type, blocks, xp, xsums, res);
+            out[jj] = res[0] + (bias ? bias[jj] : 0.0f);
         }
-        for (int64_t i = 0; i < m * blocks; i++) {
-            float total = 0.0f;
-            for (int e = 0; e < 32; e++) total += x[i * 32 + e];
-            xsums[i] = total;
-            if (m == 1) permute_block(x + i * 32, type, xsums + blocks + i * 32);
-        }
-        return xsums;
+    }
+}
+#endif
+
+/* Floats of the buffer quantized_rows_range's `prep` needs for rows of k values. */
+int64_t quantized_prep_floats(int64_t k) { return k + k / 32; }
+
+/* Batch 1 for a caller that splits the output rows itself (decode_step.c): `prep` (at least
+ * quantized_prep_floats(k)) filled from x for `type`; returns whether the fused-block path uses it. */
+int quantized_prepare_row(const float *x, int64_t k, int type, float *prep) {
+    if (!fused_type(type)) return 0;
+    fill_block_sums(x, 1, k, type, prep);
+    return 1;
+}
+
+/* Batch 1, output rows [j0, j1) of x @ W.T (+ bias) into out[j0..j1), on the calling thread: the
+ * numbers of quantized_matmul's. `prep` from quantized_prepare_row (for this type), or NULL: each
+ * weight row is dequantised into `rowbuf` [k] first. */
+void quantized_rows_range(const float *x, const float *prep, int64_t k, const uint8_t *w, int64_t row_bytes,
+                          int type, const float *bias, float *out, int64_t j0, int64_t j1, float *rowbuf) {
+#if HAVE_FUSED_BLOCKS
+    if (prep != NULL) {
+        for (int64_t j = j0; j < j1; j += GEMV_ROWS) gemv_group(w, row_bytes, type, k / 32, prep, bias, out, j, j1);
+        return;
     }
 #endif
-    (void)x, (void)m, (void)k, (void)type, (void)status;
-    return NULL;
+    (void)prep;
+    for (int64_t j = j0; j < j1; j++) {
+        dequant_row(w + j * row_bytes, type, k, rowbuf);
+        out[j] = dot1(rowbuf, x, k) + (bias ? bias[j] : 0.0f);
+    }
 }
 
 /* The row-by-row schedule over output rows, shared out among the threads of the enclosing
@@ -410,29 +466,11 @@ static void rows_body(const float *x, int64_t m, int64_t k, const uint8_t *w, in
     if (xsums != NULL) {
         const int64_t blocks = k / 32;
         if (m == 1) {
-            const float *xp = xsums + blocks; /* (block_sums: the permuted row after the sums) */
             const int64_t groups = (n + GEMV_ROWS - 1) / GEMV_ROWS;
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
-            for (int64_t g = 0; g < groups; g++) {
-                const int64_t j = g * GEMV_ROWS;
-                float res[4];
-                if (j + GEMV_ROWS <= n) {
-                    const uint8_t *wj = w + j * row_bytes;
-                    if (type == GGML_Q4_1) gemv_blocks(wj, row_bytes, GEMV_ROWS, GGML_Q4_1, blocks, xp, xsums, res);
-                    else if (type == GGML_Q4_0) gemv_blocks(wj, row_bytes, GEMV_ROWS, GGML_Q4_0, blocks, xp, xsums, res);
-                    else /* (Q8_0 rows in pairs measured 2.5x slower streaming the LM head: one at a time) */
-                        for (int r = 0; r < GEMV_ROWS; r++)
-                            gemv_blocks(wj + r * row_bytes, row_bytes, 1, GGML_Q8_0, blocks, xp, xsums, res + r);
-                    for (int r = 0; r < GEMV_ROWS; r++) out[j + r] = res[r] + (bias ? bias[j + r] : 0.0f);
-                } else {
-                    for (int64_t jj = j; jj < n; jj++) {
-                        gemv_blocks(w + jj * row_bytes, row_bytes, 1, type, blocks, xp, xsums, res);
-                        out[jj] = res[0] + (bias ? bias[jj] : 0.0f);
-                    }
-                }
-            }
+            for (int64_t g = 0; g < groups; g++) gemv_group(w, row_bytes, type, blocks, xsums, bias, out, g * GEMV_ROWS, n);
             return;
         }
 #ifdef _OPENMP
@@ -508,7 +546,7 @@ int quantized_silu_mlp(const float *x, int64_t m, int64_t k, const uint8_t *gate
     float *xsums = block_sums(x, m, k, gate_up_type, &status);
     if (status != 0) return status;
     float *projected = scratch, *act = scratch + m * 2 * inter;
-    const int down_fused = HAVE_FUSED_BLOCKS && (down_type == GGML_Q4_0 || down_type == GGML_Q4_1 || down_type == GGML_Q8_0);
+    const int down_fused = fused_type(down_type);
     /* the down input's block_sums (its sums, and for one row the row permuted), made as it is computed */
     float *act_sums = down_fused ? malloc(sizeof(float) * (size_t)(m * (inter / 32) + (m == 1 ? inter : 0))) : NULL;
     if (down_fused && act_sums == NULL) {

@@ -40,10 +40,10 @@ class QuantizedLinear:
         self.out_features = sum(p.shape[0] for p in parts)
         self.bias = None if bias is None else bias.float().contiguous()
         self.row_kernels = [
-            RowKernel(part, bias) for part, bias in zip(merged, self._part_biases(), strict=True)
+            RowKernel(part, bias) for part, bias in zip(merged, self.part_biases(), strict=True)
         ]
 
-    def _part_biases(self) -> list[torch.Tensor | None]:
+    def part_biases(self) -> list[torch.Tensor | None]:
         biases: list[torch.Tensor | None] = []
         start = 0
         for part in self.parts:
@@ -59,7 +59,7 @@ class QuantizedLinear:
         else:
             pieces = [
                 quantized_gemm(source, part.blocks, part.ggml_type, bias)
-                for part, bias in zip(self.parts, self._part_biases(), strict=True)
+                for part, bias in zip(self.parts, self.part_biases(), strict=True)
             ]
         out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
         return out if x.dtype == torch.float32 else out.to(x.dtype)

@@ -169,6 +169,12 @@ class RotaryEmbedding:
         sin = self._sin.index_select(0, positions).unsqueeze(1)
         return cos, sin
 
+    def row(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[rotary_dim]`` cos and signed sin of one position (views of the tables, no operator)."""
+        if position >= self._cos.shape[0]:
+            self._grow(max(position + 1, 2 * self._cos.shape[0]))
+        return self._cos[position], self._sin[position]
+
     @staticmethod
     def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotate ``x`` (``[tokens, heads, head_dim]``); returns a new contiguous tensor."""
