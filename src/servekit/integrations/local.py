@@ -10,6 +10,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+import orjson
 from pydantic import BaseModel
 
 from servekit.openai.chat import ChatCompletionRequest
@@ -64,7 +65,8 @@ class LocalServer:
         """A parsed chat or completion request's items: one response body, or its stream's chunks."""
         op_kind, _, _ = _REQUEST_MODELS[kind]
         async for item in self.api.predict(Op(op_kind, request)):
-            yield item
+            # A stream's chunks come encoded already (the HTTP path sends them as they are).
+            yield orjson.loads(item) if isinstance(item, bytes) else item
 
     async def models(self) -> dict[str, Any]:
         """``GET /v1/models``'s body."""
