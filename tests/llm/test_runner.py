@@ -220,6 +220,34 @@ def test_mixed_batch_of_prefills_and_decodes() -> None:
         torch.testing.assert_close(out.last_logits[row], reference_logits(model, seq)[-1], atol=ATOL, rtol=0)
 
 
+def test_sequences_not_sampled_get_no_logits_row() -> None:
+    model, config = build_reference("llama")
+    runner = make_runner(model, config)
+    allocator = BlockAllocator(runner.num_blocks, seed=5)
+    first, second, third = (random_prompt(n, seed=20 + n) for n in (9, 14, 21))
+    tables = [allocator.table(len(p) + 4, runner.block_size) for p in (first, second, third)]
+    runner.execute(ForwardBatch([first], [0], [tables[0]]))
+
+    # A decode, a prompt chunk that stops short of its prompt, and a chunk that completes one.
+    token_ids = [[first[-1]], second[:8], third]
+    starts = [len(first) - 1, 0, 0]
+    out = runner.execute(
+        ForwardBatch(token_ids, starts, tables, all_logits=[False, True, False], sampled=[True, False, True])
+    )
+    assert out.last_logits.shape == (2, config.vocab_size)
+    torch.testing.assert_close(out.last_logits[0], reference_logits(model, first)[-1], atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.last_logits[1], reference_logits(model, third)[-1], atol=ATOL, rtol=0)
+    chunk_logits = out.all_logits[1]  # asked for explicitly: still there
+    assert chunk_logits is not None
+    torch.testing.assert_close(chunk_logits, reference_logits(model, second[:8]), atol=ATOL, rtol=0)
+
+    # A step of only unfinished chunks computes no logits at all.
+    out = runner.execute(ForwardBatch([second[8:12]], [8], [tables[1]], sampled=[False]))
+    assert out.last_logits.shape == (0, config.vocab_size)
+    out = runner.execute(ForwardBatch([second[12:]], [12], [tables[1]]))
+    torch.testing.assert_close(out.last_logits[0], reference_logits(model, second)[-1], atol=ATOL, rtol=0)
+
+
 def test_prefix_reuse_two_sequences_share_blocks() -> None:
     """A second prompt with a cached prefix (shared full blocks) only computes its tail."""
     model, config = build_reference("llama")

@@ -281,6 +281,7 @@ class LLMEngine:
         starts: list[int] = []
         tables: list[list[int]] = []
         want_all: list[bool] = []
+        sampled: list[bool] = []
         for item in plan.scheduled:
             seq = item.seq
             token_ids.append(seq.token_ids[item.start : item.start + item.num_tokens])
@@ -289,7 +290,10 @@ class LLMEngine:
             want_all.append(
                 seq.index == 0 and seq.group.wants_prompt_logprobs and item.start < seq.prompt_len
             )
-        return ForwardBatch(token_ids, starts, tables, want_all if any(want_all) else None)
+            sampled.append(item.completes)
+        return ForwardBatch(
+            token_ids, starts, tables, want_all if any(want_all) else None, None if all(sampled) else sampled
+        )
 
     def _process(
         self, plan: SchedulerOutput, batch: ForwardBatch, result: ForwardOutput
@@ -319,7 +323,7 @@ class LLMEngine:
         if not sampling:
             return []
         logits = result.last_logits
-        if len(rows) != logits.shape[0]:
+        if len(rows) != logits.shape[0]:  # a forward that returned every sequence's row (CUDA graphs)
             logits = logits[rows]
         sampled = self.sampler.sample(logits, sampling)
         now = time.time()

@@ -44,11 +44,17 @@ class ForwardBatch:
     ]  # per sequence: position of its first token this step (= tokens already cached)
     block_tables: list[list[int]]  # per sequence: physical KV block ids covering positions [0, start + len)
     all_logits: list[bool] | None = None  # per sequence: also return logits for every position of this step
+    # per sequence: whether its last token's logits are wanted (None: every sequence's). A prompt chunk
+    # that does not complete its prompt samples nothing: its LM-head row (49152 x 576 multiply-adds for
+    # the default model) is skipped.
+    sampled: list[bool] | None = None
 
 
 @dataclass
 class ForwardOutput:
-    last_logits: torch.Tensor  # [num_seqs, vocab] float32, logits of each sequence's last token this step
+    # [sequences, vocab] float32, logits of the last token this step of each sequence ``sampled`` wants
+    # (all of them when it is None), in batch order
+    last_logits: torch.Tensor
     all_logits: list[torch.Tensor | None]  # per sequence [len, vocab] float32 when asked, else None
 
 
@@ -288,16 +294,19 @@ class ModelRunner:
         logit_rows: list[int] = []
         last_index: list[int] = []
         all_spans: list[tuple[int, int] | None] = []
+        sampled = batch.sampled or [True] * num_seqs
         for i in range(num_seqs):
             length = len(batch.token_ids[i])
             if want_all[i]:
                 all_spans.append((len(logit_rows), length))
                 logit_rows.extend(range(row_offset[i], row_offset[i] + length))
-                last_index.append(len(logit_rows) - 1)
+                if sampled[i]:
+                    last_index.append(len(logit_rows) - 1)
             else:
                 all_spans.append(None)
-                last_index.append(len(logit_rows))
-                logit_rows.append(row_offset[i] + length - 1)
+                if sampled[i]:
+                    last_index.append(len(logit_rows))
+                    logit_rows.append(row_offset[i] + length - 1)
 
         # no_grad rather than inference_mode: callers (the sampler) may modify the logits in place.
         with torch.no_grad():
@@ -308,14 +317,16 @@ class ModelRunner:
                 self.kv_cache,
                 metadata,
             )
-            if len(logit_rows) == hidden.shape[0] and logit_rows == list(range(len(logit_rows))):
-                selected = hidden  # a pure decode step: every row, already in order
+            if not logit_rows:  # only prompt chunks that do not complete their prompts
+                logits = torch.empty((0, self.config.vocab_size), dtype=torch.float32, device=device)
+            elif len(logit_rows) == hidden.shape[0] and logit_rows == list(range(len(logit_rows))):
+                logits = self.model.compute_logits(hidden)  # a pure decode step: every row, in order
             else:
                 rows = torch.tensor(logit_rows, dtype=torch.long).to(device, non_blocking=True)
-                selected = hidden.index_select(0, rows)
-            logits = self.model.compute_logits(selected)
+                logits = self.model.compute_logits(hidden.index_select(0, rows))
             if any(want_all):
-                last_logits = logits.index_select(0, torch.tensor(last_index).to(device, non_blocking=True))
+                index = torch.tensor(last_index, dtype=torch.long).to(device, non_blocking=True)
+                last_logits = logits.index_select(0, index)
             else:
                 last_logits = logits
         all_logits: list[torch.Tensor | None] = [
