@@ -76,7 +76,7 @@ static inline __attribute__((always_inline)) void micro_kernel(const float *pane
         for (int v = 0; v < mv; v++) *(vec_t *)(acc_out + c * PM + v * LANES) = acc[v][c];
 }
 
-#if LANES == 8 && defined(__AVX2__)
+#if defined(__AVX2__) /* AVX-512 CPUs too: 8 x 8 tiles of the 16-lane accumulators */
 #include <immintrin.h>
 /* r[j] (lane i: element [i][j]) becomes r[i] (lane j: element [i][j]). */
 static inline void transpose8(__m256 r[8]) {
