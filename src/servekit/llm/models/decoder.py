@@ -34,7 +34,6 @@ from servekit.llm.distributed import (
     shard_weight,
 )
 from servekit.llm.kernels import kernels_available
-from servekit.llm.kernels.elementwise import add_rms_norm
 from servekit.llm.kernels.quantized import QuantizedTensor
 from servekit.llm.kv_cache import PagedKVCache
 from servekit.llm.model_config import ModelConfig, MoEConfig
@@ -254,7 +253,9 @@ class DecoderLM:
             weight = weight + self.norm_offset
         bias = store.pop(f"{name}.bias", None)
         rms = self.config.norm == "rms" or name.endswith(("q_norm", "k_norm"))
-        return Norm(weight, bias, self.config.rms_norm_eps, rms=rms and bias is None)
+        return Norm(
+            weight, bias, self.config.rms_norm_eps, rms=rms and bias is None, fused=self.fused_elementwise
+        )
 
     def _attention(self, store: dict[str, torch.Tensor], prefix: str) -> Attention:
         config = self.config
@@ -345,15 +346,15 @@ class DecoderLM:
     # ------------------------------------------------------------------ forward
 
     def _add_norm(
-        self, hidden: torch.Tensor, pending: torch.Tensor | None, norm: Norm | None
+        self,
+        hidden: torch.Tensor,
+        pending: torch.Tensor | None,
+        norm: Norm | None,
+        extra: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``hidden += pending`` then ``norm(hidden)``, in one C pass for RMSNorm when possible."""
+        """``hidden += pending + extra`` then ``norm(hidden)``, in one C pass when possible."""
         assert norm is not None
-        if norm.rms and self.fused_elementwise and hidden.device.type == "cpu":
-            return add_rms_norm(hidden, pending, norm.weight, norm.eps, fused=True)
-        if pending is not None:
-            hidden.add_(pending)
-        return norm(hidden)
+        return norm.add(hidden, pending, extra)
 
     def _attend(
         self,
@@ -392,6 +393,7 @@ class DecoderLM:
             hidden = self.embed_norm(hidden)
         rotary = [r.cos_sin(positions, max_position) for r in self.rotaries]
         pending: torch.Tensor | None = None  # the previous layer's output, added at this layer's norm
+        extra: torch.Tensor | None = None  # a parallel block's MLP output, added with ``pending``
         for index, block in enumerate(self.blocks):
             if config.residual == "pre":
                 normed = self._add_norm(hidden, pending, block.attn_norm)
@@ -410,12 +412,12 @@ class DecoderLM:
                 hidden.add_(block.post_attn_norm(attended))
                 pending = block.post_mlp_norm(block.mlp(hidden))
             else:  # parallel: attention and MLP both read the layer's input
-                normed = self._add_norm(hidden, pending, block.attn_norm)
+                normed = self._add_norm(hidden, pending, block.attn_norm, extra)
                 mlp_in = normed if block.mlp_norm is None else block.mlp_norm(hidden)
                 pending = self._attend(block, index, normed, rotary, kv_cache, attention)
-                pending = pending + block.mlp(mlp_in)
+                extra = block.mlp(mlp_in)
         if pending is not None:
-            hidden.add_(pending)
+            hidden.add_(pending if extra is None else pending + extra)
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

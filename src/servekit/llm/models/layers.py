@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from servekit.llm.kernels.elementwise import gelu_tanh, silu_mul
+from servekit.llm.kernels.elementwise import add_norm, gelu_tanh, silu_mul
 from servekit.llm.kernels.quantized import QuantizedTensor, quantized_silu_mlp
 from servekit.llm.models.linear import Int8Linear, Linear
 from servekit.llm.models.quantized_linear import GEMM_FROM_ROWS, QuantizedLinear
@@ -47,11 +47,32 @@ class Norm:
     bias: torch.Tensor | None
     eps: float
     rms: bool
+    fused: bool = False  # the C kernel may run (one pass, no OpenMP region at decode sizes)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._runs_fused(x):
+            return self.add(x.view(-1, x.shape[-1]), None).view(x.shape)
         if self.rms:
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+
+    def add(
+        self, hidden: torch.Tensor, delta: torch.Tensor | None, extra: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``hidden += delta + extra`` in place (each when given), then the norm of ``hidden`` (2-D)."""
+        return add_norm(
+            hidden,
+            delta,
+            self.weight,
+            self.bias,
+            self.eps,
+            rms=self.rms,
+            fused=self._runs_fused(hidden),
+            extra=extra,
+        )
+
+    def _runs_fused(self, x: torch.Tensor) -> bool:
+        return self.fused and x.device.type == "cpu" and x.is_contiguous() and x.dtype == self.weight.dtype
 
 
 @dataclass
