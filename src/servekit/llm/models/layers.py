@@ -79,7 +79,7 @@ class Norm:
 class DenseMLP:
     """``down(act(gate(x)) * up(x))`` with gate and up fused in one projection, or ``down(act(up(x)))``."""
 
-    up: Projection  # [gate | up] rows when gated
+    up: Projection | None  # [gate | up] rows when gated; None: the block projects them with q/k/v
     down: Projection
     act: Callable[[torch.Tensor], torch.Tensor]
     gated: bool
@@ -110,7 +110,11 @@ class DenseMLP:
             and x.device.type == "cpu"
         ):
             return quantized_silu_mlp(x, *self.blocks)
-        up = self.up(x)
+        assert self.up is not None, "the block projects the MLP's input: call finish"
+        return self.finish(self.up(x))
+
+    def finish(self, up: torch.Tensor) -> torch.Tensor:
+        """The MLP after its input projection (``up``: ``[rows, width]``, the gate half first when gated)."""
         fused = self.fused and up.device.type == "cpu"
         if not self.gated:
             return self.down(gelu_tanh(up, fused=True) if fused and self.act is _gelu_tanh else self.act(up))
