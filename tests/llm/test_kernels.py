@@ -17,7 +17,7 @@ from servekit.llm.attention import build_attention_metadata, paged_attention
 from servekit.llm.kernels import attention as kernel_attention
 from servekit.llm.kernels import attention_simd_lanes, load_library
 from servekit.llm.kernels.attention import attention_threads, rotary_write_kv
-from servekit.llm.kernels.elementwise import add_rms_norm, gelu_tanh, silu_mul
+from servekit.llm.kernels.elementwise import add_norm, gelu_tanh, silu_mul
 from servekit.llm.kernels.int8 import dequantize, quantize_rows
 from servekit.llm.model_config import ModelConfig
 from servekit.llm.models.rotary import RotaryEmbedding
@@ -196,12 +196,12 @@ def test_elementwise_kernels_match_pytorch(dtype: torch.dtype, atol: float) -> N
     delta = torch.randn((5, 96), generator=generator).to(dtype)
     weight = (1 + 0.1 * torch.randn(96, generator=generator)).to(dtype)
     expected_hidden = hidden.clone()
-    expected = add_rms_norm(expected_hidden, delta, weight, 1e-5, fused=False)
+    expected = add_norm(expected_hidden, delta, weight, None, 1e-5, rms=True, fused=False)
     got_hidden = hidden.clone()
-    got = add_rms_norm(got_hidden, delta, weight, 1e-5, fused=True)
+    got = add_norm(got_hidden, delta, weight, None, 1e-5, rms=True, fused=True)
     torch.testing.assert_close(got_hidden, expected_hidden, atol=0, rtol=0)  # the residual add, in place
     torch.testing.assert_close(got.float(), expected.float(), atol=atol, rtol=0)
-    no_delta = add_rms_norm(hidden.clone(), None, weight, 1e-5, fused=True)
+    no_delta = add_norm(hidden.clone(), None, weight, None, 1e-5, rms=True, fused=True)
     reference = (
         hidden.float() * torch.rsqrt(hidden.float().pow(2).mean(-1, keepdim=True) + 1e-5) * weight.float()
     )
@@ -225,6 +225,33 @@ def test_elementwise_kernels_match_pytorch(dtype: torch.dtype, atol: float) -> N
     expected_gelu = F.gelu(x.double(), approximate="tanh")
     torch.testing.assert_close(gelu_tanh(x, fused=True).double(), expected_gelu, atol=atol, rtol=atol)
     torch.testing.assert_close(gelu_tanh(x, fused=False).double(), expected_gelu, atol=atol, rtol=atol)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "atol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)]
+)
+@pytest.mark.parametrize("rows", [5, 3000])  # 3000 x 96: past the kernel's threshold for threads
+def test_the_fused_layer_norm_matches_pytorch(dtype: torch.dtype, atol: float, rows: int) -> None:
+    if load_library() is None:
+        pytest.skip("no C compiler here")
+    generator = torch.Generator().manual_seed(12)
+    # An offset mean, as residual streams have: a one-pass variance would lose digits to it.
+    hidden = (3 + torch.randn((rows, 96), generator=generator)).to(dtype)
+    delta, extra = (torch.randn((rows, 96), generator=generator).to(dtype) for _ in range(2))
+    weight = (1 + 0.1 * torch.randn(96, generator=generator)).to(dtype)
+    bias = (0.1 * torch.randn(96, generator=generator)).to(dtype)
+    for norm_bias in (bias, None):
+        # A parallel block: (attention + MLP) + residual, rounded once to the dtype.
+        expected_hidden = (hidden.float() + (delta.float() + extra.float())).to(dtype)
+        float_bias = None if norm_bias is None else norm_bias.float()
+        expected = F.layer_norm(expected_hidden.float(), (96,), weight.float(), float_bias, 1e-5)
+        got_hidden = hidden.clone()
+        got = add_norm(got_hidden, delta, weight, norm_bias, 1e-5, rms=False, fused=True, extra=extra)
+        torch.testing.assert_close(got_hidden, expected_hidden, atol=0, rtol=0)
+        torch.testing.assert_close(got.float(), expected, atol=atol, rtol=0)
+        alone = add_norm(hidden.clone(), None, weight, norm_bias, 1e-5, rms=False, fused=True)
+        reference = F.layer_norm(hidden.float(), (96,), weight.float(), float_bias, 1e-5)
+        torch.testing.assert_close(alone.float(), reference, atol=atol, rtol=0)
 
 
 def test_the_attention_kernel_uses_the_widest_vectors_this_cpu_has() -> None:

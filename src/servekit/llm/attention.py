@@ -246,8 +246,11 @@ def paged_attention(
         key = key.to(query.dtype)
         value = value.to(query.dtype)
 
-    outputs: list[torch.Tensor] = []
+    decoded: torch.Tensor | None = None  # [num_decode, heads * head_dim]
     num_decode = metadata.num_decode
+    # Prefill chunks write their heads straight into their rows of one output (rows in token order:
+    # the decodes, then each chunk at its offset), not into a copy each and then a cat of them.
+    result = query.new_empty(query.shape[0], num_heads * head_dim) if metadata.prefills else None
     if num_decode and metadata.decode_lens is not None:
         assert metadata.decode_tables is not None and not options.eager
         out = paged_decode_attention(
@@ -258,7 +261,7 @@ def paged_attention(
             sliding_window=metadata.sliding_window,
             scale=options.scale,
         )
-        outputs.append(out)
+        decoded = out
     elif num_decode:
         assert metadata.decode_block_ids is not None
         # [num_decode, blocks, 2, kv_heads, block_size, head_dim] -> keys [num_decode, kv_heads, keys, head_dim]
@@ -286,7 +289,7 @@ def paged_attention(
             out = F.scaled_dot_product_attention(
                 queries, keys, values, attn_mask=metadata.decode_mask, scale=options.scale
             )
-        outputs.append(out.reshape(num_decode, num_heads * head_dim))
+        decoded = out.reshape(num_decode, num_heads * head_dim)
 
     for chunk in metadata.prefills:
         rows = slice(chunk.token_offset, chunk.token_offset + chunk.num_tokens)
@@ -306,7 +309,8 @@ def paged_attention(
             else:
                 flash = flash_causal_prefill(query[rows], key[rows], value[rows], options.scale)
                 if flash is not None:
-                    outputs.append(flash.reshape(chunk.num_tokens, num_heads * head_dim))
+                    assert result is not None
+                    result[rows] = flash.reshape(chunk.num_tokens, num_heads * head_dim)
                     continue
                 out = F.scaled_dot_product_attention(
                     queries, keys, values, is_causal=True, enable_gqa=group > 1, scale=options.scale
@@ -324,8 +328,12 @@ def paged_attention(
                 out = F.scaled_dot_product_attention(
                     queries, keys, values, attn_mask=chunk.mask, enable_gqa=group > 1, scale=options.scale
                 )
-        outputs.append(out[0].transpose(0, 1).reshape(chunk.num_tokens, num_heads * head_dim))
+        assert result is not None
+        result[rows].view(chunk.num_tokens, num_heads, head_dim).copy_(out[0].transpose(0, 1))
 
-    if len(outputs) == 1:
-        return outputs[0]
-    return torch.cat(outputs, dim=0)
+    if result is None:
+        assert decoded is not None, "a step of no tokens"
+        return decoded
+    if decoded is not None:
+        result[:num_decode] = decoded
+    return result

@@ -2,7 +2,7 @@
 
 The engine's hot loops that PyTorch cannot express without copies or many small operators (attention
 straight over the paged KV cache, the int8 quantise/rescale passes around an int8 matmul, residual
-add + RMSNorm, SiLU-and-multiply, tanh GELU, matmuls straight on GGUF's quantised weight blocks, the
+add + RMSNorm or LayerNorm, SiLU-and-multiply, tanh GELU, matmuls straight on GGUF's quantised weight blocks, the
 mixture-of-experts grouped matmul over packed expert weights) are written in C here. The source ships with the package; the first process that needs a
 kernel compiles it (``-O3 -march=native``, a second or so) into a cache directory keyed by the
 source, the compiler and the CPU, and every later process loads the cached library. Without a C
@@ -108,8 +108,9 @@ _SIGNATURES: dict[str, list[type]] = {
     "quantize_rows_int8": [_POINTER, _INT, _INT64, _INT64, _POINTER, _POINTER],
     # acc int32, rows, cols, row scales, column scales, bias (or NULL), out, out dtype
     "dequantize_int32": [_POINTER, _INT64, _INT64, _POINTER, _POINTER, _POINTER, _POINTER, _INT],
-    # hidden (updated in place), delta (or NULL), weight, out, rows, cols, eps, dtype
-    "add_rms_norm": [_POINTER, _POINTER, _POINTER, _POINTER, _INT64, _INT64, ctypes.c_float, _INT],
+    # hidden (updated in place), delta, extra (each or NULL), weight, bias (or NULL), out, rows, cols,
+    # eps, rms (else LayerNorm), dtype
+    "add_norm": [*[_POINTER] * 6, _INT64, _INT64, ctypes.c_float, _INT, _INT],
     # gate_up [rows, 2 * cols], out [rows, cols], rows, cols, dtype
     "silu_mul": [_POINTER, _POINTER, _INT64, _INT64, _INT],
     # x, out (same shape, contiguous), elements, dtype

@@ -154,7 +154,7 @@ static void wait_done(sched_t *s, phase_t *p, int chunks) {
 
 /* -- the phases -------------------------------------------------------------------------------- */
 
-/* The same loop as elementwise.c's add_rms_norm (float32), so the same rounding. */
+/* The same loop as elementwise.c's add_norm (float32), so the same rounding. */
 static void rms_norm(const float *x, const float *weight, float *out, int64_t n, float eps) {
     float total = 0.0f;
     for (int64_t c = 0; c < n; c++) total += x[c] * x[c];

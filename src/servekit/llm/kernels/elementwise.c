@@ -1,6 +1,8 @@
 /* Per-row elementwise passes of a decoder layer, each fused into one pass over memory:
  *
- *   add_rms_norm:  hidden += delta (when delta is given), then out = hidden / rms(hidden) * weight;
+ *   add_norm:      hidden += delta (+ extra) when delta is given, then out = RMSNorm(hidden) * weight
+ *                  or LayerNorm(hidden) * weight (+ bias); the sum delta + extra is formed first, as
+ *                  a parallel block's (attention + MLP) + residual;
  *   silu_mul:      out = silu(gate) * up, for gate_up rows laid out [gate | up];
  *   gelu_tanh:     out = gelu(x) in its tanh form (GPT-2's gelu_new), as x * sigmoid(2 * inner):
  *                  0.5 * (1 + tanh(z)) == sigmoid(2 z), and expf vectorises where tanhf does not.
@@ -13,25 +15,35 @@
 
 #include "dtypes.h"
 
-void add_rms_norm(void *hidden, const void *delta, const void *weight, void *out, int64_t rows, int64_t cols,
-                  float eps, int dtype) {
+void add_norm(void *hidden, const void *delta, const void *extra, const void *weight, const void *bias, void *out,
+              int64_t rows, int64_t cols, float eps, int rms, int dtype) {
 #pragma omp parallel for schedule(static) if (rows * cols >= 262144)
     for (int64_t r = 0; r < rows; r++) {
         const int64_t base = r * cols;
+        if (delta) {
+            for (int64_t c = 0; c < cols; c++) {
+                float added = load_element(delta, base + c, dtype);
+                if (extra) added += load_element(extra, base + c, dtype);
+                store_element(hidden, base + c, load_element(hidden, base + c, dtype) + added, dtype);
+            }
+        }
+        /* From the stored (rounded) hidden row, which is in L1 by now. */
+        float mean = 0.0f;
+        if (!rms) {
+            float sum = 0.0f;
+            for (int64_t c = 0; c < cols; c++) sum += load_element(hidden, base + c, dtype);
+            mean = sum / (float)cols;
+        }
         float total = 0.0f;
         for (int64_t c = 0; c < cols; c++) {
-            float value = load_element(hidden, base + c, dtype);
-            if (delta) {
-                value += load_element(delta, base + c, dtype);
-                store_element(hidden, base + c, value, dtype);
-                value = load_element(hidden, base + c, dtype); /* what the stored (rounded) hidden holds */
-            }
-            total += value * value;
+            const float centred = load_element(hidden, base + c, dtype) - mean;
+            total += centred * centred;
         }
         const float inverse = 1.0f / sqrtf(total / (float)cols + eps);
         for (int64_t c = 0; c < cols; c++) {
-            const float value = load_element(hidden, base + c, dtype) * inverse;
-            store_element(out, base + c, value * load_element(weight, c, dtype), dtype);
+            float value = (load_element(hidden, base + c, dtype) - mean) * inverse * load_element(weight, c, dtype);
+            if (bias) value += load_element(bias, c, dtype);
+            store_element(out, base + c, value, dtype);
         }
     }
 }

@@ -8,36 +8,47 @@ import torch.nn.functional as F
 from servekit.llm.kernels import DTYPE_CODES, load_library
 
 
-def add_rms_norm(
+def add_norm(
     hidden: torch.Tensor,
     delta: torch.Tensor | None,
     weight: torch.Tensor,
+    bias: torch.Tensor | None,
     eps: float,
     *,
+    rms: bool,
     fused: bool,
+    extra: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``hidden += delta`` (in place, when given), then RMSNorm of ``hidden`` times ``weight``.
+    """``hidden += delta + extra`` (in place, each when given; the two summed first), then RMSNorm
+    (``rms``: ``bias`` must be None) or LayerNorm of ``hidden`` over its last axis, times ``weight``
+    (plus ``bias``).
 
-    ``hidden``/``delta``: ``[rows, cols]`` contiguous, ``weight``: ``[cols]``, all one dtype.
+    ``hidden``/``delta``/``extra``: ``[rows, cols]``, ``hidden`` contiguous, ``weight``/``bias``:
+    ``[cols]``, all one dtype. ``extra`` only with ``delta``.
     """
+    assert extra is None or delta is not None
     if not fused:
         if delta is not None:
-            hidden.add_(delta)
-        return F.rms_norm(hidden, (hidden.shape[-1],), weight, eps)
+            hidden.add_(delta if extra is None else delta + extra)
+        if rms:
+            return F.rms_norm(hidden, (hidden.shape[-1],), weight, eps)
+        return F.layer_norm(hidden, (hidden.shape[-1],), weight, bias, eps)
     library = load_library()
-    assert library is not None and hidden.is_contiguous()
+    assert library is not None and hidden.is_contiguous() and not (rms and bias is not None)
     rows, cols = hidden.shape
-    if delta is not None and not delta.is_contiguous():
-        delta = delta.contiguous()
+    delta, extra = (None if t is None else t.contiguous() for t in (delta, extra))
     out = torch.empty_like(hidden)
-    library.add_rms_norm(
+    library.add_norm(
         hidden.data_ptr(),
         None if delta is None else delta.data_ptr(),
+        None if extra is None else extra.data_ptr(),
         weight.data_ptr(),
+        None if bias is None else bias.data_ptr(),
         out.data_ptr(),
         rows,
         cols,
         eps,
+        int(rms),
         DTYPE_CODES[hidden.dtype],
     )
     return out

@@ -34,7 +34,6 @@ from servekit.llm.distributed import (
     shard_weight,
 )
 from servekit.llm.kernels import kernels_available
-from servekit.llm.kernels.elementwise import add_rms_norm
 from servekit.llm.kernels.quantized import QuantizedTensor
 from servekit.llm.kv_cache import PagedKVCache
 from servekit.llm.model_config import ModelConfig, MoEConfig
@@ -75,6 +74,9 @@ class Block:
     post_mlp_norm: Norm | None
     window: int | None
     rotary: int  # index into DecoderLM.rotaries (-1: no rotary)
+    # q/k/v and the MLP's input rows in one projection (a parallel block off one norm; then the
+    # attention's ``qkv`` and the MLP's ``up`` are None)
+    shared_input: Projection | None = None
 
 
 class DecoderLM:
@@ -254,12 +256,37 @@ class DecoderLM:
             weight = weight + self.norm_offset
         bias = store.pop(f"{name}.bias", None)
         rms = self.config.norm == "rms" or name.endswith(("q_norm", "k_norm"))
-        return Norm(weight, bias, self.config.rms_norm_eps, rms=rms and bias is None)
+        return Norm(
+            weight, bias, self.config.rms_norm_eps, rms=rms and bias is None, fused=self.fused_elementwise
+        )
+
+    def _has(self, store: dict[str, torch.Tensor], name: str) -> bool:
+        return f"{name}.weight" in store or f"{name}.weight" in self._blocks
+
+    def _mlp_input_names(self, store: dict[str, torch.Tensor], prefix: str) -> list[str]:
+        """The projections an MLP's input goes through: gate and up when gated, else up."""
+        gated = self._has(store, f"{prefix}gate")
+        return [f"{prefix}gate", f"{prefix}up"] if gated else [f"{prefix}up"]
+
+    def _shared_input(
+        self, store: dict[str, torch.Tensor], prefix: str, dense: bool
+    ) -> tuple[Projection, bool] | None:
+        """For a parallel block off one norm: q/k/v and the dense MLP's input rows in one projection,
+        one matmul (and one OpenMP region) instead of two over the same normed rows; with whether
+        the MLP is gated."""
+        if self.config.residual != "parallel_shared" or not dense or self.tp.enabled:
+            return None
+        if not self._has(store, f"{prefix}q"):  # a family whose attention does not read q/k/v rows
+            return None
+        names = self._mlp_input_names(store, prefix)
+        return self._linear(store, f"{prefix}q", f"{prefix}k", f"{prefix}v", *names), len(names) == 2
 
     def _attention(self, store: dict[str, torch.Tensor], prefix: str) -> Attention:
         config = self.config
+        # q/k/v are gone from the store when the block's shared projection took them.
+        shared = not self._has(store, f"{prefix}q")
         return SelfAttention(
-            qkv=self._linear(store, f"{prefix}q", f"{prefix}k", f"{prefix}v"),
+            qkv=None if shared else self._linear(store, f"{prefix}q", f"{prefix}k", f"{prefix}v"),
             o=self._linear(store, f"{prefix}o"),
             q_norm=self._norm(store, f"{prefix}q_norm"),
             k_norm=self._norm(store, f"{prefix}k_norm"),
@@ -286,14 +313,16 @@ class DecoderLM:
             score_bias=None if score_bias is None else score_bias.float(),
         )
 
-    def _mlp(self, store: dict[str, torch.Tensor], prefix: str, pack: bool = True) -> DenseMLP:
-        """``pack=False`` keeps the plain weights (the experts stack them)."""
-        gated = f"{prefix}gate.weight" in store or f"{prefix}gate.weight" in self._blocks
-        up = (
-            self._linear(store, f"{prefix}gate", f"{prefix}up", pack=pack)
-            if gated
-            else self._linear(store, f"{prefix}up", pack=pack)
-        )
+    def _mlp(
+        self, store: dict[str, torch.Tensor], prefix: str, pack: bool = True, shared_gated: bool | None = None
+    ) -> DenseMLP:
+        """``pack=False`` keeps the plain weights (the experts stack them); ``shared_gated`` (not
+        None) says the block's shared projection took the input rows, and whether they are gated."""
+        up: Projection | None = None
+        gated = shared_gated
+        if gated is None:
+            names = self._mlp_input_names(store, prefix)
+            up, gated = self._linear(store, *names, pack=pack), len(names) == 2
         down = self._linear(store, f"{prefix}down", pack=pack)
         return DenseMLP(up, down, self.act, gated, fused=self.fused_elementwise)
 
@@ -303,9 +332,12 @@ class DecoderLM:
             prefix = f"layers.{index}."
             moe = config.moe
             mlp: DenseMLP | SparseMoE | AllReduced
-            if moe is None or index in moe.dense_layers:
-                mlp = self._mlp(store, prefix)
+            dense = moe is None or index in moe.dense_layers
+            shared = self._shared_input(store, prefix, dense)
+            if dense:
+                mlp = self._mlp(store, prefix, shared_gated=None if shared is None else shared[1])
             else:
+                assert moe is not None
                 mlp = self._moe(store, prefix, moe)
             attention: Attention | AllReduced = self._attention(store, prefix)
             if self.tp.enabled:
@@ -325,6 +357,7 @@ class DecoderLM:
                     post_mlp_norm=self._norm(store, f"{prefix}post_mlp_norm"),
                     window=window,
                     rotary=rotary,
+                    shared_input=None if shared is None else shared[0],
                 )
             )
         embed = self._blocks.pop("embed.weight", None) or store.pop("embed.weight")
@@ -345,15 +378,15 @@ class DecoderLM:
     # ------------------------------------------------------------------ forward
 
     def _add_norm(
-        self, hidden: torch.Tensor, pending: torch.Tensor | None, norm: Norm | None
+        self,
+        hidden: torch.Tensor,
+        pending: torch.Tensor | None,
+        norm: Norm | None,
+        extra: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``hidden += pending`` then ``norm(hidden)``, in one C pass for RMSNorm when possible."""
+        """``hidden += pending + extra`` then ``norm(hidden)``, in one C pass when possible."""
         assert norm is not None
-        if norm.rms and self.fused_elementwise and hidden.device.type == "cpu":
-            return add_rms_norm(hidden, pending, norm.weight, norm.eps, fused=True)
-        if pending is not None:
-            hidden.add_(pending)
-        return norm(hidden)
+        return norm.add(hidden, pending, extra)
 
     def _attend(
         self,
@@ -363,9 +396,14 @@ class DecoderLM:
         rotary: list[CosSin],
         kv_cache: PagedKVCache,
         attention: AttentionMetadata,
+        qkv: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """The block's attention of ``normed``, or of its q/k/v rows ``qkv`` when already projected."""
         cos_sin = rotary[block.rotary] if block.rotary >= 0 else None
         metadata = attention.for_window(block.window)
+        if qkv is not None:
+            assert isinstance(block.attention, SelfAttention)
+            return block.attention.attend(qkv, cos_sin, kv_cache.layer(index), metadata, self.options)
         return block.attention(normed, cos_sin, kv_cache.layer(index), metadata, self.options)
 
     def forward(
@@ -392,6 +430,7 @@ class DecoderLM:
             hidden = self.embed_norm(hidden)
         rotary = [r.cos_sin(positions, max_position) for r in self.rotaries]
         pending: torch.Tensor | None = None  # the previous layer's output, added at this layer's norm
+        extra: torch.Tensor | None = None  # a parallel block's MLP output, added with ``pending``
         for index, block in enumerate(self.blocks):
             if config.residual == "pre":
                 normed = self._add_norm(hidden, pending, block.attn_norm)
@@ -410,12 +449,19 @@ class DecoderLM:
                 hidden.add_(block.post_attn_norm(attended))
                 pending = block.post_mlp_norm(block.mlp(hidden))
             else:  # parallel: attention and MLP both read the layer's input
-                normed = self._add_norm(hidden, pending, block.attn_norm)
+                normed = self._add_norm(hidden, pending, block.attn_norm, extra)
+                if block.shared_input is not None:
+                    assert isinstance(block.attention, SelfAttention) and isinstance(block.mlp, DenseMLP)
+                    both = block.shared_input(normed)
+                    width = block.attention.qkv_width
+                    pending = self._attend(block, index, normed, rotary, kv_cache, attention, both[:, :width])
+                    extra = block.mlp.finish(both[:, width:])
+                    continue
                 mlp_in = normed if block.mlp_norm is None else block.mlp_norm(hidden)
                 pending = self._attend(block, index, normed, rotary, kv_cache, attention)
-                pending = pending + block.mlp(mlp_in)
+                extra = block.mlp(mlp_in)
         if pending is not None:
-            hidden.add_(pending)
+            hidden.add_(pending if extra is None else pending + extra)
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from servekit.llm.kernels.elementwise import gelu_tanh, silu_mul
+from servekit.llm.kernels.elementwise import add_norm, gelu_tanh, silu_mul
 from servekit.llm.kernels.quantized import QuantizedTensor, quantized_silu_mlp
 from servekit.llm.models.linear import Int8Linear, Linear
 from servekit.llm.models.quantized_linear import GEMM_FROM_ROWS, QuantizedLinear
@@ -47,18 +47,39 @@ class Norm:
     bias: torch.Tensor | None
     eps: float
     rms: bool
+    fused: bool = False  # the C kernel may run (one pass, no OpenMP region at decode sizes)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._runs_fused(x):
+            return self.add(x.view(-1, x.shape[-1]), None).view(x.shape)
         if self.rms:
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+
+    def add(
+        self, hidden: torch.Tensor, delta: torch.Tensor | None, extra: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``hidden += delta + extra`` in place (each when given), then the norm of ``hidden`` (2-D)."""
+        return add_norm(
+            hidden,
+            delta,
+            self.weight,
+            self.bias,
+            self.eps,
+            rms=self.rms,
+            fused=self._runs_fused(hidden),
+            extra=extra,
+        )
+
+    def _runs_fused(self, x: torch.Tensor) -> bool:
+        return self.fused and x.device.type == "cpu" and x.is_contiguous() and x.dtype == self.weight.dtype
 
 
 @dataclass
 class DenseMLP:
     """``down(act(gate(x)) * up(x))`` with gate and up fused in one projection, or ``down(act(up(x)))``."""
 
-    up: Projection  # [gate | up] rows when gated
+    up: Projection | None  # [gate | up] rows when gated; None: the block projects them with q/k/v
     down: Projection
     act: Callable[[torch.Tensor], torch.Tensor]
     gated: bool
@@ -89,7 +110,11 @@ class DenseMLP:
             and x.device.type == "cpu"
         ):
             return quantized_silu_mlp(x, *self.blocks)
-        up = self.up(x)
+        assert self.up is not None, "the block projects the MLP's input: call finish"
+        return self.finish(self.up(x))
+
+    def finish(self, up: torch.Tensor) -> torch.Tensor:
+        """The MLP after its input projection (``up``: ``[rows, width]``, the gate half first when gated)."""
         fused = self.fused and up.device.type == "cpu"
         if not self.gated:
             return self.down(gelu_tanh(up, fused=True) if fused and self.act is _gelu_tanh else self.act(up))

@@ -132,7 +132,7 @@ class StackedExperts:
         return torch.bmm(self._activate(torch.bmm(x, up)), down)
 
 
-def _plain(projection: Projection) -> torch.Tensor | None:
+def _plain(projection: Projection | None) -> torch.Tensor | None:
     """The projection's float weight, if it has one and no bias."""
     if not isinstance(projection, Linear) or projection.bias is not None:
         return None

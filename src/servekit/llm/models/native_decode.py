@@ -118,6 +118,8 @@ def _build(model: DecoderLM, kv_cache: PagedKVCache) -> NativeDecode:
             isinstance(mlp, DenseMLP) and mlp.gated and mlp.act is F.silu, "an MLP other than gated SiLU"
         )
         assert isinstance(mlp, DenseMLP)
+        _require(attention.qkv is not None and mlp.up is not None, "a q/k/v projection shared with the MLP")
+        assert attention.qkv is not None and mlp.up is not None
         _require(block.post_attn_norm is None and block.post_mlp_norm is None, "post-norms")
         _require(block.rotary <= 0, "a second rotary table")
         layer = layers[index]

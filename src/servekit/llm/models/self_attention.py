@@ -17,7 +17,7 @@ CosSin = tuple[torch.Tensor, torch.Tensor]
 
 @dataclass
 class SelfAttention:
-    qkv: Projection  # [q | k | v] rows
+    qkv: Projection | None  # [q | k | v] rows; None: the block projects them with its MLP's input
     o: Projection
     q_norm: Norm | None
     k_norm: Norm | None
@@ -35,9 +35,24 @@ class SelfAttention:
         metadata: AttentionMetadata,
         options: AttentionOptions,
     ) -> torch.Tensor:
-        tokens = normed.shape[0]
+        assert self.qkv is not None, "the block projects q/k/v: call attend"
+        return self.attend(self.qkv(normed), rotary, layer_cache, metadata, options)
+
+    @property
+    def qkv_width(self) -> int:
+        return (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+
+    def attend(
+        self,
+        qkv: torch.Tensor,
+        rotary: CosSin | None,
+        layer_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        options: AttentionOptions,
+    ) -> torch.Tensor:
+        """The block after its q/k/v projection: ``qkv`` ``[tokens, qkv_width]``, unit column stride."""
+        tokens = qkv.shape[0]
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = self.qkv(normed)
         q_width, kv_width = heads * head_dim, kv_heads * head_dim
         slots = metadata.slot_mapping
         if self.fused and self.q_norm is None and slots is not None and qkv.device.type == "cpu":
