@@ -318,8 +318,9 @@ def resolve_gguf_blocks(
     tp: int = 1,
 ) -> bool:
     """Whether the weights are computed on the checkpoint's quantised blocks: asked for (the
-    default), a checkpoint that has them, float32 compute on the CPU without int8 or tensor
-    parallelism (the shards are cut from float weights), C kernels built."""
+    default), a checkpoint that has them, float32 compute on the CPU without tensor parallelism
+    (the shards are cut from float weights), C kernels built. With int8 the blocks are kept for the
+    batch-1 steps, where their exact kernels are faster than int8 (``QuantizedLinear``)."""
     import torch
 
     from servekit.llm.kernels import kernels_available
@@ -328,7 +329,7 @@ def resolve_gguf_blocks(
         name == "blocks"
         and has_blocks
         and dtype == torch.float32
-        and quantization is None
+        and quantization in (None, "int8")
         and device.type == "cpu"
         and tp == 1
         and kernels_available(torch.float32)
