@@ -11,7 +11,7 @@ import torch
 from servekit.llm import EngineConfig, SamplingParams
 from servekit.llm.config import EngineConfigError, resolve_kv_cache_dtype, resolve_quantization
 from servekit.llm.kernels import kernels_available
-from servekit.llm.kernels.quantized import QuantizedTensor
+from servekit.llm.kernels.quantized import QuantizedTensor, q8_matmul
 from servekit.llm.loaders import ModelSource, load_model_source
 from servekit.llm.model_runner import ForwardBatch, ModelRunner
 from servekit.llm.models import linear
@@ -156,20 +156,27 @@ def test_int8_checkpoint_directory_round_trip(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not kernels_available(torch.float32), reason="no C compiler")
-def test_int8_on_gguf_blocks_is_exact_for_one_row_and_int8_from_two() -> None:
-    """A projection on GGUF blocks in int8 mode: one row of x through the exact row kernels (the
-    faster ones there), from INT8_FROM_ROWS rows the Int8Linear of the dequantised weight."""
+def test_int8_on_gguf_blocks_one_row_in_8_bit_activations_int8_linear_from_two() -> None:
+    """A projection on GGUF blocks in int8 mode: one row of x on the blocks with 8-bit activations
+    (q8_matmul; K-quant parts exact), from INT8_FROM_ROWS rows the Int8Linear of the dequantised weight."""
     gguf = pytest.importorskip("gguf")
+    Q = gguf.GGMLQuantizationType
+    shapes = ((Q.Q4_1, 48), (Q.Q8_0, 32), (Q.Q6_K, 16))
     parts = [
-        QuantizedTensor(torch.from_numpy(random_blocks(qtype, rows, 160, seed=rows)), int(qtype), (rows, 160))
-        for qtype, rows in ((gguf.GGMLQuantizationType.Q4_1, 48), (gguf.GGMLQuantizationType.Q8_0, 32))
+        QuantizedTensor(torch.from_numpy(random_blocks(qtype, rows, 256, seed=rows)), int(qtype), (rows, 256))
+        for qtype, rows in shapes
     ]
-    bias = torch.randn(80, generator=torch.Generator().manual_seed(1))
+    bias = torch.randn(96, generator=torch.Generator().manual_seed(1))
     exact, mixed = QuantizedLinear(parts, bias), QuantizedLinear(parts, bias, int8=True)
     weight = torch.cat([part.dequantize() for part in parts])
-    x = torch.randn((INT8_FROM_ROWS + 3, 160), generator=torch.Generator().manual_seed(2))
+    x = torch.randn((INT8_FROM_ROWS + 3, 256), generator=torch.Generator().manual_seed(2))
     for rows in range(1, INT8_FROM_ROWS):
-        assert torch.equal(mixed(x[:rows]), exact(x[:rows]))
+        one = mixed(x[:rows])
+        q4, q8 = (
+            q8_matmul(x[:rows], p.blocks, p.ggml_type, bias[a:b])
+            for p, (a, b) in zip(parts, ((0, 48), (48, 80)), strict=False)
+        )
+        assert torch.equal(one, torch.cat([q4, q8, exact(x[:rows])[:, 80:]], dim=1))
     out = mixed(x)
     assert torch.equal(out, Int8Linear(weight, bias)(x))
     reference = torch.nn.functional.linear(x, weight, bias)
@@ -201,3 +208,8 @@ def test_int8_gguf_runner_keeps_the_native_step_and_int8_numbers(tmp_path: Path)
     ]
     assert logits[0] is not None and logits[1] is not None
     torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=1e-5)
+    # A batch-1 step: the native call computes what the model's forward (one-row q8_matmul) does.
+    native = on_blocks.execute(ForwardBatch([[4]], [len(prompt)], [table])).last_logits
+    on_blocks.native_decode = None
+    forward = on_blocks.execute(ForwardBatch([[4]], [len(prompt)], [table])).last_logits
+    torch.testing.assert_close(native, forward, rtol=0, atol=1e-4)

@@ -109,7 +109,8 @@ class EngineConfig:
         "how a quantised GGUF's (or AWQ/GPTQ checkpoint's) weights are computed: blocks (default: "
         "straight on the file's Q4_0, Q4_1, Q8_0, Q4_K, Q6_K blocks (AWQ/GPTQ: repacked to Q8_0) with "
         "the C kernels, exact float32 arithmetic, 4-8x fewer bytes "
-        "than float32; other types, bfloat16/float16 compute, int8 quantization or no C kernels fall "
+        "than float32 (with int8 quantization kept for its batch-1 steps); other types, "
+        "bfloat16/float16 compute or no C kernels fall "
         "back to dequantize) or dequantize (every weight dequantised to float32 at load)",
         env=("GGUF_WEIGHTS",),
     )
@@ -320,7 +321,7 @@ def resolve_gguf_blocks(
     """Whether the weights are computed on the checkpoint's quantised blocks: asked for (the
     default), a checkpoint that has them, float32 compute on the CPU without tensor parallelism
     (the shards are cut from float weights), C kernels built. With int8 the blocks are kept for the
-    batch-1 steps, where their exact kernels are faster than int8 (``QuantizedLinear``)."""
+    batch-1 steps, computed on them with 8-bit activations (faster there than ``Int8Linear``)."""
     import torch
 
     from servekit.llm.kernels import kernels_available

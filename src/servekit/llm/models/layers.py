@@ -81,8 +81,8 @@ class DenseMLP:
             and down.bias is None
         ):
             self.blocks = (up.parts[0], down.parts[0])
-            # (from the rows where either projection leaves its row kernel, they run one by one)
-            self.blocks_below = min(up.row_kernel_below(), down.row_kernel_below())
+            # (from the rows where either projection leaves its exact row kernel, they run one by one)
+            self.blocks_below = min(up.exact_rows_below(), down.exact_rows_below())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if (

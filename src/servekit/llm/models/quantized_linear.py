@@ -7,15 +7,16 @@ with the activations unrounded: the numbers are those of the dequantised float32
 summation order, from 4-8x fewer bytes of weights, and no float32 copy of the weight is kept.
 
 With ``quantization=int8`` a projection also holds an ``Int8Linear`` of the same weight and runs it
-from ``INT8_FROM_ROWS`` rows of x on: below that (a batch-1 decode step) the exact kernels on the
-blocks are the faster ones, so int8 is never slower than the exact path.
+from ``INT8_FROM_ROWS`` rows of x on; below that (a batch-1 decode step, where ``Int8Linear`` is
+slower than the exact kernels) the blocks are multiplied with 8-bit activations (``q8_matmul``; the
+native batch-1 step does the same), faster still; K-quant parts run their exact kernels there.
 """
 
 from __future__ import annotations
 
 import torch
 
-from servekit.llm.kernels.quantized import QuantizedTensor, RowKernel
+from servekit.llm.kernels.quantized import Q8_TYPES, QuantizedTensor, RowKernel, q8_matmul
 from servekit.llm.kernels.quantized_gemm import quantized_gemm
 from servekit.llm.models.linear import Int8Linear
 
@@ -59,9 +60,9 @@ class QuantizedLinear:
         if int8:
             self.int8 = Int8Linear(torch.cat([part.dequantize() for part in merged]), self.bias)
 
-    def row_kernel_below(self) -> int:
-        """Rows of x below which the row-by-row kernels on the blocks run."""
-        return GEMM_FROM_ROWS if self.int8 is None else INT8_FROM_ROWS
+    def exact_rows_below(self) -> int:
+        """Rows of x below which the exact row-by-row kernels on the blocks run."""
+        return GEMM_FROM_ROWS if self.int8 is None else 0
 
     def part_biases(self) -> list[torch.Tensor | None]:
         biases: list[torch.Tensor | None] = []
@@ -76,7 +77,14 @@ class QuantizedLinear:
         if self.int8 is not None and x.shape[0] >= INT8_FROM_ROWS:
             return self.int8(x)
         source = x if x.dtype == torch.float32 else x.float()
-        if source.shape[0] < GEMM_FROM_ROWS:
+        if self.int8 is not None:  # (fewer than INT8_FROM_ROWS rows)
+            pieces = [
+                q8_matmul(source, part.blocks, part.ggml_type, bias)
+                if part.ggml_type in Q8_TYPES
+                else kernel(source)
+                for part, bias, kernel in zip(self.parts, self.part_biases(), self.row_kernels, strict=True)
+            ]
+        elif source.shape[0] < GEMM_FROM_ROWS:
             pieces = [kernel(source) for kernel in self.row_kernels]
         else:
             pieces = [
