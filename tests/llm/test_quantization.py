@@ -10,11 +10,17 @@ import torch
 
 from servekit.llm import EngineConfig, SamplingParams
 from servekit.llm.config import EngineConfigError, resolve_kv_cache_dtype, resolve_quantization
+from servekit.llm.kernels import kernels_available
+from servekit.llm.kernels.quantized import QuantizedTensor, q8_matmul
 from servekit.llm.loaders import ModelSource, load_model_source
 from servekit.llm.model_runner import ForwardBatch, ModelRunner
 from servekit.llm.models import linear
 from servekit.llm.models.linear import Int8Linear
+from servekit.llm.models.quantized_linear import INT8_FROM_ROWS, QuantizedLinear
 from tests.llm.test_engine import PROMPTS, SYSTEM, make_engine, run_all
+from tests.llm.test_loaders_gguf import write_gguf
+from tests.llm.test_native_decode import mixed_type
+from tests.llm.test_quantized_kernels import random_blocks
 from tests.llm.tiny_models import build_tiny_checkpoint
 
 
@@ -147,3 +153,63 @@ def test_int8_checkpoint_directory_round_trip(tmp_path: Path) -> None:
     engine = make_engine(load_model_source(str(checkpoint)), quantization="int8")
     out = run_all(engine, [(PROMPTS[3], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))])
     assert len(out["r0"].outputs[0].token_ids) == 5
+
+
+@pytest.mark.skipif(not kernels_available(torch.float32), reason="no C compiler")
+def test_int8_on_gguf_blocks_one_row_in_8_bit_activations_int8_linear_from_two() -> None:
+    """A projection on GGUF blocks in int8 mode: one row of x on the blocks with 8-bit activations
+    (q8_matmul; K-quant parts exact), from INT8_FROM_ROWS rows the Int8Linear of the dequantised weight."""
+    gguf = pytest.importorskip("gguf")
+    Q = gguf.GGMLQuantizationType
+    shapes = ((Q.Q4_1, 48), (Q.Q8_0, 32), (Q.Q6_K, 16))
+    parts = [
+        QuantizedTensor(torch.from_numpy(random_blocks(qtype, rows, 256, seed=rows)), int(qtype), (rows, 256))
+        for qtype, rows in shapes
+    ]
+    bias = torch.randn(96, generator=torch.Generator().manual_seed(1))
+    exact, mixed = QuantizedLinear(parts, bias), QuantizedLinear(parts, bias, int8=True)
+    weight = torch.cat([part.dequantize() for part in parts])
+    x = torch.randn((INT8_FROM_ROWS + 3, 256), generator=torch.Generator().manual_seed(2))
+    for rows in range(1, INT8_FROM_ROWS):
+        one = mixed(x[:rows])
+        q4, q8 = (
+            q8_matmul(x[:rows], p.blocks, p.ggml_type, bias[a:b])
+            for p, (a, b) in zip(parts, ((0, 48), (48, 80)), strict=False)
+        )
+        assert torch.equal(one, torch.cat([q4, q8, exact(x[:rows])[:, 80:]], dim=1))
+    out = mixed(x)
+    assert torch.equal(out, Int8Linear(weight, bias)(x))
+    reference = torch.nn.functional.linear(x, weight, bias)
+    assert not torch.allclose(out, reference, atol=1e-4)  # really int8 ...
+    assert ((out - reference).norm(dim=1) / reference.norm(dim=1)).max() < 0.02  # ... and close
+
+
+@pytest.mark.skipif(not kernels_available(torch.float32), reason="no C compiler")
+def test_int8_gguf_runner_keeps_the_native_step_and_int8_numbers(tmp_path: Path) -> None:
+    """int8 on a GGUF checkpoint: the batch-1 decode step is the native (exact) one, and a prompt's
+    logits are those of int8 on the dequantised weights (what the mode computed before)."""
+    pytest.importorskip("gguf")
+    path = tmp_path / "tiny.gguf"
+    write_gguf(build_tiny_checkpoint(tmp_path / "hf", "llama"), path, "llama", block_type=mixed_type)
+    source = load_model_source(str(path))
+
+    def runner(blocks: bool) -> ModelRunner:
+        weights = source.iter_weight_blocks() if blocks else source.iter_weights()
+        return ModelRunner(
+            source.config, weights, block_size=4, num_blocks=8, max_model_len=32, quantization="int8"
+        )
+
+    on_blocks, dequantised = runner(True), runner(False)
+    assert on_blocks.native_decode is not None and dequantised.native_decode is None
+    prompt, table = [5, 9, 2, 7, 11, 3], [0, 1]
+    logits = [
+        r.execute(ForwardBatch([prompt], [0], [table], all_logits=[True])).all_logits[0]
+        for r in (on_blocks, dequantised)
+    ]
+    assert logits[0] is not None and logits[1] is not None
+    torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=1e-5)
+    # A batch-1 step: the native call computes what the model's forward (one-row q8_matmul) does.
+    native = on_blocks.execute(ForwardBatch([[4]], [len(prompt)], [table])).last_logits
+    on_blocks.native_decode = None
+    forward = on_blocks.execute(ForwardBatch([[4]], [len(prompt)], [table])).last_logits
+    torch.testing.assert_close(native, forward, rtol=0, atol=1e-4)

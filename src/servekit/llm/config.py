@@ -109,7 +109,8 @@ class EngineConfig:
         "how a quantised GGUF's (or AWQ/GPTQ checkpoint's) weights are computed: blocks (default: "
         "straight on the file's Q4_0, Q4_1, Q8_0, Q4_K, Q6_K blocks (AWQ/GPTQ: repacked to Q8_0) with "
         "the C kernels, exact float32 arithmetic, 4-8x fewer bytes "
-        "than float32; other types, bfloat16/float16 compute, int8 quantization or no C kernels fall "
+        "than float32 (with int8 quantization kept for its batch-1 steps); other types, "
+        "bfloat16/float16 compute or no C kernels fall "
         "back to dequantize) or dequantize (every weight dequantised to float32 at load)",
         env=("GGUF_WEIGHTS",),
     )
@@ -318,8 +319,9 @@ def resolve_gguf_blocks(
     tp: int = 1,
 ) -> bool:
     """Whether the weights are computed on the checkpoint's quantised blocks: asked for (the
-    default), a checkpoint that has them, float32 compute on the CPU without int8 or tensor
-    parallelism (the shards are cut from float weights), C kernels built."""
+    default), a checkpoint that has them, float32 compute on the CPU without tensor parallelism
+    (the shards are cut from float weights), C kernels built. With int8 the blocks are kept for the
+    batch-1 steps, computed on them with 8-bit activations (faster there than ``Int8Linear``)."""
     import torch
 
     from servekit.llm.kernels import kernels_available
@@ -328,7 +330,7 @@ def resolve_gguf_blocks(
         name == "blocks"
         and has_blocks
         and dtype == torch.float32
-        and quantization is None
+        and quantization in (None, "int8")
         and device.type == "cpu"
         and tp == 1
         and kernels_available(torch.float32)

@@ -40,10 +40,11 @@ SOURCES = tuple(
         "rotary_cache.c",
         "quantized_gemm.c",
         "expert_matmul.c",
+        "q8_rows.c",
         "decode_step.c",
     )
 )
-HEADERS = (Path(__file__).with_name("dtypes.h"),)
+HEADERS = (Path(__file__).with_name("dtypes.h"), Path(__file__).with_name("hsum.h"))
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fPIC", "-shared", "-pthread")
 OPENMP_FLAGS = ("-fopenmp",)  # dropped when the compiler has no OpenMP (then plain threads)
 
@@ -132,6 +133,8 @@ _SIGNATURES: dict[str, list[type]] = {
     # x float32, rows, cols (K), weight blocks, out rows (N), bytes per weight row, GGML type, bias (or
     # NULL), out float32, threads
     "quantized_matmul": [_POINTER, _INT64, _INT64, _POINTER, _INT64, _INT64, _INT, _POINTER, _POINTER, _INT],
+    # the same, 8-bit activations (Q4_0, Q4_1, Q8_0)
+    "q8_matmul": [_POINTER, _INT64, _INT64, _POINTER, _INT64, _INT64, _INT, _POINTER, _POINTER, _INT],
     # x float32, rows, K; gate_up blocks, bytes per row, type; intermediate; down blocks, bytes per
     # row, type; scratch float32, out float32, threads
     "quantized_silu_mlp": [
@@ -187,6 +190,7 @@ _RETURNS_INT = (
     "paged_decode_attention",
     "attention_simd_lanes",
     "quantized_matmul",
+    "q8_matmul",
     "quantized_silu_mlp",
     "dequantize_rows",
     "quantized_simd_lanes",

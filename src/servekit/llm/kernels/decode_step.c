@@ -39,13 +39,17 @@
 #define cpu_relax() __asm__ __volatile__("" ::: "memory")
 #endif
 
-/* from quantized_matmul.c, rotary_cache.c, paged_attention.c */
+/* from quantized_matmul.c, q8_rows.c, rotary_cache.c, paged_attention.c */
 int64_t quantized_prep_floats(int64_t k);
 int quantized_prepare_row(const float *x, int64_t k, int type, float *prep);
 void quantized_rows_range(const float *x, const float *prep, int64_t k, const uint8_t *w, int64_t row_bytes,
                           int type, const float *bias, float *out, int64_t j0, int64_t j1, float *rowbuf);
 int dequantize_rows(const uint8_t *w, int64_t row_bytes, int type, int64_t k, const int64_t *indices,
                     int64_t count, float *out);
+int q8_supports(int type);
+void q8_prepare_row(const float *x, int64_t k, float *prep);
+void q8_rows_range(const float *prep, int64_t k, const uint8_t *w, int64_t row_bytes, int type, const float *bias,
+                   float *out, int64_t j0, int64_t j1);
 void rotary_write_kv_head(float *q, float *k, const float *v, const float *cos, const float *sin, int64_t half,
                           int64_t h, int64_t group, int64_t kv_heads, int64_t head_dim, void *cache,
                           int cache_dtype, int64_t block, int64_t offset, int64_t block_size);
@@ -92,6 +96,7 @@ typedef struct {
     /* shared scratch, float32: residual [hidden], qkv [(heads + 2 kv_heads) head_dim],
      * attn [heads head_dim], delta [hidden], gate_up [2 inter] */
     float *residual, *qkv, *attn, *delta, *gate_up;
+    int64_t q8; /* 1: the 32-weight block types with 8-bit activations (q8_rows.c; quantization=int8) */
 } dmodel_t;
 
 /* -- the phases' work sharing ------------------------------------------------------------------ */
@@ -162,9 +167,12 @@ static void rms_norm(const float *x, const float *weight, float *out, int64_t n,
     for (int64_t c = 0; c < n; c++) out[c] = x[c] * inverse * weight[c];
 }
 
+#define PREPARED_Q8 (-3)
 typedef struct {
     float *prep, *rowbuf;
-    int prepared; /* the block type `prep` holds for this phase's x (-1: none yet, -2: not a fused type) */
+    int prepared; /* the block type `prep` holds for this phase's x (-1: none yet, -2: not a fused type,
+                   * PREPARED_Q8: x's 8-bit blocks) */
+    int q8;       /* dmodel_t's */
 } thread_scratch_t;
 
 /* Rows [begin, end) of x @ W.T (+ bias) into out [rows]. */
@@ -175,7 +183,12 @@ static void project_rows(const dprojection_t *p, const float *x, int64_t k, floa
         const dmatrix_t *m = &p->part[i];
         const int64_t lo = begin > first ? begin : first;
         const int64_t hi = end < first + m->rows ? end : first + m->rows;
-        if (lo < hi) {
+        if (lo < hi && s->q8 && q8_supports((int)m->type)) {
+            if (s->prepared != PREPARED_Q8) q8_prepare_row(x, k, s->prep);
+            s->prepared = PREPARED_Q8;
+            q8_rows_range(s->prep, k, m->data, m->row_bytes, (int)m->type, m->bias, out + first, lo - first,
+                          hi - first);
+        } else if (lo < hi) {
             if (s->prepared != (int)m->type)
                 s->prepared = quantized_prepare_row(x, k, (int)m->type, s->prep) ? (int)m->type : -2;
             const float *prep = s->prepared == (int)m->type ? s->prep : NULL;
@@ -230,7 +243,7 @@ static int step_body(const dmodel_t *m, int64_t token, int64_t position, const i
     if (own == NULL) return -1; /* (a thread without scratch takes no chunk: the others do them all) */
     int status = 0;
     float *normed = own, *act = own + hidden;
-    thread_scratch_t scratch = {act + inter, act + inter + quantized_prep_floats(widest), -1};
+    thread_scratch_t scratch = {act + inter, act + inter + quantized_prep_floats(widest), -1, (int)m->q8};
     const int64_t block = table[position / m->block_size], offset = position % m->block_size;
     phase_t *phase = s->phase;
     if (take(phase, 1) == 0) {

@@ -72,6 +72,7 @@ class Model(ctypes.Structure):
         ("lm_head", Projection),
         ("layer", ctypes.c_void_p),
         *[(name, ctypes.c_void_p) for name in ("residual", "qkv", "attn", "delta", "gate_up")],
+        ("q8", ctypes.c_int64),  # 1: 8-bit activations for the 32-weight block types (quantization=int8)
     ]
 
 

@@ -154,6 +154,24 @@ def quantized_matmul(
     return call.run(library.quantized_matmul)
 
 
+# The types q8_matmul takes (q8_rows.c): the 32-weight ones.
+Q8_TYPES = (2, 3, 8)
+
+
+def q8_matmul(
+    x: torch.Tensor, blocks: torch.Tensor, ggml_type: int, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``quantized_matmul`` with 8-bit activations (``q8_rows.c``: each 32-block of an x row as int8
+    with one scale, integer dots with the weight codes): not exact, for ``quantization=int8``'s
+    batch-1 rows; ``ggml_type`` one of ``Q8_TYPES``."""
+    library = load_library()
+    if library is None:
+        raise RuntimeError("the C kernels are not available (see servekit.llm.kernels)")
+    if ggml_type not in Q8_TYPES:
+        raise ValueError(f"GGML type {ggml_type} has no 8-bit-activation kernel")
+    return MatmulCall.of(x, blocks, ggml_type, bias, None).run(library.q8_matmul)
+
+
 def quantized_silu_mlp(
     x: torch.Tensor, gate_up: QuantizedTensor, down: QuantizedTensor, *, num_threads: int | None = None
 ) -> torch.Tensor:

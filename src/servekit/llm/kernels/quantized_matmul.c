@@ -20,6 +20,8 @@
 #include <math.h>
 #include <string.h>
 
+#include "hsum.h"
+
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__)) || defined(__F16C__)
 #include <immintrin.h>
 #endif
@@ -41,12 +43,7 @@ typedef __m256 qvec_t;
 #define qzero _mm256_setzero_ps
 #define qfmadd _mm256_fmadd_ps
 #define qadd _mm256_add_ps
-static inline float qsum(qvec_t v) {
-    __m128 sum = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
-    sum = _mm_add_ss(sum, _mm_shuffle_ps(sum, sum, 1));
-    return _mm_cvtss_f32(sum);
-}
+static inline float qsum(qvec_t v) { return hsum256(v); }
 #else
 #define QLANES 1
 typedef float qvec_t;
@@ -296,13 +293,6 @@ static inline __attribute__((always_inline)) void block_codes(const uint8_t *blo
     q[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
     q[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
     q[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
-}
-
-static inline float hsum256(__m256 a) {
-    __m128 v = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-    v = _mm_add_ss(v, _mm_shuffle_ps(v, v, 1));
-    return _mm_cvtss_f32(v);
 }
 
 /* The 32-weight types without a dequantised row: w = d * q + c per block, so a block contributes

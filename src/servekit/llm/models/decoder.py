@@ -169,7 +169,7 @@ class DecoderLM:
         return (
             plain
             and self.dtype == torch.float32
-            and self.quantization is None
+            and self.quantization in (None, "int8")
             and ".qkv." not in str(canonical)
             and ".gate_up." not in str(canonical)
         )
@@ -229,7 +229,8 @@ class DecoderLM:
         parts = [self._blocks.pop(f"{n}.weight", None) for n in names]
         if all(part is not None for part in parts):
             blocks = [part for part in parts if part is not None]
-            return QuantizedLinear(blocks, self._fused_bias([p.shape[0] for p in blocks], biases))
+            bias = self._fused_bias([p.shape[0] for p in blocks], biases)
+            return QuantizedLinear(blocks, bias, int8=self.quantization == "int8")
         weights = [
             store.pop(f"{n}.weight") if part is None else part.dequantize()
             for n, part in zip(names, parts, strict=True)
@@ -370,7 +371,7 @@ class DecoderLM:
         if not config.tie_word_embeddings:
             head = self._linear(store, "lm_head")
         elif isinstance(embed, QuantizedTensor):
-            head = QuantizedLinear([embed])
+            head = QuantizedLinear([embed], int8=self.quantization == "int8")
         else:
             head = make_linear(embed, None, quantization=self.quantization, pack=self.pack_weights)
         self.lm_head = VocabParallelHead(head, config.vocab_size, self.tp)

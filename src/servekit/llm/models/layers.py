@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from servekit.llm.kernels.elementwise import add_norm, gelu_tanh, silu_mul
 from servekit.llm.kernels.quantized import QuantizedTensor, quantized_silu_mlp
 from servekit.llm.models.linear import Int8Linear, Linear
-from servekit.llm.models.quantized_linear import GEMM_FROM_ROWS, QuantizedLinear
+from servekit.llm.models.quantized_linear import QuantizedLinear
 
 Projection = Linear | Int8Linear | QuantizedLinear
 
@@ -88,6 +88,7 @@ class DenseMLP:
     def __post_init__(self) -> None:
         # Both projections on GGUF blocks, unbiased: decode-sized batches run the whole MLP in one call.
         self.blocks: tuple[QuantizedTensor, QuantizedTensor] | None = None
+        self.blocks_below = 0  # rows of x below which the one call runs
         up, down = self.up, self.down
         if (
             self.fused
@@ -101,11 +102,13 @@ class DenseMLP:
             and down.bias is None
         ):
             self.blocks = (up.parts[0], down.parts[0])
+            # (from the rows where either projection leaves its exact row kernel, they run one by one)
+            self.blocks_below = min(up.exact_rows_below(), down.exact_rows_below())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if (
             self.blocks is not None
-            and x.shape[0] < GEMM_FROM_ROWS
+            and x.shape[0] < self.blocks_below
             and x.dtype == torch.float32
             and x.device.type == "cpu"
         ):

@@ -174,5 +174,6 @@ def _build(model: DecoderLM, kv_cache: PagedKVCache) -> NativeDecode:
         setattr(struct, name, pointer)
         pointer += 4 * width
     struct.gate_up = pointer
+    struct.q8 = int(model.quantization == "int8")  # as QuantizedLinear's one-row calls then compute
     keep += [scratch, embed, final_norm, kv_cache, model]
     return NativeDecode(DecodeStepKernel(struct, layers, keep), rotary)

@@ -5,27 +5,41 @@ it: for each output row, its blocks' bytes (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K). ``Qua
 (``servekit.llm.kernels.quantized``), which dequantise the blocks on the fly and compute in float32
 with the activations unrounded: the numbers are those of the dequantised float32 weight, up to
 summation order, from 4-8x fewer bytes of weights, and no float32 copy of the weight is kept.
+
+With ``quantization=int8`` a projection also holds an ``Int8Linear`` of the same weight and runs it
+from ``INT8_FROM_ROWS`` rows of x on; below that (a batch-1 decode step, where ``Int8Linear`` is
+slower than the exact kernels) the blocks are multiplied with 8-bit activations (``q8_matmul``; the
+native batch-1 step does the same), faster still; K-quant parts run their exact kernels there.
 """
 
 from __future__ import annotations
 
 import torch
 
-from servekit.llm.kernels.quantized import QuantizedTensor, RowKernel
+from servekit.llm.kernels.quantized import Q8_TYPES, QuantizedTensor, RowKernel, q8_matmul
 from servekit.llm.kernels.quantized_gemm import quantized_gemm
+from servekit.llm.models.linear import Int8Linear
 
 # Rows of x from which the GEMM (quantized_gemm.c) beats the row-by-row kernel: CPU time on the AVX2
 # EPYC, SmolLM2's Q4_1 shapes: 8 rows 1.61 ms (row kernel) vs 1.79 ms, 12 rows 2.36 vs 1.76 ms.
 GEMM_FROM_ROWS = 12
+# Rows of x from which the int8 projection beats the exact kernels on the blocks: CPU time of the
+# default model's decode step on the AVX-512 VNNI Xeon (RESULTS.md, `int8`): batch 1 16.2 ms exact
+# (the native step) vs 27.7 int8; batch 2 49 vs 34; batch 8 72 vs 36.
+INT8_FROM_ROWS = 2
 
 
 class QuantizedLinear:
     """``y = x @ W.T + bias`` in float32 with ``W`` the row-wise concatenation of ``parts`` (fused
-    projections such as q/k/v may store their parts in different types: each runs its own kernel)."""
+    projections such as q/k/v may store their parts in different types: each runs its own kernel).
+    ``int8``: also hold the weight requantised for ``Int8Linear``, which runs from ``INT8_FROM_ROWS``
+    rows of x."""
 
-    __slots__ = ("bias", "in_features", "out_features", "parts", "row_kernels")
+    __slots__ = ("bias", "in_features", "int8", "out_features", "parts", "row_kernels")
 
-    def __init__(self, parts: list[QuantizedTensor], bias: torch.Tensor | None = None) -> None:
+    def __init__(
+        self, parts: list[QuantizedTensor], bias: torch.Tensor | None = None, *, int8: bool = False
+    ) -> None:
         if not parts or len({p.shape[1] for p in parts}) != 1:
             raise ValueError("a quantized projection needs parts of one input width")
         merged: list[QuantizedTensor] = []
@@ -42,6 +56,13 @@ class QuantizedLinear:
         self.row_kernels = [
             RowKernel(part, bias) for part, bias in zip(merged, self.part_biases(), strict=True)
         ]
+        self.int8: Int8Linear | None = None
+        if int8:
+            self.int8 = Int8Linear(torch.cat([part.dequantize() for part in merged]), self.bias)
+
+    def exact_rows_below(self) -> int:
+        """Rows of x below which the exact row-by-row kernels on the blocks run."""
+        return GEMM_FROM_ROWS if self.int8 is None else 0
 
     def part_biases(self) -> list[torch.Tensor | None]:
         biases: list[torch.Tensor | None] = []
@@ -53,8 +74,17 @@ class QuantizedLinear:
         return biases
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int8 is not None and x.shape[0] >= INT8_FROM_ROWS:
+            return self.int8(x)
         source = x if x.dtype == torch.float32 else x.float()
-        if source.shape[0] < GEMM_FROM_ROWS:
+        if self.int8 is not None:  # (fewer than INT8_FROM_ROWS rows)
+            pieces = [
+                q8_matmul(source, part.blocks, part.ggml_type, bias)
+                if part.ggml_type in Q8_TYPES
+                else kernel(source)
+                for part, bias, kernel in zip(self.parts, self.part_biases(), self.row_kernels, strict=True)
+            ]
+        elif source.shape[0] < GEMM_FROM_ROWS:
             pieces = [kernel(source) for kernel in self.row_kernels]
         else:
             pieces = [
