@@ -65,6 +65,8 @@ def server(kind: str, gguf: Path, args: argparse.Namespace, parallel: int, log: 
     else:
         command = llama_command(args.llama_server, gguf, port, args, parallel)
     env = {**bench_env(), "OMP_NUM_THREADS": str(args.threads)}
+    if kind == "servekit":
+        env.update(item.split("=", 1) for item in args.servekit_env)
     with open(log, "w") as out:
         process = subprocess.Popen(
             command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
@@ -157,6 +159,13 @@ def server_arguments(doc: str | None) -> argparse.ArgumentParser:
     parser.add_argument("--model", type=Path, default=None, help="GGUF file (default: the default model's)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--servekit-arg", action="append", default=[], help="extra `servekit serve` flag")
+    parser.add_argument(
+        "--servekit-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment of `servekit serve` only",
+    )
     return parser
 
 

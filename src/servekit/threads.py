@@ -13,6 +13,7 @@ import os
 from collections.abc import MutableMapping
 
 WAIT_POLICY_ENV = "OMP_WAIT_POLICY"
+SPIN_COUNT_ENV = "GOMP_SPINCOUNT"
 
 
 def available_cpus() -> int:
@@ -24,11 +25,13 @@ def available_cpus() -> int:
 
 
 def default_passive_wait(environ: MutableMapping[str, str] | None = None) -> None:
-    """``OMP_WAIT_POLICY=PASSIVE`` unless the user set a policy. Only effective before libgomp
-    starts (before torch is imported), so ``servekit``'s command calls it first thing; processes it
-    starts inherit it."""
+    """``OMP_WAIT_POLICY=PASSIVE`` unless the user chose how threads wait (a policy, or libgomp's
+    own ``GOMP_SPINCOUNT``: a bounded spin is faster on a machine nobody else uses). Only effective
+    before libgomp starts (before torch is imported), so ``servekit``'s command calls it first
+    thing; processes it starts inherit it."""
     env = os.environ if environ is None else environ
-    env.setdefault(WAIT_POLICY_ENV, "PASSIVE")
+    if SPIN_COUNT_ENV not in env:
+        env.setdefault(WAIT_POLICY_ENV, "PASSIVE")
 
 
 def configure_threads(num_threads: int | None) -> int:

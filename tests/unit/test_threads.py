@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from servekit.threads import WAIT_POLICY_ENV, available_cpus, default_passive_wait
+from servekit.threads import SPIN_COUNT_ENV, WAIT_POLICY_ENV, available_cpus, default_passive_wait
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 
@@ -21,6 +21,9 @@ def test_passive_wait_is_a_default_the_user_can_override() -> None:
     env = {WAIT_POLICY_ENV: "ACTIVE"}
     default_passive_wait(env)
     assert env[WAIT_POLICY_ENV] == "ACTIVE"
+    env = {SPIN_COUNT_ENV: "3000"}  # a bounded spin chosen by the user: no policy forced over it
+    default_passive_wait(env)
+    assert WAIT_POLICY_ENV not in env
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this OS")
@@ -43,7 +46,7 @@ def test_the_servekit_command_sets_passive_wait_before_torch() -> None:
         "import os, sys; from servekit import cli; cli.main(['models']); "
         "print(os.environ.get('OMP_WAIT_POLICY'))"
     )
-    env = {k: v for k, v in os.environ.items() if k not in (WAIT_POLICY_ENV,)}
+    env = {k: v for k, v in os.environ.items() if k not in (WAIT_POLICY_ENV, SPIN_COUNT_ENV)}
     env["PYTHONPATH"] = SRC
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
