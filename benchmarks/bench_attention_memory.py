@@ -9,7 +9,8 @@ shapes: 32 sequences at contexts 128-256 (concurrency 32) and 1 sequence at 1000
 The old library is `paged_attention.c` as committed at ``--old`` (default ``main``), the new one
 the working tree's; both are compiled here with servekit's flags (``--portable`` / ``--avx2``:
 with the vector extensions, or AVX-512 only, switched off). Timing is thread CPU time
-(``time.thread_time``: other processes share the machine; wall time with ``--threads`` above 1),
+(``time.thread_time``: other processes share the machine; with ``--threads`` above 1 wall time, or
+with ``--cpu`` the process's CPU time, all threads, under ``OMP_WAIT_POLICY=PASSIVE``),
 the two libraries interleaved, best of
 ``--repeats`` pairs, and every pair's ratio is kept so the spread can be reported; the outputs of
 the two are compared (bit-identical or the largest relative difference).
@@ -84,12 +85,20 @@ class Case:
         self.queries = [
             torch.randn((len(lengths), HEADS, HEAD_DIM), generator=generator) for _ in range(LAYERS)
         ]
+        self.process_clock = False
         self.keys = sum(lengths) * KV_HEADS * LAYERS  # (key, KV head) pairs a step
         self.bytes = sum(lengths) * 2 * KV_HEADS * HEAD_DIM * 4 * LAYERS  # key + value rows read
 
     def step(self, library: ctypes.CDLL, outs: list[torch.Tensor], threads: int) -> float:
-        """Seconds of one pass over the 30 layers: the thread's CPU time, wall time above 1 thread."""
-        clock = time.thread_time if threads == 1 else time.perf_counter
+        """Seconds of one pass over the 30 layers: the thread's CPU time; above 1 thread wall time,
+        or the process's CPU time (all threads: run with OMP_WAIT_POLICY=PASSIVE, so waiting is not work)."""
+        clock = (
+            time.thread_time
+            if threads == 1
+            else time.process_time
+            if self.process_clock
+            else time.perf_counter
+        )
         start = clock()
         for layer in range(LAYERS):
             status = library.paged_decode_attention(
@@ -125,6 +134,7 @@ def main() -> None:
     parser.add_argument("--old", default="main", help="git revision of the old kernel")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=1, help="kernel threads (above 1, wall time)")
+    parser.add_argument("--cpu", action="store_true", help="above 1 thread, process CPU time, not wall")
     parser.add_argument("--avx2", action="store_true", help="build both without AVX-512")
     parser.add_argument("--portable", action="store_true", help="build both without vector extensions")
     parser.add_argument("--hot", action="store_true", help="one cache for all layers (cache-resident)")
@@ -152,6 +162,7 @@ def main() -> None:
         }
         for label, lengths in shapes.items():
             case = Case(lengths, seed=len(lengths), hot=args.hot, huge=args.huge_pages)
+            case.process_clock = args.cpu
             outs = {
                 name: [torch.empty(len(lengths), HEADS * HEAD_DIM) for _ in range(LAYERS)] for name in "on"
             }
