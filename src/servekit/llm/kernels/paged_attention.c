@@ -338,9 +338,8 @@ static void *run_job(void *arg) {
         return NULL;
     }
     const int units = job->num_seqs * job->num_kv_heads;
-    const int vectorised = HAVE_SIMD && d % LANES_OR_ONE == 0 && d <= 256;
 #if HAVE_SIMD
-    if (vectorised) {
+    if (d % LANES == 0 && d <= 256) {
         run_units_simd(job, scores, rows, rows_len);
         free(scores), free(q), free(acc), free(row), free(rows);
         return NULL;
