@@ -100,26 +100,49 @@ static inline float vsum(vec_t v) {
 #define KEYS 4                   /* keys whose scores one pass computes together */
 #define HEADS 3                  /* query heads of a group computed together */
 #define TILE 4                   /* output vectors per head kept in registers while values stream */
-#define PREFETCH 16              /* rows ahead to prefetch */
+#ifndef PREFETCH_ROWS
+#define PREFETCH_ROWS 32 /* rows ahead of the one being read to prefetch */
+#endif
+
+/* The rows a thread reads, in the order it reads them: the keys of its current unit, its values,
+ * then the keys and values of its next unit (n 0: none). Rows sit in 4 KiB runs (one cache block's
+ * keys or values of one KV head) scattered over the cache, where the hardware prefetcher stops and
+ * every run would start with a miss: each row read prefetches the one PREFETCH_ROWS further on,
+ * across the end of the unit into the next one. */
+typedef struct {
+    const void **keys, **values;
+    int n;
+    const void **next_keys, **next_values;
+    int next_n;
+    int row_bytes;
+} stream_t;
+
+static inline void prefetch_row(const stream_t *st, int position) {
+    const void *row;
+    if (position < st->n)
+        row = st->keys[position];
+    else if ((position -= st->n) < st->n)
+        row = st->values[position];
+    else if ((position -= st->n) < st->next_n)
+        row = st->next_keys[position];
+    else if ((position -= st->next_n) < st->next_n)
+        row = st->next_values[position];
+    else
+        return;
+    for (int b = 0; b < st->row_bytes; b += 64) __builtin_prefetch((const char *)row + b);
+}
 
 /* Scores of keys [0, n) for query heads q[0..hn) (hn <= HEADS, a constant at each call site):
  * per KEYS keys, hn x KEYS independent FMA chains over the head dimension, each key row loaded
  * once for all hn heads. */
 static inline __attribute__((always_inline)) void head_scores(const vec_t *q, int hn, int chunks,
-                                                              const void **keys, const void **values,
+                                                              const void **keys, const stream_t *st,
                                                               int n, float *sg, int64_t stride,
-                                                              int kv_dtype, int row_bytes) {
+                                                              int kv_dtype) {
     int i = 0;
     for (; i + KEYS <= n; i += KEYS) {
-        /* Rows sit in 4 KiB runs (a cache block's keys of one head) scattered over the cache, where
-         * the hardware prefetcher stops: fetch the keys PREFETCH rows ahead, and the values the
-         * weighted sum reads next. */
-        if (values != NULL && i + PREFETCH + KEYS <= n)
-            for (int k = 0; k < KEYS; k++)
-                for (int b = 0; b < row_bytes; b += 64) {
-                    __builtin_prefetch((const char *)keys[i + PREFETCH + k] + b);
-                    __builtin_prefetch((const char *)values[i + PREFETCH + k] + b);
-                }
+        if (st != NULL)
+            for (int k = 0; k < KEYS; k++) prefetch_row(st, i + k + PREFETCH_ROWS);
         vec_t dot[HEADS][KEYS];
         for (int g = 0; g < hn; g++)
             for (int k = 0; k < KEYS; k++) dot[g][k] = vzero();
@@ -133,6 +156,7 @@ static inline __attribute__((always_inline)) void head_scores(const vec_t *q, in
             for (int k = 0; k < KEYS; k++) sg[g * stride + i + k] = vsum(dot[g][k]);
     }
     for (; i < n; i++) {
+        if (st != NULL) prefetch_row(st, i + PREFETCH_ROWS);
         vec_t dot[HEADS];
         for (int g = 0; g < hn; g++) dot[g] = vzero();
         for (int c = 0; c < chunks; c++) {
@@ -147,14 +171,16 @@ static inline __attribute__((always_inline)) void head_scores(const vec_t *q, in
  * accumulators in registers, each value vector loaded once for all hn heads. */
 static inline __attribute__((always_inline)) void head_values(const float *weights, int64_t stride, int hn,
                                                               int chunks, const void **values, int n,
-                                                              vec_t *acc_out, int kv_dtype) {
+                                                              vec_t *acc_out, int kv_dtype, const stream_t *st) {
     for (int c0 = 0; c0 < chunks; c0 += TILE) {
         const int width = chunks - c0 < TILE ? chunks - c0 : TILE;
+        const stream_t *ahead = c0 == 0 ? st : NULL; /* the first pass over the values prefetches */
         vec_t acc[HEADS][TILE];
         for (int g = 0; g < hn; g++)
             for (int c = 0; c < TILE; c++) acc[g][c] = vzero();
         if (width == TILE) {
             for (int i = 0; i < n; i++) {
+                if (ahead != NULL) prefetch_row(ahead, n + i + PREFETCH_ROWS);
                 vec_t row[TILE];
                 for (int c = 0; c < TILE; c++) row[c] = vload(values[i], LANES * (c0 + c), kv_dtype);
                 for (int g = 0; g < hn; g++) {
@@ -163,56 +189,72 @@ static inline __attribute__((always_inline)) void head_values(const float *weigh
                 }
             }
         } else {
-            for (int i = 0; i < n; i++)
+            for (int i = 0; i < n; i++) {
+                if (ahead != NULL) prefetch_row(ahead, n + i + PREFETCH_ROWS);
                 for (int g = 0; g < hn; g++) {
                     const vec_t weight = vset1(weights[g * stride + i]);
                     for (int c = 0; c < width; c++)
                         acc[g][c] = vfmadd(weight, vload(values[i], LANES * (c0 + c), kv_dtype), acc[g][c]);
                 }
+            }
         }
         for (int g = 0; g < hn; g++)
             for (int c = 0; c < width; c++) acc_out[g * MAX_CHUNKS + c0 + c] = acc[g][c];
     }
 }
 
-/* The same computation as the portable loop in run_job, for head_dim a multiple of LANES, in the
- * widest vectors the CPU has; `kv_dtype` is a constant at each call site, so every load is
- * specialised. Each key and value row is located once (`keys`, `values`: row pointers by
- * position), and the query heads of the group are taken HEADS at a time, so that each row loaded
- * from the cache serves all of them. */
-static inline __attribute__((always_inline)) void unit_simd(const job_t *job, int s, int h, float *scores,
-                                                            const void **keys, const void **values,
-                                                            const int kv_dtype) {
-    const int group = job->num_heads / job->num_kv_heads;
-    const int d = job->head_dim, chunks = d / LANES, bs = job->block_size;
-    const int len = job->context_lens[s];
+/* The rows of unit (s, h) by position, keys and values (its first visible key first); returns
+ * their count. */
+static int locate_rows(const job_t *job, int s, int h, const void **keys, const void **values) {
+    const int bs = job->block_size, len = job->context_lens[s];
     int first = 0;
     if (job->sliding_window > 0 && len > job->sliding_window) first = len - job->sliding_window;
-    const int n = len > first ? len - first : 0;
     const int32_t *table = job->block_tables + (int64_t)s * job->max_blocks;
+    const int64_t item = job->kv_dtype == DTYPE_F32 ? 4 : 2;
+    const int64_t row_bytes = (int64_t)job->head_dim * item;
+    int i = 0;
+    for (int t = first; t < len;) { /* block by block: one table look-up per block, not per row */
+        const int32_t block = table[t / bs];
+        const char *key = (const char *)job->cache + row_offset(job, block, 0, h, t % bs) * item;
+        const char *value = (const char *)job->cache + row_offset(job, block, 1, h, t % bs) * item;
+        const int end = (t / bs + 1) * bs < len ? (t / bs + 1) * bs : len;
+        for (int64_t o = 0; t < end; t++, i++, o += row_bytes) {
+            keys[i] = key + o;
+            values[i] = value + o;
+        }
+    }
+    return len > first ? len - first : 0;
+}
+
+/* The same computation as the portable loop in run_job, for head_dim a multiple of LANES, in the
+ * widest vectors the CPU has; `kv_dtype` is a constant at each call site, so every load is
+ * specialised. Each key and value row is located once (`st`: the unit's row pointers by position,
+ * and the next unit's to prefetch), and the query heads of the group are taken HEADS at a time, so
+ * that each row loaded from the cache serves all of them. */
+static inline __attribute__((always_inline)) void unit_simd(const job_t *job, int s, int h, float *scores,
+                                                            const stream_t *st, const int kv_dtype) {
+    const int group = job->num_heads / job->num_kv_heads;
+    const int d = job->head_dim, chunks = d / LANES;
+    const int n = st->n;
+    const void **keys = st->keys, **values = st->values;
     const int64_t q_offset = ((int64_t)s * job->num_heads + (int64_t)h * group) * d;
     const int dtype = job->dtype;
-    const int64_t item = kv_dtype == DTYPE_F32 ? 4 : 2;
-    for (int t = first, i = 0; t < len; t++, i++) {
-        const int32_t block = table[t / bs];
-        keys[i] = (const char *)job->cache + row_offset(job, block, 0, h, t % bs) * item;
-        values[i] = (const char *)job->cache + row_offset(job, block, 1, h, t % bs) * item;
-    }
     const vec_t scale = vset1(job->scale);
     float out[MAX_CHUNKS * LANES];
     for (int g0 = 0; g0 < group; g0 += HEADS) {
         const int hn = group - g0 < HEADS ? group - g0 : HEADS;
+        const stream_t *ahead = g0 == 0 ? st : NULL; /* later head groups find the rows in cache */
         vec_t q[HEADS * MAX_CHUNKS], acc[HEADS * MAX_CHUNKS];
         for (int g = 0; g < hn; g++)
             for (int c = 0; c < chunks; c++)
                 q[g * MAX_CHUNKS + c] =
                     vmul(vload(job->query, q_offset + (int64_t)(g0 + g) * d + LANES * c, dtype), scale);
         if (hn == 3)
-            head_scores(q, 3, chunks, keys, g0 == 0 ? values : NULL, n, scores, n, kv_dtype, (int)(d * item));
+            head_scores(q, 3, chunks, keys, ahead, n, scores, n, kv_dtype);
         else if (hn == 2)
-            head_scores(q, 2, chunks, keys, g0 == 0 ? values : NULL, n, scores, n, kv_dtype, (int)(d * item));
+            head_scores(q, 2, chunks, keys, ahead, n, scores, n, kv_dtype);
         else
-            head_scores(q, 1, chunks, keys, g0 == 0 ? values : NULL, n, scores, n, kv_dtype, (int)(d * item));
+            head_scores(q, 1, chunks, keys, ahead, n, scores, n, kv_dtype);
         float total[HEADS];
         for (int g = 0; g < hn; g++) {
             float *sg = scores + (int64_t)g * n, peak = -INFINITY, sum = 0.0f;
@@ -224,11 +266,11 @@ static inline __attribute__((always_inline)) void unit_simd(const job_t *job, in
             total[g] = sum;
         }
         if (hn == 3)
-            head_values(scores, n, 3, chunks, values, n, acc, kv_dtype);
+            head_values(scores, n, 3, chunks, values, n, acc, kv_dtype, ahead);
         else if (hn == 2)
-            head_values(scores, n, 2, chunks, values, n, acc, kv_dtype);
+            head_values(scores, n, 2, chunks, values, n, acc, kv_dtype, ahead);
         else
-            head_values(scores, n, 1, chunks, values, n, acc, kv_dtype);
+            head_values(scores, n, 1, chunks, values, n, acc, kv_dtype, ahead);
         for (int g = 0; g < hn; g++) {
             const vec_t inv = vset1(n > 0 ? 1.0f / total[g] : 0.0f);
             for (int c = 0; c < chunks; c++) vstore(out + LANES * c, vmul(acc[g * MAX_CHUNKS + c], inv));
@@ -237,14 +279,36 @@ static inline __attribute__((always_inline)) void unit_simd(const job_t *job, in
     }
 }
 
-static void run_unit_simd(const job_t *job, int s, int h, float *scores, const void **keys,
-                          const void **values) {
+static void run_unit_simd(const job_t *job, int s, int h, float *scores, const stream_t *st) {
     if (job->kv_dtype == DTYPE_F32)
-        unit_simd(job, s, h, scores, keys, values, DTYPE_F32);
+        unit_simd(job, s, h, scores, st, DTYPE_F32);
     else if (job->kv_dtype == DTYPE_BF16)
-        unit_simd(job, s, h, scores, keys, values, DTYPE_BF16);
+        unit_simd(job, s, h, scores, st, DTYPE_BF16);
     else
-        unit_simd(job, s, h, scores, keys, values, DTYPE_F16);
+        unit_simd(job, s, h, scores, st, DTYPE_F16);
+}
+
+/* Thread job->thread_index's units, each one's rows located while the previous one runs, so that its
+ * first rows are prefetched before it starts. `rows`: 4 x max_len pointers of scratch. */
+static void run_units_simd(const job_t *job, float *scores, const void **rows, int max_len) {
+    const int units = job->num_seqs * job->num_kv_heads;
+    const void **buffers[2] = {rows, rows + 2 * (int64_t)max_len};
+    const int64_t item = job->kv_dtype == DTYPE_F32 ? 4 : 2;
+    int unit = job->thread_index, current = 0;
+    if (unit >= units) return;
+    stream_t st = {buffers[0], buffers[0] + max_len, 0, NULL, NULL, 0, (int)(job->head_dim * item)};
+    st.n = locate_rows(job, unit / job->num_kv_heads, unit % job->num_kv_heads, st.keys, st.values);
+    for (; unit < units; unit += job->num_threads) {
+        const int next = unit + job->num_threads;
+        st.next_keys = buffers[1 - current];
+        st.next_values = st.next_keys + max_len;
+        st.next_n = next < units ? locate_rows(job, next / job->num_kv_heads, next % job->num_kv_heads,
+                                               st.next_keys, st.next_values)
+                                 : 0;
+        run_unit_simd(job, unit / job->num_kv_heads, unit % job->num_kv_heads, scores, &st);
+        current = 1 - current;
+        st.keys = st.next_keys, st.values = st.next_values, st.n = st.next_n;
+    }
 }
 #endif
 
@@ -266,23 +330,24 @@ static void *run_job(void *arg) {
     float *q = malloc(sizeof(float) * (size_t)group * (size_t)d);
     float *acc = malloc(sizeof(float) * (size_t)group * (size_t)d);
     float *row = malloc(sizeof(float) * (size_t)d);
-    const void **rows = malloc(sizeof(void *) * 2 * (size_t)(max_len > 0 ? max_len : 1));
+    const int rows_len = max_len > 0 ? max_len : 1;
+    const void **rows = malloc(sizeof(void *) * 4 * (size_t)rows_len);
     if (!scores || !q || !acc || !row || !rows) {
         job->status = -1;
         free(scores), free(q), free(acc), free(row), free(rows);
         return NULL;
     }
     const int units = job->num_seqs * job->num_kv_heads;
-    const int vectorised = HAVE_SIMD && d % LANES_OR_ONE == 0 && d <= 256;
+#if HAVE_SIMD
+    if (d % LANES == 0 && d <= 256) {
+        run_units_simd(job, scores, rows, rows_len);
+        free(scores), free(q), free(acc), free(row), free(rows);
+        return NULL;
+    }
+#endif
     for (int unit = job->thread_index; unit < units; unit += job->num_threads) {
         const int s = unit / job->num_kv_heads;
         const int h = unit % job->num_kv_heads;
-#if HAVE_SIMD
-        if (vectorised) {
-            run_unit_simd(job, s, h, scores, rows, rows + (max_len > 0 ? max_len : 1));
-            continue;
-        }
-#endif
         const int len = job->context_lens[s];
         int first = 0;
         if (job->sliding_window > 0 && len > job->sliding_window) first = len - job->sliding_window;
