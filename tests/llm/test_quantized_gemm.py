@@ -19,7 +19,7 @@ from servekit.llm.kernels import kernels_available, quantized, quantized_gemm
 from servekit.llm.kernels.quantized import QuantizedTensor, quantized_matmul
 from servekit.llm.kernels.quantized_gemm import quantized_gemm_lanes
 from servekit.llm.models import quantized_linear
-from servekit.llm.models.quantized_linear import GEMM_FROM_ROWS, QuantizedLinear
+from servekit.llm.models.quantized_linear import QuantizedLinear, gemm_from_rows
 from tests.llm.test_quantized_kernels import TYPES, _build, cols_for, random_blocks
 
 gguf = pytest.importorskip("gguf")
@@ -68,6 +68,22 @@ def test_gemm_over_several_blocks_of_x(qtype: Any) -> None:
     check(qtype, 70, 13, 4096, bias=True)
 
 
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_gemm_rows_do_not_depend_on_their_panel(qtype: Any) -> None:
+    """A row's output is the same bits in the first panel of x (where Q4_0/Q4_1/Q8_0 weights are
+    dequantised inside the micro-kernel), in a later whole panel (the weights read back from the
+    scratch) and in a tail panel of a few rows (its half-width kernel): 37 weight rows (a last slice
+    of 1 row, zero-padded)."""
+    panel = 2 * quantized_gemm_lanes()
+    blocks = torch.from_numpy(random_blocks(qtype, 37, cols_for(qtype)))
+    x = torch.randn(panel, cols_for(qtype))
+    stacked = torch.cat([x, x, x[:3]])
+    got = quantized_gemm.quantized_gemm(stacked, blocks, int(qtype))
+    assert torch.equal(got[:panel], got[panel : 2 * panel])
+    assert torch.equal(got[:3], got[2 * panel :])
+    assert torch.equal(got[:panel], quantized_gemm.quantized_gemm(x, blocks, int(qtype)))
+
+
 def test_gemm_agrees_with_the_row_kernel_and_refuses_what_it_does() -> None:
     blocks = torch.from_numpy(random_blocks(Q.Q4_1, 40, 96))
     x = torch.randn(24, 96)
@@ -112,7 +128,12 @@ def test_projection_dispatches_by_row_count(monkeypatch: pytest.MonkeyPatch) -> 
     part = QuantizedTensor(torch.from_numpy(random_blocks(Q.Q8_0, 20, 64)), int(Q.Q8_0), (20, 64))
     linear = QuantizedLinear([part])
     weight = part.dequantize().double()
-    for rows, expected in ((1, "rows"), (GEMM_FROM_ROWS - 1, "rows"), (GEMM_FROM_ROWS, "gemm"), (64, "gemm")):
+    for rows, expected in (
+        (1, "rows"),
+        (gemm_from_rows() - 1, "rows"),
+        (gemm_from_rows(), "gemm"),
+        (64, "gemm"),
+    ):
         calls.clear()
         x = torch.randn(rows, 64)
         torch.testing.assert_close(linear(x).double(), x.double() @ weight.T, rtol=0, atol=1e-4)

@@ -44,7 +44,7 @@ SOURCES = tuple(
         "decode_step.c",
     )
 )
-HEADERS = (Path(__file__).with_name("dtypes.h"), Path(__file__).with_name("hsum.h"))
+HEADERS = tuple(Path(__file__).with_name(name) for name in ("dtypes.h", "hsum.h", "blocks.h"))
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fPIC", "-shared", "-pthread")
 OPENMP_FLAGS = ("-fopenmp",)  # dropped when the compiler has no OpenMP (then plain threads)
 

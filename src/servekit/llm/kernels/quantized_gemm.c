@@ -6,9 +6,10 @@
  * costs 1/M of its multiply-adds, and what is left is a register-blocked GEMM.
  *
  *  - x is packed once per call into panels of PM rows, k-major ([K][PM]), zero-padded past M;
- *  - each thread takes groups of GN weight rows, dequantises them into its own scratch ([GN][K],
- *    a bounded buffer of L2 size; no float32 weight survives the call) with quantized_matmul.c's
- *    dequantize_rows;
+ *  - each thread takes groups of GN weight rows, dequantises them into its own scratch (GN x K floats,
+ *    a bounded buffer of L2 size; no float32 weight survives the call): Q4_0/Q4_1/Q8_0 block by block
+ *    inside the micro-kernels of the group's first panel (blocks.h; the scratch blocked per slice of
+ *    NC rows), the K-quants beforehand with quantized_matmul.c's dequantize_rows ([GN][K]);
  *  - a PM x NC micro-kernel keeps PM/LANES x NC vector accumulators in registers: per k, PM/LANES
  *    vector loads of x and NC broadcasts of weights feed PM/LANES x NC FMAs.
  * Vector width by the CPU the library is built for (-march=native, cached per CPU): AVX-512 16 lanes,
@@ -19,6 +20,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "blocks.h"
 
 /* quantized_matmul.c: rows `indices` of w dequantised into out [count][k]; 0 or -2 (bad geometry). */
 int dequantize_rows(const uint8_t *w, int64_t row_bytes, int type, int64_t k, const int64_t *indices,
@@ -37,6 +40,9 @@ int dequantize_rows(const uint8_t *w, int64_t row_bytes, int type, int64_t k, co
 #define MV 2                 /* vectors of x rows per micro-kernel */
 #define PM (MV * LANES)      /* x rows of a panel */
 #define GN (4 * NC)          /* weight rows dequantised together */
+#ifndef FUSED_DEQUANT
+#define FUSED_DEQUANT 1 /* the 32-weight types dequantised inside the first panel's micro-kernel */
+#endif
 #ifndef XBLOCK_BYTES
 #define XBLOCK_BYTES (512 * 1024) /* x rows met by each dequantised weight group: about L2 */
 #endif
@@ -54,26 +60,88 @@ static void pack_panel(const float *x, int64_t k, int64_t first, int64_t rows, f
     }
 }
 
-/* acc_out[c][r] = sum_i panel[i][r] * w[c][i] for the first mv * LANES rows of the panel (mv <= MV, a
+/* One block of 32 weights of a Q4_0/Q4_1/Q8_0 row into y (`type` a constant at each call site). */
+static inline __attribute__((always_inline)) void dequant_block(const uint8_t *block, int type, float *y) {
+    if (type == GGML_Q4_1)
+        dequant_q4_1(block, y);
+    else if (type == GGML_Q4_0)
+        dequant_q4_0(block, y);
+    else
+        dequant_q8_0(block, y);
+}
+
+static inline int block_bytes_of(int type) { return type == GGML_Q4_0 ? 18 : type == GGML_Q4_1 ? 20 : 34; }
+
+/* acc_out[c][r] = sum_i panel[i][r] * w(c, i) for the first mv * LANES rows of the panel (mv <= MV, a
  * constant at each call site: a last panel of at most LANES rows costs half a panel, not a whole one)
- * against NC weight rows of `ldw` floats. */
-static inline __attribute__((always_inline)) void micro_kernel(const float *panel, const float *w,
-                                                               int64_t ldw, int64_t k, float *acc_out,
-                                                               const int mv) {
+ * against a slice of NC weight rows, w(c, i) = w[(i / 32) * bstride + c * cstride + i % 32]: the
+ * scratch as dequantize_rows writes it (cstride K, bstride 32) or blocked (cstride 32, bstride NC * 32:
+ * the slice's rows block by block, so the NC weights of each k are one pointer and constant offsets).
+ *
+ * `type` 0: w is ready. Q4_0/Q4_1/Q8_0 (blocked scratch only): the slice is dequantised on the way,
+ * from `live` (<= NC; the rows past it are zeros already) rows of blocks at `wrows`, `row_bytes`
+ * apart: block b + 1 of each row while the FMAs run on block b, and the next slice's bytes (its rows
+ * follow) are prefetched as they go. The conversion then sits a few hundred instructions from the FMAs
+ * it overlaps with (the out-of-order window), not a group of rows before them, and the weights stream
+ * in behind the FMAs: at 32 rows of x a weight feeds only 2 vector FMAs. Same floats in w, same FMAs
+ * in the same order as dequantize_rows then the ready case: the results are bit-identical. */
+static inline __attribute__((always_inline)) void micro_kernel(const float *panel, float *w, int64_t cstride,
+                                                               int64_t bstride, int64_t k, float *acc_out,
+                                                               const int mv, const int type,
+                                                               const uint8_t *wrows, int64_t row_bytes,
+                                                               int live) {
+    const int64_t blocks = k / 32, bytes = type ? block_bytes_of(type) : 0;
     vec_t acc[MV][NC];
     for (int v = 0; v < mv; v++)
         for (int c = 0; c < NC; c++)
             acc[v][c] = (vec_t){0};
-    for (int64_t i = 0; i < k; i++) {
-        vec_t xv[MV];
-        for (int v = 0; v < mv; v++) xv[v] = *(const vec_t *)(panel + i * PM + v * LANES);
-        for (int c = 0; c < NC; c++) {
-            const vec_t wv = (vec_t){0} + w[c * ldw + i];
-            for (int v = 0; v < mv; v++) acc[v][c] += xv[v] * wv;
+    if (type)
+        for (int c = 0; c < live; c++) dequant_block(wrows + c * row_bytes, type, w + c * cstride);
+    for (int64_t b = 0; b < blocks; b++) {
+        if (type) {
+            const uint8_t *next = wrows + NC * row_bytes + b * NC * bytes;
+            for (int64_t line = 0; line < NC * bytes; line += 64) __builtin_prefetch(next + line, 0, 3);
+            if (b + 1 < blocks)
+                for (int c = 0; c < live; c++)
+                    dequant_block(wrows + c * row_bytes + (b + 1) * bytes, type, w + (b + 1) * bstride + c * cstride);
+        }
+        const float *wb = w + b * bstride;
+        const float *pb = panel + b * 32 * PM;
+        for (int j = 0; j < 32; j++) {
+            vec_t xv[MV];
+            for (int v = 0; v < mv; v++) xv[v] = *(const vec_t *)(pb + j * PM + v * LANES);
+            for (int c = 0; c < NC; c++) {
+                const vec_t wv = (vec_t){0} + wb[c * cstride + j];
+                for (int v = 0; v < mv; v++) acc[v][c] += xv[v] * wv;
+            }
         }
     }
     for (int c = 0; c < NC; c++)
         for (int v = 0; v < mv; v++) *(vec_t *)(acc_out + c * PM + v * LANES) = acc[v][c];
+}
+
+/* One panel against one slice (micro_kernel), its constants fixed per call site: `dequant` (the first
+ * panel of a group of a 32-weight type), the scratch's layout (blocked for those types), `mv`. */
+static void slice_kernel(const float *panel, float *w, int64_t k, float *acc_out, int mr, int type, int blocked,
+                         int dequant, const uint8_t *wrows, int64_t row_bytes, int live) {
+#define SLICE(MVC)                                                                                     \
+    do {                                                                                               \
+        if (!blocked)                                                                                  \
+            micro_kernel(panel, w, k, 32, k, acc_out, MVC, 0, NULL, 0, 0);                             \
+        else if (!dequant)                                                                             \
+            micro_kernel(panel, w, 32, NC * 32, k, acc_out, MVC, 0, NULL, 0, 0);                       \
+        else if (type == GGML_Q4_1)                                                                    \
+            micro_kernel(panel, w, 32, NC * 32, k, acc_out, MVC, GGML_Q4_1, wrows, row_bytes, live);   \
+        else if (type == GGML_Q4_0)                                                                    \
+            micro_kernel(panel, w, 32, NC * 32, k, acc_out, MVC, GGML_Q4_0, wrows, row_bytes, live);   \
+        else                                                                                           \
+            micro_kernel(panel, w, 32, NC * 32, k, acc_out, MVC, GGML_Q8_0, wrows, row_bytes, live);   \
+    } while (0)
+    if (mr <= LANES)
+        SLICE(1);
+    else
+        SLICE(MV);
+#undef SLICE
 }
 
 #if defined(__AVX2__) /* AVX-512 CPUs too: 8 x 8 tiles of the 16-lane accumulators */
@@ -132,6 +200,7 @@ int quantized_gemm(const float *x, int64_t m, int64_t k, const uint8_t *w, int64
     if (threads < 1) threads = 1;
     if (m <= 0 || n <= 0) return 0;
     const int64_t panels = (m + PM - 1) / PM, groups = (n + GN - 1) / GN;
+    const int fused = FUSED_DEQUANT && (type == GGML_Q4_0 || type == GGML_Q4_1 || type == GGML_Q8_0);
     int64_t block_rows = XBLOCK_BYTES / (int64_t)sizeof(float) / k / PM * PM;
     if (block_rows < PM) block_rows = PM;
     float *packed = aligned_alloc(64, sizeof(float) * (size_t)(panels * PM * k));
@@ -167,20 +236,22 @@ int quantized_gemm(const float *x, int64_t m, int64_t k, const uint8_t *w, int64
                 if (wbuf == NULL || acc == NULL) continue;
                 const int64_t first = g * GN;
                 const int64_t count = n - first < GN ? n - first : GN;
-                int64_t indices[GN];
-                for (int64_t r = 0; r < count; r++) indices[r] = first + r;
-                dequantize_rows(w, row_bytes, type, k, indices, count, wbuf);
                 const int64_t padded = (count + NC - 1) / NC * NC;
-                if (padded > count)
-                    memset(wbuf + count * k, 0, sizeof(float) * (size_t)((padded - count) * k));
+                if (fused) { /* blocked scratch, written by the first panel's kernels; zero rows past n */
+                    if (padded > count) memset(wbuf + (padded - NC) * k, 0, sizeof(float) * (size_t)(NC * k));
+                } else {
+                    int64_t indices[GN];
+                    for (int64_t r = 0; r < count; r++) indices[r] = first + r;
+                    dequantize_rows(w, row_bytes, type, k, indices, count, wbuf);
+                    if (padded > count)
+                        memset(wbuf + count * k, 0, sizeof(float) * (size_t)((padded - count) * k));
+                }
                 for (int64_t p0 = m0; p0 < m1; p0 += PM) {
                     const int mr = (int)(m1 - p0 < PM ? m1 - p0 : PM);
-                    for (int64_t s = 0; s < padded; s += NC) {
-                        if (mr <= LANES)
-                            micro_kernel(packed + p0 * k, wbuf + s * k, k, k, acc + s * PM, 1);
-                        else
-                            micro_kernel(packed + p0 * k, wbuf + s * k, k, k, acc + s * PM, MV);
-                    }
+                    for (int64_t s = 0; s < padded; s += NC)
+                        slice_kernel(packed + p0 * k, wbuf + s * k, k, acc + s * PM, mr, type, fused,
+                                     fused && p0 == m0, w + (first + s) * row_bytes, row_bytes,
+                                     (int)(count - s < NC ? count - s : NC));
                     store_tile(acc, mr, count, bias ? bias + first : NULL, out + p0 * n + first, n);
                 }
             }
