@@ -94,6 +94,7 @@ def next_token_topk(
     prefix, so each position evaluates one token: a batch-1 step) and ``n_probs`` without
     ``post_sampling_probs``: llama-server then returns the softmax of the raw logits over the full
     vocabulary, before any sampler (``get_token_probabilities`` in ``tools/server/server-common.cpp``).
+    Raises if a position cost more than one evaluated token (``timings.prompt_n``).
     """
     found: list[TopK] = []
     with httpx.Client(base_url=url, timeout=timeout) as client:
@@ -114,6 +115,10 @@ def next_token_topk(
                 answer = reply.json()
                 if end == 1 and answer["tokens_evaluated"] != 1:
                     raise RuntimeError(f"llama-server evaluated {answer['tokens_evaluated']} tokens for 1")
+                if answer["timings"]["prompt_n"] != 1:  # the cached prefix was not reused: not a batch-1 step
+                    raise RuntimeError(
+                        f"llama-server computed {answer['timings']['prompt_n']} tokens at {end}"
+                    )
                 top = answer["completion_probabilities"][0]["top_logprobs"]
                 entry = TopK([int(t["id"]) for t in top], [float(t["logprob"]) for t in top])
                 if entry.mass >= min_mass or k >= vocab:
