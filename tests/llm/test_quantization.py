@@ -156,9 +156,10 @@ def test_int8_checkpoint_directory_round_trip(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not kernels_available(torch.float32), reason="no C compiler")
-def test_int8_on_gguf_blocks_one_row_in_8_bit_activations_int8_linear_from_two() -> None:
-    """A projection on GGUF blocks in int8 mode: one row of x on the blocks with 8-bit activations
-    (q8_matmul; K-quant parts exact), from INT8_FROM_ROWS rows the Int8Linear of the dequantised weight."""
+def test_int8_on_gguf_blocks_few_rows_in_8_bit_activations_then_int8_linear() -> None:
+    """A projection on GGUF blocks in int8 mode: fewer than INT8_FROM_ROWS rows of x on the blocks with
+    8-bit activations (q8_matmul; K-quant parts exact), from INT8_FROM_ROWS rows the Int8Linear of the
+    dequantised weight."""
     gguf = pytest.importorskip("gguf")
     Q = gguf.GGMLQuantizationType
     shapes = ((Q.Q4_1, 48), (Q.Q8_0, 32), (Q.Q6_K, 16))

@@ -7,9 +7,10 @@ with the activations unrounded: the numbers are those of the dequantised float32
 summation order, from 4-8x fewer bytes of weights, and no float32 copy of the weight is kept.
 
 With ``quantization=int8`` a projection also holds an ``Int8Linear`` of the same weight and runs it
-from ``INT8_FROM_ROWS`` rows of x on; below that (a batch-1 decode step, where ``Int8Linear`` is
-slower than the exact kernels) the blocks are multiplied with 8-bit activations (``q8_matmul``; the
-native batch-1 step does the same), faster still; K-quant parts run their exact kernels there.
+from ``INT8_FROM_ROWS`` rows of x on; below that (batch-1 to batch-4 decode steps, short prompts, where
+``Int8Linear`` is no faster than the exact kernels) the blocks are multiplied with 8-bit activations
+(``q8_matmul``; the native batch-1 step does the same), faster still; K-quant parts run their exact
+kernels there.
 """
 
 from __future__ import annotations
@@ -36,10 +37,12 @@ def gemm_from_rows() -> int:
     return GEMM_FROM_ROWS_16_LANES if quantized_gemm_lanes() == 16 else GEMM_FROM_ROWS
 
 
-# Rows of x from which the int8 projection beats the exact kernels on the blocks: CPU time of the
-# default model's decode step on the AVX-512 VNNI Xeon (RESULTS.md, `int8`): batch 1 16.2 ms exact
-# (the native step) vs 27.7 int8; batch 2 49 vs 34; batch 8 72 vs 36.
-INT8_FROM_ROWS = 2
+# Rows of x from which ``Int8Linear`` runs; fewer go to ``q8_matmul`` on the blocks (x rows in groups of
+# four against each weight row), which streams the file's 5-bit Q4_1 weights instead of Int8Linear's
+# 8-bit ones: at 2-4 rows the step is memory-bound, and there Int8Linear lost to the exact kernels on the
+# Zen 5 (thread CPU time, 1 thread, default model: 2 rows 1.03-1.14x, 4 rows 0.95-1.15x of exact) while
+# q8_matmul wins (0.62-0.84x); from 5 rows Int8Linear is faster than q8_matmul (RESULTS.md, `acc`).
+INT8_FROM_ROWS = 5
 
 
 class QuantizedLinear:
