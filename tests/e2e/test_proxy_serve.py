@@ -172,10 +172,14 @@ def test_nodes_register_serve_through_the_proxy_and_deregister(tiny_model: Path,
 
 
 def replica_processes(parent: int) -> dict[int, psutil.Process]:
-    """The replicas of a `servekit serve --replicas` process, by port."""
+    """The live replicas of a `servekit serve --replicas` process, by port (a killed replica the
+    parent has not reaped yet is a zombie, whose command line cannot be read: it is left out)."""
     found = {}
     for child in psutil.Process(parent).children():
-        argv = child.cmdline()
+        try:
+            argv = child.cmdline()
+        except (psutil.ZombieProcess, psutil.NoSuchProcess):
+            continue
         if "--port" in argv:
             found[int(argv[argv.index("--port") + 1])] = child
     return found
