@@ -224,20 +224,25 @@ def test_replicas_survive_a_killed_replica(tiny_model: Path, tmp_path: Path) -> 
                             started.wait()
                 results[index] = events
 
+        paused = [p for r in replicas.values() for p in (r, *r.children(recursive=True))]
         threads = [threading.Thread(target=stream, args=(i,)) for i in range(2)]
         for thread in threads:
             thread.start()
         started.wait()
-        # round robin: one stream on each (the proxy may still be closing the last short request's count)
-        wait_for(
-            lambda: (
-                [n["unfinished"] for n in httpx.get(f"{parent.url}/nodes/status", timeout=5).json().values()]
-                == [1, 1]
-            ),
-            timeout=10,
-        )
+        # The streams would finish in well under a second on this tiny model: pause every replica (and
+        # its engine processes) while the streams are known to be in flight, check that round robin put
+        # one on each, kill one replica, and let the other go on.
         victim_port, victim = next(iter(replicas.items()))
-        os.kill(victim.pid, signal.SIGKILL)
+        try:
+            for process in paused:
+                process.suspend()
+            status = httpx.get(f"{parent.url}/nodes/status", timeout=5).json()
+            os.kill(victim.pid, signal.SIGKILL)
+        finally:
+            for process in paused:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.resume()
+        assert [n["unfinished"] for n in status.values()] == [1, 1]  # round robin: one stream on each
         for thread in threads:
             thread.join(120)
         outcomes = sorted("error" in events[-2] for events in results.values())
