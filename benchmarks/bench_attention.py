@@ -13,32 +13,17 @@ import argparse
 import ctypes
 import functools
 import os
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from kernel_build import build_library, kernel_sources
 
 from servekit.cpu import cpu_flags, cpu_model
-from servekit.llm.kernels import _SIGNATURES, FLAGS, SOURCES, _compiler, attention_simd_lanes
+from servekit.llm.kernels import attention_simd_lanes
 
 PORTABLE_FLAGS = ("-mno-avx512f", "-mno-avx2", "-mno-fma", "-mno-f16c")
-
-
-def build_portable(directory: Path) -> ctypes.CDLL:
-    compiler = _compiler()
-    if compiler is None:
-        raise SystemExit("no C compiler")
-    target = directory / "portable.so"
-    command = [compiler, *FLAGS, *PORTABLE_FLAGS, "-fopenmp", "-o", str(target), *map(str, SOURCES), "-lm"]
-    subprocess.run(command, check=True, capture_output=True, text=True)
-    library = ctypes.CDLL(str(target))
-    for name in ("paged_decode_attention", "attention_simd_lanes"):
-        function = getattr(library, name)
-        function.argtypes = _SIGNATURES[name]
-        function.restype = ctypes.c_int
-    return library
 
 
 def case(batch: int, context: int, heads: int, kv_heads: int, head_dim: int, block_size: int = 16) -> tuple:
@@ -89,7 +74,12 @@ def main() -> None:
         f"CPU: {cpu_model()}; flags: {' '.join(f for f in wanted if f in cpu_flags())}; threads {args.threads}"
     )
     with tempfile.TemporaryDirectory() as scratch:
-        portable = build_portable(Path(scratch))
+        portable = build_library(
+            kernel_sources(),
+            Path(scratch) / "portable.so",
+            ("paged_decode_attention", "attention_simd_lanes"),
+            PORTABLE_FLAGS,
+        )
         print(
             f"native build: {attention_simd_lanes()} lanes; portable build: {portable.attention_simd_lanes()}"
         )

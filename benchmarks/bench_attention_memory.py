@@ -23,40 +23,19 @@ from __future__ import annotations
 import argparse
 import ctypes
 import random
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from kernel_build import build_library, kernel_sources
 
 from servekit.cpu import cpu_model
-from servekit.llm.kernels import _SIGNATURES, FLAGS, _compiler
 
-KERNEL = Path("src/servekit/llm/kernels/paged_attention.c")
-HEADERS = ("dtypes.h", "hsum.h")
+FUNCTIONS = ("paged_decode_attention", "attention_simd_lanes")
 NO_AVX512 = ("-mno-avx512f",)
 PORTABLE = ("-mno-avx512f", "-mno-avx2", "-mno-fma", "-mno-f16c")
 LAYERS, HEADS, KV_HEADS, HEAD_DIM, BLOCK = 30, 9, 3, 64, 16
-
-
-def build(directory: Path, name: str, source: str, extra: tuple[str, ...]) -> ctypes.CDLL:
-    """Compile `source` (the text of paged_attention.c) alone into directory/name.so."""
-    compiler = _compiler()
-    if compiler is None:
-        raise SystemExit("no C compiler")
-    for header in HEADERS:
-        (directory / header).write_text((KERNEL.parent / header).read_text())
-    path = directory / f"{name}.c"
-    path.write_text(source)
-    target = directory / f"{name}.so"
-    command = [compiler, *FLAGS, *extra, "-fopenmp", "-o", str(target), str(path), "-lm"]
-    subprocess.run(command, check=True, capture_output=True, text=True)
-    library = ctypes.CDLL(str(target))
-    library.paged_decode_attention.argtypes = _SIGNATURES["paged_decode_attention"]
-    library.paged_decode_attention.restype = ctypes.c_int
-    library.attention_simd_lanes.restype = ctypes.c_int
-    return library
 
 
 class Case:
@@ -143,13 +122,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     extra = PORTABLE if args.portable else NO_AVX512 if args.avx2 else ()
-    old_source = subprocess.run(
-        ["git", "show", f"{args.old}:{KERNEL}"], check=True, capture_output=True, text=True
-    ).stdout
     with tempfile.TemporaryDirectory() as scratch:
         directory = Path(scratch)
-        old = build(directory, "old", old_source, extra)
-        new = build(directory, "new", KERNEL.read_text(), (*extra, *(f"-D{d}" for d in args.defines)))
+        old = build_library(kernel_sources(args.old), directory / "old.so", FUNCTIONS, extra)
+        defines = tuple(f"-D{d}" for d in args.defines)
+        new = build_library(kernel_sources(), directory / "new.so", FUNCTIONS, (*extra, *defines))
         loadavg = Path("/proc/loadavg").read_text().split()[:3]
         print(f"CPU: {cpu_model()}; lanes old {old.attention_simd_lanes()} new {new.attention_simd_lanes()};")
         print(

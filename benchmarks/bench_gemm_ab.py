@@ -15,9 +15,7 @@ Q4_1) and its LM head (49152 x 576, Q8_0), with random weights quantised by ``gg
 from __future__ import annotations
 
 import argparse
-import ctypes
 import functools
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -25,10 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from kernel_build import build_library, kernel_sources
 
-from servekit.llm import kernels
 from servekit.llm.kernels.quantized import MatmulCall
 
+FUNCTIONS = ("quantized_gemm",)
 SHAPES = {  # name: (N, K, GGML type)
     "qkv": (960, 576, 3),
     "o": (576, 576, 3),
@@ -36,39 +35,6 @@ SHAPES = {  # name: (N, K, GGML type)
     "down": (576, 1536, 3),
     "lm_head": (49152, 576, 8),
 }
-KERNELS = "src/servekit/llm/kernels"
-
-
-def build(sources: dict[str, str], target: Path, extra: tuple[str, ...] = ()) -> ctypes.CDLL:
-    """The kernel sources (file name: text) compiled as the loader does (plus `extra` flags), loaded."""
-    folder = target.parent / target.stem
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, text in sources.items():
-        (folder / name).write_text(text)
-    c_files = sorted(str(folder / name) for name in sources if name.endswith(".c"))
-    command = ["cc", *kernels.FLAGS, *extra, *kernels.OPENMP_FLAGS, "-o", str(target), *c_files, "-lm"]
-    subprocess.run(command, check=True, capture_output=True, text=True, timeout=600)
-    library = ctypes.CDLL(str(target))
-    library.quantized_gemm.restype = ctypes.c_int
-    library.quantized_gemm.argtypes = kernels._SIGNATURES["quantized_gemm"]
-    return library
-
-
-def ref_sources(ref: str) -> dict[str, str]:
-    names = subprocess.run(
-        ["git", "ls-tree", "--name-only", f"{ref}:{KERNELS}"], check=True, capture_output=True, text=True
-    ).stdout.split()
-    return {
-        name: subprocess.run(
-            ["git", "show", f"{ref}:{KERNELS}/{name}"], check=True, capture_output=True, text=True
-        ).stdout
-        for name in names
-        if name.endswith((".c", ".h"))
-    }
-
-
-def tree_sources() -> dict[str, str]:
-    return {path.name: path.read_text() for path in (*kernels.SOURCES, *kernels.HEADERS)}
 
 
 def weights(n: int, k: int, ggml_type: int, seed: int) -> torch.Tensor:
@@ -101,8 +67,8 @@ def main() -> None:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as scratch:
         extra = tuple(args.cflags.split())
-        old = build(ref_sources(args.baseline), Path(scratch) / "old.so", extra)
-        new = build(tree_sources(), Path(scratch) / "new.so", extra)
+        old = build_library(kernel_sources(args.baseline), Path(scratch) / "old.so", FUNCTIONS, extra)
+        new = build_library(kernel_sources(), Path(scratch) / "new.so", FUNCTIONS, extra)
         print(
             f"# baseline {args.baseline} {args.cflags}; load {Path('/proc/loadavg').read_text().split()[:3]}"
         )
