@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from servekit.host_memory import keep_freed_memory
 from servekit.llm.beam_search import BeamSearchRequests
 from servekit.llm.block_manager import BlockManager
 from servekit.llm.chat_template import resolve_chat_template
@@ -102,6 +103,8 @@ class LLMEngine:
         self.device = resolve_device(cfg.device)
         check_device_settings(cfg, self.device)
         configure_threads(rank_threads(cfg.num_threads, cfg.tp))
+        if self.device.type == "cpu":
+            keep_freed_memory()  # (activations on the CPU: reuse freed pages between steps)
         if cfg.seed is not None:
             torch.manual_seed(cfg.seed)
         if cfg.flush_denormal:

@@ -13,6 +13,7 @@ import sys
 
 import torch
 
+from servekit.host_memory import keep_freed_memory
 from servekit.llm.tp_runner import RankSpec, init_group, read_message
 
 logger = logging.getLogger("servekit.llm.tp_rank")
@@ -43,6 +44,8 @@ def main() -> int:
         torch.set_num_threads(spec.num_threads)
     if spec.flush_denormal:
         torch.set_flush_denormal(True)
+    if torch.device(spec.device).type == "cpu":
+        keep_freed_memory()
     group = init_group(spec)
 
     from servekit.llm.loaders import load_model_source
