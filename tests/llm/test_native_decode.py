@@ -22,6 +22,8 @@ from servekit.llm.kernels.decode_step import phases_check
 from servekit.llm.kernels.quantized import QuantizedTensor
 from servekit.llm.loaders import load_model_source
 from servekit.llm.model_runner import ForwardBatch, ModelRunner
+from servekit.llm.models.native_decode import NativeDecode
+from servekit.llm.models.quantized_linear import gemm_from_rows
 from tests.llm.test_engine import make_engine, run_all
 from tests.llm.test_loaders_gguf import write_gguf
 from tests.llm.test_quantized_kernels import CHAT_PROMPT, random_blocks
@@ -127,6 +129,72 @@ def test_native_step_is_the_models_forward(tiny_gguf: Path, threads: int) -> Non
     compare_greedy(native, reference, prompt, 24, table)
 
 
+def count_batches(native: NativeDecode) -> list[int]:
+    """The sizes of the batched native steps ``native`` runs from now on, as a list that grows."""
+    sizes: list[int] = []
+    step = native.batch
+
+    def counted(tokens: list[int], positions: list[int], tables: list[list[int]]) -> torch.Tensor:
+        sizes.append(len(tokens))
+        return step(tokens, positions, tables)
+
+    native.batch = counted  # type: ignore[method-assign]
+    return sizes
+
+
+def same_logits(got: torch.Tensor, want: torch.Tensor, exact: bool) -> bool:
+    if exact:
+        return torch.equal(got, want)
+    bound = 1e-4 * max(1.0, float(want.abs().max()))
+    return float((got - want).abs().max()) <= bound and torch.equal(got.argmax(dim=1), want.argmax(dim=1))
+
+
+def compare_batched(
+    native: ModelRunner, reference: ModelRunner, batch: int, steps: int, seed: int, exact: bool = True
+) -> None:
+    """``batch`` sequences of different lengths over shuffled blocks, prefilled together, then
+    ``steps`` decode steps of all of them in one batch fed the reference's greedy tokens: the same
+    logits as the model's forward at every step (bit for bit when ``exact``: the same kernels in the
+    same order; else within 1e-4 and the same argmax)."""
+    generator = torch.Generator().manual_seed(seed)
+    blocks_each = 8  # block size 4: prompts of up to 12 tokens plus the steps fit
+    order = torch.randperm(batch * blocks_each, generator=generator).tolist()
+    tables = [order[i * blocks_each : (i + 1) * blocks_each] for i in range(batch)]
+    prompts = [
+        torch.randint(
+            0, 96, (int(torch.randint(1, 13, (1,), generator=generator)),), generator=generator
+        ).tolist()
+        for _ in range(batch)
+    ]
+    first = ForwardBatch(prompts, [0] * batch, tables)
+    out_n, out_r = native.execute(first), reference.execute(first)
+    positions = [len(prompt) for prompt in prompts]
+    for step in range(steps):
+        assert same_logits(out_n.last_logits, out_r.last_logits, exact), step
+        tokens = [[int(token)] for token in out_r.last_logits.argmax(dim=1)]
+        decode = ForwardBatch(tokens, positions, tables)
+        out_n, out_r = native.execute(decode), reference.execute(decode)
+        positions = [position + 1 for position in positions]
+    assert same_logits(out_n.last_logits, out_r.last_logits, exact)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_batched_step_is_the_models_forward(tiny_gguf: Path, threads: int) -> None:
+    """From the GEMM's rows up (one x panel, then a second one: 33 rows)."""
+    torch.set_num_threads(threads)
+    source = load_model_source(str(tiny_gguf))
+    batches = [gemm_from_rows(), 33]
+    native, reference = runners(
+        source.config, source.iter_weight_blocks(), block_size=4, num_blocks=8 * max(batches)
+    )
+    assert native.native_decode is not None and native.native_decode.runs_batch(gemm_from_rows())
+    assert not native.native_decode.runs_batch(gemm_from_rows() - 1)
+    calls = count_batches(native.native_decode)
+    for seed, batch in enumerate(batches):
+        compare_batched(native, reference, batch, 10, seed)
+    assert calls == [batches[0]] * 10 + [batches[1]] * 10
+
+
 def test_every_block_type_including_k_quants(tmp_path: Path) -> None:
     """Q4_K/Q6_K rows (the dequantise-a-row path) next to the 32-weight types, tied Q6_K embeddings."""
     torch.set_num_threads(2)
@@ -185,8 +253,9 @@ def test_only_what_it_can_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 def test_engine_outputs_are_the_same_with_and_without_it(
     tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """One request at a time (every decode step native), then a shared prefix (prefix-cache hits) and
-    four requests over too few KV blocks (preemption; single survivors decode natively)."""
+    """One request at a time (every decode step native), then a shared prefix (prefix-cache hits),
+    four requests over too few KV blocks (preemption; single survivors decode natively), and a batch
+    decoding together (the batched step)."""
     torch.set_num_threads(2)
     source = load_model_source(str(tiny_gguf))
     greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=0)
@@ -194,6 +263,7 @@ def test_engine_outputs_are_the_same_with_and_without_it(
     alone = [("Numbers: 0 1 2 3", greedy)]
     prefixed = [(shared + "Then", greedy), (shared + "And", greedy)]
     crowded = [(f"Request {i}: count 1 2 3 4", greedy) for i in range(4)]
+    together = [(f"Request {i}: count 1 2 3 4", greedy) for i in range(gemm_from_rows() + 3)]
     results: dict[str, list[list[int]]] = {}
     for mode in ("native", "off"):
         if mode == "off":
@@ -206,6 +276,12 @@ def test_engine_outputs_are_the_same_with_and_without_it(
         tight = make_engine(source, num_kv_blocks=10, block_size=4, max_model_len=40)
         outputs = run_all(tight, crowded)
         got += [outputs[f"r{i}"].outputs[0].token_ids for i in range(4)]
+        # decoding together, from the GEMM's rows up: the batched native step
+        native = engine.runner.native_decode
+        batched = count_batches(native) if native is not None else []
+        outputs = run_all(engine, together)
+        got += [outputs[f"r{i}"].outputs[0].token_ids for i in range(len(together))]
+        assert (len(batched) >= 20) is (mode == "native")
         results[mode] = got
     assert results["native"] == results["off"]
 
@@ -222,10 +298,11 @@ def _portable_library(tmp_path: Path) -> ctypes.CDLL:
         [*command, "-o", str(target), *map(str, SOURCES), "-lm"], check=True, capture_output=True, timeout=300
     )
     library = ctypes.CDLL(str(target))
-    for name in ("decode_step", "decode_phases_check"):
+    for name in ("decode_step", "decode_step_batch", "decode_phases_check"):
         function = getattr(library, name)
         function.argtypes = _SIGNATURES[name]
     library.decode_step.restype = ctypes.c_int
+    library.decode_step_batch.restype = ctypes.c_int
     library.decode_phases_check.restype = ctypes.c_int64
     return library
 
@@ -240,8 +317,13 @@ def test_portable_build(tiny_gguf: Path, tmp_path: Path, monkeypatch: pytest.Mon
     assert library.decode_phases_check(2, 2000) == 0
     assert library.decode_phases_check(3, 200) == 0
     source = load_model_source(str(tiny_gguf))
-    native, reference = runners(source.config, source.iter_weight_blocks(), block_size=4, num_blocks=8)
+    native, reference = runners(source.config, source.iter_weight_blocks(), block_size=4, num_blocks=8 * 13)
     compare_greedy(native, reference, [9, 8, 7, 6, 5], 10, list(range(8)))
+    # (the reference's GEMM is this CPU's build, with FMA: the sums round differently)
+    assert native.native_decode is not None
+    calls = count_batches(native.native_decode)
+    compare_batched(native, reference, 13, 6, 0, exact=False)
+    assert calls == [13] * 6
 
 
 @pytest.mark.slow

@@ -135,7 +135,8 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         if cuda_graphs:
             self.graphs = self._decode_graphs(max_num_seqs)
-        # A decode step of exactly one sequence in one C call (native_decode), where the model allows.
+        # Decode-only steps in one C call (native_decode: one sequence, or GEMM-sized batches), where
+        # the model allows.
         self.native_decode: NativeDecode | None = None
         if self.decode_kernel and not tp.enabled and self.graphs is None and native_decode_enabled():
             self.native_decode = native_decode_step(self.model, self.kv_cache)
@@ -244,6 +245,19 @@ class ModelRunner:
                     batch.token_ids[0][0], batch.start_positions[0], batch.block_tables[0]
                 )
             return ForwardOutput(logits, [logits if want_all[0] else None])
+        if (
+            self.native_decode is not None
+            and self.native_decode.runs_batch(num_seqs)
+            and all(len(ids) == 1 for ids in batch.token_ids)
+            and (batch.sampled is None or all(batch.sampled))
+        ):
+            with torch.no_grad():
+                logits = self.native_decode.batch(
+                    [ids[0] for ids in batch.token_ids], batch.start_positions, batch.block_tables
+                )
+            return ForwardOutput(
+                logits, [logits[i : i + 1] if want_all[i] else None for i in range(num_seqs)]
+            )
         block_size = self.block_size
         device = self.device
 

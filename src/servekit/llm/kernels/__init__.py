@@ -183,6 +183,20 @@ _SIGNATURES: dict[str, list[type]] = {
     "expert_panel_columns": [],
     # model struct, token, position, block table int32, its length, cos, sin (or NULL), logits, threads
     "decode_step": [_POINTER, _INT64, _INT64, _POINTER, _INT64, _POINTER, _POINTER, _POINTER, _INT],
+    # model struct, tokens int64, positions int64, block tables int32 [B][max blocks], max blocks,
+    # cos and sin tables (or NULL), logits, B, threads
+    "decode_step_batch": [
+        _POINTER,
+        _POINTER,
+        _POINTER,
+        _POINTER,
+        _INT64,
+        _POINTER,
+        _POINTER,
+        _POINTER,
+        _INT64,
+        _INT,
+    ],
     # threads, rounds
     "decode_phases_check": [_INT, _INT64],
 }
@@ -200,6 +214,7 @@ _RETURNS_INT = (
     "expert_order",
     "expert_panel_columns",
     "decode_step",
+    "decode_step_batch",
 )
 _RETURNS_INT64 = ("decode_phases_check",)
 

@@ -1,9 +1,9 @@
-"""Python face of the one-call batch-1 decode step (``decode_step.c``): the C structs it reads, and
-the call.
+"""Python face of the one-call decode steps (``decode_step.c``: one sequence, or a batch with the
+projections as GEMMs): the C structs they read, and the calls.
 
 The structs are filled once, when a model is loaded (``servekit.llm.models.native_decode``): weight
 pointers, block types, shapes, the KV cache's layer views and the shared scratch buffers. A step
-then passes only the token, its position, its block table and the rotary rows of that position.
+then passes only the tokens, their positions, their block tables and the rotary rows.
 """
 
 from __future__ import annotations
@@ -135,6 +135,46 @@ class DecodeStepKernel:
             raise MemoryError("decode_step could not allocate its scratch memory")
         if status != 0:
             raise ValueError(f"decode_step refused token {token} at position {position} (status {status})")
+        return logits
+
+    def batch(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        block_tables: torch.Tensor,
+        cos_table: torch.Tensor | None,
+        sin_table: torch.Tensor | None,
+        num_threads: int,
+    ) -> torch.Tensor:
+        """Float32 logits ``[B, vocab]`` of one decode step of B sequences, the projections as GEMMs:
+        ``tokens``/``positions`` contiguous int64 ``[B]``; ``block_tables`` contiguous int32 ``[B,
+        max_blocks]``; ``cos_table``/``sin_table`` contiguous float32 ``[positions, rotary_dim]``
+        holding every position of the batch."""
+        library = load_library()
+        if library is None:
+            raise RuntimeError("the C kernels are not available (see servekit.llm.kernels)")
+        batch, max_blocks = block_tables.shape
+        if tokens.shape != (batch,) or positions.shape != (batch,):
+            raise ValueError("tokens, positions and block tables of different batch sizes")
+        if cos_table is not None and int(positions.max()) >= cos_table.shape[0]:
+            raise ValueError("a position past the rotary tables")
+        logits = torch.empty((batch, self.model.vocab), dtype=torch.float32)
+        status = library.decode_step_batch(
+            ctypes.byref(self.model),
+            tokens.data_ptr(),
+            positions.data_ptr(),
+            block_tables.data_ptr(),
+            max_blocks,
+            None if cos_table is None else cos_table.data_ptr(),
+            None if sin_table is None else sin_table.data_ptr(),
+            logits.data_ptr(),
+            batch,
+            num_threads,
+        )
+        if status == -1:
+            raise MemoryError("decode_step_batch could not allocate its scratch memory")
+        if status != 0:
+            raise ValueError(f"decode_step_batch refused its batch of {batch} (status {status})")
         return logits
 
 

@@ -48,20 +48,23 @@ void add_norm(void *hidden, const void *delta, const void *extra, const void *we
     }
 }
 
+/* One float32 row [gate | up] of 2 cols: a plain loop, which the compiler vectorises (expf included).
+ * decode_step.c calls it on its own threads. */
+void silu_mul_row(const float *gate, float *out, int64_t cols) {
+    const float *up = gate + cols;
+    for (int64_t c = 0; c < cols; c++) {
+        /* expf(-gate) kept finite: silu of a gate below -80 is -0 either way */
+        const float minus = gate[c] < -80.0f ? 80.0f : -gate[c];
+        out[c] = gate[c] / (1.0f + expf(minus)) * up[c];
+    }
+}
+
 void silu_mul(const void *gate_up, void *out, int64_t rows, int64_t cols, int dtype) {
-    if (dtype == DTYPE_F32) { /* a plain float loop, which the compiler vectorises (expf included) */
+    if (dtype == DTYPE_F32) {
         const float *source = (const float *)gate_up;
         float *target = (float *)out;
 #pragma omp parallel for schedule(static) if (rows * cols >= 262144)
-        for (int64_t r = 0; r < rows; r++) {
-            const float *gate = source + r * 2 * cols, *up = gate + cols;
-            float *dst = target + r * cols;
-            for (int64_t c = 0; c < cols; c++) {
-                /* expf(-gate) kept finite: silu of a gate below -80 is -0 either way */
-                const float minus = gate[c] < -80.0f ? 80.0f : -gate[c];
-                dst[c] = gate[c] / (1.0f + expf(minus)) * up[c];
-            }
-        }
+        for (int64_t r = 0; r < rows; r++) silu_mul_row(source + r * 2 * cols, target + r * cols, cols);
         return;
     }
 #pragma omp parallel for schedule(static) if (rows * cols >= 262144)

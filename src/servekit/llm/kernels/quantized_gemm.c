@@ -192,6 +192,68 @@ static void store_tile(const float *acc, int rows, int64_t count, const float *b
         for (int64_t c = 0; c < count; c++) dst[r * ldd + c] = acc[c * PM + r] + (bias ? bias[c] : 0.0f);
 }
 
+/* Weight-row group g of w (rows [g GN, g GN + GN) of n) against x rows [m0, m1) of `packed` (panels of
+ * PM rows from pack_panel, m0 a multiple of PM): out [m][ldo] columns of the group (+ bias), through the
+ * thread's scratch wbuf [GN][k] and acc [GN][PM]. The group is dequantised afresh (cheap next to the
+ * m1 - m0 multiply-adds per weight): the 32-weight types inside the first panel's kernels. */
+static void gemm_group(const float *packed, int64_t m0, int64_t m1, int64_t k, const uint8_t *w, int64_t n,
+                       int64_t row_bytes, int type, const float *bias, float *out, int64_t ldo, int64_t g,
+                       float *wbuf, float *acc) {
+    const int fused = FUSED_DEQUANT && (type == GGML_Q4_0 || type == GGML_Q4_1 || type == GGML_Q8_0);
+    const int64_t first = g * GN;
+    const int64_t count = n - first < GN ? n - first : GN;
+    const int64_t padded = (count + NC - 1) / NC * NC;
+    if (fused) { /* blocked scratch, written by the first panel's kernels; zero rows past n */
+        if (padded > count) memset(wbuf + (padded - NC) * k, 0, sizeof(float) * (size_t)(NC * k));
+    } else {
+        int64_t indices[GN];
+        for (int64_t r = 0; r < count; r++) indices[r] = first + r;
+        dequantize_rows(w, row_bytes, type, k, indices, count, wbuf);
+        if (padded > count) memset(wbuf + count * k, 0, sizeof(float) * (size_t)((padded - count) * k));
+    }
+    for (int64_t p0 = m0; p0 < m1; p0 += PM) {
+        const int mr = (int)(m1 - p0 < PM ? m1 - p0 : PM);
+        for (int64_t s = 0; s < padded; s += NC)
+            slice_kernel(packed + p0 * k, wbuf + s * k, k, acc + s * PM, mr, type, fused,
+                         fused && p0 == m0, w + (first + s) * row_bytes, row_bytes,
+                         (int)(count - s < NC ? count - s : NC));
+        store_tile(acc, mr, count, bias ? bias + first : NULL, out + p0 * ldo + first, ldo);
+    }
+}
+
+/* x rows met by each dequantised weight group at a time: about L2, whole panels. */
+static int64_t x_block_rows(int64_t k) {
+    const int64_t rows = XBLOCK_BYTES / (int64_t)sizeof(float) / k / PM * PM;
+    return rows < PM ? PM : rows;
+}
+
+/* -- the pieces decode_step.c runs inside its own parallel region ----------------------------- */
+
+int64_t gemm_group_rows(void) { return GN; }
+
+/* Floats of the packed x of m rows of k (gemm_pack) and of a thread's scratch (gemm_groups). */
+int64_t gemm_packed_floats(int64_t m, int64_t k) { return (m + PM - 1) / PM * PM * k; }
+int64_t gemm_scratch_floats(int64_t k) { return GN * k + GN * PM; }
+
+/* x [m][k] packed into panels (64-byte aligned `packed` of gemm_packed_floats(m, k)). */
+void gemm_pack(const float *x, int64_t m, int64_t k, float *packed) {
+    for (int64_t p = 0; p * PM < m; p++) {
+        const int64_t rows = m - p * PM < PM ? m - p * PM : PM;
+        pack_panel(x, k, p * PM, rows, packed + p * PM * k);
+    }
+}
+
+/* Groups [g0, g1) of x @ W.T (+ bias) for all m rows of the packed x into out [m][ldo]: the numbers
+ * quantized_gemm computes. scratch: 64-byte aligned, gemm_scratch_floats(k). */
+void gemm_groups(const float *packed, int64_t m, int64_t k, const uint8_t *w, int64_t n, int64_t row_bytes,
+                 int type, const float *bias, float *out, int64_t ldo, int64_t g0, int64_t g1, float *scratch) {
+    const int64_t block_rows = x_block_rows(k);
+    for (int64_t g = g0; g < g1; g++)
+        for (int64_t m0 = 0; m0 < m; m0 += block_rows)
+            gemm_group(packed, m0, m - m0 < block_rows ? m : m0 + block_rows, k, w, n, row_bytes, type, bias, out,
+                       ldo, g, scratch, scratch + GN * k);
+}
+
 /* x float32 [m][k] contiguous, w [n][row_bytes] blocks of GGML `type`, out float32 [m][n]; bias
  * float32 [n] or NULL. Returns 0, -1 (out of memory) or -2 (unknown type or wrong geometry). */
 int quantized_gemm(const float *x, int64_t m, int64_t k, const uint8_t *w, int64_t n,
@@ -200,10 +262,8 @@ int quantized_gemm(const float *x, int64_t m, int64_t k, const uint8_t *w, int64
     if (threads < 1) threads = 1;
     if (m <= 0 || n <= 0) return 0;
     const int64_t panels = (m + PM - 1) / PM, groups = (n + GN - 1) / GN;
-    const int fused = FUSED_DEQUANT && (type == GGML_Q4_0 || type == GGML_Q4_1 || type == GGML_Q8_0);
-    int64_t block_rows = XBLOCK_BYTES / (int64_t)sizeof(float) / k / PM * PM;
-    if (block_rows < PM) block_rows = PM;
-    float *packed = aligned_alloc(64, sizeof(float) * (size_t)(panels * PM * k));
+    const int64_t block_rows = x_block_rows(k);
+    float *packed = aligned_alloc(64, sizeof(float) * (size_t)gemm_packed_floats(m, k));
     if (packed == NULL) return -1;
     int status = 0;
 #ifdef _OPENMP
@@ -232,29 +292,9 @@ int quantized_gemm(const float *x, int64_t m, int64_t k, const uint8_t *w, int64
 #ifdef _OPENMP
 #pragma omp for schedule(static) nowait
 #endif
-            for (int64_t g = 0; g < groups; g++) {
-                if (wbuf == NULL || acc == NULL) continue;
-                const int64_t first = g * GN;
-                const int64_t count = n - first < GN ? n - first : GN;
-                const int64_t padded = (count + NC - 1) / NC * NC;
-                if (fused) { /* blocked scratch, written by the first panel's kernels; zero rows past n */
-                    if (padded > count) memset(wbuf + (padded - NC) * k, 0, sizeof(float) * (size_t)(NC * k));
-                } else {
-                    int64_t indices[GN];
-                    for (int64_t r = 0; r < count; r++) indices[r] = first + r;
-                    dequantize_rows(w, row_bytes, type, k, indices, count, wbuf);
-                    if (padded > count)
-                        memset(wbuf + count * k, 0, sizeof(float) * (size_t)((padded - count) * k));
-                }
-                for (int64_t p0 = m0; p0 < m1; p0 += PM) {
-                    const int mr = (int)(m1 - p0 < PM ? m1 - p0 : PM);
-                    for (int64_t s = 0; s < padded; s += NC)
-                        slice_kernel(packed + p0 * k, wbuf + s * k, k, acc + s * PM, mr, type, fused,
-                                     fused && p0 == m0, w + (first + s) * row_bytes, row_bytes,
-                                     (int)(count - s < NC ? count - s : NC));
-                    store_tile(acc, mr, count, bias ? bias + first : NULL, out + p0 * n + first, n);
-                }
-            }
+            for (int64_t g = 0; g < groups; g++)
+                if (wbuf != NULL && acc != NULL)
+                    gemm_group(packed, m0, m1, k, w, n, row_bytes, type, bias, out, n, g, wbuf, acc);
         }
         free(wbuf);
         free(acc);

@@ -1,7 +1,9 @@
-"""The batch-1 decode step in one native call (``kernels/decode_step.c``), for the decoders it can
-run exactly: pre-norm RMSNorm decoders (the Llama layout: Llama, Mistral, Qwen2, SmolLM2, ...) whose
-projections are all on GGUF blocks (``QuantizedLinear``), gated SiLU MLPs, rotary (or no) positions,
-plain scaled attention (sliding windows included), float32 activations on a CPU.
+"""Decode steps in one native call each (``kernels/decode_step.c``): of one sequence, and of a batch
+from the rows where the projections become GEMMs, for the decoders they can run exactly: pre-norm
+RMSNorm decoders (the Llama layout: Llama, Mistral, Qwen2, SmolLM2, ...) whose projections are all
+on GGUF blocks (``QuantizedLinear``), gated SiLU MLPs, rotary (or no) positions, plain scaled
+attention (sliding windows included), float32 activations on a CPU. The numbers are those of the
+model's own forward.
 
 ``native_decode_step(model, kv_cache)`` gathers the weights' pointers, block types and shapes once
 (at load) and returns a ``NativeDecode``, or None with the reason logged when the model has a part
@@ -26,7 +28,7 @@ from servekit.llm.kernels.quantized import QuantizedTensor
 from servekit.llm.kv_cache import PagedKVCache
 from servekit.llm.models.decoder import DecoderLM
 from servekit.llm.models.layers import DenseMLP, Norm
-from servekit.llm.models.quantized_linear import QuantizedLinear
+from servekit.llm.models.quantized_linear import QuantizedLinear, gemm_from_rows
 from servekit.llm.models.rotary import RotaryEmbedding
 from servekit.llm.models.self_attention import SelfAttention
 
@@ -43,15 +45,38 @@ class Unsupported(Exception):
 
 @dataclass
 class NativeDecode:
-    """One sequence's decode step: ``(token, position, block table) -> logits [1, vocab]``."""
+    """A decode step of one sequence, ``(token, position, block table) -> logits [1, vocab]``, and of
+    a batch of sequences (``batch``) where ``runs_batch`` says so."""
 
     kernel: DecodeStepKernel
     rotary: RotaryEmbedding | None
+    batched: bool  # the batch step computes what the model's forward does (not with 8-bit activations)
 
     def __call__(self, token: int, position: int, block_table: list[int]) -> torch.Tensor:
         table = torch.tensor(block_table, dtype=torch.int32)
         cos, sin = self.rotary.row(position) if self.rotary is not None else (None, None)
         return self.kernel(token, position, table, cos, sin, torch.get_num_threads())
+
+    def runs_batch(self, num_seqs: int) -> bool:
+        """Whether ``batch`` runs a decode step of ``num_seqs`` sequences: from the rows where the
+        projections become GEMMs (below, the row kernels of the one-sequence step's numbers)."""
+        return self.batched and num_seqs >= gemm_from_rows()
+
+    def batch(self, tokens: list[int], positions: list[int], block_tables: list[list[int]]) -> torch.Tensor:
+        """Logits ``[len(tokens), vocab]`` of one decode token per sequence."""
+        width = max(len(table) for table in block_tables)
+        tables = torch.tensor(
+            [table + [0] * (width - len(table)) for table in block_tables], dtype=torch.int32
+        )
+        cos, sin = self.rotary.tables(max(positions)) if self.rotary is not None else (None, None)
+        return self.kernel.batch(
+            torch.tensor(tokens, dtype=torch.int64),
+            torch.tensor(positions, dtype=torch.int64),
+            tables,
+            cos,
+            sin,
+            torch.get_num_threads(),
+        )
 
 
 def native_decode_step(model: object, kv_cache: PagedKVCache) -> NativeDecode | None:
@@ -176,4 +201,4 @@ def _build(model: DecoderLM, kv_cache: PagedKVCache) -> NativeDecode:
     struct.gate_up = pointer
     struct.q8 = int(model.quantization == "int8")  # as QuantizedLinear's one-row calls then compute
     keep += [scratch, embed, final_norm, kv_cache, model]
-    return NativeDecode(DecodeStepKernel(struct, layers, keep), rotary)
+    return NativeDecode(DecodeStepKernel(struct, layers, keep), rotary, batched=not struct.q8)

@@ -169,6 +169,13 @@ class RotaryEmbedding:
         sin = self._sin.index_select(0, positions).unsqueeze(1)
         return cos, sin
 
+    def tables(self, max_position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole contiguous ``[positions, rotary_dim]`` cos and signed sin tables, grown to hold
+        ``max_position`` (row p is position p)."""
+        if max_position >= self._cos.shape[0]:
+            self._grow(max(max_position + 1, 2 * self._cos.shape[0]))
+        return self._cos, self._sin
+
     def row(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``[rotary_dim]`` cos and signed sin of one position (views of the tables, no operator)."""
         if position >= self._cos.shape[0]:
