@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -50,6 +51,12 @@ class Runtime:
 
         if isinstance(runner, TensorParallelRunner):  # a rank process that dies fails this worker
             runner.on_failure = on_engine_failure
+        # This worker process serves the engine from now on: what loading left alive (modules, the
+        # model and tokenizer, ~700k objects for the default model) stays out of the cyclic
+        # collector's full passes, which otherwise traverse it all while steps run (3-4% of a
+        # 32-sequence decode step of the default model).
+        gc.collect()
+        gc.freeze()
 
     def decode_token(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
