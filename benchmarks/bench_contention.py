@@ -1,13 +1,14 @@
-"""Batch-1 decode step time of the default model alone and with CPU-bound neighbour processes.
+"""Decode step time of the default model (one sequence, or ``--batch``) alone and with CPU-bound
+neighbour processes.
 
 Each setting runs in a fresh process (the OpenMP wait policy is read once, when libgomp starts):
-the step time (median of ``--steps`` decode steps of one sequence, SmolLM2-135M-Instruct GGUF on
-its blocks) alone, then with 1 and 2 neighbours running ``while True: pass``, and the ratio to
-alone. With N cores and k neighbours a fair share is N / (N + k) of the CPU, so a step may take up
-to (N + k) / N times as long; more than that is collapse (threads spinning at barriers while a
-neighbour holds the core their partner needs).
+the step time (median of ``--steps`` decode steps of one sequence or of ``--batch`` together,
+SmolLM2-135M-Instruct GGUF on its blocks) alone, then with 1 and 2 neighbours running ``while True:
+pass``, and the ratio to alone. With N cores and k neighbours a fair share is N / (N + k) of the
+CPU, so a step may take up to (N + k) / N times as long; more than that is collapse (threads
+spinning at barriers while a neighbour holds the core their partner needs).
 
-    PYTHONPATH=src .venv/bin/python benchmarks/bench_contention.py [--steps 60] [--policies default,passive]
+    PYTHONPATH=src .venv/bin/python benchmarks/bench_contention.py [--steps 60] [--policies default,passive] [--batch 32]
 """
 
 from __future__ import annotations
@@ -35,30 +36,34 @@ from servekit.llm.loaders import load_model_source
 from servekit.llm.model_runner import ForwardBatch, ModelRunner
 from servekit.threads import configure_threads
 threads = configure_threads(None)
+steps, batch = int(sys.argv[1]), int(sys.argv[2])
 source = load_model_source(None)
-runner = ModelRunner(source.config, source.iter_weight_blocks(), num_blocks=32, block_size=16, max_model_len=512)
+runner = ModelRunner(
+    source.config, source.iter_weight_blocks(), num_blocks=8 * batch, block_size=16, max_model_len=512
+)
 prompt = source.tokenizer.encode("The capital of France is")
-table = [list(range(32))]
-runner.execute(ForwardBatch([prompt], [0], table))
+tables = [list(range(8 * i, 8 * i + 8)) for i in range(batch)]
+for table in tables:
+    runner.execute(ForwardBatch([prompt], [0], [table]))
 print("ready", flush=True)
 sys.stdin.readline()
-times, position, token = [], len(prompt), 1
-for step in range(int(sys.argv[1])):
+times, position = [], len(prompt)
+for step in range(steps):
     start = time.perf_counter()
-    runner.execute(ForwardBatch([[token]], [position], table))
+    runner.execute(ForwardBatch([[1]] * batch, [position] * batch, tables))
     times.append(time.perf_counter() - start)
     position += 1
 print(json.dumps({"median_ms": statistics.median(times) * 1e3, "threads": threads}), flush=True)
 """
 
 
-def measure(policy: str, neighbours: int, steps: int) -> dict[str, float]:
+def measure(policy: str, neighbours: int, steps: int, batch: int) -> dict[str, float]:
     env = {**os.environ, **POLICIES[policy]}
     env = {name: value for name, value in env.items() if value}  # "" = unset
     src = str(Path(__file__).resolve().parents[1] / "src")
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
     child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(steps)],
+        [sys.executable, "-c", CHILD, str(steps), str(batch)],
         env=env,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -93,6 +98,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--policies", default="default,passive")
     parser.add_argument("--max-neighbours", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=1, help="sequences decoded per step")
     args = parser.parse_args()
     from servekit.cpu import cpu_model
 
@@ -103,11 +109,11 @@ def main() -> None:
     for policy in args.policies.split(","):
         alone = None
         for neighbours in range(args.max_neighbours + 1):
-            result = measure(policy, neighbours, args.steps)
+            result = measure(policy, neighbours, args.steps, args.batch)
             alone = alone or result["median_ms"]
             fair = (cores + neighbours) / cores
             print(
-                f"{policy:8s} threads {int(result['threads'])} neighbours {neighbours}: "
+                f"{policy:8s} batch {args.batch} threads {int(result['threads'])} neighbours {neighbours}: "
                 f"{result['median_ms']:7.1f} ms/step  x{result['median_ms'] / alone:4.2f} of alone "
                 f"(fair share allows x{fair:.2f})",
                 flush=True,
