@@ -129,6 +129,23 @@ typedef struct {
     int threads;
 } sched_t;
 
+/* `phases` phases with nothing taken, for a team of `threads` (clamped to 1..MAX_THREADS: it sizes
+ * the chunks; the team may be smaller, any team takes them all). Returns the clamped count, or 0
+ * without memory. Free s->phase after the region. */
+static int sched_init(sched_t *s, int64_t phases, int threads) {
+    if (threads < 1) threads = 1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    s->phase = malloc(sizeof(phase_t) * (size_t)(phases > 0 ? phases : 1));
+    if (s->phase == NULL) return 0;
+    for (int64_t p = 0; p < phases; p++) {
+        atomic_init(&s->phase[p].next, 0);
+        atomic_init(&s->phase[p].done, 0);
+    }
+    atomic_init(&s->sleepers, 0);
+    s->threads = threads;
+    return threads;
+}
+
 static int64_t now_ns(void) {
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
@@ -247,11 +264,18 @@ static void project_phase(sched_t *s, phase_t *phase, const dprojection_t *p, co
     wait_done(s, phase, chunks);
 }
 
+/* The widest input a projection of the model reads: hidden, inter or the attention's q width. */
+static int64_t widest_input(const dmodel_t *m) {
+    const int64_t q_width = m->heads * m->head_dim;
+    const int64_t wider = m->hidden > m->inter ? m->hidden : m->inter;
+    return wider > q_width ? wider : q_width;
+}
+
 static int step_body(const dmodel_t *m, int64_t token, int64_t position, const int32_t *table, int64_t table_len,
                      const float *cos, const float *sin, float *logits, sched_t *s) {
     const int64_t hidden = m->hidden, inter = m->inter, hd = m->head_dim;
     const int64_t q_width = m->heads * hd, kv_width = m->kv_heads * hd;
-    const int64_t widest = hidden > inter ? (hidden > q_width ? hidden : q_width) : (inter > q_width ? inter : q_width);
+    const int64_t widest = widest_input(m);
     const float eps = (float)m->eps;
     float *own = malloc(sizeof(float) * (size_t)(hidden + inter + quantized_prep_floats(widest) + widest + 16));
     if (own == NULL) return -1; /* (a thread without scratch takes no chunk: the others do them all) */
@@ -320,18 +344,9 @@ int decode_step(const dmodel_t *m, int64_t token, int64_t position, const int32_
                 const float *cos, const float *sin, float *logits, int threads) {
     if (token < 0 || token >= m->vocab || position < 0 || position / m->block_size >= table_len) return -2;
     if (m->rotary_dim > 0 && (cos == NULL || sin == NULL)) return -2;
-    if (threads < 1) threads = 1;
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
     sched_t sched;
-    const int64_t phases = 2 + 5 * m->layers;
-    sched.phase = malloc(sizeof(phase_t) * (size_t)phases);
-    if (sched.phase == NULL) return -1;
-    for (int64_t p = 0; p < phases; p++) {
-        atomic_init(&sched.phase[p].next, 0);
-        atomic_init(&sched.phase[p].done, 0);
-    }
-    atomic_init(&sched.sleepers, 0);
-    sched.threads = threads; /* (sizes the chunks: the team may be smaller, any team takes them all) */
+    threads = sched_init(&sched, 2 + 5 * m->layers, threads);
+    if (threads == 0) return -1;
     int status = 0;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(threads)
@@ -363,19 +378,24 @@ typedef struct {
 #ifndef CHUNKS_PER_THREAD
 #define CHUNKS_PER_THREAD 32
 #endif
+/* The GEMM's weight-row groups of a matrix, and the chunks of `size` groups they make. */
+static inline int64_t matrix_groups(const dmatrix_t *m) {
+    return (m->rows + gemm_group_rows() - 1) / gemm_group_rows();
+}
+static inline int64_t matrix_chunks(const dmatrix_t *m, int64_t size) { return (matrix_groups(m) + size - 1) / size; }
+
 /* Weight-row groups a chunk of a batched projection covers. */
 static int64_t chunk_groups(const dprojection_t *p, int threads) {
-    const int64_t gn = gemm_group_rows();
     int64_t groups = 0;
-    for (int64_t i = 0; i < p->parts; i++) groups += (p->part[i].rows + gn - 1) / gn;
+    for (int64_t i = 0; i < p->parts; i++) groups += matrix_groups(&p->part[i]);
     const int64_t size = groups / (CHUNKS_PER_THREAD * threads);
     return size < 1 ? 1 : size;
 }
 
 static int batch_chunks(const dprojection_t *p, int threads) {
-    const int64_t gn = gemm_group_rows(), size = chunk_groups(p, threads);
+    const int64_t size = chunk_groups(p, threads);
     int64_t chunks = 0;
-    for (int64_t i = 0; i < p->parts; i++) chunks += ((p->part[i].rows + gn - 1) / gn + size - 1) / size;
+    for (int64_t i = 0; i < p->parts; i++) chunks += matrix_chunks(&p->part[i], size);
     return (int)chunks;
 }
 
@@ -388,14 +408,12 @@ static void gemm_phase(sched_t *s, phase_t *phase, const dprojection_t *p, int64
     const int chunks = batch_chunks(p, s->threads);
     for (int c; (c = take(phase, chunks)) >= 0;) {
         int64_t first = 0, part = 0, index = c;
-        for (;; part++) { /* chunk c's part and its group range there */
-            const int64_t part_chunks = ((p->part[part].rows + gn - 1) / gn + size - 1) / size;
-            if (index < part_chunks) break;
-            index -= part_chunks;
+        for (; index >= matrix_chunks(&p->part[part], size); part++) { /* chunk c's part, its range there */
+            index -= matrix_chunks(&p->part[part], size);
             first += p->part[part].rows;
         }
         const dmatrix_t *m = &p->part[part];
-        const int64_t groups = (m->rows + gn - 1) / gn, g0 = index * size;
+        const int64_t groups = matrix_groups(m), g0 = index * size;
         const int64_t g1 = g0 + size < groups ? g0 + size : groups;
         gemm_groups(scratch->packed, batch, k, m->data, m->rows, m->row_bytes, (int)m->type, m->bias, out + first,
                     p->rows, g0, g1, scratch->gemm);
@@ -430,7 +448,7 @@ static int batch_body(const dmodel_t *m, const int64_t *tokens, const int64_t *p
                       int64_t batch, const batch_buffers_t *b, sched_t *s) {
     const int64_t hidden = m->hidden, inter = m->inter, hd = m->head_dim;
     const int64_t q_width = m->heads * hd, kv_width = m->kv_heads * hd, qkv_rows = q_width + 2 * kv_width;
-    const int64_t widest = hidden > inter ? (hidden > q_width ? hidden : q_width) : (inter > q_width ? inter : q_width);
+    const int64_t widest = widest_input(m);
     const int64_t rows_floats = (batch * widest + 15) / 16 * 16, packed_floats = gemm_packed_floats(batch, widest);
     float *own = aligned_alloc(64, sizeof(float) * (size_t)(rows_floats + packed_floats + gemm_scratch_floats(widest)));
     if (own == NULL) return -1; /* (a thread without scratch takes no chunk: the others do them all) */
@@ -462,12 +480,12 @@ static int batch_body(const dmodel_t *m, const int64_t *tokens, const int64_t *p
                 const float *cos = m->rotary_dim > 0 ? cos_table + position * m->rotary_dim : NULL;
                 const float *sin = m->rotary_dim > 0 ? sin_table + position * m->rotary_dim : NULL;
                 rotary_write_kv_head(q, k, k + kv_width, cos, sin, m->rotary_dim / 2, h, m->heads / m->kv_heads,
-                                     m->kv_heads, hd, layer->cache, (int)m->cache_dtype, table[position / m->block_size],
-                                     position % m->block_size, m->block_size);
-                if (paged_decode_attention_share(q, layer->cache, table, (int32_t)(position + 1), b->attn + seq * q_width,
-                                                 (int)m->heads, (int)m->kv_heads, (int)hd, (int)m->block_size,
-                                                 (int)max_blocks, (int)layer->window, (int)m->cache_dtype,
-                                                 (float)m->scale, (int)h, (int)m->kv_heads) != 0)
+                                     m->kv_heads, hd, layer->cache, (int)m->cache_dtype,
+                                     table[position / m->block_size], position % m->block_size, m->block_size);
+                if (paged_decode_attention_share(q, layer->cache, table, (int32_t)(position + 1),
+                                                 b->attn + seq * q_width, (int)m->heads, (int)m->kv_heads, (int)hd,
+                                                 (int)m->block_size, (int)max_blocks, (int)layer->window,
+                                                 (int)m->cache_dtype, (float)m->scale, (int)h, (int)m->kv_heads) != 0)
                     status = -1;
                 finish(s, &phase[1], chunks);
             }
@@ -479,7 +497,8 @@ static int batch_body(const dmodel_t *m, const int64_t *tokens, const int64_t *p
                   &scratch);
         gemm_phase(s, &phase[3], &layer->gate_up, batch, hidden, b->gate_up, NULL, &scratch);
         if (pending(&phase[4], batch_chunks(&layer->down, s->threads))) {
-            for (int64_t r = 0; r < batch; r++) silu_mul_row(b->gate_up + r * 2 * inter, scratch.rows + r * inter, inter);
+            for (int64_t r = 0; r < batch; r++)
+                silu_mul_row(b->gate_up + r * 2 * inter, scratch.rows + r * inter, inter);
             gemm_pack(scratch.rows, batch, inter, scratch.packed);
         }
         gemm_phase(s, &phase[4], &layer->down, batch, inter, b->delta, b->residual, &scratch);
@@ -504,27 +523,19 @@ int decode_step_batch(const dmodel_t *m, const int64_t *tokens, const int64_t *p
     for (int64_t r = 0; r < batch; r++)
         if (tokens[r] < 0 || tokens[r] >= m->vocab || positions[r] < 0 || positions[r] / m->block_size >= max_blocks)
             return -2;
-    if (threads < 1) threads = 1;
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
     const int64_t hidden = m->hidden, q_width = m->heads * m->head_dim;
     const int64_t qkv_rows = q_width + 2 * m->kv_heads * m->head_dim;
     float *shared = malloc(sizeof(float) * (size_t)(batch * (2 * hidden + qkv_rows + q_width + 2 * m->inter)));
     sched_t sched;
-    const int64_t phases = 2 + 5 * m->layers;
-    sched.phase = malloc(sizeof(phase_t) * (size_t)phases);
-    if (shared == NULL || sched.phase == NULL) {
-        free(shared), free(sched.phase);
+    threads = sched_init(&sched, 2 + 5 * m->layers, threads);
+    if (shared == NULL || threads == 0) {
+        free(shared);
+        if (threads != 0) free(sched.phase);
         return -1;
     }
     const batch_buffers_t buffers = {shared, shared + batch * hidden, shared + batch * (hidden + qkv_rows),
                                      shared + batch * (hidden + qkv_rows + q_width),
                                      shared + batch * (2 * hidden + qkv_rows + q_width)};
-    for (int64_t p = 0; p < phases; p++) {
-        atomic_init(&sched.phase[p].next, 0);
-        atomic_init(&sched.phase[p].done, 0);
-    }
-    atomic_init(&sched.sleepers, 0);
-    sched.threads = threads;
     int status = 0;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(threads)
@@ -549,17 +560,9 @@ int decode_step_batch(const dmodel_t *m, const int64_t *tokens, const int64_t *p
  * chunk c of phase r writes slots[c] = r; past the phase's wait every slot must hold r or later.
  * Returns the number of stale slots seen (0 when a phase's wait holds). */
 int64_t decode_phases_check(int threads, int64_t rounds) {
-    if (threads < 1) threads = 1;
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
     sched_t sched;
-    sched.phase = malloc(sizeof(phase_t) * (size_t)(rounds > 0 ? rounds : 1));
-    if (sched.phase == NULL) return -1;
-    for (int64_t p = 0; p < rounds; p++) {
-        atomic_init(&sched.phase[p].next, 0);
-        atomic_init(&sched.phase[p].done, 0);
-    }
-    atomic_init(&sched.sleepers, 0);
-    sched.threads = threads;
+    threads = sched_init(&sched, rounds, threads);
+    if (threads == 0) return -1;
     const int chunks = 4 * threads;
     atomic_llong slots[4 * MAX_THREADS];
     for (int c = 0; c < chunks; c++) atomic_init(&slots[c], -1);
