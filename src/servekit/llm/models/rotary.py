@@ -161,10 +161,14 @@ class RotaryEmbedding:
         # rotate_half(x) * sin == roll(x, half) * [-sin, sin]: the sign lives in the table.
         self._sin = torch.cat((-sin, sin), dim=-1).to(self.device)
 
-    def cos_sin(self, positions: torch.Tensor, max_position: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[tokens, 1, rotary_dim]`` cos and signed sin for ``positions`` (maximum ``max_position``)."""
+    def _cover(self, max_position: int) -> None:
+        """The tables grown (at least doubled) to hold ``max_position``."""
         if max_position >= self._cos.shape[0]:
             self._grow(max(max_position + 1, 2 * self._cos.shape[0]))
+
+    def cos_sin(self, positions: torch.Tensor, max_position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[tokens, 1, rotary_dim]`` cos and signed sin for ``positions`` (maximum ``max_position``)."""
+        self._cover(max_position)
         cos = self._cos.index_select(0, positions).unsqueeze(1)
         sin = self._sin.index_select(0, positions).unsqueeze(1)
         return cos, sin
@@ -172,14 +176,12 @@ class RotaryEmbedding:
     def tables(self, max_position: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole contiguous ``[positions, rotary_dim]`` cos and signed sin tables, grown to hold
         ``max_position`` (row p is position p)."""
-        if max_position >= self._cos.shape[0]:
-            self._grow(max(max_position + 1, 2 * self._cos.shape[0]))
+        self._cover(max_position)
         return self._cos, self._sin
 
     def row(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``[rotary_dim]`` cos and signed sin of one position (views of the tables, no operator)."""
-        if position >= self._cos.shape[0]:
-            self._grow(max(position + 1, 2 * self._cos.shape[0]))
+        self._cover(position)
         return self._cos[position], self._sin[position]
 
     @staticmethod
