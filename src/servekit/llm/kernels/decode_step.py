@@ -116,9 +116,7 @@ class DecodeStepKernel:
     ) -> torch.Tensor:
         """Float32 logits ``[1, vocab]`` of one decode step; ``block_table``: contiguous int32, the
         sequence's blocks; ``cos``/``sin``: contiguous float32 ``[rotary_dim]`` of ``position``."""
-        library = load_library()
-        if library is None:
-            raise RuntimeError("the C kernels are not available (see servekit.llm.kernels)")
+        library = _library()
         logits = torch.empty((1, self.model.vocab), dtype=torch.float32)
         status = library.decode_step(
             ctypes.byref(self.model),
@@ -131,10 +129,7 @@ class DecodeStepKernel:
             logits.data_ptr(),
             num_threads,
         )
-        if status == -1:
-            raise MemoryError("decode_step could not allocate its scratch memory")
-        if status != 0:
-            raise ValueError(f"decode_step refused token {token} at position {position} (status {status})")
+        _check("decode_step", status, f"token {token} at position {position}")
         return logits
 
     def batch(
@@ -150,9 +145,7 @@ class DecodeStepKernel:
         ``tokens``/``positions`` contiguous int64 ``[B]``; ``block_tables`` contiguous int32 ``[B,
         max_blocks]``; ``cos_table``/``sin_table`` contiguous float32 ``[positions, rotary_dim]``
         holding every position of the batch."""
-        library = load_library()
-        if library is None:
-            raise RuntimeError("the C kernels are not available (see servekit.llm.kernels)")
+        library = _library()
         batch, max_blocks = block_tables.shape
         if tokens.shape != (batch,) or positions.shape != (batch,):
             raise ValueError("tokens, positions and block tables of different batch sizes")
@@ -171,16 +164,25 @@ class DecodeStepKernel:
             batch,
             num_threads,
         )
-        if status == -1:
-            raise MemoryError("decode_step_batch could not allocate its scratch memory")
-        if status != 0:
-            raise ValueError(f"decode_step_batch refused its batch of {batch} (status {status})")
+        _check("decode_step_batch", status, f"its batch of {batch}")
         return logits
+
+
+def _library() -> ctypes.CDLL:
+    library = load_library()
+    if library is None:
+        raise RuntimeError("the C kernels are not available (see servekit.llm.kernels)")
+    return library
+
+
+def _check(function: str, status: int, what: str) -> None:
+    """A step's status: -1 out of memory, any other non-zero an argument it refused."""
+    if status == -1:
+        raise MemoryError(f"{function} could not allocate its scratch memory")
+    if status != 0:
+        raise ValueError(f"{function} refused {what} (status {status})")
 
 
 def phases_check(threads: int, rounds: int) -> int:
     """Stale values seen past ``decode_step.c``'s phase waits over ``rounds`` phases (0: they hold)."""
-    library = load_library()
-    if library is None:
-        raise RuntimeError("the C kernels are not available (see servekit.llm.kernels)")
-    return int(library.decode_phases_check(threads, rounds))
+    return int(_library().decode_phases_check(threads, rounds))
