@@ -23,7 +23,7 @@ from servekit.llm.kernels.quantized import QuantizedTensor
 from servekit.llm.loaders import load_model_source
 from servekit.llm.model_runner import ForwardBatch, ModelRunner
 from servekit.llm.models.native_decode import NativeDecode
-from servekit.llm.models.quantized_linear import gemm_from_rows
+from servekit.llm.models.quantized_linear import GEMM_FROM_ROWS
 from tests.llm.test_engine import make_engine, run_all
 from tests.llm.test_loaders_gguf import write_gguf
 from tests.llm.test_quantized_kernels import CHAT_PROMPT, random_blocks
@@ -183,12 +183,12 @@ def test_batched_step_is_the_models_forward(tiny_gguf: Path, threads: int) -> No
     """From the GEMM's rows up (one x panel, then a second one: 33 rows)."""
     torch.set_num_threads(threads)
     source = load_model_source(str(tiny_gguf))
-    batches = [gemm_from_rows(), 33]
+    batches = [GEMM_FROM_ROWS, 33]
     native, reference = runners(
         source.config, source.iter_weight_blocks(), block_size=4, num_blocks=8 * max(batches)
     )
-    assert native.native_decode is not None and native.native_decode.runs_batch(gemm_from_rows())
-    assert not native.native_decode.runs_batch(gemm_from_rows() - 1)
+    assert native.native_decode is not None and native.native_decode.runs_batch(GEMM_FROM_ROWS)
+    assert not native.native_decode.runs_batch(GEMM_FROM_ROWS - 1)
     calls = count_batches(native.native_decode)
     for seed, batch in enumerate(batches):
         compare_batched(native, reference, batch, 10, seed)
@@ -263,7 +263,7 @@ def test_engine_outputs_are_the_same_with_and_without_it(
     alone = [("Numbers: 0 1 2 3", greedy)]
     prefixed = [(shared + "Then", greedy), (shared + "And", greedy)]
     crowded = [(f"Request {i}: count 1 2 3 4", greedy) for i in range(4)]
-    together = [(f"Request {i}: count 1 2 3 4", greedy) for i in range(gemm_from_rows() + 3)]
+    together = [(f"Request {i}: count 1 2 3 4", greedy) for i in range(GEMM_FROM_ROWS + 3)]
     results: dict[str, list[list[int]]] = {}
     for mode in ("native", "off"):
         if mode == "off":

@@ -19,7 +19,7 @@ from servekit.llm.kernels import kernels_available, quantized, quantized_gemm
 from servekit.llm.kernels.quantized import QuantizedTensor, quantized_matmul
 from servekit.llm.kernels.quantized_gemm import quantized_gemm_lanes
 from servekit.llm.models import quantized_linear
-from servekit.llm.models.quantized_linear import QuantizedLinear, gemm_from_rows
+from servekit.llm.models.quantized_linear import GEMM_FROM_ROWS, QuantizedLinear
 from tests.llm.test_quantized_kernels import TYPES, _build, cols_for, random_blocks
 
 gguf = pytest.importorskip("gguf")
@@ -130,8 +130,8 @@ def test_projection_dispatches_by_row_count(monkeypatch: pytest.MonkeyPatch) -> 
     weight = part.dequantize().double()
     for rows, expected in (
         (1, "rows"),
-        (gemm_from_rows() - 1, "rows"),
-        (gemm_from_rows(), "gemm"),
+        (GEMM_FROM_ROWS - 1, "rows"),
+        (GEMM_FROM_ROWS, "gemm"),
         (64, "gemm"),
     ):
         calls.clear()

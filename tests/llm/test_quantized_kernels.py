@@ -28,7 +28,7 @@ from servekit.llm.kernels.quantized import (
 from servekit.llm.loaders import load_model_source
 from servekit.llm.model_runner import ForwardBatch, ModelRunner
 from servekit.llm.models.layers import DenseMLP
-from servekit.llm.models.quantized_linear import QuantizedLinear, gemm_from_rows
+from servekit.llm.models.quantized_linear import GEMM_FROM_ROWS, QuantizedLinear
 from tests.llm.test_engine import make_engine, run_all
 from tests.llm.test_loaders_gguf import write_gguf
 from tests.llm.tiny_models import build_tiny_checkpoint
@@ -167,7 +167,7 @@ def test_fused_mlp_is_the_three_kernels(up_type: Any, down_type: Any) -> None:
     )
     assert mlp.blocks is not None
     w_up, w_down = gate_up.dequantize().double(), down.dequantize().double()
-    for rows in (1, 2, 5, gemm_from_rows() - 1, gemm_from_rows(), 16):
+    for rows in (1, 2, 5, GEMM_FROM_ROWS - 1, GEMM_FROM_ROWS, 16):
         x = torch.randn(rows, hidden)
         projected = quantized_matmul(x, gate_up.blocks, gate_up.ggml_type)
         act = torch.nn.functional.silu(projected[:, :inter]) * projected[:, inter:]

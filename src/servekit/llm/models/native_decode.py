@@ -28,7 +28,7 @@ from servekit.llm.kernels.quantized import QuantizedTensor
 from servekit.llm.kv_cache import PagedKVCache
 from servekit.llm.models.decoder import DecoderLM
 from servekit.llm.models.layers import DenseMLP, Norm
-from servekit.llm.models.quantized_linear import QuantizedLinear, gemm_from_rows
+from servekit.llm.models.quantized_linear import GEMM_FROM_ROWS, QuantizedLinear
 from servekit.llm.models.rotary import RotaryEmbedding
 from servekit.llm.models.self_attention import SelfAttention
 
@@ -60,7 +60,7 @@ class NativeDecode:
     def runs_batch(self, num_seqs: int) -> bool:
         """Whether ``batch`` runs a decode step of ``num_seqs`` sequences: from the rows where the
         projections become GEMMs (below, the row kernels of the one-sequence step's numbers)."""
-        return self.batched and num_seqs >= gemm_from_rows()
+        return self.batched and num_seqs >= GEMM_FROM_ROWS
 
     def batch(self, tokens: list[int], positions: list[int], block_tables: list[list[int]]) -> torch.Tensor:
         """Logits ``[len(tokens), vocab]`` of one decode token per sequence."""

@@ -15,26 +15,18 @@ kernels there.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from servekit.llm.kernels.quantized import Q8_TYPES, QuantizedTensor, RowKernel, q8_matmul
-from servekit.llm.kernels.quantized_gemm import quantized_gemm, quantized_gemm_lanes
+from servekit.llm.kernels.quantized_gemm import quantized_gemm
 from servekit.llm.models.linear import Int8Linear
 
 # Rows of x from which the GEMM (quantized_gemm.c) beats the row-by-row kernel, SmolLM2's four Q4_1
-# projections, 1 thread, CPU time (RESULTS.md). AVX2 (8 lanes; the AVX2 EPYC): 8 rows 1.61 ms (row
-# kernel) vs 1.79 ms, 12 rows 2.36 vs 1.76 ms. AVX-512 (16 lanes; the Zen 5 EPYC): 5 rows 0.69 vs 0.72
-# ms, 6 rows 0.96 vs 0.79, 8 rows 0.97 vs 0.77.
-GEMM_FROM_ROWS = 12
-GEMM_FROM_ROWS_16_LANES = 6
-
-
-@functools.cache
-def gemm_from_rows() -> int:
-    """Rows of x from which ``QuantizedLinear`` runs the GEMM: by the GEMM's vector width here."""
-    return GEMM_FROM_ROWS_16_LANES if quantized_gemm_lanes() == 16 else GEMM_FROM_ROWS
+# projections, 1 thread, CPU time, best of interleaved runs (RESULTS.md, eleventh session). AVX2 (8
+# lanes; the AVX2 EPYC): 5 rows 1.10 ms (row kernel) vs 1.28 ms, 6 rows 1.51 vs 1.33, 8 rows 1.41 vs
+# 1.33 (its LM head, Q8_0, about even at 6-8 rows: 8.3-8.8 vs 9.0 ms). AVX-512 (16 lanes; the Zen 5
+# EPYC): 5 rows 0.69 vs 0.72 ms, 6 rows 0.96 vs 0.79, 8 rows 0.97 vs 0.77.
+GEMM_FROM_ROWS = 6
 
 
 # Rows of x from which ``Int8Linear`` runs; fewer go to ``q8_matmul`` on the blocks (x rows in groups of
@@ -78,7 +70,7 @@ class QuantizedLinear:
 
     def exact_rows_below(self) -> int:
         """Rows of x below which the exact row-by-row kernels on the blocks run."""
-        return gemm_from_rows() if self.int8 is None else 0
+        return GEMM_FROM_ROWS if self.int8 is None else 0
 
     def part_biases(self) -> list[torch.Tensor | None]:
         biases: list[torch.Tensor | None] = []
@@ -100,7 +92,7 @@ class QuantizedLinear:
                 else kernel(source)
                 for part, bias, kernel in zip(self.parts, self.part_biases(), self.row_kernels, strict=True)
             ]
-        elif source.shape[0] < gemm_from_rows():
+        elif source.shape[0] < GEMM_FROM_ROWS:
             pieces = [kernel(source) for kernel in self.row_kernels]
         else:
             pieces = [
