@@ -24,7 +24,7 @@ from servekit.llm.models.linear import Int8Linear
 # Rows of x from which the GEMM (quantized_gemm.c) beats the row-by-row kernel, SmolLM2's four Q4_1
 # projections, 1 thread, CPU time, best of interleaved runs (RESULTS.md, eleventh session). AVX2 (8
 # lanes; the AVX2 EPYC): 5 rows 1.10 ms (row kernel) vs 1.28 ms, 6 rows 1.51 vs 1.33, 8 rows 1.41 vs
-# 1.33 (its LM head, Q8_0, about even at 6-8 rows: 8.3-8.8 vs 9.0 ms). AVX-512 (16 lanes; the Zen 5
+# 1.33 (its LM head, Q8_0, about even at 6-8 rows: 8.3-8.8 vs 8.7-9.5 ms). AVX-512 (16 lanes; the Zen 5
 # EPYC): 5 rows 0.69 vs 0.72 ms, 6 rows 0.96 vs 0.79, 8 rows 0.97 vs 0.77.
 GEMM_FROM_ROWS = 6
 
