@@ -46,10 +46,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from benchmarks.bench_engine import static_generate
+from benchmarks.bench_engine import shared_allocator, static_generate
 
 from servekit.cpu import cpu_flags, cpu_model
-from servekit.host_memory import keep_freed_memory
 from servekit.llm.config import EngineConfig
 from servekit.llm.engine import LLMEngine
 from servekit.llm.loaders import load_model_source
@@ -215,11 +214,9 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown families {sorted(unknown)} (known: {', '.join(family_shapes)})")
     out = sys.stdout
-    tuned = keep_freed_memory()
-    allocator = "glibc thresholds raised (servekit.host_memory)" if tuned else "the environment's"
     out.write(
         f"{machine()}; {args.threads} threads, width {args.width} {WIDTHS[args.width]};"
-        f" allocator for both sides: {allocator}\n\n"
+        f" allocator for both sides: {shared_allocator()}\n\n"
     )
     with tempfile.TemporaryDirectory() as tmp:
         directories = {
