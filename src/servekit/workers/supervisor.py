@@ -101,8 +101,10 @@ class Supervisor:
         """Stop every worker: SIGTERM, then SIGKILL for any still alive after ``timeout``."""
         self._stopping.set()
         self._wake_writer.send(None)
+        watcher_alive = False
         if self._thread is not None:
             self._thread.join(timeout)
+            watcher_alive = self._thread.is_alive()
         with self._lock:
             processes = [s.process for s in self._states if s.process is not None]
         for process in processes:
@@ -117,6 +119,11 @@ class Supervisor:
         for state in self._states:
             if state.status is not None:
                 state.status.close()
+        if watcher_alive:
+            # zmq sockets are not thread-safe: closing them (or terminating their context) under the
+            # watcher's send aborts the process. Leave them to the daemon thread's end instead.
+            logger.warning("the worker supervisor did not stop in %.0fs; leaving its sockets open", timeout)
+            return
         for push in self._notify:
             push.close(0)
         if self._zmq is not None:
@@ -234,9 +241,14 @@ class Supervisor:
         self._spawn(state)
 
     def _tell_fronts(self, message: WorkerDown) -> None:
+        """Each front, without blocking: a front that takes no messages (gone, or its queue full) must
+        not stall the watcher, which ``stop`` waits for; it misses this notice."""
         encoded = encode(message)
-        for push in self._notify:
-            push.send(encoded)
+        for front, push in enumerate(self._notify):
+            try:
+                push.send(encoded, zmq.NOBLOCK)
+            except zmq.Again:
+                logger.warning("front %d takes no messages: it misses %s", front, message)
 
     def _fail(self, error: BaseException) -> None:
         if self.fatal_error is None:
