@@ -18,7 +18,6 @@ from servekit.llm import kernels
 from servekit.llm.kernels import kernels_available, quantized, quantized_gemm
 from servekit.llm.kernels.quantized import QuantizedTensor, quantized_matmul
 from servekit.llm.kernels.quantized_gemm import quantized_gemm_lanes
-from servekit.llm.models import quantized_linear
 from servekit.llm.models.quantized_linear import GEMM_FROM_ROWS, QuantizedLinear
 from tests.llm.test_quantized_kernels import TYPES, _build, cols_for, random_blocks
 
@@ -123,8 +122,8 @@ def test_projection_dispatches_by_row_count(monkeypatch: pytest.MonkeyPatch) -> 
 
         return wrapped
 
-    monkeypatch.setattr(quantized_linear, "quantized_gemm", spy("gemm", quantized_gemm.quantized_gemm))
-    monkeypatch.setattr(quantized.RowKernel, "__call__", spy("rows", quantized.RowKernel.__call__))
+    monkeypatch.setattr(quantized.BoundWeight, "gemm", spy("gemm", quantized.BoundWeight.gemm))
+    monkeypatch.setattr(quantized.BoundWeight, "rows", spy("rows", quantized.BoundWeight.rows))
     part = QuantizedTensor(torch.from_numpy(random_blocks(Q.Q8_0, 20, 64)), int(Q.Q8_0), (20, 64))
     linear = QuantizedLinear([part])
     weight = part.dequantize().double()

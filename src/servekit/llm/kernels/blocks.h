@@ -11,7 +11,7 @@
 #include <immintrin.h>
 #endif
 
-enum { GGML_Q4_0 = 2, GGML_Q4_1 = 3, GGML_Q8_0 = 8, GGML_Q4_K = 12, GGML_Q6_K = 14 };
+enum { GGML_F32 = 0, GGML_Q4_0 = 2, GGML_Q4_1 = 3, GGML_Q8_0 = 8, GGML_Q4_K = 12, GGML_Q6_K = 14 };
 
 static inline float half_to_float(const uint8_t *p) {
 #if defined(__F16C__)

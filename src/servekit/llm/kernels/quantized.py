@@ -17,6 +17,9 @@ BLOCK_TYPES: dict[int, tuple[int, int]] = {
     12: (256, 144),  # Q4_K
     14: (256, 210),  # Q6_K
 }
+# Plain float32 rows (GGML's F32), which the kernels read in place, K in whole vectors of 32 values.
+GGML_F32 = 0
+KERNEL_TYPES: dict[int, tuple[int, int]] = {**BLOCK_TYPES, GGML_F32: (32, 128)}
 
 
 def quantized_simd_lanes() -> int:
@@ -28,14 +31,14 @@ def quantized_simd_lanes() -> int:
 
 def row_bytes(ggml_type: int, in_features: int) -> int:
     """Bytes of one weight row of ``in_features`` values stored as ``ggml_type`` blocks."""
-    block_size, block_bytes = BLOCK_TYPES[ggml_type]
+    block_size, block_bytes = KERNEL_TYPES[ggml_type]
     if in_features % block_size:
         raise ValueError(f"{in_features} values are not whole blocks of {block_size}")
     return in_features // block_size * block_bytes
 
 
 def _check(blocks: torch.Tensor, ggml_type: int, in_features: int) -> None:
-    if ggml_type not in BLOCK_TYPES:
+    if ggml_type not in KERNEL_TYPES:
         raise ValueError(f"GGML type {ggml_type} has no quantised kernel")
     if blocks.dtype != torch.uint8 or blocks.dim() != 2 or not blocks.is_contiguous():
         raise ValueError("blocks must be a contiguous uint8 tensor [rows, bytes per row]")
@@ -100,10 +103,11 @@ def _check_status(status: int, name: str) -> None:
         raise ValueError(f"{name} refused its arguments (status {status})")
 
 
-class RowKernel:
-    """The row kernel (``quantized_matmul``) bound to one weight and its bias: their checks and
-    pointers made once, so a decode-sized call checks only x (~8 us a call less here: 60 calls a
-    batch-1 step of the default model)."""
+class BoundWeight:
+    """One weight and its bias bound to the matmul kernels: their checks and pointers made once, so
+    a call checks only x (~8 us a call less here: 60 calls a batch-1 step of the default model).
+    ``rows(x)`` runs the row kernel (``quantized_matmul``, decode's few rows), ``gemm(x)`` the GEMM
+    (``quantized_gemm``, from ``GEMM_FROM_ROWS``); both compute ``x @ W.T + bias`` in float32."""
 
     __slots__ = ("_fixed", "_keep", "in_features", "out_features")
 
@@ -119,8 +123,15 @@ class RowKernel:
         self._fixed = (weight.blocks.data_ptr(), rows, weight.blocks.shape[1], weight.ggml_type, bias_pointer)
         self.in_features, self.out_features = cols, rows
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ W.T + bias`` in float32; ``x``: float32 ``[rows, in]``."""
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T + bias`` by the row kernel; ``x``: float32 ``[rows, in]``."""
+        return self._run("quantized_matmul", x)
+
+    def gemm(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T + bias`` by the GEMM; ``x``: float32 ``[rows, in]``."""
+        return self._run("quantized_gemm", x)
+
+    def _run(self, name: str, x: torch.Tensor) -> torch.Tensor:
         library = load_library()
         if library is None:
             raise RuntimeError("the C kernels are not available (see servekit.llm.kernels)")
@@ -129,10 +140,10 @@ class RowKernel:
         if not x.is_contiguous():
             x = x.contiguous()
         out = torch.empty((x.shape[0], self.out_features), dtype=torch.float32)
-        status = library.quantized_matmul(
+        status = getattr(library, name)(
             x.data_ptr(), x.shape[0], self.in_features, *self._fixed, out.data_ptr(), torch.get_num_threads()
         )
-        _check_status(status, "quantized_matmul")
+        _check_status(status, name)
         return out
 
 
@@ -242,20 +253,30 @@ def dequantize_rows(
 @dataclass(frozen=True)
 class QuantizedTensor:
     """``shape`` = (rows, cols) logical float weight, stored as ``blocks``: uint8 ``[rows, bytes per
-    row]`` of GGML type ``ggml_type`` (one of ``BLOCK_TYPES``)."""
+    row]`` of GGML type ``ggml_type`` (one of ``KERNEL_TYPES``: GGUF's blocks, or ``GGML_F32`` rows)."""
 
     blocks: torch.Tensor
     ggml_type: int
     shape: tuple[int, int]
 
     def __post_init__(self) -> None:
-        if self.ggml_type not in BLOCK_TYPES:
+        if self.ggml_type not in KERNEL_TYPES:
             raise ValueError(f"GGML type {self.ggml_type} has no quantised kernel")
         expected = (self.shape[0], row_bytes(self.ggml_type, self.shape[1]))
         if self.blocks.dtype != torch.uint8 or tuple(self.blocks.shape) != expected:
             raise ValueError(
                 f"blocks must be uint8 {expected}, got {self.blocks.dtype} {tuple(self.blocks.shape)}"
             )
+
+    @classmethod
+    def of_float32(cls, weight: torch.Tensor) -> QuantizedTensor:
+        """A float32 weight ``[rows, cols]`` as ``GGML_F32`` rows: its own memory, viewed as bytes."""
+        if weight.dtype != torch.float32 or weight.dim() != 2:
+            raise ValueError(
+                f"a float32 [rows, cols] weight is needed, got {weight.dtype} {tuple(weight.shape)}"
+            )
+        rows, cols = weight.shape
+        return cls(weight.contiguous().view(torch.uint8), GGML_F32, (rows, cols))
 
     def dequantize(self) -> torch.Tensor:
         """The float32 weight ``[rows, cols]``."""

@@ -203,7 +203,16 @@ static void gemm_group(const float *packed, int64_t m0, int64_t m1, int64_t k, c
     const int64_t first = g * GN;
     const int64_t count = n - first < GN ? n - first : GN;
     const int64_t padded = (count + NC - 1) / NC * NC;
-    if (fused) { /* blocked scratch, written by the first panel's kernels; zero rows past n */
+    const float *ready = wbuf; /* the group's float32 rows [padded][k], unless fused */
+    if (type == GGML_F32) { /* the weight rows themselves; a last group short of whole slices copied */
+        const float *rows = (const float *)(w + first * row_bytes);
+        if (padded == count) {
+            ready = rows;
+        } else {
+            memcpy(wbuf, rows, sizeof(float) * (size_t)(count * k));
+            memset(wbuf + count * k, 0, sizeof(float) * (size_t)((padded - count) * k));
+        }
+    } else if (fused) { /* blocked scratch, written by the first panel's kernels; zero rows past n */
         if (padded > count) memset(wbuf + (padded - NC) * k, 0, sizeof(float) * (size_t)(NC * k));
     } else {
         int64_t indices[GN];
@@ -214,7 +223,8 @@ static void gemm_group(const float *packed, int64_t m0, int64_t m1, int64_t k, c
     for (int64_t p0 = m0; p0 < m1; p0 += PM) {
         const int mr = (int)(m1 - p0 < PM ? m1 - p0 : PM);
         for (int64_t s = 0; s < padded; s += NC)
-            slice_kernel(packed + p0 * k, wbuf + s * k, k, acc + s * PM, mr, type, fused,
+            /* (slice_kernel writes into its weights only when it dequantises: wbuf, never `ready`'s rows) */
+            slice_kernel(packed + p0 * k, (float *)(fused ? wbuf : ready) + s * k, k, acc + s * PM, mr, type, fused,
                          fused && p0 == m0, w + (first + s) * row_bytes, row_bytes,
                          (int)(count - s < NC ? count - s : NC));
         store_tile(acc, mr, count, bias ? bias + first : NULL, out + p0 * ldo + first, ldo);

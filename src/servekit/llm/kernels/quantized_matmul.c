@@ -115,6 +115,7 @@ static inline void dequant_q6_k(const uint8_t *b, float *y) {
 
 static int block_geometry(int type, int *block_size, int *block_bytes) {
     switch (type) {
+    case GGML_F32: *block_size = 32, *block_bytes = 128; return 0; /* plain floats, K whole vectors of 32 */
     case GGML_Q4_0: *block_size = 32, *block_bytes = 18; return 0;
     case GGML_Q4_1: *block_size = 32, *block_bytes = 20; return 0;
     case GGML_Q8_0: *block_size = 32, *block_bytes = 34; return 0;
@@ -127,6 +128,7 @@ static int block_geometry(int type, int *block_size, int *block_bytes) {
 /* One weight row of K values into y. */
 static void dequant_row(const uint8_t *row, int type, int64_t k, float *y) {
     switch (type) {
+    case GGML_F32: memcpy(y, row, sizeof(float) * (size_t)k); break;
     case GGML_Q4_0: for (int64_t i = 0; i < k / 32; i++) dequant_q4_0(row + 18 * i, y + 32 * i); break;
     case GGML_Q4_1: for (int64_t i = 0; i < k / 32; i++) dequant_q4_1(row + 20 * i, y + 32 * i); break;
     case GGML_Q8_0: for (int64_t i = 0; i < k / 32; i++) dequant_q8_0(row + 34 * i, y + 32 * i); break;
@@ -134,6 +136,13 @@ static void dequant_row(const uint8_t *row, int type, int64_t k, float *y) {
     case GGML_Q6_K: for (int64_t i = 0; i < k / 256; i++) dequant_q6_k(row + 210 * i, y + 256 * i); break;
     default: break;
     }
+}
+
+/* One weight row as K floats: the row itself for GGML_F32, else dequantised into `buf` [k]. */
+static inline const float *weight_row(const uint8_t *row, int type, int64_t k, float *buf) {
+    if (type == GGML_F32) return (const float *)row;
+    dequant_row(row, type, k, buf);
+    return buf;
 }
 
 /* -- decode: one dequantised weight row against up to four x rows ------------------------------ */
@@ -391,10 +400,8 @@ void quantized_rows_range(const float *x, const float *prep, int64_t k, const ui
     }
 #endif
     (void)prep;
-    for (int64_t j = j0; j < j1; j++) {
-        dequant_row(w + j * row_bytes, type, k, rowbuf);
-        out[j] = dot1(rowbuf, x, k) + (bias ? bias[j] : 0.0f);
-    }
+    for (int64_t j = j0; j < j1; j++)
+        out[j] = dot1(weight_row(w + j * row_bytes, type, k, rowbuf), x, k) + (bias ? bias[j] : 0.0f);
 }
 
 /* The row-by-row schedule over output rows, shared out among the threads of the enclosing
@@ -441,15 +448,15 @@ static void rows_body(const float *x, int64_t m, int64_t k, const uint8_t *w, in
 #endif
     for (int64_t j = 0; j < n; j++) {
         if (row == NULL) continue;
-        dequant_row(w + j * row_bytes, type, k, row);
+        const float *wr = weight_row(w + j * row_bytes, type, k, row);
         const float b = bias ? bias[j] : 0.0f;
         int64_t i = 0;
         for (; i + 4 <= m; i += 4) {
             float res[4];
-            dot4(row, x + i * k, k, k, res);
+            dot4(wr, x + i * k, k, k, res);
             for (int r = 0; r < 4; r++) out[(i + r) * n + j] = res[r] + b;
         }
-        for (; i < m; i++) out[i * n + j] = dot1(row, x + i * k, k) + b;
+        for (; i < m; i++) out[i * n + j] = dot1(wr, x + i * k, k) + b;
     }
     free(row);
 }

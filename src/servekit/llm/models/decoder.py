@@ -38,8 +38,7 @@ from servekit.llm.kernels.quantized import QuantizedTensor
 from servekit.llm.kv_cache import PagedKVCache
 from servekit.llm.model_config import ModelConfig, MoEConfig
 from servekit.llm.models.alibi import alibi_slopes
-from servekit.llm.models.layers import DenseMLP, Norm, Projection, activation
-from servekit.llm.models.linear import make_linear
+from servekit.llm.models.layers import DenseMLP, Norm, Projection, activation, make_linear
 from servekit.llm.models.moe import SparseMoE, StackedExperts
 from servekit.llm.models.quantized_linear import QuantizedLinear
 from servekit.llm.models.rotary import RotaryEmbedding

@@ -8,12 +8,43 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from servekit.llm.kernels import kernels_available
 from servekit.llm.kernels.elementwise import add_norm, gelu_tanh, silu_mul
-from servekit.llm.kernels.quantized import QuantizedTensor, quantized_silu_mlp
+from servekit.llm.kernels.quantized import GGML_F32, KERNEL_TYPES, QuantizedTensor, quantized_silu_mlp
 from servekit.llm.models.linear import Int8Linear, Linear
 from servekit.llm.models.quantized_linear import QuantizedLinear
 
 Projection = Linear | Int8Linear | QuantizedLinear
+
+
+def make_linear(
+    weight: torch.Tensor, bias: torch.Tensor | None = None, *, quantization: str | None, pack: bool
+) -> Projection:
+    """The projection for ``weight``: int8 when asked (and supported); else, for a float32 weight on
+    a CPU with the C kernels (``pack``, input width in whole vectors of 32), the kernels reading the
+    weight in place (``QuantizedLinear`` over ``GGML_F32`` rows: the row kernel for decode's few rows,
+    the GEMM from ``GEMM_FROM_ROWS``); else ``Linear`` (pre-packed for oneDNN when ``pack``).
+
+    Inside the engine's steps the kernels beat oneDNN's packed weights at these models' shapes, though
+    oneDNN wins some shapes in a tight loop of one call (RESULTS.md, "Twelfth session"), and they keep
+    one copy of the weight. ``quantization`` is already resolved (``EngineConfig`` validates it).
+    """
+    if quantization is None:
+        if (
+            pack
+            and weight.dtype == torch.float32
+            and weight.device.type == "cpu"
+            and weight.dim() == 2
+            and weight.shape[1] % KERNEL_TYPES[GGML_F32][0] == 0
+            and kernels_available(torch.float32)
+        ):
+            return QuantizedLinear([QuantizedTensor.of_float32(weight)], bias)
+        return Linear(weight, bias, pack=pack)
+    if quantization != "int8":
+        raise ValueError(f"unknown quantization {quantization!r} (a model takes None or 'int8')")
+    if not hasattr(torch, "_int_mm"):
+        raise ValueError("int8 quantization needs torch._int_mm, which this PyTorch build lacks")
+    return Int8Linear(weight, bias)
 
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -96,6 +127,8 @@ class DenseMLP:
             and self.act is F.silu
             and isinstance(up, QuantizedLinear)
             and isinstance(down, QuantizedLinear)
+            and up.on_gguf_blocks()
+            and down.on_gguf_blocks()
             and len(up.parts) == 1
             and len(down.parts) == 1
             and up.bias is None

@@ -4,7 +4,8 @@ oneDNN (mkldnn) can reorder a weight once into its blocked layout; every call th
 repacking a plain ``F.linear`` does and runs the kernels tuned for the CPU (AVX-512, AVX512-BF16).
 Measured on a 2-core AVX-512 machine it is as fast or faster than ``F.linear`` for the matrix shapes
 of small Llama models, most of all in bfloat16 at batch size 1. Falls back to ``F.linear`` wherever
-oneDNN is unavailable (or on non-CPU tensors).
+oneDNN is unavailable (or on non-CPU tensors). Float32 weights on a CPU with the C kernels do not
+come here: ``layers.make_linear`` gives them to the kernels, which read them in place.
 
 oneDNN compiles one kernel per input shape and keeps it in two caches (ideep's and its own), each
 1024 entries by default at about 0.3-1 MB an entry: with the row count changing every step (prefill
@@ -128,19 +129,3 @@ class Int8Linear:
         if self.bias is not None:
             out.add_(self.bias)
         return out if x.dtype == torch.float32 else out.to(x.dtype)
-
-
-def make_linear(
-    weight: torch.Tensor, bias: torch.Tensor | None = None, *, quantization: str | None, pack: bool
-) -> Linear | Int8Linear:
-    """The projection for ``weight``: int8 when asked (and supported), else float, pre-packed.
-
-    ``quantization`` is already resolved (``EngineConfig`` validates and resolves the user's value).
-    """
-    if quantization is None:
-        return Linear(weight, bias, pack=pack)
-    if quantization != "int8":
-        raise ValueError(f"unknown quantization {quantization!r} (a model takes None or 'int8')")
-    if not hasattr(torch, "_int_mm"):
-        raise ValueError("int8 quantization needs torch._int_mm, which this PyTorch build lacks")
-    return Int8Linear(weight, bias)

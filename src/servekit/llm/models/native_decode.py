@@ -106,7 +106,9 @@ def _norm(norm: Norm | None, eps: float) -> torch.Tensor:
 
 
 def _projection(linear: object, keep: list[object]) -> tuple[Projection, int]:
-    _require(isinstance(linear, QuantizedLinear), "a projection not on GGUF blocks")
+    _require(
+        isinstance(linear, QuantizedLinear) and linear.on_gguf_blocks(), "a projection not on GGUF blocks"
+    )
     assert isinstance(linear, QuantizedLinear)
     biases = linear.part_biases()
     keep.append((linear, biases))

@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from servekit.llm.kernels.quantized import Q8_TYPES, QuantizedTensor, RowKernel, q8_matmul
-from servekit.llm.kernels.quantized_gemm import quantized_gemm
+from servekit.llm.kernels.quantized import BLOCK_TYPES, Q8_TYPES, BoundWeight, QuantizedTensor, q8_matmul
 from servekit.llm.models.linear import Int8Linear
 
 # Rows of x from which the GEMM (quantized_gemm.c) beats the row-by-row kernel, SmolLM2's four Q4_1
@@ -43,7 +42,7 @@ class QuantizedLinear:
     ``int8``: also hold the weight requantised for ``Int8Linear``, which runs from ``INT8_FROM_ROWS``
     rows of x."""
 
-    __slots__ = ("bias", "in_features", "int8", "out_features", "parts", "row_kernels")
+    __slots__ = ("bias", "bound", "in_features", "int8", "out_features", "parts")
 
     def __init__(
         self, parts: list[QuantizedTensor], bias: torch.Tensor | None = None, *, int8: bool = False
@@ -61,12 +60,15 @@ class QuantizedLinear:
         self.in_features = parts[0].shape[1]
         self.out_features = sum(p.shape[0] for p in parts)
         self.bias = None if bias is None else bias.float().contiguous()
-        self.row_kernels = [
-            RowKernel(part, bias) for part, bias in zip(merged, self.part_biases(), strict=True)
-        ]
+        self.bound = [BoundWeight(part, bias) for part, bias in zip(merged, self.part_biases(), strict=True)]
         self.int8: Int8Linear | None = None
         if int8:
             self.int8 = Int8Linear(torch.cat([part.dequantize() for part in merged]), self.bias)
+
+    def on_gguf_blocks(self) -> bool:
+        """Whether every part is GGUF blocks (not ``GGML_F32`` rows): what the fused decode-sized
+        paths (one-call MLP, native decode step) are built and tested for."""
+        return all(part.ggml_type in BLOCK_TYPES for part in self.parts)
 
     def exact_rows_below(self) -> int:
         """Rows of x below which the exact row-by-row kernels on the blocks run."""
@@ -89,15 +91,12 @@ class QuantizedLinear:
             pieces = [
                 q8_matmul(source, part.blocks, part.ggml_type, bias)
                 if part.ggml_type in Q8_TYPES
-                else kernel(source)
-                for part, bias, kernel in zip(self.parts, self.part_biases(), self.row_kernels, strict=True)
+                else bound.rows(source)
+                for part, bias, bound in zip(self.parts, self.part_biases(), self.bound, strict=True)
             ]
         elif source.shape[0] < GEMM_FROM_ROWS:
-            pieces = [kernel(source) for kernel in self.row_kernels]
+            pieces = [bound.rows(source) for bound in self.bound]
         else:
-            pieces = [
-                quantized_gemm(source, part.blocks, part.ggml_type, bias)
-                for part, bias in zip(self.parts, self.part_biases(), strict=True)
-            ]
+            pieces = [bound.gemm(source) for bound in self.bound]
         out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
         return out if x.dtype == torch.float32 else out.to(x.dtype)
