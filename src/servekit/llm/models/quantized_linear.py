@@ -4,7 +4,9 @@ A ``QuantizedTensor`` (``servekit.llm.kernels.quantized``) is a 2-D weight as th
 it: for each output row, its blocks' bytes (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K). ``QuantizedLinear`` multiplies by it with the C kernels
 (``servekit.llm.kernels.quantized``), which dequantise the blocks on the fly and compute in float32
 with the activations unrounded: the numbers are those of the dequantised float32 weight, up to
-summation order, from 4-8x fewer bytes of weights, and no float32 copy of the weight is kept.
+summation order, from 4-8x fewer bytes of weights, and no float32 copy of the weight is kept. A float
+checkpoint's float32 weights run on the same kernels as ``GGML_F32`` rows, read in place
+(``layers.make_linear``).
 
 With ``quantization=int8`` a projection also holds an ``Int8Linear`` of the same weight and runs it
 from ``INT8_FROM_ROWS`` rows of x on; below that (batch-1 to batch-4 decode steps, short prompts, where
