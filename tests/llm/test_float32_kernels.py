@@ -1,25 +1,20 @@
 """Float32 weights on the C kernels (``GGML_F32`` rows, read in place): the row kernel and the GEMM
-against a float64 reference, and which projection ``make_linear`` builds for which weight."""
+against a float64 reference, and which projection ``make_linear`` builds for which weight. The
+generic (x86-64 baseline) build's GEMM on them: ``test_quantized_gemm``'s generic-path test."""
 
 from __future__ import annotations
-
-import ctypes
-import platform
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from servekit.llm import kernels
 from servekit.llm.kernels import kernels_available, quantized_gemm
 from servekit.llm.kernels.quantized import GGML_F32, QuantizedTensor, quantized_matmul
 from servekit.llm.kernels.quantized_gemm import quantized_gemm_lanes
 from servekit.llm.models.layers import DenseMLP, make_linear
 from servekit.llm.models.linear import Int8Linear, Linear
 from servekit.llm.models.quantized_linear import GEMM_FROM_ROWS, QuantizedLinear
-from tests.llm.test_quantized_kernels import _build
 
 pytestmark = pytest.mark.skipif(not kernels_available(torch.float32), reason="no C compiler")
 
@@ -109,19 +104,3 @@ def test_fused_paths_stay_on_gguf_blocks() -> None:
     x = torch.randn(3, 64, generator=generator)
     expected = down(F.silu(up(x)[:, :64]) * up(x)[:, 64:])  # (the C SiLU-and-multiply: float32 noise)
     assert (mlp(x) - expected).abs().max() <= 1e-5 * expected.abs().max()
-
-
-@pytest.mark.skipif(platform.machine() != "x86_64", reason="x86 target flags")
-def test_generic_path_matches_float64(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    library = ctypes.CDLL(str(_build(tmp_path, ["-march=x86-64"])))
-    for name in ("quantized_gemm", "quantized_gemm_lanes", "quantized_matmul"):
-        function = getattr(library, name)
-        function.restype, function.argtypes = ctypes.c_int, kernels._SIGNATURES[name]
-    monkeypatch.setattr(quantized_gemm, "load_library", lambda: library)
-    assert quantized_gemm.quantized_gemm_lanes() == 4
-    weight, bias = torch.randn(19, 64), torch.randn(19)
-    blocks = QuantizedTensor.of_float32(weight).blocks
-    for rows in (3, 21):
-        x = torch.randn(rows, 64)
-        got = quantized_gemm.quantized_gemm(x, blocks, GGML_F32, bias)
-        assert relative_error(got, reference(x, weight, bias)) < 1e-5

@@ -16,7 +16,7 @@ import torch
 from servekit.cpu import cpu_flags
 from servekit.llm import kernels
 from servekit.llm.kernels import kernels_available, quantized, quantized_gemm
-from servekit.llm.kernels.quantized import QuantizedTensor, quantized_matmul
+from servekit.llm.kernels.quantized import GGML_F32, QuantizedTensor, quantized_matmul
 from servekit.llm.kernels.quantized_gemm import quantized_gemm_lanes
 from servekit.llm.models.quantized_linear import GEMM_FROM_ROWS, QuantizedLinear
 from tests.llm.test_quantized_kernels import TYPES, _build, cols_for, random_blocks
@@ -153,3 +153,8 @@ def test_generic_path_matches_the_reference(tmp_path: Path, monkeypatch: pytest.
     for qtype in TYPES:
         for rows in (3, 21):
             check(qtype, rows, 19, cols_for(qtype), bias=True, seed=rows)
+    weight, bias = torch.randn(19, 64), torch.randn(19)  # float32 rows, read in place
+    for rows in (3, 21):
+        x = torch.randn(rows, 64)
+        got = quantized_gemm.quantized_gemm(x, QuantizedTensor.of_float32(weight).blocks, GGML_F32, bias)
+        assert relative_error(got, (x.double() @ weight.double().T + bias.double()).numpy()) < 1e-5
