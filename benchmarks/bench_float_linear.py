@@ -5,7 +5,7 @@ Best of ``--rounds`` interleaved rounds of repeated calls, ms. A tight loop of o
 oneDNN against what the engine sees (RESULTS.md, "Twelfth session": inside the engine's steps the
 kernels win at these shapes); this is the per-call view.
 
-    PYTHONPATH=src .venv/bin/python benchmarks/bench_float_linear.py [--threads 2] [--rounds 8]
+    PYTHONPATH=src:. .venv/bin/python benchmarks/bench_float_linear.py [--threads 2] [--rounds 8]
         [SHAPE ...]   (SHAPE: ROWSxKxN, e.g. 32x256x1792)
 """
 
@@ -16,8 +16,8 @@ import time
 from collections.abc import Callable
 
 import torch
+from benchmarks.bench_families import machine
 
-from servekit.cpu import cpu_model
 from servekit.llm.kernels.quantized import BoundWeight, QuantizedTensor
 
 DEFAULT_SHAPES = ("1x768x2304", "2x768x2304", "6x768x2304", "32x256x1792", "32x1024x256", "512x768x2304")
@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("shapes", nargs="*", default=list(DEFAULT_SHAPES))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"{cpu_model()}, {args.threads} threads; best ms of {args.rounds} interleaved rounds\n")
+    print(f"{machine()}; {args.threads} threads; best ms of {args.rounds} interleaved rounds\n")
     print("| rows x K x N | oneDNN packed | row kernel | GEMM |\n|---|---:|---:|---:|")
     for shape in args.shapes:
         best = measure(shape, args.rounds)
