@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -131,16 +132,35 @@ def test_explicit_abort_ends_nothing_else(engine: AsyncEngine) -> None:
     assert outputs[-1].finished and len(outputs[-1].outputs[0].token_ids) == 20
 
 
-def test_invalid_requests_fail_before_anything_is_queued(engine: AsyncEngine) -> None:
+def test_invalid_requests_fail_before_anything_is_queued(
+    engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The loop thread is held after its first step, so "dup" is still running when it is reused
+    # (a tiny model could otherwise finish all 20 tokens before the second generate).
+    release = threading.Event()
+    real_step = engine.engine.step
+    steps = 0
+
+    def step_once_then_hold() -> list[RequestOutput]:
+        nonlocal steps
+        steps += 1
+        if steps > 1:
+            release.wait(30)
+        return real_step()
+
     async def main() -> None:
         with pytest.raises(PromptTooLongError):
             await engine.generate(prompt_token_ids=list(range(300)), sampling_params=GREEDY).__anext__()
         with pytest.raises(ValueError):
             await engine.generate(prompt_token_ids=[10**6], sampling_params=GREEDY).__anext__()
+        monkeypatch.setattr(engine.engine, "step", step_once_then_hold)
         first = engine.generate("Hello", GREEDY, request_id="dup")
-        await first.__anext__()
-        with pytest.raises(ValueError, match="already in use"):
-            await engine.generate("Hello", GREEDY, request_id="dup").__anext__()
+        try:
+            await first.__anext__()
+            with pytest.raises(ValueError, match="already in use"):
+                await engine.generate("Hello", GREEDY, request_id="dup").__anext__()
+        finally:
+            release.set()
         await first.aclose()
 
         await wait_for_idle_engine(engine)
