@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import sys
 import threading
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -57,6 +58,28 @@ async def wait_for_idle_engine(engine: AsyncEngine) -> None:
     raise AssertionError("the engine did not release the request")
 
 
+def hold_loop_after(
+    engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch, steps: int, until: Callable[[], bool]
+) -> None:
+    """Let the loop thread run ``steps`` steps, then hold each further step until ``until()``.
+
+    A tiny model can otherwise finish a request before the test has acted on it (CI saw this).
+    """
+    real_step = engine.engine.step
+    taken = 0
+
+    def held_step() -> list[RequestOutput]:
+        nonlocal taken
+        taken += 1
+        for _ in range(6000):  # bounded: 30 s
+            if taken <= steps or until():
+                break
+            time.sleep(0.005)
+        return real_step()
+
+    monkeypatch.setattr(engine.engine, "step", held_step)
+
+
 def test_streams_match_offline_outputs(engine: AsyncEngine, source: ModelSource) -> None:
     prompts = ["Hello, world!", "The quick brown fox", "Numbers: 0 1 2 3"]
     offline = LLMEngine(EngineConfig(max_model_len=256, block_size=8, num_kv_blocks=128), source=source)
@@ -81,7 +104,10 @@ def test_streams_match_offline_outputs(engine: AsyncEngine, source: ModelSource)
         assert [t for o in outputs for t in o.outputs[0].token_ids_delta] == final.token_ids
 
 
-def test_closing_the_stream_aborts_the_request(engine: AsyncEngine) -> None:
+def test_closing_the_stream_aborts_the_request(engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    release = threading.Event()
+    hold_loop_after(engine, monkeypatch, 3, release.is_set)
+
     async def main() -> None:
         stream = engine.generate("Hello, world!", LONG, request_id="closed")
         received = 0
@@ -90,13 +116,19 @@ def test_closing_the_stream_aborts_the_request(engine: AsyncEngine) -> None:
             if received == 3:
                 break
         await stream.aclose()
+        release.set()
         await wait_for_idle_engine(engine)
 
     asyncio.run(main())
     assert engine.get_stats().num_generated_tokens < 200
 
 
-def test_cancelling_the_consumer_task_aborts_the_request(engine: AsyncEngine) -> None:
+def test_cancelling_the_consumer_task_aborts_the_request(
+    engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    release = threading.Event()
+    hold_loop_after(engine, monkeypatch, 1, release.is_set)
+
     async def main() -> None:
         first = asyncio.Event()
 
@@ -109,6 +141,7 @@ def test_cancelling_the_consumer_task_aborts_the_request(engine: AsyncEngine) ->
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+        release.set()
         await wait_for_idle_engine(engine)
 
     asyncio.run(main())
@@ -135,25 +168,14 @@ def test_explicit_abort_ends_nothing_else(engine: AsyncEngine) -> None:
 def test_invalid_requests_fail_before_anything_is_queued(
     engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The loop thread is held after its first step, so "dup" is still running when it is reused
-    # (a tiny model could otherwise finish all 20 tokens before the second generate).
     release = threading.Event()
-    real_step = engine.engine.step
-    steps = 0
-
-    def step_once_then_hold() -> list[RequestOutput]:
-        nonlocal steps
-        steps += 1
-        if steps > 1:
-            release.wait(30)
-        return real_step()
 
     async def main() -> None:
         with pytest.raises(PromptTooLongError):
             await engine.generate(prompt_token_ids=list(range(300)), sampling_params=GREEDY).__anext__()
         with pytest.raises(ValueError):
             await engine.generate(prompt_token_ids=[10**6], sampling_params=GREEDY).__anext__()
-        monkeypatch.setattr(engine.engine, "step", step_once_then_hold)
+        hold_loop_after(engine, monkeypatch, 1, release.is_set)  # "dup" stays unfinished
         first = engine.generate("Hello", GREEDY, request_id="dup")
         try:
             await first.__anext__()
@@ -168,9 +190,10 @@ def test_invalid_requests_fail_before_anything_is_queued(
     asyncio.run(main())
 
 
-def test_shutdown_ends_open_streams(source: ModelSource) -> None:
+def test_shutdown_ends_open_streams(source: ModelSource, monkeypatch: pytest.MonkeyPatch) -> None:
     config = EngineConfig(max_model_len=256, block_size=8, num_kv_blocks=128)
     async_engine = AsyncEngine(engine=LLMEngine(config, source=source))
+    hold_loop_after(async_engine, monkeypatch, 1, lambda: not async_engine.is_running)
 
     async def main() -> None:
         stream = async_engine.generate("Hello", LONG)
@@ -208,8 +231,6 @@ def test_idle_loop_thread_waits_instead_of_stepping(engine: AsyncEngine) -> None
 def test_the_loop_thread_builds_the_engine_and_reports_a_failed_build(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import threading
-
     import servekit.llm.engine as engine_module
 
     built_on: list[str] = []
