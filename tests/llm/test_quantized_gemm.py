@@ -158,3 +158,56 @@ def test_generic_path_matches_the_reference(tmp_path: Path, monkeypatch: pytest.
         x = torch.randn(rows, 64)
         got = quantized_gemm.quantized_gemm(x, QuantizedTensor.of_float32(weight).blocks, GGML_F32, bias)
         assert relative_error(got, (x.double() @ weight.double().T + bias.double()).numpy()) < 1e-5
+
+
+@pytest.fixture
+def gemm_tiles() -> Any:
+    """The library, its AMX tile path switched on for the test (and back to the default after)."""
+    library = kernels.load_library()
+    assert library is not None
+    if not library.quantized_gemm_tiles(1):
+        pytest.skip("no AMX-BF16 tiles on this CPU (or the kernel refused them)")
+    yield library
+    library.quantized_gemm_tiles(1)
+
+
+def test_tile_path_is_on_where_the_cpu_has_amx() -> None:
+    library = kernels.load_library()
+    assert library is not None
+    has_amx = {"amx_tile", "amx_bf16", "avx512_bf16"} <= cpu_flags() and platform.system() == "Linux"
+    if not has_amx:
+        assert library.quantized_gemm_tiles(1) == 0
+    library.quantized_gemm_tiles(1)
+    assert library.quantized_gemm_tiles(0) == 0
+    library.quantized_gemm_tiles(1)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("rows", [15, 16, 17, 31, 32, 33, 100])
+def test_tiles_match_the_reference_and_the_vector_path(gemm_tiles: Any, qtype: Any, rows: int) -> None:
+    # 101 weight rows: a last group of 5 (one partial tile of 16, two empty); 15 rows stay on the vectors.
+    cols = 3 * 32 if rows % 2 else 18 * 32
+    blocks = random_blocks(qtype, 101, cols, seed=rows)
+    weight = gguf.quants.dequantize(blocks, qtype).astype(np.float64)
+    x, b = torch.randn(rows, cols), torch.randn(101)
+    reference = x.double().numpy() @ weight.T + b.double().numpy()
+    tiles = quantized_gemm.quantized_gemm(x, torch.from_numpy(blocks), int(qtype), b)
+    gemm_tiles.quantized_gemm_tiles(0)
+    vectors = quantized_gemm.quantized_gemm(x, torch.from_numpy(blocks), int(qtype), b)
+    assert relative_error(tiles, reference) < 1e-6, relative_error(tiles, reference)
+    assert relative_error(vectors, reference) < 1e-5
+    if rows < 16:
+        assert torch.equal(tiles, vectors)  # below one tile of rows the vector path runs
+
+
+def test_tiles_keep_x_exact(gemm_tiles: Any) -> None:
+    """x is split into three bf16 parts, not rounded to bf16: x that bf16 cannot hold (1 + 2^-9 u)
+    gives float32 noise, a hundred times below what rounding x to bf16 would do."""
+    blocks = random_blocks(Q.Q8_0, 48, 64)
+    weight = torch.from_numpy(gguf.quants.dequantize(blocks, Q.Q8_0).astype(np.float64))
+    x = 1.0 + torch.rand(32, 64) * 2.0**-9  # below bf16's resolution at 1.0
+    got = quantized_gemm.quantized_gemm(x, torch.from_numpy(blocks), int(Q.Q8_0)).double()
+    exact = x.double() @ weight.T
+    rounded = x.bfloat16().double() @ weight.T
+    error, bf16_error = float((got - exact).abs().max()), float((rounded - exact).abs().max())
+    assert error < 1e-6 * float(exact.abs().max()) and bf16_error > 100 * error

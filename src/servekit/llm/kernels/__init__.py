@@ -7,6 +7,7 @@ mixture-of-experts grouped matmul over packed expert weights) are written in C h
 kernel compiles it (``-O3 -march=native``, a second or so) into a cache directory keyed by the
 source, the compiler and the CPU, and every later process loads the cached library. Without a C
 compiler, or with ``SERVEKIT_KERNELS=0``, every caller falls back to its pure PyTorch path.
+``SERVEKIT_AMX=0`` keeps the GEMM on its vector path on a CPU with AMX tiles (``amx_tiles.h``).
 
 Cache directory: ``$SERVEKIT_CACHE_DIR/kernels``, else ``$XDG_CACHE_HOME/servekit/kernels``, else
 ``~/.cache/servekit/kernels``.
@@ -44,7 +45,7 @@ SOURCES = tuple(
         "decode_step.c",
     )
 )
-HEADERS = tuple(Path(__file__).with_name(name) for name in ("dtypes.h", "hsum.h", "blocks.h"))
+HEADERS = tuple(Path(__file__).with_name(name) for name in ("dtypes.h", "hsum.h", "blocks.h", "amx_tiles.h"))
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fPIC", "-shared", "-pthread")
 OPENMP_FLAGS = ("-fopenmp",)  # dropped when the compiler has no OpenMP (then plain threads)
 
@@ -65,8 +66,12 @@ def attention_simd_lanes() -> int:
     return 0 if library is None else int(library.attention_simd_lanes())
 
 
+def _flag_enabled(name: str) -> bool:
+    return os.environ.get(name, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 def kernels_enabled() -> bool:
-    return os.environ.get("SERVEKIT_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
+    return _flag_enabled("SERVEKIT_KERNELS")
 
 
 def cache_dir() -> Path:
@@ -159,6 +164,8 @@ _SIGNATURES: dict[str, list[type]] = {
     # bias (or NULL), out float32, threads
     "quantized_gemm": [_POINTER, _INT64, _INT64, _POINTER, _INT64, _INT64, _INT, _POINTER, _POINTER, _INT],
     "quantized_gemm_lanes": [],
+    # enable: 0 off, 1 on where the CPU allows, -1 ask
+    "quantized_gemm_tiles": [_INT],
     # x float32, its rows, K, x rows int32 (or NULL), group ends int32, group experts int32, groups, experts,
     # packed weights, N, out, out rows int32 (or NULL), scale float32 (or NULL), gated, threads
     "expert_matmul": [
@@ -210,6 +217,7 @@ _RETURNS_INT = (
     "quantized_simd_lanes",
     "quantized_gemm",
     "quantized_gemm_lanes",
+    "quantized_gemm_tiles",
     "expert_matmul",
     "expert_order",
     "expert_panel_columns",
@@ -260,4 +268,6 @@ def load_library() -> ctypes.CDLL | None:
             ctypes.c_int64 if name in _RETURNS_INT64 else ctypes.c_int if name in _RETURNS_INT else None
         )
         function.argtypes = argtypes
+    if not _flag_enabled("SERVEKIT_AMX"):
+        library.quantized_gemm_tiles(0)
     return library

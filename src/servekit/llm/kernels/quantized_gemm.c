@@ -21,6 +21,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "amx_tiles.h"
 #include "blocks.h"
 
 /* quantized_matmul.c: rows `indices` of w dequantised into out [count][k]; 0 or -2 (bad geometry). */
@@ -40,6 +41,9 @@ int dequantize_rows(const uint8_t *w, int64_t row_bytes, int type, int64_t k, co
 #define MV 2                 /* vectors of x rows per micro-kernel */
 #define PM (MV * LANES)      /* x rows of a panel */
 #define GN (4 * NC)          /* weight rows dequantised together */
+#if AMX_TILES && GN != AMX_GROUP
+#error "the tile path's group is the vector path's"
+#endif
 #ifndef FUSED_DEQUANT
 #define FUSED_DEQUANT 1 /* the 32-weight types dequantised inside the first panel's micro-kernel */
 #endif
@@ -50,6 +54,32 @@ int dequantize_rows(const uint8_t *w, int64_t row_bytes, int type, int64_t k, co
 typedef float vec_t __attribute__((vector_size(LANES * sizeof(float))));
 
 int quantized_gemm_lanes(void) { return LANES; }
+
+/* The tile path (amx_tiles.h): `enable` 0 switches it off, 1 on where the CPU and kernel allow it,
+ * -1 asks. Returns whether it is on. (A switch for tests and benchmarks, between calls.) */
+int quantized_gemm_tiles(int enable) {
+#if AMX_TILES
+    if (enable == 0) atomic_store(&amx_state, 0);
+    if (enable == 1 && atomic_load(&amx_state) == 0) atomic_store(&amx_state, -1);
+    return amx_enabled();
+#else
+    (void)enable;
+    return 0;
+#endif
+}
+
+/* Whether x of m rows goes through the tiles (then packed for them too) where its width allows. */
+static int tiles_for_rows(int64_t m) {
+#if AMX_TILES
+    return m >= AMX_FROM_ROWS && amx_enabled();
+#else
+    (void)m;
+    return 0;
+#endif
+}
+static int tiles_for(int64_t m, int64_t k) { return k % 32 == 0 && tiles_for_rows(m); }
+
+static inline int tile_type(int type) { return type == GGML_Q4_0 || type == GGML_Q4_1 || type == GGML_Q8_0; }
 
 /* x rows [first, first + rows) (rows <= PM) into panel [k][PM], zeros past `rows`. */
 static void pack_panel(const float *x, int64_t k, int64_t first, int64_t rows, float *panel) {
@@ -192,13 +222,50 @@ static void store_tile(const float *acc, int rows, int64_t count, const float *b
         for (int64_t c = 0; c < count; c++) dst[r * ldd + c] = acc[c * PM + r] + (bias ? bias[c] : 0.0f);
 }
 
+#if AMX_TILES
+/* gemm_group on the tiles: x rows [m0, m1) of the m packed in `tiles_x` (amx_pack's panels); wbuf
+ * holds the group's codes and scales (27 k floats of its GN k), acc the same [GN][PM] as the vectors'. */
+static void tile_group(const float *tiles_x, int64_t m, int64_t m0, int64_t m1, int64_t k, const uint8_t *w,
+                       int64_t n, int64_t row_bytes, int type, const float *bias, float *out, int64_t ldo, int64_t g,
+                       float *wbuf, float *acc) {
+    const int64_t first = g * GN, count = n - first < GN ? n - first : GN;
+    const int64_t blocks = k / 32, panels = (m + PM - 1) / PM, tiles = PM / 16;
+    uint16_t *codes = (uint16_t *)wbuf;
+    float *scales = wbuf + 3 * blocks * 256, *mins = scales + 3 * blocks * 16;
+    amx_convert(w, row_bytes, type, first, count, blocks, codes, scales, mins);
+    const int ntiles = (int)((count + 15) / 16);
+    const uint32_t *pairs = (const uint32_t *)tiles_x;
+    const float *sums = tiles_x + panels * blocks * tiles * 3 * 256;
+    amx_begin();
+    for (int64_t p0 = m0; p0 < m1; p0 += PM) {
+        const int mr = (int)(m1 - p0 < PM ? m1 - p0 : PM);
+        const int64_t panel = p0 / PM;
+        memset(acc, 0, sizeof(float) * (size_t)(ntiles * 16 * PM));
+        amx_panel(pairs + panel * blocks * 3 * tiles * 256, sums + panel * blocks * tiles * 16, (mr + 15) / 16, codes,
+                  scales, mins, blocks, ntiles, type == GGML_Q4_1, acc, PM);
+        store_tile(acc, mr, count, bias ? bias + first : NULL, out + p0 * ldo + first, ldo);
+    }
+    _tile_release();
+}
+#endif
+
 /* Weight-row group g of w (rows [g GN, g GN + GN) of n) against x rows [m0, m1) of `packed` (panels of
  * PM rows from pack_panel, m0 a multiple of PM): out [m][ldo] columns of the group (+ bias), through the
  * thread's scratch wbuf [GN][k] and acc [GN][PM]. The group is dequantised afresh (cheap next to the
- * m1 - m0 multiply-adds per weight): the 32-weight types inside the first panel's kernels. */
-static void gemm_group(const float *packed, int64_t m0, int64_t m1, int64_t k, const uint8_t *w, int64_t n,
-                       int64_t row_bytes, int type, const float *bias, float *out, int64_t ldo, int64_t g,
-                       float *wbuf, float *acc) {
+ * m1 - m0 multiply-adds per weight): the 32-weight types inside the first panel's kernels. With
+ * `tiles_x` (x of m rows packed for the tiles too), those types run on the tiles instead. */
+static void gemm_group(const float *packed, const float *tiles_x, int64_t m, int64_t m0, int64_t m1, int64_t k,
+                       const uint8_t *w, int64_t n, int64_t row_bytes, int type, const float *bias, float *out,
+                       int64_t ldo, int64_t g, float *wbuf, float *acc) {
+#if AMX_TILES
+    if (tiles_x != NULL && tile_type(type)) {
+        tile_group(tiles_x, m, m0, m1, k, w, n, row_bytes, type, bias, out, ldo, g, wbuf, acc);
+        return;
+    }
+#else
+    (void)tiles_x;
+    (void)m;
+#endif
     const int fused = FUSED_DEQUANT && (type == GGML_Q4_0 || type == GGML_Q4_1 || type == GGML_Q8_0);
     const int64_t first = g * GN;
     const int64_t count = n - first < GN ? n - first : GN;
@@ -241,15 +308,30 @@ static int64_t x_block_rows(int64_t k) {
 
 int64_t gemm_group_rows(void) { return GN; }
 
+/* The packed x: float32 panels (pack_panel's), then, when the tiles take x, its tile parts. */
+static int64_t panel_floats(int64_t m, int64_t k) { return (m + PM - 1) / PM * PM * k; }
+static const float *tiles_part(const float *packed, int64_t m, int64_t k) {
+    return tiles_for(m, k) ? packed + panel_floats(m, k) : NULL;
+}
+
 /* Floats of the packed x of m rows of k (gemm_pack) and of a thread's scratch (gemm_groups). */
-int64_t gemm_packed_floats(int64_t m, int64_t k) { return (m + PM - 1) / PM * PM * k; }
+int64_t gemm_packed_floats(int64_t m, int64_t k) {
+#if AMX_TILES
+    /* (by rows alone: a caller sizes one buffer by its widest k for narrower ones too) */
+    if (tiles_for_rows(m)) return panel_floats(m, k) + amx_packed_floats(m, k, PM);
+#endif
+    return panel_floats(m, k);
+}
 int64_t gemm_scratch_floats(int64_t k) { return GN * k + GN * PM; }
 
-/* x [m][k] packed into panels (64-byte aligned `packed` of gemm_packed_floats(m, k)). */
+/* x [m][k] packed (64-byte aligned `packed` of gemm_packed_floats(m, k)). */
 void gemm_pack(const float *x, int64_t m, int64_t k, float *packed) {
     for (int64_t p = 0; p * PM < m; p++) {
         const int64_t rows = m - p * PM < PM ? m - p * PM : PM;
         pack_panel(x, k, p * PM, rows, packed + p * PM * k);
+#if AMX_TILES
+        if (tiles_for(m, k)) amx_pack(x, m, k, PM, p, packed + panel_floats(m, k));
+#endif
     }
 }
 
@@ -258,10 +340,11 @@ void gemm_pack(const float *x, int64_t m, int64_t k, float *packed) {
 void gemm_groups(const float *packed, int64_t m, int64_t k, const uint8_t *w, int64_t n, int64_t row_bytes,
                  int type, const float *bias, float *out, int64_t ldo, int64_t g0, int64_t g1, float *scratch) {
     const int64_t block_rows = x_block_rows(k);
+    const float *tiles_x = tiles_part(packed, m, k);
     for (int64_t g = g0; g < g1; g++)
         for (int64_t m0 = 0; m0 < m; m0 += block_rows)
-            gemm_group(packed, m0, m - m0 < block_rows ? m : m0 + block_rows, k, w, n, row_bytes, type, bias, out,
-                       ldo, g, scratch, scratch + GN * k);
+            gemm_group(packed, tiles_x, m, m0, m - m0 < block_rows ? m : m0 + block_rows, k, w, n, row_bytes, type,
+                       bias, out, ldo, g, scratch, scratch + GN * k);
 }
 
 /* x float32 [m][k] contiguous, w [n][row_bytes] blocks of GGML `type`, out float32 [m][n]; bias
@@ -275,6 +358,7 @@ int quantized_gemm(const float *x, int64_t m, int64_t k, const uint8_t *w, int64
     const int64_t block_rows = x_block_rows(k);
     float *packed = aligned_alloc(64, sizeof(float) * (size_t)gemm_packed_floats(m, k));
     if (packed == NULL) return -1;
+    const float *tiles_x = tiles_part(packed, m, k);
     int status = 0;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(threads)
@@ -294,6 +378,9 @@ int quantized_gemm(const float *x, int64_t m, int64_t k, const uint8_t *w, int64
         for (int64_t p = 0; p < panels; p++) {
             const int64_t rows = m - p * PM < PM ? m - p * PM : PM;
             pack_panel(x, k, p * PM, rows, packed + p * PM * k);
+#if AMX_TILES
+            if (tiles_x != NULL) amx_pack(x, m, k, PM, p, (float *)tiles_x);
+#endif
         }
         /* x in blocks of `block_rows` rows (L2-sized), each met by every weight group: the groups
          * are dequantised again per block (cheap next to block_rows multiply-adds per weight). */
@@ -304,7 +391,7 @@ int quantized_gemm(const float *x, int64_t m, int64_t k, const uint8_t *w, int64
 #endif
             for (int64_t g = 0; g < groups; g++)
                 if (wbuf != NULL && acc != NULL)
-                    gemm_group(packed, m0, m1, k, w, n, row_bytes, type, bias, out, n, g, wbuf, acc);
+                    gemm_group(packed, tiles_x, m, m0, m1, k, w, n, row_bytes, type, bias, out, n, g, wbuf, acc);
         }
         free(wbuf);
         free(acc);
