@@ -36,7 +36,18 @@ from llama_server import bench_env, default_gguf, llama_command, running  # noqa
 
 from servekit.cpu import cpu_flags, cpu_model  # noqa: E402
 
-VECTOR_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "avx_vnni")
+VECTOR_FLAGS = (
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512_vnni",
+    "avx512_bf16",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+    "avx_vnni",
+)
 
 
 @dataclass(frozen=True)
