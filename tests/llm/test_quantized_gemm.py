@@ -162,24 +162,25 @@ def test_generic_path_matches_the_reference(tmp_path: Path, monkeypatch: pytest.
 
 @pytest.fixture
 def gemm_tiles() -> Any:
-    """The library, its AMX tile path switched on for the test (and back to the default after)."""
+    """The library, its AMX tile path switched on for the test (and back as it was after)."""
     library = kernels.load_library()
     assert library is not None
+    before = library.quantized_gemm_tiles(-1)
     if not library.quantized_gemm_tiles(1):
         pytest.skip("no AMX-BF16 tiles on this CPU (or the kernel refused them)")
     yield library
-    library.quantized_gemm_tiles(1)
+    library.quantized_gemm_tiles(before)
 
 
 def test_tile_path_is_on_where_the_cpu_has_amx() -> None:
     library = kernels.load_library()
     assert library is not None
     has_amx = {"amx_tile", "amx_bf16", "avx512_bf16"} <= cpu_flags() and platform.system() == "Linux"
+    before = library.quantized_gemm_tiles(-1)
     if not has_amx:
         assert library.quantized_gemm_tiles(1) == 0
-    library.quantized_gemm_tiles(1)
     assert library.quantized_gemm_tiles(0) == 0
-    library.quantized_gemm_tiles(1)
+    library.quantized_gemm_tiles(before)
 
 
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0], ids=lambda t: t.name)

@@ -61,10 +61,10 @@ static void amx_begin(void) {
     _tile_loadconfig(&config);
 }
 
-/* Floats the tile path packs after x's float32 panels: per panel, per block, 3 parts x 2 tiles of
- * 256 pairs, and 2 x 16 block sums. */
+/* Floats the tile path packs after x's float32 panels: per panel, per block, per tile of 16 rows,
+ * 3 parts of 256 pairs and 16 block sums. */
 static inline int64_t amx_packed_floats(int64_t m, int64_t k, int64_t pm) {
-    return (m + pm - 1) / pm * (k / 32) * (3 * 2 * 256 + 2 * 16);
+    return (m + pm - 1) / pm * (k / 32) * (pm / 16) * (3 * 256 + 16);
 }
 
 static inline __m512 bf16_to_float(__m256i h) {

@@ -79,7 +79,8 @@ static int tiles_for_rows(int64_t m) {
 }
 static int tiles_for(int64_t m, int64_t k) { return k % 32 == 0 && tiles_for_rows(m); }
 
-static inline int tile_type(int type) { return type == GGML_Q4_0 || type == GGML_Q4_1 || type == GGML_Q8_0; }
+/* The 32-weight block types: dequantised inside the micro-kernels, and the ones the tiles take. */
+static inline int block32_type(int type) { return type == GGML_Q4_0 || type == GGML_Q4_1 || type == GGML_Q8_0; }
 
 /* x rows [first, first + rows) (rows <= PM) into panel [k][PM], zeros past `rows`. */
 static void pack_panel(const float *x, int64_t k, int64_t first, int64_t rows, float *panel) {
@@ -258,7 +259,7 @@ static void gemm_group(const float *packed, const float *tiles_x, int64_t m, int
                        const uint8_t *w, int64_t n, int64_t row_bytes, int type, const float *bias, float *out,
                        int64_t ldo, int64_t g, float *wbuf, float *acc) {
 #if AMX_TILES
-    if (tiles_x != NULL && tile_type(type)) {
+    if (tiles_x != NULL && block32_type(type)) {
         tile_group(tiles_x, m, m0, m1, k, w, n, row_bytes, type, bias, out, ldo, g, wbuf, acc);
         return;
     }
@@ -266,7 +267,7 @@ static void gemm_group(const float *packed, const float *tiles_x, int64_t m, int
     (void)tiles_x;
     (void)m;
 #endif
-    const int fused = FUSED_DEQUANT && (type == GGML_Q4_0 || type == GGML_Q4_1 || type == GGML_Q8_0);
+    const int fused = FUSED_DEQUANT && block32_type(type);
     const int64_t first = g * GN;
     const int64_t count = n - first < GN ? n - first : GN;
     const int64_t padded = (count + NC - 1) / NC * NC;
@@ -326,11 +327,14 @@ int64_t gemm_scratch_floats(int64_t k) { return GN * k + GN * PM; }
 
 /* x [m][k] packed (64-byte aligned `packed` of gemm_packed_floats(m, k)). */
 void gemm_pack(const float *x, int64_t m, int64_t k, float *packed) {
+    float *tiles_x = (float *)tiles_part(packed, m, k);
     for (int64_t p = 0; p * PM < m; p++) {
         const int64_t rows = m - p * PM < PM ? m - p * PM : PM;
         pack_panel(x, k, p * PM, rows, packed + p * PM * k);
 #if AMX_TILES
-        if (tiles_for(m, k)) amx_pack(x, m, k, PM, p, packed + panel_floats(m, k));
+        if (tiles_x != NULL) amx_pack(x, m, k, PM, p, tiles_x);
+#else
+        (void)tiles_x;
 #endif
     }
 }
